@@ -1,0 +1,3 @@
+from guardproxy.cli import main
+
+main()

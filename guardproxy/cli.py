@@ -1,0 +1,159 @@
+"""The `guardproxy` command. Thin: builds settings and calls into the package."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from guardproxy.config import Settings, load_settings, parse_dsn
+from guardproxy.protocol.errors import ConfigError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="guardproxy: a Postgres proxy that guards AI agents.",
+)
+
+Opt = typer.Option
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"guardproxy: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def serve(
+    config: Annotated[Optional[Path], Opt("--config", "-c", help="YAML settings file")] = None,  # noqa: UP045
+    listen_host: Annotated[Optional[str], Opt(help="address to listen on [127.0.0.1]")] = None,  # noqa: UP045
+    listen_port: Annotated[Optional[int], Opt(help="port to listen on [6432]")] = None,  # noqa: UP045
+    upstream: Annotated[
+        Optional[str], Opt(help="upstream Postgres DSN; unset = embedded cluster")
+    ] = None,  # noqa: UP045
+    pool_mode: Annotated[Optional[str], Opt(help="transaction | session")] = None,  # noqa: UP045
+    pool_size: Annotated[Optional[int], Opt(help="server connections per upstream role")] = None,  # noqa: UP045
+    reserve_pool_size: Annotated[Optional[int], Opt()] = None,  # noqa: UP045
+    reserve_pool_timeout: Annotated[Optional[float], Opt()] = None,  # noqa: UP045
+    max_client_conn: Annotated[Optional[int], Opt()] = None,  # noqa: UP045
+    pool_acquire_timeout: Annotated[
+        Optional[float], Opt(help="seconds before SQLSTATE 53300")
+    ] = None,  # noqa: UP045
+    server_connect_timeout: Annotated[Optional[float], Opt()] = None,  # noqa: UP045
+    server_idle_timeout: Annotated[Optional[float], Opt()] = None,  # noqa: UP045
+    server_lifetime: Annotated[Optional[float], Opt()] = None,  # noqa: UP045
+    client_login_timeout: Annotated[Optional[float], Opt()] = None,  # noqa: UP045
+    auth_mode: Annotated[Optional[str], Opt(help="trust (loopback only) | scram")] = None,  # noqa: UP045
+    auth_file: Annotated[
+        Optional[Path], Opt(help="SCRAM verifiers from `guardproxy passwd`")
+    ] = None,  # noqa: UP045
+    max_message_size: Annotated[Optional[int], Opt()] = None,  # noqa: UP045
+    shutdown_timeout: Annotated[Optional[float], Opt()] = None,  # noqa: UP045
+    log_level: Annotated[Optional[str], Opt(help="debug | info | warning | error")] = None,  # noqa: UP045
+    embedded_data_dir: Annotated[
+        Optional[Path], Opt(help="data dir of the embedded cluster")
+    ] = None,  # noqa: UP045
+) -> None:
+    """Run the proxy. With no upstream, start and front a private embedded Postgres."""
+    overrides: dict[str, Any] = {k: v for k, v in locals().items() if k != "config"}
+    try:
+        settings = load_settings(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    _setup_logging(settings.log_level)
+    embedded = None
+    if settings.upstream is None:
+        from guardproxy import embedded as emb
+
+        try:
+            embedded = emb.ensure_running(settings.embedded_data_dir)
+        except ConfigError as exc:
+            _fail(str(exc))
+            return
+        settings = settings.model_copy(update={"upstream": embedded.dsn})
+    try:
+        _run(settings, embedded is not None)
+    finally:
+        if embedded is not None:
+            from guardproxy import embedded as emb
+
+            emb.stop(embedded)
+
+
+def _run(settings: Settings, embedded: bool) -> None:
+    import uvloop
+
+    from guardproxy.server.app import Proxy
+
+    assert settings.upstream is not None
+    upstream = parse_dsn(settings.upstream)
+
+    async def main() -> None:
+        proxy = Proxy(settings, upstream)
+        try:
+            await proxy.start()
+        except OSError as exc:
+            _fail(f"cannot listen on {settings.listen_host}:{settings.listen_port}: {exc.strerror}")
+        host = settings.listen_host
+        where = "the embedded Postgres" if embedded else f"{upstream.host}:{upstream.port}"
+        print(
+            f"guardproxy is up on {host}:{proxy.bound_port}, in front of {where} (database {upstream.database})"
+        )
+        print("Connect as an agent (the user name is the agent id):")
+        print(f"  psql 'postgresql://analytics-1@{host}:{proxy.bound_port}/{upstream.database}'")
+        print("Stop with Ctrl-C.", flush=True)
+        await proxy.serve_until_stopped()
+
+    try:
+        uvloop.run(main())
+    except KeyboardInterrupt:
+        pass
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def passwd(
+    name: Annotated[str, typer.Argument(help="agent id (the login user name)")],
+    auth_file: Annotated[Path, Opt(help="file of SCRAM verifiers")] = Path("guardproxy.auth"),
+    password_stdin: Annotated[
+        bool, Opt("--password-stdin", help="read the password from stdin")
+    ] = False,
+) -> None:
+    """Write a SCRAM-SHA-256 verifier for NAME into the auth file (never the password)."""
+    from guardproxy.protocol.scram import write_verifier
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for {name}: ")
+        if password != getpass.getpass("again: "):
+            _fail("the passwords differ")
+    if not password:
+        _fail("empty password")
+    try:
+        write_verifier(auth_file, name, password)
+    except ConfigError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote a SCRAM-SHA-256 verifier for {name} to {auth_file}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Settings: defaults < YAML config file < GUARDPROXY_* env vars < command-line flags.
+
+Validated by pydantic; a bad value produces a ConfigError that names the key,
+where it came from, and what is expected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlparse
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from guardproxy.protocol.errors import ConfigError
+
+ENV_PREFIX = "GUARDPROXY_"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listen_host: str = Field("127.0.0.1", description="address to listen on")
+    listen_port: int = Field(6432, ge=0, le=65535, description="port to listen on")
+    upstream: str | None = Field(
+        None, description="upstream Postgres DSN; unset = start the embedded private cluster"
+    )
+    pool_mode: Literal["transaction", "session"] = "transaction"
+    pool_size: int = Field(20, ge=1, le=10000, description="server connections per upstream role")
+    reserve_pool_size: int = Field(0, ge=0, le=10000, description="extra connections for waiters")
+    reserve_pool_timeout: float = Field(
+        3.0, gt=0, description="seconds a client waits before the reserve opens"
+    )
+    max_client_conn: int = Field(1000, ge=1, description="client connections accepted at once")
+    pool_acquire_timeout: float = Field(
+        10.0, gt=0, description="seconds to wait for a server connection before SQLSTATE 53300"
+    )
+    server_connect_timeout: float = Field(5.0, gt=0)
+    server_idle_timeout: float = Field(
+        600.0, ge=0, description="close servers idle this long; 0 = never"
+    )
+    server_lifetime: float = Field(
+        3600.0, ge=0, description="close servers this old when idle; 0 = never"
+    )
+    server_check_delay: float = Field(
+        30.0, ge=0, description="ping servers idle longer than this before lending"
+    )
+    client_login_timeout: float = Field(15.0, gt=0)
+    auth_mode: Literal["trust", "scram"] = "trust"
+    auth_file: Path | None = Field(
+        None, description="SCRAM verifiers written by `guardproxy passwd`"
+    )
+    max_message_size: int = Field(
+        64 * 1024 * 1024, ge=1024, description="largest client message in bytes"
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="seconds SIGTERM waits for transactions"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    embedded_data_dir: Path | None = Field(None, description="data dir of the embedded cluster")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.auth_mode == "trust" and not _is_loopback(self.listen_host):
+            raise ValueError(
+                f"auth_mode 'trust' is refused on listen_host {self.listen_host!r}: "
+                "trust is only allowed on loopback; use auth_mode 'scram' with an auth_file"
+            )
+        if self.auth_mode == "scram" and self.auth_file is None:
+            raise ValueError(
+                "auth_mode 'scram' needs auth_file (create it with `guardproxy passwd NAME`)"
+            )
+        if self.upstream is not None:
+            parse_dsn(self.upstream)
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Upstream(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    host: str
+    port: int
+    user: str
+    password: str | None
+    database: str
+
+
+def parse_dsn(dsn: str) -> Upstream:
+    """Parses a postgresql:// URL; raises ValueError saying what is wrong."""
+    u = urlparse(dsn)
+    if u.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"upstream must be a postgresql:// URL, got scheme {u.scheme!r}")
+    if not u.username:
+        raise ValueError("upstream DSN needs a user name (postgresql://USER:PASSWORD@HOST:PORT/DB)")
+    database = unquote(u.path.lstrip("/")) or u.username
+    return Upstream(
+        host=u.hostname or "127.0.0.1",
+        port=u.port or 5432,
+        user=unquote(u.username),
+        password=unquote(u.password) if u.password is not None else None,
+        database=database,
+    )
+
+
+def _env_values() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        value = os.environ.get(ENV_PREFIX + name.upper())
+        if value is not None and value != "":
+            out[name] = value
+    return out
+
+
+def load_settings(
+    config_file: Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    data: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {config_file}: cannot read it as YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_file}: expected a mapping of setting: value")
+        data.update(loaded)
+        origin.update({k: f"config file {config_file}" for k in loaded})
+    env = _env_values()
+    data.update(env)
+    origin.update({k: f"env {ENV_PREFIX}{k.upper()}" for k in env})
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+            origin[key] = f"flag --{key.replace('_', '-')}"
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from None
+
+
+def _describe(exc: ValidationError, origin: dict[str, str]) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        where = origin.get(str(err["loc"][0]), "") if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown setting; known settings are: {', '.join(Settings.model_fields)}"
+        lines.append(f"setting {key!r}{f' (from {where})' if where else ''}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -1,0 +1,239 @@
+"""Server connections to one upstream role: opening, lending, taking back, closing.
+
+A server returns to the idle list only when it is clean: ReadyForQuery idle,
+nothing pending, not pinned. Anything else is closed, never reused. Waiters
+are served first come, first served; a waiter that waited ``reserve_pool_timeout``
+may open one of ``reserve_pool_size`` extra connections; nobody waits longer
+than ``pool_acquire_timeout`` (then PoolTimeout, SQLSTATE 53300).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+
+from guardproxy.config import Settings, Upstream
+from guardproxy.pool.server import ServerConn
+from guardproxy.protocol import codec
+from guardproxy.protocol.errors import PoolTimeout, UpstreamError
+
+log = logging.getLogger("guardproxy.pool")
+
+
+class Pool:
+    def __init__(self, settings: Settings, upstream: Upstream) -> None:
+        self.settings = settings
+        self.upstream = upstream
+        self.idle: deque[ServerConn] = deque()
+        self.servers: set[ServerConn] = set()
+        self.opening = 0
+        self.waiters: deque[asyncio.Future[ServerConn]] = deque()
+        self.params_cache: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+        self.serial = 0
+        self.closing = False
+        # counters, read by metrics and the admin console
+        self.acquired_total = 0
+        self.wait_seconds_total = 0.0
+        self.timeouts_total = 0
+        self.connect_errors_total = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.servers) + self.opening
+
+    @property
+    def active(self) -> int:
+        return len(self.servers) - len(self.idle)
+
+    # ------------------------------------------------------------ lending
+
+    def try_acquire(self) -> ServerConn | None:
+        """Fast path with no await: an idle, healthy server if there is one."""
+        now = time.monotonic()
+        lifetime = self.settings.server_lifetime
+        while self.idle:
+            server = self.idle.pop()  # most recently used: warm caches, lets others idle out
+            if server.closed:
+                self.servers.discard(server)
+                continue
+            if lifetime and now - server.created_at > lifetime:
+                self._close(server)
+                continue
+            self.acquired_total += 1
+            return server
+        return None
+
+    async def acquire(self) -> ServerConn:
+        server = self.try_acquire()
+        if server is not None:
+            return server
+        if self.closing:
+            raise UpstreamError("guardproxy is shutting down", sqlstate="57P01")
+        if self.size < self.settings.pool_size:
+            server = await self._open()
+            self.acquired_total += 1
+            return server
+        return await self._wait()
+
+    async def _wait(self) -> ServerConn:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waiter: asyncio.Future[ServerConn] = loop.create_future()
+        self.waiters.append(waiter)
+        handed = False
+        try:
+            reserve_at = s.reserve_pool_timeout if s.reserve_pool_size else None
+            deadline = started + s.pool_acquire_timeout
+            if reserve_at is not None and reserve_at < s.pool_acquire_timeout:
+                done, _ = await asyncio.wait({waiter}, timeout=reserve_at)
+                if not done and self.size < s.pool_size + s.reserve_pool_size:
+                    self.waiters.remove(waiter)
+                    waiter.cancel()
+                    log.info("opening a reserve connection after %.1fs of waiting", reserve_at)
+                    server = await self._open()
+                    self.acquired_total += 1
+                    return server
+            remaining = deadline - loop.time()
+            try:
+                server = await asyncio.wait_for(asyncio.shield(waiter), max(remaining, 0))
+            except TimeoutError:
+                self.timeouts_total += 1
+                raise PoolTimeout(
+                    f"no server connection became free within {s.pool_acquire_timeout:g}s: "
+                    f"all {self.size} connections to {self.upstream.user}@{self.upstream.database} "
+                    f"are busy and {len(self.waiters)} clients are waiting",
+                    hint="Retry after a short pause; keep transactions short and do not hold them "
+                    "open while thinking; an operator can raise pool_size.",
+                ) from None
+            self.acquired_total += 1
+            handed = True
+            return server
+        finally:
+            self.wait_seconds_total += loop.time() - started
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+            if not waiter.done():
+                waiter.cancel()
+            elif not handed and not waiter.cancelled() and waiter.exception() is None:
+                # A server arrived just as we gave up (timeout or cancel): give it back.
+                self.release(waiter.result())
+
+    def release(self, server: ServerConn) -> None:
+        """Takes a server back. Only a clean one is reused."""
+        server.client = None
+        if server.closed or not server.idle or server.pending or self.closing:
+            self._close(server)
+            self._open_for_waiter()
+            return
+        if server.transport is not None:
+            server.transport.resume_reading()
+        server.last_used = time.monotonic()
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(server)
+                return
+        self.idle.append(server)
+
+    def discard(self, server: ServerConn) -> None:
+        """A server that is broken or dirty: close it and let a waiter open a fresh one."""
+        server.client = None
+        self._close(server)
+        self._open_for_waiter()
+
+    def _close(self, server: ServerConn) -> None:
+        self.servers.discard(server)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(server)
+        server.close()
+
+    def _open_for_waiter(self) -> None:
+        if self.waiters and self.size < self.settings.pool_size and not self.closing:
+            asyncio.get_running_loop().create_task(self._open_and_hand_over())
+
+    async def _open_and_hand_over(self) -> None:
+        try:
+            server = await self._open()
+        except UpstreamError as exc:
+            log.warning("%s", exc.message)
+            return
+        self.release(server)
+
+    # ------------------------------------------------------------ opening
+
+    async def _open(self) -> ServerConn:
+        up = self.upstream
+        loop = asyncio.get_running_loop()
+        self.opening += 1
+        self.serial += 1
+        serial = self.serial
+        try:
+            try:
+                _, server = await asyncio.wait_for(
+                    loop.create_connection(lambda: ServerConn(up, serial), up.host, up.port),
+                    self.settings.server_connect_timeout,
+                )
+                await asyncio.wait_for(server.startup(), self.settings.server_connect_timeout)
+            except TimeoutError:
+                self.connect_errors_total += 1
+                raise UpstreamError(
+                    f"upstream {up.host}:{up.port} did not answer within "
+                    f"{self.settings.server_connect_timeout:g}s",
+                    hint="Check that Postgres is up; guardproxy reconnects by itself when it is back.",
+                ) from None
+            except OSError as exc:
+                self.connect_errors_total += 1
+                raise UpstreamError(
+                    f"cannot connect to upstream {up.host}:{up.port}: {exc.strerror or exc}",
+                    hint="Check that Postgres is up; guardproxy reconnects by itself when it is back.",
+                ) from None
+            except UpstreamError:
+                self.connect_errors_total += 1
+                raise
+        finally:
+            self.opening -= 1
+        self.servers.add(server)
+        log.debug("opened server connection %d (backend pid %d)", serial, server.backend_pid)
+        return server
+
+    # ------------------------------------------------------------ upkeep
+
+    async def cancel(self, server: ServerConn) -> None:
+        """Asks Postgres to cancel what ``server`` runs now (a separate connection, as the protocol says)."""
+        up = self.upstream
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(up.host, up.port), self.settings.server_connect_timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            log.warning("cannot send cancel to upstream: %s", exc)
+            return
+        writer.write(codec.build_cancel(server.backend_pid, server.backend_secret))
+        with contextlib.suppress(OSError):
+            await writer.drain()
+        writer.close()
+
+    def expire_idle(self) -> None:
+        s, now = self.settings, time.monotonic()
+        for server in list(self.idle):
+            too_idle = s.server_idle_timeout and now - server.last_used > s.server_idle_timeout
+            too_old = s.server_lifetime and now - server.created_at > s.server_lifetime
+            if too_idle or too_old or server.closed:
+                self._close(server)
+
+    async def janitor(self) -> None:
+        while not self.closing:
+            await asyncio.sleep(1.0)
+            self.expire_idle()
+
+    def close_all(self) -> None:
+        self.closing = True
+        for server in list(self.servers):
+            self._close(server)
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_exception(UpstreamError("guardproxy is shutting down", sqlstate="57P01"))

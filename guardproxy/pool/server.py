@@ -1,0 +1,398 @@
+"""One connection to the upstream Postgres: login, response tracking, forwarding.
+
+A server connection is in one of two modes:
+
+* internal: no client attached; the pool or a session drives it with
+  ``startup()`` / ``query()`` and reads the answers here;
+* attached: lent to one client session; every byte from the server is
+  forwarded to that client as raw spans, except responses to messages the proxy
+  injected itself (replayed settings, statements prepared on this server for
+  the client), which are swallowed.
+
+To know which response belongs to which request, every message sent while
+attached is recorded in ``pending`` (one entry per message that gets an
+answer) and popped when its answer arrives, the way the server itself
+processes them: in order, and after an error in the extended protocol it skips
+everything up to the next Sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Protocol, cast
+
+from guardproxy.config import Upstream
+from guardproxy.protocol import codec
+from guardproxy.protocol.errors import ProtocolViolation, UpstreamError
+from guardproxy.protocol.scram import MECHANISM, ClientExchange, md5_password
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+log = logging.getLogger("guardproxy.server")
+
+# pending entry kinds
+PARSE, BIND, CLOSE, DESCRIBE, EXECUTE, SYNC, QUERY, SYNTH = range(1, 9)
+_ENDS_ROUND = (SYNC, QUERY)
+_I32 = struct.Struct("!i")
+_MAX_SERVER_MESSAGE = 1 << 30
+
+
+class Client(Protocol):
+    """What a server connection needs from the client session it is lent to."""
+
+    def write(self, data: bytes) -> None: ...
+    def writelines(self, chunks: Iterable[bytes]) -> None: ...
+    def server_idle(self) -> None: ...
+    def server_lost(self, reason: UpstreamError) -> None: ...
+    def server_tag(self, tag: bytes) -> None: ...
+    def pause_client_reading(self, pause: bool) -> None: ...
+
+
+class ServerConn(asyncio.Protocol):
+    def __init__(self, upstream: Upstream, serial: int) -> None:
+        self.upstream = upstream
+        self.serial = serial
+        self.transport: asyncio.Transport | None = None
+        self.client: Client | None = None
+        self.pending: deque[tuple[int, bool, bytes | None]] = deque()
+        self.skip_until_sync = False
+        self.status = b"I"
+        self.params: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_secret = 0
+        self.prepared: set[bytes] = set()
+        self.settings_key: tuple[tuple[str, str], ...] | None = None
+        self.created_at = time.monotonic()
+        self.last_used = self.created_at
+        self.closed = False
+        self.fatal: dict[str, str] | None = None
+        self._buf = b""
+        self._inbox: deque[tuple[int, bytes]] = deque()
+        self._inbox_waiter: asyncio.Future[None] | None = None
+        self._lost: BaseException | None = None
+
+    # ------------------------------------------------------------ transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(
+            asyncio.Transport, transport
+        )  # uvloop's transports are not subclasses
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self._lost = exc or ConnectionResetError("server closed the connection")
+        self._wake()
+        client, self.client = self.client, None
+        if client is not None:
+            client.server_lost(self._lost_error())
+
+    def _lost_error(self) -> UpstreamError:
+        if self.fatal:
+            return UpstreamError(
+                f"server connection lost: {self.fatal.get('M', 'terminated')}",
+                sqlstate=self.fatal.get("C", "08006"),
+                hint="guardproxy: the server connection ended; any open transaction was rolled back. Retry.",
+            )
+        return UpstreamError(
+            f"server connection lost ({self._lost})",
+            hint="guardproxy: the server connection ended; any open transaction was rolled back. Retry.",
+        )
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_client_reading(True)
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_client_reading(False)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            try:
+                self.transport.write(codec.TERMINATE)
+            finally:
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ------------------------------------------------------------ sending
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def sendlines(self, chunks: list[bytes]) -> None:
+        assert self.transport is not None
+        self.transport.writelines(chunks)
+
+    def expect(self, kind: int, swallow: bool = False, data: bytes | None = None) -> None:
+        """Records that a message just sent (or a synthetic answer) awaits its turn."""
+        if self.skip_until_sync:
+            # The server discards everything after an error until Sync: no answers come.
+            if kind != SYNC:
+                return
+            self.skip_until_sync = False
+        if kind == SYNTH and not self.pending:
+            if self.client is not None and data:
+                self.client.write(data)
+            return
+        self.pending.append((kind, swallow, data))
+
+    @property
+    def idle(self) -> bool:
+        return not self.pending and self.status == b"I"
+
+    # ------------------------------------------------------------ receiving
+
+    def data_received(self, data: bytes) -> None:
+        if self.client is None:
+            self._receive_internal(data)
+            return
+        buf = self._buf + data if self._buf else data
+        client = self.client
+        pending = self.pending
+        unpack = _I32.unpack_from
+        n = len(buf)
+        pos = start = 0
+        out: list[bytes] = []
+        released = False
+        while n - pos >= 5:
+            kind = buf[pos]
+            end = pos + 1 + unpack(buf, pos + 1)[0]
+            if end > n:
+                break
+            swallow = bool(pending) and pending[0][1]
+            if kind == 68 and not swallow:  # DataRow: the hot path, forwarded as is
+                pos = end
+                continue
+            forward = self._on_message(kind, buf, pos, end, swallow)
+            if not forward:
+                if start < pos:
+                    out.append(buf[start:pos])
+                start = end
+            pos = end
+            # Synthetic answers waiting at the front go out right after this message.
+            if pending and pending[0][0] == SYNTH:
+                out.append(buf[start:pos])
+                start = pos
+                while pending and pending[0][0] == SYNTH:
+                    synth = pending.popleft()[2]
+                    if synth:
+                        out.append(synth)
+            if kind == 90 and not pending and self.status == b"I":
+                released = True
+        self._buf = buf[pos:] if pos < n else b""
+        if start < pos:
+            out.append(buf[start:pos])
+        if out:
+            client.writelines(out)
+        if released and self.client is client:
+            client.server_idle()
+
+    def _on_message(self, kind: int, buf: bytes, pos: int, end: int, swallow: bool) -> bool:
+        """Tracks one server message; returns whether to forward it to the client."""
+        pending = self.pending
+        if kind == 90:  # ReadyForQuery
+            self.status = buf[pos + 5 : pos + 6]
+            while pending:
+                entry = pending.popleft()
+                if entry[0] in _ENDS_ROUND:
+                    return not entry[1]
+            return True
+        if kind in (
+            49,
+            50,
+            51,
+            110,
+            115,
+        ):  # ParseComplete BindComplete CloseComplete NoData PortalSuspended
+            if pending:
+                pending.popleft()
+            return not swallow
+        if kind == 84:  # RowDescription
+            if pending and pending[0][0] == DESCRIBE:
+                pending.popleft()
+            return not swallow
+        if kind in (67, 73):  # CommandComplete, EmptyQueryResponse
+            if pending and pending[0][0] == EXECUTE:
+                pending.popleft()
+            if kind == 67 and not swallow and self.client is not None:
+                self.client.server_tag(buf[pos + 5 : end - 1])
+            return not swallow
+        if kind == 69:  # ErrorResponse
+            fields = codec.error_fields(buf[pos:end])
+            if fields.get("S") in ("FATAL", "PANIC"):
+                self.fatal = fields
+                return False  # reported to the client when the connection drops
+            if pending and pending[0][0] != QUERY:
+                failed = pending[0]
+                if failed[0] == PARSE and failed[2]:
+                    self.prepared.discard(failed[2])
+                while pending and pending[0][0] not in _ENDS_ROUND:
+                    pending.popleft()
+                if not pending:
+                    self.skip_until_sync = True
+                return True
+            if swallow:
+                log.warning("replaying session state failed: %s", fields.get("M"))
+            return not swallow
+        if kind == 83:  # ParameterStatus
+            name, value = codec.parameter_status(buf[pos:end])
+            self.params[name] = value
+            return not swallow
+        return not swallow
+
+    def _receive_internal(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        pos, n = 0, len(buf)
+        while n - pos >= 5:
+            length = _I32.unpack_from(buf, pos + 1)[0]
+            if length < 4 or length > _MAX_SERVER_MESSAGE:
+                self._lost = ProtocolViolation(f"server sent a message with length {length}")
+                self.abort()
+                return
+            end = pos + 1 + length
+            if end > n:
+                break
+            self._inbox.append((buf[pos], buf[pos:end]))
+            pos = end
+        self._buf = buf[pos:]
+        if self._inbox_waiter is None and self._inbox:
+            # Nobody is reading: an idle pooled server only speaks to say it is going away.
+            for kind, raw in self._inbox:
+                if kind == 69:
+                    self.fatal = codec.error_fields(raw)
+                    log.info(
+                        "idle server %s closed by upstream: %s", self.serial, self.fatal.get("M")
+                    )
+                    self.abort()
+                elif kind == 83:
+                    name, value = codec.parameter_status(raw)
+                    self.params[name] = value
+            self._inbox.clear()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._inbox_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def recv(self) -> tuple[int, bytes]:
+        """Next message in internal mode."""
+        while not self._inbox:
+            if self.closed:
+                raise self._lost_error()
+            self._inbox_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._inbox_waiter
+            finally:
+                self._inbox_waiter = None
+        return self._inbox.popleft()
+
+    # ------------------------------------------------------------ internal use
+
+    async def startup(self, extra: dict[str, str] | None = None) -> None:
+        up = self.upstream
+        params = {"user": up.user, "database": up.database, "application_name": "guardproxy"}
+        params.update(extra or {})
+        self.send(codec.build_startup(params))
+        scram: ClientExchange | None = None
+        while True:
+            kind, raw = await self.recv()
+            if kind == 82:  # 'R'
+                code = codec.auth_code(raw)
+                if code == 0:
+                    continue
+                if up.password is None:
+                    raise UpstreamError(
+                        f"upstream {up.host}:{up.port} asks for a password for role {up.user!r} "
+                        "and the upstream DSN has none",
+                        sqlstate="28P01",
+                    )
+                if code == 3:
+                    self.send(codec.build_password(up.password.encode() + b"\x00"))
+                elif code == 5:
+                    self.send(
+                        codec.build_password(
+                            md5_password(up.user, up.password, raw[9:13]) + b"\x00"
+                        )
+                    )
+                elif code == 10:
+                    if MECHANISM.encode() not in raw[9:].split(b"\x00"):
+                        raise UpstreamError("upstream offers no SASL mechanism guardproxy speaks")
+                    scram = ClientExchange(up.user, up.password)
+                    self.send(codec.build_sasl_initial(MECHANISM, scram.first()))
+                elif code == 11 and scram is not None:
+                    self.send(codec.build_password(scram.final(raw[9:])))
+                elif code == 12 and scram is not None:
+                    scram.verify(raw[9:])
+                else:
+                    raise UpstreamError(
+                        f"upstream asked for unsupported authentication (code {code})"
+                    )
+            elif kind == 83:
+                name, value = codec.parameter_status(raw)
+                self.params[name] = value
+            elif kind == 75:  # BackendKeyData
+                self.backend_pid, self.backend_secret = struct.unpack_from("!ii", raw, 5)
+            elif kind == 69:
+                f = codec.error_fields(raw)
+                raise UpstreamError(
+                    f"upstream {up.host}:{up.port} refused the login of role {up.user!r}: {f.get('M')}",
+                    sqlstate=f.get("C", "08006"),
+                )
+            elif kind == 90:
+                self.status = raw[5:6]
+                return
+
+    async def query(self, sql: str) -> list[list[str | None]]:
+        """Runs SQL in internal mode; returns the rows of the last result, raises on error."""
+        self.send(codec.build_query(sql))
+        rows: list[list[str | None]] = []
+        error: dict[str, str] | None = None
+        while True:
+            kind, raw = await self.recv()
+            if kind == 68:
+                rows.append(_data_row(raw))
+            elif kind == 84:
+                rows = []
+            elif kind == 69:
+                error = codec.error_fields(raw)
+                if error.get("S") in ("FATAL", "PANIC"):
+                    self.fatal = error
+            elif kind == 83:
+                name, value = codec.parameter_status(raw)
+                self.params[name] = value
+            elif kind == 71:  # CopyInResponse: refuse
+                self.send(codec.message(b"f", b"internal query cannot COPY\x00"))
+            elif kind == 90:
+                self.status = raw[5:6]
+                if error is not None:
+                    raise UpstreamError(
+                        error.get("M", "internal query failed"), sqlstate=error.get("C")
+                    )
+                return rows
+
+
+def _data_row(raw: bytes) -> list[str | None]:
+    (count,) = struct.unpack_from("!h", raw, 5)
+    pos = 7
+    values: list[str | None] = []
+    for _ in range(count):
+        (length,) = _I32.unpack_from(raw, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(raw[pos : pos + length].decode())
+            pos += length
+    return values

@@ -1,0 +1,323 @@
+"""Sans-IO codec for the PostgreSQL v3 wire protocol.
+
+Bytes in, messages out; message builders for what the proxy itself says.
+Nothing here touches a socket. Messages the proxy forwards unchanged stay raw
+``bytes`` (type byte + length + payload) so they are never re-encoded.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from guardproxy.protocol.errors import ProtocolViolation
+
+PROTOCOL_V3 = 196608
+SSL_REQUEST = 80877103
+GSSENC_REQUEST = 80877104
+CANCEL_REQUEST = 80877102
+
+_I32 = struct.Struct("!i")
+_HDR = struct.Struct("!ci")
+_U16 = struct.Struct("!H")
+
+# Client message types the proxy understands (frontend).
+FRONTEND_TYPES = frozenset(b"QPBDECHSdcfXp")
+
+
+def _header(kind: bytes, payload_len: int) -> bytes:
+    return _HDR.pack(kind, payload_len + 4)
+
+
+def message(kind: bytes, payload: bytes = b"") -> bytes:
+    return _header(kind, len(payload)) + payload
+
+
+def cstr(text: str) -> bytes:
+    return text.encode() + b"\x00"
+
+
+# ---------------------------------------------------------------- framing
+
+
+class MessageReader:
+    """Splits a byte stream into typed messages.
+
+    ``feed`` appends bytes; ``next`` returns ``(type, raw)`` where ``raw`` is the
+    whole message including its header, or ``None`` when a message is
+    incomplete. Lengths outside ``4..max_size`` raise ProtocolViolation before any
+    buffering of the body, so a hostile length cannot make us allocate.
+    """
+
+    __slots__ = ("_buf", "_pos", "max_size")
+
+    def __init__(self, max_size: int) -> None:
+        self._buf = b""
+        self._pos = 0
+        self.max_size = max_size
+
+    def feed(self, data: bytes) -> None:
+        if self._pos:
+            self._buf = self._buf[self._pos :] + data
+            self._pos = 0
+        elif self._buf:
+            self._buf += data
+        else:
+            self._buf = data
+
+    def next(self) -> tuple[int, bytes] | None:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 5:
+            return None
+        kind = buf[pos]
+        (length,) = _I32.unpack_from(buf, pos + 1)
+        if length < 4 or length > self.max_size:
+            raise ProtocolViolation(
+                f"message of type {chr(kind)!r} declares length {length}, "
+                f"outside 4..{self.max_size} (max_message_size)"
+            )
+        end = pos + 1 + length
+        if len(buf) < end:
+            return None
+        self._pos = end
+        return kind, buf[pos:end]
+
+    def pending(self) -> int:
+        return len(self._buf) - self._pos
+
+    def take_rest(self) -> bytes:
+        rest = self._buf[self._pos :]
+        self._buf, self._pos = b"", 0
+        return rest
+
+
+def read_startup(buf: bytes, max_size: int) -> tuple[int, bytes] | None:
+    """Returns ``(consumed, body)`` of an untyped startup-phase packet, or None."""
+    if len(buf) < 4:
+        return None
+    (length,) = _I32.unpack_from(buf, 0)
+    if length < 8 or length > min(max_size, 10000):
+        raise ProtocolViolation(f"startup packet declares length {length}, outside 8..10000")
+    if len(buf) < length:
+        return None
+    return length, buf[4:length]
+
+
+@dataclass(frozen=True)
+class Startup:
+    code: int
+    params: dict[str, str]
+    cancel_pid: int = 0
+    cancel_secret: int = 0
+
+
+def parse_startup(body: bytes) -> Startup:
+    (code,) = _I32.unpack_from(body, 0)
+    if code == CANCEL_REQUEST:
+        if len(body) != 12:
+            raise ProtocolViolation("CancelRequest must be 16 bytes long")
+        pid, secret = struct.unpack_from("!ii", body, 4)
+        return Startup(code, {}, pid, secret)
+    if code in (SSL_REQUEST, GSSENC_REQUEST):
+        return Startup(code, {})
+    if code >> 16 != 3:
+        return Startup(code, {})
+    parts = body[4:].split(b"\x00")
+    # A well-formed list ends with an empty name and then the final NUL.
+    if len(parts) < 2 or parts[-1] != b"" or parts[-2] != b"":
+        raise ProtocolViolation("startup parameters are not a NUL-terminated list")
+    items = parts[:-2]
+    if len(items) % 2:
+        raise ProtocolViolation("startup parameter without a value")
+    try:
+        params = {items[i].decode(): items[i + 1].decode() for i in range(0, len(items), 2)}
+    except UnicodeDecodeError as exc:
+        raise ProtocolViolation("startup parameters are not valid UTF-8") from exc
+    return Startup(code, params)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _cstring_at(buf: bytes, pos: int) -> tuple[bytes, int]:
+    end = buf.find(b"\x00", pos)
+    if end < 0:
+        raise ProtocolViolation("string field is not NUL-terminated")
+    return buf[pos:end], end + 1
+
+
+def parse_query(raw: bytes) -> bytes:
+    """SQL text of a Query ('Q') message, without its terminating NUL."""
+    text, _ = _cstring_at(raw, 5)
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class ParseMessage:
+    name: bytes
+    query: bytes
+    tail: bytes  # parameter type count + OIDs, kept raw
+
+
+def parse_parse(raw: bytes) -> ParseMessage:
+    name, pos = _cstring_at(raw, 5)
+    query, pos = _cstring_at(raw, pos)
+    tail = raw[pos:]
+    if len(tail) < 2 or len(tail) != 2 + 4 * _U16.unpack_from(tail, 0)[0]:
+        raise ProtocolViolation("Parse message has a malformed parameter type list")
+    return ParseMessage(name, query, tail)
+
+
+def build_parse(name: bytes, query: bytes, tail: bytes) -> bytes:
+    return message(b"P", name + b"\x00" + query + b"\x00" + tail)
+
+
+def bind_statement(raw: bytes) -> tuple[bytes, int, int]:
+    """For a Bind: (statement name, start, end) of the statement name in ``raw``."""
+    _, pos = _cstring_at(raw, 5)
+    name, end = _cstring_at(raw, pos)
+    return name, pos, end - 1
+
+
+def replace_field(raw: bytes, start: int, end: int, value: bytes) -> bytes:
+    """Returns ``raw`` with bytes [start:end) replaced and the length fixed."""
+    body = raw[5:start] + value + raw[end:]
+    return _header(raw[0:1], len(body)) + body
+
+
+def describe_or_close_target(raw: bytes) -> tuple[bytes, bytes]:
+    """For Describe / Close: (b'S' or b'P', name)."""
+    if len(raw) < 7:
+        raise ProtocolViolation("Describe/Close message too short")
+    kind = raw[5:6]
+    if kind not in (b"S", b"P"):
+        raise ProtocolViolation(f"Describe/Close target must be 'S' or 'P', got {kind!r}")
+    name, _ = _cstring_at(raw, 6)
+    return kind, name
+
+
+def error_fields(raw: bytes) -> dict[str, str]:
+    """Fields of an ErrorResponse / NoticeResponse, keyed by their one-letter code."""
+    fields: dict[str, str] = {}
+    pos = 5
+    while pos < len(raw) and raw[pos] != 0:
+        code = chr(raw[pos])
+        value, pos = _cstring_at(raw, pos + 1)
+        fields[code] = value.decode(errors="replace")
+    return fields
+
+
+def parameter_status(raw: bytes) -> tuple[str, str]:
+    name, pos = _cstring_at(raw, 5)
+    value, _ = _cstring_at(raw, pos)
+    return name.decode(errors="replace"), value.decode(errors="replace")
+
+
+def command_tag(raw: bytes) -> bytes:
+    return raw[5:-1]
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_startup(params: dict[str, str]) -> bytes:
+    body = _I32.pack(PROTOCOL_V3) + b"".join(cstr(k) + cstr(v) for k, v in params.items()) + b"\x00"
+    return _I32.pack(len(body) + 4) + body
+
+
+def build_cancel(pid: int, secret: int) -> bytes:
+    return struct.pack("!iiii", 16, CANCEL_REQUEST, pid, secret)
+
+
+def build_error(
+    sqlstate: str,
+    text: str,
+    *,
+    severity: str = "ERROR",
+    detail: str | None = None,
+    hint: str | None = None,
+    kind: bytes = b"E",
+) -> bytes:
+    parts = [b"S" + cstr(severity), b"V" + cstr(severity), b"C" + cstr(sqlstate), b"M" + cstr(text)]
+    if detail:
+        parts.append(b"D" + cstr(detail))
+    if hint:
+        parts.append(b"H" + cstr(hint))
+    return message(kind, b"".join(parts) + b"\x00")
+
+
+def build_notice(
+    sqlstate: str, text: str, *, severity: str = "NOTICE", hint: str | None = None
+) -> bytes:
+    return build_error(sqlstate, text, severity=severity, hint=hint, kind=b"N")
+
+
+def build_query(sql: str | bytes) -> bytes:
+    data = sql.encode() if isinstance(sql, str) else sql
+    return message(b"Q", data + b"\x00")
+
+
+def build_close_statement(name: bytes) -> bytes:
+    return message(b"C", b"S" + name + b"\x00")
+
+
+def ready_for_query(status: bytes) -> bytes:
+    return message(b"Z", status)
+
+
+def auth_request(code: int, data: bytes = b"") -> bytes:
+    return message(b"R", _I32.pack(code) + data)
+
+
+AUTH_OK = auth_request(0)
+PARSE_COMPLETE = message(b"1")
+CLOSE_COMPLETE = message(b"3")
+SYNC = message(b"S")
+TERMINATE = message(b"X")
+NO_SSL = b"N"
+
+
+def build_parameter_status(name: str, value: str) -> bytes:
+    return message(b"S", cstr(name) + cstr(value))
+
+
+def build_backend_key(pid: int, secret: int) -> bytes:
+    return message(b"K", struct.pack("!ii", pid, secret))
+
+
+def build_command_complete(tag: str) -> bytes:
+    return message(b"C", cstr(tag))
+
+
+def build_negotiate_version(newest_minor: int, unsupported: list[str]) -> bytes:
+    body = (
+        _I32.pack(newest_minor)
+        + _I32.pack(len(unsupported))
+        + b"".join(cstr(o) for o in unsupported)
+    )
+    return message(b"v", body)
+
+
+def build_password(data: bytes) -> bytes:
+    return message(b"p", data)
+
+
+def build_sasl_initial(mechanism: str, data: bytes) -> bytes:
+    return message(b"p", cstr(mechanism) + _I32.pack(len(data)) + data)
+
+
+def parse_sasl_initial(raw: bytes) -> tuple[str, bytes]:
+    mech, pos = _cstring_at(raw, 5)
+    if len(raw) < pos + 4:
+        raise ProtocolViolation("SASLInitialResponse is truncated")
+    (length,) = _I32.unpack_from(raw, pos)
+    data = raw[pos + 4 :]
+    if length != len(data):
+        raise ProtocolViolation("SASLInitialResponse length does not match its data")
+    return mech.decode(errors="replace"), data
+
+
+def auth_code(raw: bytes) -> int:
+    if len(raw) < 9:
+        raise ProtocolViolation("Authentication message too short")
+    return int(_I32.unpack_from(raw, 5)[0])

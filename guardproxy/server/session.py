@@ -1,0 +1,612 @@
+"""One client connection: login, then messages relayed to a lent server connection.
+
+In transaction mode a server is borrowed when the client sends something and
+given back on ReadyForQuery idle with nothing pending. What a client set up
+on the server it had before is made to exist on the next one:
+
+* session settings (SET, startup parameters) are read back from the server
+  when a statement changed them and replayed on the next server;
+* named prepared statements get a server-side name derived from their text
+  (``gp_<hash>``) and are prepared on each server on first use, invisibly.
+
+Features that live in one backend (LISTEN, temp tables, session advisory locks,
+WITH HOLD cursors, SQL-level PREPARE, LOAD) pin the client to its server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import secrets
+from typing import TYPE_CHECKING, cast
+
+import pglast
+
+from guardproxy.pool.server import (
+    BIND,
+    CLOSE,
+    DESCRIBE,
+    EXECUTE,
+    PARSE,
+    QUERY,
+    SYNC,
+    SYNTH,
+    ServerConn,
+)
+from guardproxy.protocol import codec
+from guardproxy.protocol.errors import AuthFailed, GuardError, ProtocolViolation, UpstreamError
+from guardproxy.server.login import login_exchange
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from guardproxy.server.app import Proxy
+
+log = logging.getLogger("guardproxy.session")
+
+# Statements whose effect outlives the transaction in one backend. False
+# positives only cost pooling efficiency, never correctness.
+_PIN_RE = re.compile(
+    rb"(?i)\b(listen|temp|temporary|pg_advisory_lock|pg_advisory_lock_shared|pg_try_advisory_lock"
+    rb"|pg_try_advisory_lock_shared|hold|prepare|load)\b"
+)
+_SET_CONFIG_RE = re.compile(rb"(?i)set_config")
+_SETTINGS_TAGS = frozenset((b"SET", b"RESET", b"DISCARD ALL"))
+_PIN_TAGS = frozenset((b"LISTEN",))
+_FORGET_PREPARED_TAGS = frozenset((b"DISCARD ALL", b"DEALLOCATE ALL"))
+CAPTURE_SETTINGS = (
+    "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' ORDER BY name"
+)
+# startup parameters that are not settings to carry to the server
+_NOT_SETTINGS = frozenset(("user", "database", "options", "replication"))
+
+Settings = tuple[tuple[str, str], ...]
+
+
+def server_statement_name(query: bytes, param_types: bytes) -> bytes:
+    return (
+        b"gp_" + hashlib.blake2b(query + b"\x00" + param_types, digest_size=20).hexdigest().encode()
+    )
+
+
+def replay_sql(settings: Settings) -> str:
+    calls = ", ".join(f"pg_catalog.set_config({_lit(k)}, {_lit(v)}, false)" for k, v in settings)
+    return "RESET ALL" + (f"; SELECT {calls}" if calls else "")
+
+
+def _lit(text: str) -> str:
+    return "E'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def syntax_error(query: bytes) -> GuardError | None:
+    """The Postgres parser's verdict on ``query`` (pglast wraps the server's own parser)."""
+    try:
+        pglast.parser.split(query.decode(errors="replace"))
+    except pglast.parser.ParseError as exc:
+        return GuardError(f"{exc.args[0]}", sqlstate="42601")
+    return None
+
+
+def parse_options(options: str) -> dict[str, str]:
+    """``options=-c a=b --c=d`` from a startup packet, as settings."""
+    out: dict[str, str] = {}
+    words = re.split(r"(?<!\\)\s+", options.strip())
+    i = 0
+    while i < len(words):
+        word = words[i].replace("\\ ", " ")
+        if word == "-c" and i + 1 < len(words):
+            word, i = "--" + words[i + 1].replace("\\ ", " "), i + 1
+        if word.startswith("--") and "=" in word:
+            name, value = word[2:].split("=", 1)
+            out[name.replace("-", "_")] = value
+        elif word:
+            raise ProtocolViolation(f"startup option {word!r} is not supported; use -c name=value")
+        i += 1
+    return out
+
+
+class ClientSession(asyncio.Protocol):
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.pool = proxy.pool
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.agent_id = ""
+        self.reader = codec.MessageReader(proxy.settings.max_message_size)
+        self.server: ServerConn | None = None
+        self.logged_in = False
+        self.closed = False
+        self.blocked = False  # waiting for a server or for settings to be read back
+        self.held: tuple[int, bytes] | None = None
+        self.local_skip = False  # discarding until Sync after a locally answered error
+        self.pending_error: GuardError | None = None
+        self.pinned = proxy.settings.pool_mode == "session"
+        self.settings: Settings = ()
+        self.settings_dirty = False
+        self.statements: dict[
+            bytes, tuple[bytes, bytes, bytes]
+        ] = {}  # client name -> (server name, query, types)
+        self.cancel_key = (secrets.randbits(31), secrets.randbits(31))
+        self._startup_buf = b""
+        self._login_waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.transactions = 0
+        self.queries = 0
+
+    # ------------------------------------------------------------ transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(
+            asyncio.Transport, transport
+        )  # uvloop's transports are not subclasses
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self._task = asyncio.get_running_loop().create_task(self._login())
+
+    def data_received(self, data: bytes) -> None:
+        if not self.logged_in:
+            self._startup_buf += data
+            if len(self._startup_buf) > self.proxy.settings.max_message_size:
+                self.fatal(ProtocolViolation("login messages exceed max_message_size"))
+                return
+            waiter = self._login_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
+        try:
+            self.reader.feed(data)
+            if not self.blocked:
+                self._process()
+        except ProtocolViolation as exc:
+            self.fatal(exc)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self.proxy.forget(self)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        waiter = self._login_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        server, self.server = self.server, None
+        if server is not None:
+            if server.idle and not self.pinned and not self.settings_dirty:
+                self.pool.release(server)
+            else:
+                # Closing the connection makes Postgres roll back whatever was open.
+                self.pool.discard(server)
+
+    def pause_writing(self) -> None:
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.resume_reading()
+
+    # Client protocol seen by ServerConn
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def writelines(self, chunks: Iterable[bytes]) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.writelines(chunks)
+
+    def pause_client_reading(self, pause: bool) -> None:
+        if self.transport is None or self.closed:
+            return
+        if pause:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def fatal(self, exc: GuardError) -> None:
+        """Tells the client why, logs one line, and closes this client only."""
+        log.warning("client %s (%s): %s", self.peer, self.agent_id or "not logged in", exc.message)
+        if self.transport is not None and not self.closed:
+            self.transport.write(
+                codec.build_error(exc.sqlstate, exc.message, severity="FATAL", hint=exc.hint)
+            )
+            self.transport.close()
+        self.closed = True
+
+    # ------------------------------------------------------------ login
+
+    async def recv_startup(self, typed: bool) -> tuple[int, bytes]:
+        """Next login-phase packet: untyped startup packets, then typed messages."""
+        max_size = self.proxy.settings.max_message_size
+        while True:
+            if self.closed:
+                raise ConnectionResetError("client went away during login")
+            buf = self._startup_buf
+            if typed:
+                reader = codec.MessageReader(min(max_size, 1 << 16))
+                reader.feed(buf)
+                got = reader.next()
+                if got is not None:
+                    self._startup_buf = reader.take_rest()
+                    return got
+            else:
+                packet = codec.read_startup(buf, max_size)
+                if packet is not None:
+                    consumed, body = packet
+                    self._startup_buf = buf[consumed:]
+                    return 0, body
+            self._login_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._login_waiter
+            finally:
+                self._login_waiter = None
+
+    async def _login(self) -> None:
+        try:
+            async with asyncio.timeout(self.proxy.settings.client_login_timeout):
+                startup = await login_exchange(self)
+                if startup is None:
+                    return
+                params = await self._server_params()
+        except GuardError as exc:
+            self.fatal(exc)
+            return
+        except TimeoutError:
+            self.fatal(
+                ProtocolViolation(
+                    "login did not finish within client_login_timeout", sqlstate="08006"
+                )
+            )
+            return
+        except (ConnectionError, asyncio.CancelledError):
+            return
+        if self.closed:
+            return
+        assert self.transport is not None
+        out = [codec.AUTH_OK]
+        out += [codec.build_parameter_status(k, v) for k, v in params.items()]
+        out.append(codec.build_backend_key(*self.cancel_key))
+        out.append(codec.ready_for_query(b"I"))
+        self.transport.writelines(out)
+        self.logged_in = True
+        self.proxy.register(self)
+        log.debug("client %s logged in as agent %s", self.peer, self.agent_id)
+        rest, self._startup_buf = self._startup_buf, b""
+        if rest:
+            self.data_received(rest)
+
+    def apply_startup(self, params: dict[str, str]) -> None:
+        settings = {
+            k: v for k, v in params.items() if k not in _NOT_SETTINGS and not k.startswith("_pq_.")
+        }
+        if "options" in params:
+            settings.update(parse_options(params["options"]))
+        self.settings = tuple(sorted(settings.items()))
+
+    async def _server_params(self) -> dict[str, str]:
+        """ParameterStatus values for this client, as a server with its settings reports them."""
+        cached = self.pool.params_cache.get(self.settings)
+        if cached is not None:
+            return cached
+        server = await self.pool.acquire()
+        try:
+            await server.query(replay_sql(self.settings))
+        except GuardError:
+            self.pool.discard(server)
+            raise
+        except BaseException:
+            self.pool.discard(server)
+            raise
+        server.settings_key = self.settings
+        params = dict(server.params)
+        params.pop("application_name", None)
+        if "application_name" in dict(self.settings):
+            params["application_name"] = dict(self.settings)["application_name"]
+        else:
+            params["application_name"] = ""
+        self.pool.params_cache[self.settings] = params
+        self.pool.release(server)
+        return params
+
+    # ------------------------------------------------------------ relaying
+
+    def _process(self) -> None:
+        """Relays every complete client message; stops when it must wait for a server."""
+        reader = self.reader
+        while not self.blocked and not self.closed:
+            if self.held is not None:
+                msg, self.held = self.held, None
+            else:
+                msg = reader.next()
+                if msg is None:
+                    return
+            kind, raw = msg
+            if kind == 88:  # Terminate
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            if self.local_skip or self.pending_error is not None:
+                if self._answer_locally(kind):
+                    continue
+            server = self.server
+            if server is None and self._answer_without_server(kind, raw):
+                continue
+            if server is None:
+                server = self.pool.try_acquire()
+                if server is None:
+                    self.held = msg
+                    self._start_acquire()
+                    return
+                self._attach(server)
+            self._relay(server, kind, raw)
+
+    def _answer_locally(self, kind: int) -> bool:
+        """Handles a message while an earlier error is being reported; True if consumed."""
+        if self.pending_error is not None:
+            if kind in (81, 83, 80, 66, 68, 69, 67, 72):
+                err, self.pending_error = self.pending_error, None
+                self._fail_request(kind, err)
+                return True
+            return True  # stray COPY data after the server was lost
+        # local_skip: discard until Sync, then tell the client it may go on
+        if kind == 83:
+            self.local_skip = False
+            status = self.server.status if self.server is not None else b"I"
+            self.write(codec.ready_for_query(status))
+        return True
+
+    def _answer_without_server(self, kind: int, raw: bytes) -> bool:
+        """Answers what needs no server: preparing, closing and syncing with none lent.
+
+        A named Parse outside a transaction is recorded and prepared lazily on the
+        server that first runs it; its syntax is checked here so errors still come
+        at Parse time. Clients that prepare synchronously while another of their
+        connections holds the last server (pgbench -M prepared) never deadlock.
+        """
+        if kind == 80:
+            parsed = codec.parse_parse(raw)
+            if not parsed.name:
+                return False
+            error = syntax_error(parsed.query)
+            if error is not None:
+                self._fail_request(kind, error)
+                return True
+            self._inspect(parsed.query)
+            self.statements[parsed.name] = (
+                server_statement_name(parsed.query, parsed.tail),
+                parsed.query,
+                parsed.tail,
+            )
+            self.write(codec.PARSE_COMPLETE)
+            return True
+        if kind == 83:
+            self.write(codec.ready_for_query(b"I"))
+            return True
+        if kind == 72:
+            return True
+        if kind == 67:
+            target, name = codec.describe_or_close_target(raw)
+            if target == b"S" and name in self.statements:
+                del self.statements[name]
+                self.write(codec.CLOSE_COMPLETE)
+                return True
+        return False
+
+    def _fail_request(self, kind: int, exc: GuardError) -> None:
+        """Answers the request that starts with ``kind`` with an error, as Postgres would."""
+        status = self.server.status if self.server is not None else b"I"
+        err = codec.build_error(exc.sqlstate, exc.message, hint=exc.hint)
+        if kind == 81 or kind == 83:
+            self.write(err + codec.ready_for_query(status))
+        else:
+            self.write(err)
+            self.local_skip = True
+
+    def _start_acquire(self) -> None:
+        self.blocked = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self._task = asyncio.get_running_loop().create_task(self._acquire())
+
+    async def _acquire(self) -> None:
+        try:
+            server = await self.pool.acquire()
+        except GuardError as exc:
+            log.warning("client %s (%s): %s", self.peer, self.agent_id, exc.message)
+            self.blocked = False
+            held, self.held = self.held, None
+            if held is not None:
+                self._fail_request(held[0], exc)
+            self._resume()
+            return
+        except asyncio.CancelledError:
+            return
+        if self.closed:
+            self.pool.release(server)
+            return
+        self.blocked = False
+        self._attach(server)
+        self._resume()
+
+    def _resume(self) -> None:
+        if self.closed:
+            return
+        if self.transport is not None:
+            self.transport.resume_reading()
+        try:
+            self._process()
+        except ProtocolViolation as exc:
+            self.fatal(exc)
+
+    def _attach(self, server: ServerConn) -> None:
+        self.server = server
+        server.client = self
+        self.transactions += 1
+        if server.settings_key != self.settings:
+            server.send(codec.build_query(replay_sql(self.settings)))
+            server.expect(QUERY, swallow=True)
+            server.settings_key = self.settings
+
+    def _relay(self, server: ServerConn, kind: int, raw: bytes) -> None:
+        if kind == 81:  # Query
+            self.queries += 1
+            self._inspect(codec.parse_query(raw))
+            server.send(raw)
+            server.expect(QUERY)
+        elif kind == 80:  # Parse
+            self._relay_parse(server, raw)
+        elif kind == 66:  # Bind
+            name, start, end = codec.bind_statement(raw)
+            if name:
+                sname = self._ensure_prepared(server, name)
+                if sname is not None:
+                    raw = codec.replace_field(raw, start, end, sname)
+            server.send(raw)
+            server.expect(BIND)
+        elif kind == 69:  # Execute
+            self.queries += 1
+            server.send(raw)
+            server.expect(EXECUTE)
+        elif kind == 83:  # Sync
+            server.send(raw)
+            server.expect(SYNC)
+        elif kind == 68:  # Describe
+            target, name = codec.describe_or_close_target(raw)
+            if target == b"S" and name:
+                sname = self._ensure_prepared(server, name)
+                if sname is not None:
+                    raw = codec.message(b"D", b"S" + sname + b"\x00")
+            server.send(raw)
+            server.expect(DESCRIBE)
+        elif kind == 67:  # Close
+            target, name = codec.describe_or_close_target(raw)
+            if target == b"S" and name in self.statements:
+                # The server-side statement stays cached for reuse; the client's name goes.
+                del self.statements[name]
+                server.expect(SYNTH, data=codec.CLOSE_COMPLETE)
+            else:
+                server.send(raw)
+                server.expect(CLOSE)
+        elif kind == 72 or kind in (100, 99, 102):  # Flush
+            server.send(raw)
+        else:
+            raise ProtocolViolation(f"unknown or unexpected message type {chr(kind)!r} from client")
+
+    def _relay_parse(self, server: ServerConn, raw: bytes) -> None:
+        parsed = codec.parse_parse(raw)
+        self._inspect(parsed.query)
+        if not parsed.name:
+            server.send(raw)
+            server.expect(PARSE)
+            return
+        sname = server_statement_name(parsed.query, parsed.tail)
+        self.statements[parsed.name] = (sname, parsed.query, parsed.tail)
+        if sname in server.prepared:
+            server.expect(SYNTH, data=codec.PARSE_COMPLETE)
+            return
+        server.send(codec.build_parse(sname, parsed.query, parsed.tail))
+        server.prepared.add(sname)
+        server.expect(PARSE, data=sname)
+
+    def _ensure_prepared(self, server: ServerConn, name: bytes) -> bytes | None:
+        """Server name of a client statement, prepared on ``server`` first if needed."""
+        known = self.statements.get(name)
+        if known is None:
+            return None  # unknown: the server reports it as Postgres would
+        sname, query, types = known
+        if sname not in server.prepared:
+            server.send(codec.build_parse(sname, query, types))
+            server.prepared.add(sname)
+            server.expect(PARSE, swallow=True, data=sname)
+        return sname
+
+    def _inspect(self, sql: bytes) -> None:
+        if not self.pinned and _PIN_RE.search(sql):
+            self.pin("statement keeps state in its backend")
+        if _SET_CONFIG_RE.search(sql):
+            self.settings_dirty = True
+
+    def pin(self, why: str) -> None:
+        if not self.pinned:
+            self.pinned = True
+            self.proxy.pinned_total += 1
+            log.debug("client %s pinned to its server: %s", self.peer, why)
+
+    # ------------------------------------------------------------ server events
+
+    def server_tag(self, tag: bytes) -> None:
+        if tag in _SETTINGS_TAGS:
+            self.settings_dirty = True
+        if tag in _PIN_TAGS:
+            self.pin("LISTEN")
+        if tag in _FORGET_PREPARED_TAGS and self.server is not None:
+            self.server.prepared.clear()
+
+    def server_idle(self) -> None:
+        if self.pinned:
+            return
+        server = self.server
+        assert server is not None
+        if self.settings_dirty:
+            self.settings_dirty = False
+            self.server = None
+            server.client = None
+            self.blocked = True
+            self._task = asyncio.get_running_loop().create_task(self._capture_settings(server))
+            return
+        self.server = None
+        self.pool.release(server)
+        if self.held is not None or self.reader.pending():
+            self._process()
+
+    async def _capture_settings(self, server: ServerConn) -> None:
+        try:
+            rows = await server.query(CAPTURE_SETTINGS)
+        except (GuardError, ConnectionError) as exc:
+            log.warning("could not read back session settings: %s", exc)
+            self.pool.discard(server)
+        else:
+            self.settings = tuple((str(r[0]), str(r[1])) for r in rows)
+            server.settings_key = self.settings
+            self.pool.release(server)
+        self.blocked = False
+        self._resume()
+
+    def server_lost(self, reason: UpstreamError) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            self.pool.discard(server)
+        if self.pinned:
+            # What the session kept in that backend is gone: the client must know.
+            self.fatal(UpstreamError(reason.message, sqlstate=reason.sqlstate, hint=reason.hint))
+            return
+        rounds = sum(1 for entry in (server.pending if server else ()) if entry[0] in (SYNC, QUERY))
+        awaiting = bool(server and server.pending)
+        if not awaiting:
+            self.pending_error = reason  # reported on the next request
+            return
+        self.write(codec.build_error(reason.sqlstate, reason.message, hint=reason.hint))
+        if rounds:
+            self.write(codec.ready_for_query(b"I") * rounds)
+        else:
+            self.local_skip = True
+        if server is not None:
+            server.pending.clear()
+
+    # ------------------------------------------------------------ cancel
+
+    def cancel(self) -> None:
+        server = self.server
+        if server is not None and server.pending and not server.closed:
+            asyncio.get_running_loop().create_task(self._send_cancel(server))
+
+    async def _send_cancel(self, server: ServerConn) -> None:
+        # Re-checked after the await inside pool.cancel cannot help; check right before.
+        if self.server is server and server.pending:
+            await self.pool.cancel(server)
+
+    def auth_failed(self, exc: AuthFailed) -> None:
+        self.fatal(exc)
