@@ -45,9 +45,6 @@ class Settings(BaseModel):
     server_lifetime: float = Field(
         3600.0, ge=0, description="close servers this old when idle; 0 = never"
     )
-    server_check_delay: float = Field(
-        30.0, ge=0, description="ping servers idle longer than this before lending"
-    )
     client_login_timeout: float = Field(15.0, gt=0)
     auth_mode: Literal["trust", "scram"] = "trust"
     auth_file: Path | None = Field(
