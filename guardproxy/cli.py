@@ -6,7 +6,7 @@ import getpass
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -29,34 +29,28 @@ def _fail(message: str) -> None:
 
 @app.command()
 def serve(
-    config: Annotated[Optional[Path], Opt("--config", "-c", help="YAML settings file")] = None,  # noqa: UP045
-    listen_host: Annotated[Optional[str], Opt(help="address to listen on [127.0.0.1]")] = None,  # noqa: UP045
-    listen_port: Annotated[Optional[int], Opt(help="port to listen on [6432]")] = None,  # noqa: UP045
+    config: Annotated[Path | None, Opt("--config", "-c", help="YAML settings file")] = None,
+    listen_host: Annotated[str | None, Opt(help="address to listen on [127.0.0.1]")] = None,
+    listen_port: Annotated[int | None, Opt(help="port to listen on [6432]")] = None,
     upstream: Annotated[
-        Optional[str], Opt(help="upstream Postgres DSN; unset = embedded cluster")
-    ] = None,  # noqa: UP045
-    pool_mode: Annotated[Optional[str], Opt(help="transaction | session")] = None,  # noqa: UP045
-    pool_size: Annotated[Optional[int], Opt(help="server connections per upstream role")] = None,  # noqa: UP045
-    reserve_pool_size: Annotated[Optional[int], Opt()] = None,  # noqa: UP045
-    reserve_pool_timeout: Annotated[Optional[float], Opt()] = None,  # noqa: UP045
-    max_client_conn: Annotated[Optional[int], Opt()] = None,  # noqa: UP045
-    pool_acquire_timeout: Annotated[
-        Optional[float], Opt(help="seconds before SQLSTATE 53300")
-    ] = None,  # noqa: UP045
-    server_connect_timeout: Annotated[Optional[float], Opt()] = None,  # noqa: UP045
-    server_idle_timeout: Annotated[Optional[float], Opt()] = None,  # noqa: UP045
-    server_lifetime: Annotated[Optional[float], Opt()] = None,  # noqa: UP045
-    client_login_timeout: Annotated[Optional[float], Opt()] = None,  # noqa: UP045
-    auth_mode: Annotated[Optional[str], Opt(help="trust (loopback only) | scram")] = None,  # noqa: UP045
-    auth_file: Annotated[
-        Optional[Path], Opt(help="SCRAM verifiers from `guardproxy passwd`")
-    ] = None,  # noqa: UP045
-    max_message_size: Annotated[Optional[int], Opt()] = None,  # noqa: UP045
-    shutdown_timeout: Annotated[Optional[float], Opt()] = None,  # noqa: UP045
-    log_level: Annotated[Optional[str], Opt(help="debug | info | warning | error")] = None,  # noqa: UP045
-    embedded_data_dir: Annotated[
-        Optional[Path], Opt(help="data dir of the embedded cluster")
-    ] = None,  # noqa: UP045
+        str | None, Opt(help="upstream Postgres DSN; unset = embedded cluster")
+    ] = None,
+    pool_mode: Annotated[str | None, Opt(help="transaction | session")] = None,
+    pool_size: Annotated[int | None, Opt(help="server connections per upstream role")] = None,
+    reserve_pool_size: Annotated[int | None, Opt()] = None,
+    reserve_pool_timeout: Annotated[float | None, Opt()] = None,
+    max_client_conn: Annotated[int | None, Opt()] = None,
+    pool_acquire_timeout: Annotated[float | None, Opt(help="seconds before SQLSTATE 53300")] = None,
+    server_connect_timeout: Annotated[float | None, Opt()] = None,
+    server_idle_timeout: Annotated[float | None, Opt()] = None,
+    server_lifetime: Annotated[float | None, Opt()] = None,
+    client_login_timeout: Annotated[float | None, Opt()] = None,
+    auth_mode: Annotated[str | None, Opt(help="trust (loopback only) | scram")] = None,
+    auth_file: Annotated[Path | None, Opt(help="SCRAM verifiers from `guardproxy passwd`")] = None,
+    max_message_size: Annotated[int | None, Opt()] = None,
+    shutdown_timeout: Annotated[float | None, Opt()] = None,
+    log_level: Annotated[str | None, Opt(help="debug | info | warning | error")] = None,
+    embedded_data_dir: Annotated[Path | None, Opt(help="data dir of the embedded cluster")] = None,
 ) -> None:
     """Run the proxy. With no upstream, start and front a private embedded Postgres."""
     overrides: dict[str, Any] = {k: v for k, v in locals().items() if k != "config"}

@@ -317,20 +317,17 @@ class ClientSession(asyncio.Protocol):
         """Relays every complete client message; stops when it must wait for a server."""
         reader = self.reader
         while not self.blocked and not self.closed:
-            if self.held is not None:
-                msg, self.held = self.held, None
-            else:
-                msg = reader.next()
-                if msg is None:
-                    return
+            msg = self.held or reader.next()
+            self.held = None
+            if msg is None:
+                return
             kind, raw = msg
             if kind == 88:  # Terminate
                 if self.transport is not None:
                     self.transport.close()
                 return
-            if self.local_skip or self.pending_error is not None:
-                if self._answer_locally(kind):
-                    continue
+            if (self.local_skip or self.pending_error is not None) and self._answer_locally(kind):
+                continue
             server = self.server
             if server is None and self._answer_without_server(kind, raw):
                 continue
