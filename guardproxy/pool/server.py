@@ -38,6 +38,10 @@ log = logging.getLogger("guardproxy.server")
 # pending entry kinds
 PARSE, BIND, CLOSE, DESCRIBE, EXECUTE, SYNC, QUERY, SYNTH = range(1, 9)
 _ENDS_ROUND = (SYNC, QUERY)
+# data of a QUERY entry whose error goes to the client but whose ReadyForQuery does
+# not: a denial raised by the server in the middle of an extended-protocol round.
+KEEP_ERROR_ONLY = b"keep-error"
+
 _I32 = struct.Struct("!i")
 _MAX_SERVER_MESSAGE = 1 << 30
 
@@ -206,7 +210,7 @@ class ServerConn(asyncio.Protocol):
             while pending:
                 entry = pending.popleft()
                 if entry[0] in _ENDS_ROUND:
-                    return not entry[1]
+                    return not entry[1] and entry[2] is not KEEP_ERROR_ONLY
             return True
         if kind in (
             49,

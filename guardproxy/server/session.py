@@ -29,6 +29,7 @@ from guardproxy.pool.server import (
     CLOSE,
     DESCRIBE,
     EXECUTE,
+    KEEP_ERROR_ONLY,
     PARSE,
     QUERY,
     SYNC,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from guardproxy.server.app import Proxy
+    from guardproxy.server.guard import Guard
 
 log = logging.getLogger("guardproxy.session")
 
@@ -63,6 +65,7 @@ CAPTURE_SETTINGS = (
 _NOT_SETTINGS = frozenset(("user", "database", "options", "replication"))
 
 Settings = tuple[tuple[str, str], ...]
+NO_SUCH_STATEMENT = b"guardproxy_no_unnamed_statement"
 
 
 def server_statement_name(query: bytes, param_types: bytes) -> bytes:
@@ -74,6 +77,14 @@ def server_statement_name(query: bytes, param_types: bytes) -> bytes:
 def replay_sql(settings: Settings) -> str:
     calls = ", ".join(f"pg_catalog.set_config({_lit(k)}, {_lit(v)}, false)" for k, v in settings)
     return "RESET ALL" + (f"; SELECT {calls}" if calls else "")
+
+
+def raise_sql(error: GuardError) -> str:
+    """A statement that makes the server raise ``error`` (used to abort a transaction in order)."""
+    using = f"ERRCODE = {_lit(error.sqlstate)}, MESSAGE = {_lit(error.message)}"
+    if error.hint:
+        using += f", HINT = {_lit(error.hint)}"
+    return f"DO $guardproxy$ BEGIN RAISE EXCEPTION USING {using}; END $guardproxy$"
 
 
 def _lit(text: str) -> str:
@@ -119,7 +130,10 @@ class ClientSession(asyncio.Protocol):
         self.logged_in = False
         self.closed = False
         self.blocked = False  # waiting for a server or for settings to be read back
-        self.held: tuple[int, bytes] | None = None
+        self.held: tuple[int, bytes] | None = None  # judged, waiting for a server
+        self.guard: Guard | None = None
+        self.unnamed: tuple[bytes, bytes] | None = None  # the client's unnamed statement
+        self.unnamed_on: ServerConn | None = None  # the server where it is current
         self.local_skip = False  # discarding until Sync after a locally answered error
         self.pending_error: GuardError | None = None
         self.pinned = proxy.settings.pool_mode == "session"
@@ -316,29 +330,57 @@ class ClientSession(asyncio.Protocol):
     def _process(self) -> None:
         """Relays every complete client message; stops when it must wait for a server."""
         reader = self.reader
+        guard = self.guard
         while not self.blocked and not self.closed:
-            msg = self.held or reader.next()
-            self.held = None
-            if msg is None:
-                return
-            kind, raw = msg
-            if kind == 88:  # Terminate
-                if self.transport is not None:
-                    self.transport.close()
-                return
-            if (self.local_skip or self.pending_error is not None) and self._answer_locally(kind):
-                continue
+            held, self.held = self.held, None
+            if held is not None:
+                kind, raw = held
+            else:
+                msg = reader.next()
+                if msg is None:
+                    return
+                kind, raw = msg
+                if kind == 88:  # Terminate
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
+                if (self.local_skip or self.pending_error is not None) and self._answer_locally(
+                    kind
+                ):
+                    continue
+                if guard is not None and (kind == 81 or kind == 80):
+                    try:
+                        raw = guard.judge(kind, raw)
+                    except GuardError as denial:
+                        self._deny(kind, denial)
+                        continue
             server = self.server
             if server is None and self._answer_without_server(kind, raw):
                 continue
             if server is None:
                 server = self.pool.try_acquire()
                 if server is None:
-                    self.held = msg
+                    self.held = (kind, raw)
                     self._start_acquire()
                     return
                 self._attach(server)
             self._relay(server, kind, raw)
+
+    def _deny(self, kind: int, denial: GuardError) -> None:
+        """Refuses a statement the way a Postgres error would, transaction state included."""
+        server = self.server
+        if server is None:
+            # Outside any transaction: nothing on a server to abort.
+            self._fail_request(kind, denial)
+            return
+        # Inside a transaction (or a pipeline): let the server raise it, so the
+        # transaction is aborted exactly as by any other error, in order.
+        server.send(codec.build_query(raise_sql(denial)))
+        if kind == 81:
+            server.expect(QUERY)
+        else:
+            server.expect(QUERY, data=KEEP_ERROR_ONLY)
+            self.local_skip = True
 
     def _answer_locally(self, kind: int) -> bool:
         """Handles a message while an earlier error is being reported; True if consumed."""
@@ -346,13 +388,16 @@ class ClientSession(asyncio.Protocol):
             if kind in (81, 83, 80, 66, 68, 69, 67, 72):
                 err, self.pending_error = self.pending_error, None
                 self._fail_request(kind, err)
-                return True
-            return True  # stray COPY data after the server was lost
-        # local_skip: discard until Sync, then tell the client it may go on
+            return True  # stray COPY data after the server was lost is dropped
+        # local_skip: discard until Sync, as the server does after an error
         if kind == 83:
             self.local_skip = False
-            status = self.server.status if self.server is not None else b"I"
-            self.write(codec.ready_for_query(status))
+            server = self.server
+            if server is None:
+                self.write(codec.ready_for_query(b"I"))
+            else:
+                server.send(codec.SYNC)
+                server.expect(SYNC)
         return True
 
     def _answer_without_server(self, kind: int, raw: bytes) -> bool:
@@ -440,6 +485,7 @@ class ClientSession(asyncio.Protocol):
 
     def _attach(self, server: ServerConn) -> None:
         self.server = server
+        self.unnamed_on = None
         server.client = self
         self.transactions += 1
         if server.settings_key != self.settings:
@@ -450,6 +496,7 @@ class ClientSession(asyncio.Protocol):
     def _relay(self, server: ServerConn, kind: int, raw: bytes) -> None:
         if kind == 81:  # Query
             self.queries += 1
+            self.unnamed = None  # a simple Query drops the unnamed statement, as in Postgres
             self._inspect(codec.parse_query(raw))
             server.send(raw)
             server.expect(QUERY)
@@ -457,10 +504,9 @@ class ClientSession(asyncio.Protocol):
             self._relay_parse(server, raw)
         elif kind == 66:  # Bind
             name, start, end = codec.bind_statement(raw)
-            if name:
-                sname = self._ensure_prepared(server, name)
-                if sname is not None:
-                    raw = codec.replace_field(raw, start, end, sname)
+            sname = self._ensure_prepared(server, name) if name else self._ensure_unnamed(server)
+            if sname is not None:
+                raw = codec.replace_field(raw, start, end, sname)
             server.send(raw)
             server.expect(BIND)
         elif kind == 69:  # Execute
@@ -472,8 +518,10 @@ class ClientSession(asyncio.Protocol):
             server.expect(SYNC)
         elif kind == 68:  # Describe
             target, name = codec.describe_or_close_target(raw)
-            if target == b"S" and name:
-                sname = self._ensure_prepared(server, name)
+            if target == b"S":
+                sname = (
+                    self._ensure_prepared(server, name) if name else self._ensure_unnamed(server)
+                )
                 if sname is not None:
                     raw = codec.message(b"D", b"S" + sname + b"\x00")
             server.send(raw)
@@ -496,6 +544,8 @@ class ClientSession(asyncio.Protocol):
         parsed = codec.parse_parse(raw)
         self._inspect(parsed.query)
         if not parsed.name:
+            self.unnamed = (parsed.query, parsed.tail)
+            self.unnamed_on = server
             server.send(raw)
             server.expect(PARSE)
             return
@@ -519,6 +569,23 @@ class ClientSession(asyncio.Protocol):
             server.prepared.add(sname)
             server.expect(PARSE, swallow=True, data=sname)
         return sname
+
+    def _ensure_unnamed(self, server: ServerConn) -> bytes | None:
+        """Makes the client's unnamed statement the one ``server`` holds.
+
+        The unnamed statement outlives a Sync, so a client may Parse it in one
+        round and Bind it in the next, on another server. Whatever unnamed
+        statement that server holds belongs to someone else and must never run.
+        """
+        if self.unnamed_on is server:
+            return None
+        if self.unnamed is None:
+            return NO_SUCH_STATEMENT  # the server answers "does not exist", in order
+        query, types = self.unnamed
+        server.send(codec.build_parse(b"", query, types))
+        server.expect(PARSE, swallow=True)
+        self.unnamed_on = server
+        return None
 
     def _inspect(self, sql: bytes) -> None:
         if not self.pinned and _PIN_RE.search(sql):

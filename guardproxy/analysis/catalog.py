@@ -1,0 +1,154 @@
+"""The upstream database's tables and columns, as plain data.
+
+The statement alone cannot tell which table an unqualified column belongs to, which
+columns ``*`` stands for, or which schema an unqualified table name resolves to. The
+proxy fills a `Catalog` from the upstream database (`CATALOG_QUERY`, run as the agent
+type's upstream role, plus ``SELECT current_schemas(false)`` for the search path) and
+refreshes it after DDL and on reload; the analyzer and the policy engine only read it.
+
+`version` changes whenever the content changes; caches of decisions made with a
+catalog must be keyed on it (the `Judge` does this).
+
+Resolution follows Postgres: an unqualified relation name is looked up in
+``pg_catalog`` first (unless the search path lists ``pg_catalog`` explicitly), then
+in each schema of the search path in order. A name found nowhere resolves to the
+first schema of the search path, where Postgres would create it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import pglast
+from pglast import ast
+
+from .pg_builtins import INFORMATION_SCHEMA_RELATIONS, PG_CATALOG_RELATIONS
+
+#: Rows of (schema, table, column) for every user relation and its live columns, in
+#: column order. Run it as the upstream role of the agent type the catalog is for.
+CATALOG_QUERY = """\
+SELECT n.nspname, c.relname, a.attname
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f')
+  AND a.attnum > 0 AND NOT a.attisdropped
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+  AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast_temp%'
+ORDER BY n.nspname, c.relname, a.attnum"""
+
+#: The effective search path of the current upstream session, as a text[].
+SEARCH_PATH_QUERY = "SELECT pg_catalog.current_schemas(false)"
+
+SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Tables (and views) of the upstream database with their ordered columns."""
+
+    tables: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    search_path: tuple[str, ...] = ("public",)
+    version: int = 0
+
+    def __post_init__(self) -> None:
+        # Frozen means frozen: nobody may change the mapping behind the cache's back.
+        object.__setattr__(self, "tables", MappingProxyType(dict(self.tables)))
+        path = tuple(s for s in self.search_path if s and s != "$user")
+        object.__setattr__(self, "search_path", path)
+
+    def __hash__(self) -> int:
+        return hash((self.version, self.search_path, len(self.tables)))
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Iterable[tuple[str, str, str]],
+        search_path: Iterable[str] = ("public",),
+        version: int | None = None,
+    ) -> Catalog:
+        """Build from (schema, table, column) rows in column order (`CATALOG_QUERY`).
+
+        Without an explicit `version`, the version is a checksum of the content, so
+        two catalogs with the same content have the same version.
+        """
+        tables: dict[tuple[str, str], list[str]] = {}
+        for schema, table, column in rows:
+            tables.setdefault((schema, table), []).append(column)
+        path = tuple(search_path)
+        frozen = {key: tuple(cols) for key, cols in tables.items()}
+        if version is None:
+            digest = repr((sorted(frozen.items()), path)).encode()
+            version = zlib.crc32(digest)
+        return cls(tables=frozen, search_path=path, version=version)
+
+    @classmethod
+    def from_ddl(cls, sql: str, search_path: Iterable[str] = ("public",)) -> Catalog:
+        """Build from the CREATE TABLE / CREATE VIEW statements of a schema script.
+
+        Meant for tools and tests (``sql/example_schema.sql``); views contribute the
+        columns they name explicitly. Other statements are ignored.
+        """
+        path = tuple(search_path) or ("public",)
+        rows: list[tuple[str, str, str]] = []
+        for raw in pglast.parse_sql(sql):
+            stmt = raw.stmt
+            if isinstance(stmt, ast.CreateStmt):
+                rel = stmt.relation
+                schema = rel.schemaname or path[0]
+                for elt in stmt.tableElts or ():
+                    if isinstance(elt, ast.ColumnDef) and elt.colname:
+                        rows.append((schema, rel.relname, elt.colname))
+            elif isinstance(stmt, ast.ViewStmt):
+                rel = stmt.view
+                schema = rel.schemaname or path[0]
+                rows.extend((schema, rel.relname, name) for name in _view_columns(stmt))
+        return cls.from_rows(rows, search_path=path)
+
+    def columns(self, schema: str, name: str) -> tuple[str, ...] | None:
+        """The ordered columns of a relation, or None when the catalog does not know it."""
+        return self.tables.get((schema, name))
+
+    def resolve(self, schema: str | None, name: str) -> tuple[str, str]:
+        """The (schema, name) Postgres would use for a possibly unqualified name."""
+        if schema is not None:
+            return schema, name
+        path = self.search_path
+        if "pg_catalog" not in path:
+            path = ("pg_catalog", *path)
+        for candidate in path:
+            if (candidate, name) in self.tables:
+                return candidate, name
+            if candidate == "pg_catalog" and name in PG_CATALOG_RELATIONS:
+                return candidate, name
+            if candidate == "information_schema" and name in INFORMATION_SCHEMA_RELATIONS:
+                return candidate, name
+        for candidate in self.search_path:
+            if candidate != "pg_catalog":
+                return candidate, name
+        return "public", name
+
+
+#: Used when the proxy has no catalog: search path ``public``, no tables known.
+EMPTY_CATALOG = Catalog()
+
+
+def _view_columns(stmt: ast.ViewStmt) -> list[str]:
+    if stmt.aliases:
+        return [a.sval for a in stmt.aliases if isinstance(a, ast.String)]
+    query = stmt.query
+    names: list[str] = []
+    if isinstance(query, ast.SelectStmt):
+        for target in query.targetList or ():
+            if not isinstance(target, ast.ResTarget):
+                continue
+            if target.name:
+                names.append(target.name)
+            elif isinstance(target.val, ast.ColumnRef):
+                last = target.val.fields[-1]
+                if isinstance(last, ast.String):
+                    names.append(last.sval)
+    return names
