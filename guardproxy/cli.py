@@ -49,6 +49,10 @@ def serve(
     auth_file: Annotated[Path | None, Opt(help="SCRAM verifiers from `guardproxy passwd`")] = None,
     max_message_size: Annotated[int | None, Opt()] = None,
     shutdown_timeout: Annotated[float | None, Opt()] = None,
+    metrics_host: Annotated[str | None, Opt(help="address of /metrics [127.0.0.1]")] = None,
+    metrics_port: Annotated[
+        int | None, Opt(help="port of /metrics, /healthz, /readyz; unset = off")
+    ] = None,
     log_level: Annotated[str | None, Opt(help="debug | info | warning | error")] = None,
     embedded_data_dir: Annotated[Path | None, Opt(help="data dir of the embedded cluster")] = None,
 ) -> None:

@@ -56,6 +56,10 @@ class Settings(BaseModel):
     shutdown_timeout: float = Field(
         30.0, ge=0, description="seconds SIGTERM waits for transactions"
     )
+    metrics_host: str = Field("127.0.0.1", description="address of /metrics, /healthz, /readyz")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="port of /metrics; unset = off"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     embedded_data_dir: Path | None = Field(None, description="data dir of the embedded cluster")
 

@@ -39,6 +39,7 @@ class Pool:
         self.wait_seconds_total = 0.0
         self.timeouts_total = 0
         self.connect_errors_total = 0
+        self.pinned = 0  # sessions pinned to a server now
 
     @property
     def size(self) -> int:
@@ -47,6 +48,20 @@ class Pool:
     @property
     def active(self) -> int:
         return len(self.servers) - len(self.idle)
+
+    def snapshot(self) -> dict[str, float]:
+        return {
+            "clients_active": float(self.active),
+            "clients_waiting": float(len(self.waiters)),
+            "servers_active": float(self.active),
+            "servers_idle": float(len(self.idle)),
+            "servers_max": float(self.settings.pool_size),
+            "pinned": float(self.pinned),
+            "acquired": float(self.acquired_total),
+            "wait_seconds": self.wait_seconds_total,
+            "acquire_timeouts": float(self.timeouts_total),
+            "connect_errors": float(self.connect_errors_total),
+        }
 
     # ------------------------------------------------------------ lending
 

@@ -54,6 +54,7 @@ class Client(Protocol):
     def server_idle(self) -> None: ...
     def server_lost(self, reason: UpstreamError) -> None: ...
     def server_tag(self, tag: bytes) -> None: ...
+    def server_error(self, fields: dict[str, str]) -> None: ...
     def pause_client_reading(self, pause: bool) -> None: ...
 
 
@@ -237,6 +238,8 @@ class ServerConn(asyncio.Protocol):
             if fields.get("S") in ("FATAL", "PANIC"):
                 self.fatal = fields
                 return False  # reported to the client when the connection drops
+            if self.client is not None and not swallow:
+                self.client.server_error(fields)
             if pending and pending[0][0] != QUERY:
                 failed = pending[0]
                 if failed[0] == PARSE and failed[2]:

@@ -12,9 +12,13 @@ import logging
 import signal
 import socket
 
+from prometheus_client import CollectorRegistry
+
 from guardproxy.config import Settings, Upstream
+from guardproxy.metrics import GuardproxyCollector, PoolView, StatsRegistry
 from guardproxy.pool.pool import Pool
 from guardproxy.protocol.scram import Verifier, load_verifiers
+from guardproxy.server.http import OpsServer
 from guardproxy.server.session import ClientSession
 
 log = logging.getLogger("guardproxy")
@@ -30,8 +34,11 @@ class Proxy:
         )
         self.sessions: dict[tuple[int, int], ClientSession] = {}
         self.clients = 0
-        self.pinned_total = 0
         self.auth_failures_total = 0
+        self.stats = StatsRegistry()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(GuardproxyCollector(self.stats, self.pool_views))
+        self.ops: OpsServer | None = None
         self._server: asyncio.AbstractServer | None = None
         self._stopping: asyncio.Event | None = None
         self.bound_port = settings.listen_port
@@ -60,6 +67,22 @@ class Proxy:
             return
         session.cancel()
 
+    def agent_label(self, agent_id: str) -> str:
+        """Agent ids become a metric label only when the auth file bounds them."""
+        return agent_id if self.settings.auth_mode == "scram" else "*"
+
+    def pool_views(self) -> list[PoolView]:
+        return [PoolView("default", self.pool.snapshot)]
+
+    async def readiness(self) -> tuple[bool, str]:
+        up = self.upstream
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(up.host, up.port), 2.0)
+        except (OSError, TimeoutError) as exc:
+            return False, f"upstream {up.host}:{up.port} unreachable: {exc}"
+        writer.close()
+        return True, "ready"
+
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
@@ -73,6 +96,9 @@ class Proxy:
         self._server = await loop.create_server(self.new_session, sock=sock, backlog=1024)
         self.bound_port = sock.getsockname()[1]
         self._janitor = loop.create_task(self.pool.janitor())
+        if self.settings.metrics_port is not None:
+            self.ops = OpsServer(self.registry, self.readiness)
+            await self.ops.start(self.settings.metrics_host, self.settings.metrics_port)
         log.info(
             "guardproxy listening on %s:%d, upstream %s@%s:%d/%s, pool_mode %s",
             self.settings.listen_host,
@@ -115,4 +141,6 @@ class Proxy:
                 session.transport.close()
         self.pool.close_all()
         self._janitor.cancel()
+        if self.ops is not None:
+            self.ops.close()
         log.info("guardproxy stopped")

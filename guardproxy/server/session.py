@@ -20,6 +20,7 @@ import hashlib
 import logging
 import re
 import secrets
+import time
 from typing import TYPE_CHECKING, cast
 
 import pglast
@@ -55,6 +56,7 @@ _PIN_RE = re.compile(
     rb"|pg_try_advisory_lock_shared|hold|prepare|load)\b"
 )
 _SET_CONFIG_RE = re.compile(rb"(?i)set_config")
+_ROW_RETURNING = frozenset((b"SELECT", b"FETCH", b"COPY", b"MOVE"))
 _SETTINGS_TAGS = frozenset((b"SET", b"RESET", b"DISCARD ALL"))
 _PIN_TAGS = frozenset((b"LISTEN",))
 _FORGET_PREPARED_TAGS = frozenset((b"DISCARD ALL", b"DEALLOCATE ALL"))
@@ -147,6 +149,13 @@ class ClientSession(asyncio.Protocol):
         self._login_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self.transactions = 0
+        self.agent_type = "default"
+        self.stats = proxy.stats.for_agent("none", "none")  # replaced at login
+        self.stmt_started = 0.0
+        self.attached_at = 0.0
+        self.portal_kind = "statement"
+        self.last_kind = "query"  # set by the guard when it judges
+        self.last_decision = "allowed"
         self.queries = 0
 
     # ------------------------------------------------------------ transport
@@ -182,6 +191,10 @@ class ClientSession(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
         self.proxy.forget(self)
+        if self.logged_in:
+            self.stats.sessions -= 1
+        if self.pinned and self.proxy.settings.pool_mode == "transaction":
+            self.pool.pinned -= 1
         if self._task is not None and not self._task.done():
             self._task.cancel()
         waiter = self._login_waiter
@@ -287,6 +300,11 @@ class ClientSession(asyncio.Protocol):
         self.transport.writelines(out)
         self.logged_in = True
         self.proxy.register(self)
+        self.stats = self.proxy.stats.for_agent(
+            self.agent_type, self.proxy.agent_label(self.agent_id)
+        )
+        self.stats.sessions += 1
+        self.stats.sessions_total += 1
         log.debug("client %s logged in as agent %s", self.peer, self.agent_id)
         rest, self._startup_buf = self._startup_buf, b""
         if rest:
@@ -368,6 +386,7 @@ class ClientSession(asyncio.Protocol):
 
     def _deny(self, kind: int, denial: GuardError) -> None:
         """Refuses a statement the way a Postgres error would, transaction state included."""
+        self.stats.statements[self.last_kind, "denied"] += 1
         server = self.server
         if server is None:
             # Outside any transaction: nothing on a server to abort.
@@ -488,6 +507,7 @@ class ClientSession(asyncio.Protocol):
         self.unnamed_on = None
         server.client = self
         self.transactions += 1
+        self.attached_at = time.perf_counter()
         if server.settings_key != self.settings:
             server.send(codec.build_query(replay_sql(self.settings)))
             server.expect(QUERY, swallow=True)
@@ -496,7 +516,10 @@ class ClientSession(asyncio.Protocol):
     def _relay(self, server: ServerConn, kind: int, raw: bytes) -> None:
         if kind == 81:  # Query
             self.queries += 1
+            if not server.pending:
+                self.stmt_started = time.perf_counter()
             self.unnamed = None  # a simple Query drops the unnamed statement, as in Postgres
+            self.stats.statements[self.last_kind, self.last_decision] += 1
             self._inspect(codec.parse_query(raw))
             server.send(raw)
             server.expect(QUERY)
@@ -511,6 +534,9 @@ class ClientSession(asyncio.Protocol):
             server.expect(BIND)
         elif kind == 69:  # Execute
             self.queries += 1
+            self.stats.statements[self.portal_kind, "allowed"] += 1
+            if not server.pending:
+                self.stmt_started = time.perf_counter()
             server.send(raw)
             server.expect(EXECUTE)
         elif kind == 83:  # Sync
@@ -596,12 +622,22 @@ class ClientSession(asyncio.Protocol):
     def pin(self, why: str) -> None:
         if not self.pinned:
             self.pinned = True
-            self.proxy.pinned_total += 1
+            self.pool.pinned += 1
             log.debug("client %s pinned to its server: %s", self.peer, why)
 
     # ------------------------------------------------------------ server events
 
     def server_tag(self, tag: bytes) -> None:
+        now = time.perf_counter()
+        stats = self.stats
+        stats.statement_time.observe(now - self.stmt_started)
+        self.stmt_started = now
+        verb, _, count = tag.rpartition(b" ")
+        if count.isdigit():
+            if verb in _ROW_RETURNING:
+                stats.rows_returned += int(count)
+            else:
+                stats.rows_affected += int(count)
         if tag in _SETTINGS_TAGS:
             self.settings_dirty = True
         if tag in _PIN_TAGS:
@@ -609,11 +645,22 @@ class ClientSession(asyncio.Protocol):
         if tag in _FORGET_PREPARED_TAGS and self.server is not None:
             self.server.prepared.clear()
 
+    def server_error(self, fields: dict[str, str]) -> None:
+        code = fields.get("C", "")
+        if code == "57014":
+            if "timeout" in fields.get("M", ""):
+                self.stats.timeouts += 1
+            else:
+                self.stats.cancels += 1
+        elif code == "25P03":
+            self.stats.timeouts += 1
+
     def server_idle(self) -> None:
         if self.pinned:
             return
         server = self.server
         assert server is not None
+        self.stats.transaction_time.observe(time.perf_counter() - self.attached_at)
         if self.settings_dirty:
             self.settings_dirty = False
             self.server = None
