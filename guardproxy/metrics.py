@@ -248,7 +248,9 @@ class GuardproxyCollector(Collector):
         }
         for view in self.pools():
             snap = view.snapshot()
-            for key, fam in (*pool_gauges.items(), *pool_counters.items()):
-                fam.add_metric([view.name], snap.get(key, 0.0))
+            for key, gauge in pool_gauges.items():
+                gauge.add_metric([view.name], snap.get(key, 0.0))
+            for key, counter in pool_counters.items():
+                counter.add_metric([view.name], snap.get(key, 0.0))
         yield from pool_gauges.values()
         yield from pool_counters.values()

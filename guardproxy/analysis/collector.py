@@ -79,7 +79,9 @@ class RelationRecord:
 
 
 @dataclass(slots=True)
-class _Access:
+class AccessBuilder:
+    """The merged facts of one (relation, operation) while collecting."""
+
     written: str
     columns: set[str] = field(default_factory=set)
     all_columns: bool = False
@@ -118,7 +120,7 @@ class Collector(Visitor):  # type: ignore[misc]
         self.catalog = catalog
         self.detailed = detailed
         self.scopes = ScopeResolver(catalog)
-        self.accesses: dict[tuple[str, str, Op], _Access] = {}
+        self.accesses: dict[tuple[str, str, Op], AccessBuilder] = {}
         self.functions: dict[FunctionRef, None] = {}
         self.settings: list[SettingChange] = []
         self.locking: list[str] = []
@@ -141,7 +143,7 @@ class Collector(Visitor):  # type: ignore[misc]
         key = (relation[0], relation[1], op)
         access = self.accesses.get(key)
         if access is None:
-            access = self.accesses[key] = _Access(written=written)
+            access = self.accesses[key] = AccessBuilder(written=written)
         if columns:
             access.columns.update(columns)
         access.all_columns = access.all_columns or all_columns
@@ -283,7 +285,9 @@ class Collector(Visitor):  # type: ignore[misc]
             self._read(base, column)
 
     @staticmethod
-    def _find_qualified(levels: list[tuple[RangeEntry, ...]], qualifier: list[str]) -> RangeEntry | None:
+    def _find_qualified(
+        levels: list[tuple[RangeEntry, ...]], qualifier: list[str]
+    ) -> RangeEntry | None:
         if len(qualifier) == 1:
             for level in levels:
                 for entry in level:
@@ -301,7 +305,9 @@ class Collector(Visitor):  # type: ignore[misc]
                     return entry
         return None
 
-    def _unqualified(self, links: list[Link], levels: list[tuple[RangeEntry, ...]], name: str) -> None:
+    def _unqualified(
+        self, links: list[Link], levels: list[tuple[RangeEntry, ...]], name: str
+    ) -> None:
         if self._is_output_name(links, name):
             return
         if self.catalog.tables:
