@@ -149,6 +149,70 @@ def passwd(
     typer.echo(f"wrote a SCRAM-SHA-256 verifier for {name} to {auth_file}")
 
 
+db_app = typer.Typer(no_args_is_help=True, help="guardproxy's own schema in the upstream database.")
+app.add_typer(db_app, name="db")
+UpstreamOpt = Annotated[
+    str | None,
+    Opt(
+        "--upstream",
+        envvar="GUARDPROXY_UPSTREAM",
+        help="upstream DSN (a role that may create the schema)",
+    ),
+]
+
+
+def _upstream_dsn(upstream: str | None) -> str:
+    if upstream:
+        return upstream
+    from guardproxy import embedded
+
+    try:
+        return embedded.ensure_running().dsn
+    except ConfigError as exc:
+        _fail(str(exc))
+        raise
+
+
+@db_app.command("upgrade")
+def db_upgrade(upstream: UpstreamOpt = None, revision: str = "head") -> None:
+    """Create or update the guardproxy schema (audit log, idempotency ledger, task budgets)."""
+    from guardproxy.store import migrate
+
+    dsn = _upstream_dsn(upstream)
+    migrate.upgrade(dsn, revision)
+    typer.echo(f"guardproxy schema at revision {migrate.current_revision(dsn)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="target revision, or 'base'")],
+    upstream: UpstreamOpt = None,
+) -> None:
+    """Step the guardproxy schema back to REVISION ('base' removes it)."""
+    from guardproxy.store import migrate
+
+    dsn = _upstream_dsn(upstream)
+    migrate.downgrade(dsn, revision)
+    typer.echo(f"guardproxy schema at revision {migrate.current_revision(dsn) or 'none'}")
+
+
+@db_app.command("current")
+def db_current(upstream: UpstreamOpt = None) -> None:
+    """Print the schema's revision and whether it is the newest this guardproxy knows."""
+    from guardproxy.store import migrate
+
+    current = migrate.current_revision(_upstream_dsn(upstream))
+    head = migrate.head_revision()
+    state = (
+        "up to date"
+        if current == head
+        else f"behind (newest is {head}): run `guardproxy db upgrade`"
+    )
+    typer.echo(f"{current or 'none'} ({state})")
+    if current != head:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,1 @@
+"""guardproxy's own tables in the upstream database (schema ``guardproxy``)."""
