@@ -49,6 +49,9 @@ def serve(
     auth_file: Annotated[Path | None, Opt(help="SCRAM verifiers from `guardproxy passwd`")] = None,
     max_message_size: Annotated[int | None, Opt()] = None,
     shutdown_timeout: Annotated[float | None, Opt()] = None,
+    admin_users: Annotated[
+        str | None, Opt(help="comma-separated agent ids allowed into the admin console")
+    ] = None,
     metrics_host: Annotated[str | None, Opt(help="address of /metrics [127.0.0.1]")] = None,
     metrics_port: Annotated[
         int | None, Opt(help="port of /metrics, /healthz, /readyz; unset = off")

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from guardproxy.protocol.errors import ConfigError
 
@@ -56,12 +56,23 @@ class Settings(BaseModel):
     shutdown_timeout: float = Field(
         30.0, ge=0, description="seconds SIGTERM waits for transactions"
     )
+    admin_users: list[str] = Field(
+        default_factory=list,
+        description="agent ids allowed into the admin console (database guardproxy)",
+    )
     metrics_host: str = Field("127.0.0.1", description="address of /metrics, /healthz, /readyz")
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="port of /metrics; unset = off"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     embedded_data_dir: Path | None = Field(None, description="data dir of the embedded cluster")
+
+    @field_validator("admin_users", mode="before")
+    @classmethod
+    def _split_users(cls, value: object) -> object:
+        return (
+            [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -40,6 +40,8 @@ class Pool:
         self.timeouts_total = 0
         self.connect_errors_total = 0
         self.pinned = 0  # sessions pinned to a server now
+        self.paused = False
+        self._resumed = asyncio.Event()
 
     @property
     def size(self) -> int:
@@ -67,6 +69,8 @@ class Pool:
 
     def try_acquire(self) -> ServerConn | None:
         """Fast path with no await: an idle, healthy server if there is one."""
+        if self.paused:
+            return None
         now = time.monotonic()
         lifetime = self.settings.server_lifetime
         while self.idle:
@@ -82,6 +86,16 @@ class Pool:
         return None
 
     async def acquire(self) -> ServerConn:
+        if self.paused:
+            try:
+                await asyncio.wait_for(self._resumed.wait(), self.settings.pool_acquire_timeout)
+            except TimeoutError:
+                self.timeouts_total += 1
+                raise PoolTimeout(
+                    "guardproxy is paused by an operator and did not resume within "
+                    f"{self.settings.pool_acquire_timeout:g}s",
+                    hint="Retry later; the operator resumes the pool with RESUME.",
+                ) from None
         server = self.try_acquire()
         if server is not None:
             return server
@@ -147,12 +161,23 @@ class Pool:
         if server.transport is not None:
             server.transport.resume_reading()
         server.last_used = time.monotonic()
-        while self.waiters:
+        while self.waiters and not self.paused:
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_result(server)
                 return
         self.idle.append(server)
+
+    def pause(self) -> None:
+        self.paused = True
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._resumed.set()
+        while self.waiters and self.idle:
+            server = self.idle.pop()
+            self.release(server)
 
     def discard(self, server: ServerConn) -> None:
         """A server that is broken or dirty: close it and let a waiter open a fresh one."""

@@ -8,6 +8,7 @@ Nothing here touches a socket. Messages the proxy forwards unchanged stay raw
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from guardproxy.protocol.errors import ProtocolViolation
@@ -321,3 +322,20 @@ def auth_code(raw: bytes) -> int:
     if len(raw) < 9:
         raise ProtocolViolation("Authentication message too short")
     return int(_I32.unpack_from(raw, 5)[0])
+
+
+def build_row_description(names: list[str]) -> bytes:
+    """A RowDescription of text columns (type ``text``, OID 25)."""
+    fields = b"".join(cstr(n) + struct.pack("!ihihih", 0, 0, 25, -1, -1, 0) for n in names)
+    return message(b"T", struct.pack("!h", len(names)) + fields)
+
+
+def build_data_row(values: Sequence[str | None]) -> bytes:
+    parts = [struct.pack("!h", len(values))]
+    for value in values:
+        if value is None:
+            parts.append(_I32.pack(-1))
+        else:
+            data = value.encode()
+            parts.append(_I32.pack(len(data)) + data)
+    return message(b"D", b"".join(parts))

@@ -28,7 +28,7 @@ class Proxy:
     def __init__(self, settings: Settings, upstream: Upstream) -> None:
         self.settings = settings
         self.upstream = upstream
-        self.pool = Pool(settings, upstream)
+        self.pools: dict[str, Pool] = {"default": Pool(settings, upstream)}
         self.verifiers: dict[str, Verifier] = (
             load_verifiers(settings.auth_file) if settings.auth_file is not None else {}
         )
@@ -71,8 +71,44 @@ class Proxy:
         """Agent ids become a metric label only when the auth file bounds them."""
         return agent_id if self.settings.auth_mode == "scram" else "*"
 
+    @property
+    def pool(self) -> Pool:
+        return self.pools["default"]
+
+    def pool_for(self, agent_type: str) -> Pool:
+        return self.pools.get(agent_type) or self.pools["default"]
+
     def pool_views(self) -> list[PoolView]:
-        return [PoolView("default", self.pool.snapshot)]
+        return [PoolView(name, pool.snapshot) for name, pool in self.pools.items()]
+
+    # ------------------------------------------------------------ operator actions
+
+    def reload(self) -> str:
+        """Re-reads what can change without a restart. Overridden as policies come in."""
+        log.info("reload requested: nothing to reload")
+        return "nothing to reload"
+
+    async def pause(self) -> None:
+        """Stops lending servers and waits (up to shutdown_timeout) for lent ones to come back."""
+        for pool in self.pools.values():
+            pool.pause()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_timeout
+        while loop.time() < deadline and any(p.active for p in self.pools.values()):
+            await asyncio.sleep(0.02)
+
+    def resume(self) -> None:
+        for pool in self.pools.values():
+            pool.resume()
+
+    def kill_agent(self, agent_id: str) -> int:
+        """Ends every session of ``agent_id``; their open transactions are rolled back."""
+        killed = 0
+        for session in list(self.sessions.values()):
+            if session.agent_id == agent_id and not session.admin:
+                session.kill(f"session ended by an operator (KILL AGENT {agent_id})")
+                killed += 1
+        return killed
 
     async def readiness(self) -> tuple[bool, str]:
         up = self.upstream
@@ -95,7 +131,7 @@ class Proxy:
         sock.setblocking(False)
         self._server = await loop.create_server(self.new_session, sock=sock, backlog=1024)
         self.bound_port = sock.getsockname()[1]
-        self._janitor = loop.create_task(self.pool.janitor())
+        self._janitors = [loop.create_task(pool.janitor()) for pool in self.pools.values()]
         if self.settings.metrics_port is not None:
             self.ops = OpsServer(self.registry, self.readiness)
             await self.ops.start(self.settings.metrics_host, self.settings.metrics_port)
@@ -139,8 +175,10 @@ class Proxy:
         for session in list(self.sessions.values()):
             if session.transport is not None:
                 session.transport.close()
-        self.pool.close_all()
-        self._janitor.cancel()
+        for pool in self.pools.values():
+            pool.close_all()
+        for janitor in self._janitors:
+            janitor.cancel()
         if self.ops is not None:
             self.ops.close()
         log.info("guardproxy stopped")

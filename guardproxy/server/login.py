@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import AuthFailed, GuardError, ProtocolViolation
 from guardproxy.protocol.scram import MECHANISM, ServerExchange
+from guardproxy.server.admin import ADMIN_DATABASE
 
 if TYPE_CHECKING:
     from guardproxy.server.session import ClientSession
@@ -53,7 +54,11 @@ async def login_exchange(session: ClientSession) -> codec.Startup | None:
         )
     database = startup.params.get("database") or user
     upstream_db = proxy.upstream.database
-    if database != upstream_db:
+    if database == ADMIN_DATABASE:
+        if user not in proxy.settings.admin_users:
+            raise AuthFailed(f'agent "{user}" may not use the admin console', sqlstate="28000")
+        session.admin = True
+    elif database != upstream_db:
         raise GuardError(
             f'database "{database}" does not exist behind this guardproxy',
             hint=f"connect to database {upstream_db!r}",

@@ -67,6 +67,15 @@ CAPTURE_SETTINGS = (
 _NOT_SETTINGS = frozenset(("user", "database", "options", "replication"))
 
 Settings = tuple[tuple[str, str], ...]
+ADMIN_PARAMS = {
+    "server_version": "15.0 (guardproxy admin console)",
+    "server_encoding": "UTF8",
+    "client_encoding": "UTF8",
+    "DateStyle": "ISO, MDY",
+    "integer_datetimes": "on",
+    "standard_conforming_strings": "on",
+    "application_name": "",
+}
 NO_SUCH_STATEMENT = b"guardproxy_no_unnamed_statement"
 
 
@@ -134,6 +143,8 @@ class ClientSession(asyncio.Protocol):
         self.blocked = False  # waiting for a server or for settings to be read back
         self.held: tuple[int, bytes] | None = None  # judged, waiting for a server
         self.guard: Guard | None = None
+        self.admin = False
+        self.task: str | None = None
         self.unnamed: tuple[bytes, bytes] | None = None  # the client's unnamed statement
         self.unnamed_on: ServerConn | None = None  # the server where it is current
         self.local_skip = False  # discarding until Sync after a locally answered error
@@ -277,7 +288,7 @@ class ClientSession(asyncio.Protocol):
                 startup = await login_exchange(self)
                 if startup is None:
                     return
-                params = await self._server_params()
+                params = ADMIN_PARAMS if self.admin else await self._server_params()
         except GuardError as exc:
             self.fatal(exc)
             return
@@ -366,6 +377,9 @@ class ClientSession(asyncio.Protocol):
                     kind
                 ):
                     continue
+                if self.admin:
+                    self._admin_message(kind, raw)
+                    continue
                 if guard is not None and (kind == 81 or kind == 80):
                     try:
                         raw = guard.judge(kind, raw)
@@ -383,6 +397,39 @@ class ClientSession(asyncio.Protocol):
                     return
                 self._attach(server)
             self._relay(server, kind, raw)
+
+    def _admin_message(self, kind: int, raw: bytes) -> None:
+        if kind != 81:
+            if kind == 83:
+                self.write(codec.ready_for_query(b"I"))
+                return
+            self._fail_request(
+                kind, GuardError("the admin console takes simple queries only", sqlstate="0A000")
+            )
+            return
+        self.blocked = True
+        self._task = asyncio.get_running_loop().create_task(
+            self._admin_query(codec.parse_query(raw).decode())
+        )
+
+    async def _admin_query(self, sql: str) -> None:
+        from guardproxy.server import admin
+
+        try:
+            answer = await admin.run(self.proxy, sql)
+        except GuardError as exc:
+            self._fail_request(81, exc)
+        else:
+            self.write(answer + codec.ready_for_query(b"I"))
+        self.blocked = False
+        self._resume()
+
+    def kill(self, reason: str) -> None:
+        """Ends this session; a lent server is closed, so its transaction rolls back."""
+        server, self.server = self.server, None
+        if server is not None:
+            self.pool.discard(server)
+        self.fatal(GuardError(reason, sqlstate="57P01"))
 
     def _deny(self, kind: int, denial: GuardError) -> None:
         """Refuses a statement the way a Postgres error would, transaction state included."""

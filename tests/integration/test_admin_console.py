@@ -1,0 +1,95 @@
+"""The admin console answers psql with ordinary result sets, and its actions take effect."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+
+import psycopg
+import pytest
+from conftest import wait_until
+from pgcluster import PG_BINDIR
+
+
+def admin(proxy, sql: str, user: str = "ops") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            f"{PG_BINDIR}/psql",
+            "-X",
+            "-A",
+            "-F",
+            "|",
+            "-d",
+            proxy.dsn(user, dbname="guardproxy"),
+            "-c",
+            sql,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.fixture
+def console(start_proxy):
+    return start_proxy(admin_users="ops")
+
+
+def test_show_views_answer_psql_with_rows(console) -> None:
+    with psycopg.connect(console.dsn("support-1"), autocommit=True) as conn:
+        conn.execute("select 1").fetchone()
+        clients = admin(console, "SHOW CLIENTS")
+        assert clients.returncode == 0, clients.stderr
+        assert "agent|agent_type|peer|state" in clients.stdout
+        assert "support-1|" in clients.stdout
+    pools = admin(console, "SHOW POOLS")
+    assert pools.returncode == 0 and pools.stdout.splitlines()[1].startswith("default|app_owner@")
+    for view in ("SERVERS", "AGENTS", "STATS", "CONFIG"):
+        out = admin(console, f"SHOW {view}")
+        assert out.returncode == 0, (view, out.stderr)
+        assert "(" in out.stdout.splitlines()[-1] and "row" in out.stdout.splitlines()[-1]
+    config = admin(console, "SHOW CONFIG").stdout
+    assert "pool_size|5" in config and "app_pw" not in config  # the upstream password is masked
+
+
+def test_non_admin_is_refused_and_unknown_command_explains(console) -> None:
+    refused = admin(console, "SHOW POOLS", user="analytics-1")
+    assert refused.returncode != 0 and "may not use the admin console" in refused.stderr
+    unknown = admin(console, "DROP TABLE x")
+    assert (
+        unknown.returncode != 0
+        and "unknown admin command" in unknown.stderr
+        and "SHOW POOLS" in unknown.stderr
+    )
+
+
+def test_kill_agent_rolls_back_its_open_transaction(console, pg) -> None:
+    pg.psql("create table if not exists admin_kill(x int); truncate admin_kill", user="app_owner")
+    conn = psycopg.connect(console.dsn("agent-x"))
+    conn.execute("insert into admin_kill values (1)")  # open transaction, not committed
+    killed = admin(console, "KILL AGENT agent-x")
+    assert killed.returncode == 0 and "agent-x|1" in killed.stdout
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("commit")
+    conn.close()
+    assert pg.psql("select count(*) from admin_kill", user="app_owner") == "0"
+    pg.psql("drop table admin_kill", user="app_owner")
+
+
+def test_pause_holds_new_transactions_until_resume(console) -> None:
+    assert admin(console, "PAUSE").returncode == 0
+    done: list[int] = []
+
+    def client() -> None:
+        with psycopg.connect(console.dsn("agent-p"), autocommit=True) as conn:
+            done.append(conn.execute("select 7").fetchone()[0])
+
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        t.join(1.0)
+        assert done == []  # held while paused
+    finally:
+        assert admin(console, "RESUME").returncode == 0
+    t.join(10)
+    wait_until(lambda: done == [7], what="the held query to run after RESUME")
