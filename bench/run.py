@@ -1,0 +1,396 @@
+"""Benchmark harness: direct Postgres, PgBouncer and guardproxy, in one run, on one machine.
+
+Usage (from the repository root)::
+
+    .venv/bin/python -m bench.run [--quick] [--targets direct,pgbouncer,guardproxy] ...
+    .venv/bin/python bench/run.py ...
+
+Contract:
+
+* Starts a private Postgres 15 cluster with ``tests/pgcluster.py``'s
+  ``started_cluster()`` (or adopts ``GUARDPROXY_TEST_PG``), and loads it with
+  ``pgbench -i -s SCALE`` as ``app_owner``.
+* Starts PgBouncer (installing Debian's package when missing) and
+  ``guardproxy serve`` on free loopback ports, both in transaction mode with
+  ``--pool-size`` server connections and trust client auth. A target that
+  cannot start is skipped with the reason printed; the others still run.
+* For every client count x script (select-only ``-S``, TPC-B-like) x protocol
+  (``-M simple|extended|prepared``), runs pgbench ``-n -T DURATION`` against
+  each target back to back, so drift hits all targets alike. Before every
+  TPC-B-like run, ``pgbench_branches``/``pgbench_tellers`` are vacuumed and
+  ``pgbench_history`` truncated directly on Postgres (what pgbench does
+  without ``-n``), so each target starts from the same state.
+* Records TPS, latency avg/stddev/p50/p99 (from pgbench's per-transaction
+  log), and the proxy's CPU seconds (utime+stime of the process tree) per
+  1,000 transactions.
+* Prints a markdown table and writes ``OUT_DIR/latest.json`` and
+  ``OUT_DIR/latest.md`` (default ``bench/results/``); proxy logs go to
+  ``OUT_DIR/logs/``.
+* Stops every process it started, on success, error, Ctrl-C or SIGTERM.
+* Exit status: 0 when results were written (failed runs are marked in the
+  table), 1 when the harness itself could not run, 130 on Ctrl-C, 128+N on
+  signal N (SIGTERM, SIGHUP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import pgcluster  # noqa: E402  (tests/pgcluster.py, found through sys.path above)
+
+from bench import pgbench, report  # noqa: E402
+from bench.procs import Processes, cpu_seconds, raise_on_termination  # noqa: E402
+from bench.targets import (  # noqa: E402
+    UPSTREAM_DB,
+    UPSTREAM_PASSWORD,
+    UPSTREAM_USER,
+    Launch,
+    Target,
+    direct,
+    find_pgbouncer,
+    pgbouncer_binary,
+    start_guardproxy,
+    start_pgbouncer,
+)
+
+TARGETS = ("direct", "pgbouncer", "guardproxy")
+
+
+def _choices(allowed: tuple[str, ...]) -> Any:
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if bad := [item for item in items if item not in allowed]:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {','.join(allowed)}")
+        return items
+
+    return parse
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("client counts must be positive")
+    return values
+
+
+def default_guardproxy_cmd() -> str:
+    script = REPO / ".venv/bin/guardproxy"
+    return (
+        shlex.quote(str(script))
+        if script.exists()
+        else f"{shlex.quote(sys.executable)} -m guardproxy"
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--targets",
+        type=_choices(TARGETS),
+        default=list(TARGETS),
+        help="comma-separated subset of direct,pgbouncer,guardproxy (default: all)",
+    )
+    p.add_argument(
+        "--scripts",
+        type=_choices(tuple(pgbench.SCRIPTS)),
+        default=list(pgbench.SCRIPTS),
+        help="select-only,tpcb-like (default: both)",
+    )
+    p.add_argument(
+        "--protocols",
+        type=_choices(pgbench.PROTOCOLS),
+        default=list(pgbench.PROTOCOLS),
+        help="simple,extended,prepared (default: all three)",
+    )
+    p.add_argument("--clients", type=_ints, default=[1, 20], help="client counts (default: 1,20)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="pgbench -j for runs with more than one client (default: 2)",
+    )
+    p.add_argument("--duration", type=int, default=10, help="seconds per run (default: 10)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per cell; the table shows the run with the median TPS (default: 1)",
+    )
+    p.add_argument("--quick", action="store_true", help="3-second runs and a 1-second warm-up")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="seconds of unrecorded select-only load per target first (default: 2)",
+    )
+    p.add_argument("--scale", type=int, default=10, help="pgbench -i scale (default: 10)")
+    p.add_argument(
+        "--pool-size", type=int, default=20, help="server connections per proxy (default: 20)"
+    )
+    p.add_argument(
+        "--proxy-args",
+        default="",
+        help=(
+            'extra flags for `guardproxy serve`, e.g. --proxy-args="--policies policies/" '
+            "(it runs in the repository root)"
+        ),
+    )
+    p.add_argument(
+        "--guardproxy-cmd",
+        default=default_guardproxy_cmd(),
+        help="how to run guardproxy (default: .venv/bin/guardproxy, else PYTHON -m guardproxy)",
+    )
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=REPO / "bench/results",
+        help="where latest.json, latest.md and logs/ go (default: bench/results)",
+    )
+    args = p.parse_args(argv)
+    args.out_dir = args.out_dir.resolve()
+    if args.quick:
+        args.duration, args.warmup = 3, min(args.warmup, 1)
+    return args
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def endpoint(port: int) -> pgbench.Endpoint:
+    return pgbench.Endpoint("127.0.0.1", port, UPSTREAM_USER, UPSTREAM_PASSWORD, UPSTREAM_DB)
+
+
+def psql(port: int, sql: str, dbname: str = UPSTREAM_DB) -> subprocess.CompletedProcess[str]:
+    ep = pgbench.Endpoint("127.0.0.1", port, UPSTREAM_USER, UPSTREAM_PASSWORD, dbname)
+    cmd = [f"{pgcluster.PG_BINDIR}/psql", "-X", "-A", "-t", "-c", sql, *ep.conn_args()]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=ep.env(), timeout=60, check=False
+    )
+
+
+def reachable(target: Target) -> str | None:
+    """Why `SELECT 1` through the target fails, or None when it works."""
+    out = psql(target.port, "SELECT 1")
+    if out.returncode == 0 and out.stdout.strip() == "1":
+        return None
+    return f"SELECT 1 through it failed: {(out.stderr or out.stdout).strip()[:300]}"
+
+
+def reconnect_pgbouncer(target: Target) -> None:
+    """Make PgBouncer drop its server connections (and their prepared statements)."""
+    out = psql(target.port, "RECONNECT", dbname="pgbouncer")
+    if out.returncode != 0:
+        say(f"warning: RECONNECT on PgBouncer failed: {out.stderr.strip()}")
+
+
+def start_targets(
+    args: argparse.Namespace, pg_port: int, processes: Processes, workdir: Path
+) -> list[Target]:
+    logs = args.out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    targets: list[Target] = []
+    for name in TARGETS:
+        if name not in args.targets:
+            continue
+        say(f"starting {name}")
+        log = _fresh(logs / f"{name}.log")
+        launch = Launch(pg_port, pgcluster.free_port(), args.pool_size, log, cwd=REPO)
+        try:
+            target = start_target(name, args, launch, processes, workdir)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            target = Target(name, launch.port, skip=f"could not start: {exc}")
+        if target.skip is None:
+            target.skip = reachable(target)
+        if target.skip:
+            say(f"SKIPPING {name}: {target.skip}")
+        targets.append(target)
+    return targets
+
+
+def start_target(
+    name: str, args: argparse.Namespace, launch: Launch, processes: Processes, workdir: Path
+) -> Target:
+    if name == "direct":
+        return direct(launch.pg_port)
+    if name == "pgbouncer":
+        return start_pgbouncer(processes, launch, pgbouncer_binary(), workdir / "pgbouncer")
+    command, extra = shlex.split(args.guardproxy_cmd), shlex.split(args.proxy_args)
+    return start_guardproxy(processes, launch, command, extra)
+
+
+def _fresh(path: Path) -> Path:
+    path.unlink(missing_ok=True)
+    return path
+
+
+def reset_tpcb(cluster: pgcluster.PgCluster) -> None:
+    """What pgbench does before a TPC-B-like run without -n, done directly on Postgres."""
+    for sql in ("VACUUM pgbench_branches", "VACUUM pgbench_tellers", "TRUNCATE pgbench_history"):
+        cluster.psql(sql, user=UPSTREAM_USER, dbname=UPSTREAM_DB)
+
+
+def workloads(args: argparse.Namespace) -> list[pgbench.Workload]:
+    return [
+        pgbench.Workload(script, protocol, clients, min(clients, args.threads), args.duration)
+        for clients in args.clients
+        for script in args.scripts
+        for protocol in args.protocols
+    ]
+
+
+def measure(target: Target, load: pgbench.Workload) -> report.Row:
+    pid = target.proc.pid if target.proc else None
+    before = cpu_seconds(pid) if pid else None
+    result = pgbench.run(pgcluster.PG_BINDIR, endpoint(target.port), load)
+    cpu = cpu_seconds(pid) - before if pid and before is not None else None
+    return report.row(target.name, load, result, cpu)
+
+
+def describe(r: report.Row) -> str:
+    if r["error"]:
+        return f"ERROR {r['error']}"
+    text = f"{r['tps']:,.0f} tps"
+    if r["latency_avg_ms"] is not None:
+        text += f", {r['latency_avg_ms']:.3f} ms avg, {r['latency_p99_ms']:.3f} ms p99"
+    return text
+
+
+def run_matrix(
+    args: argparse.Namespace, cluster: pgcluster.PgCluster, targets: list[Target]
+) -> list[report.Row]:
+    """Every workload against every target, targets back to back, ``--repeat`` times."""
+    active = [t for t in targets if not t.skip]
+    steps = [(ld, t) for ld in workloads(args) for _ in range(args.repeat) for t in active]
+    runs: dict[tuple[str, pgbench.Workload], list[report.Row]] = {}
+    for i, (load, target) in enumerate(steps, 1):
+        target.check_alive()
+        if target.skip:
+            continue
+        if load.script == "tpcb-like":
+            reset_tpcb(cluster)
+        if load.protocol == "prepared" and target.reconnect_before_prepared:
+            reconnect_pgbouncer(target)
+        row = measure(target, load)
+        runs.setdefault((target.name, load), []).append(row)
+        say(
+            f"[{i:3}/{len(steps)}] {target.name:10} {load.script:11} -M {load.protocol:8} "
+            f"-c {load.clients:<3} {describe(row)}"
+        )
+    return [report.representative(found) for found in runs.values()]
+
+
+def warm_up(args: argparse.Namespace, targets: list[Target]) -> None:
+    clients = max(args.clients)
+    for target in targets:
+        if not target.skip:
+            say(f"warming up {target.name} ({args.warmup}s)")
+            pgbench.warm_up(
+                pgcluster.PG_BINDIR,
+                endpoint(target.port),
+                clients,
+                min(clients, args.threads),
+                args.warmup,
+            )
+
+
+def config(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "scale": args.scale,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "pool_size": args.pool_size,
+        "repeat": args.repeat,
+        "clients": args.clients,
+        "threads": args.threads,
+        "scripts": args.scripts,
+        "protocols": args.protocols,
+        "targets": args.targets,
+        "proxy_args": args.proxy_args,
+        "guardproxy_cmd": args.guardproxy_cmd,
+        "client_auth": "trust",
+        "pool_mode": "transaction",
+    }
+
+
+def benchmark(
+    args: argparse.Namespace, cluster: pgcluster.PgCluster, processes: Processes, workdir: Path
+) -> int:
+    load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews everything
+    say(f"Postgres on port {cluster.port}; pgbench -i -s {args.scale}")
+    pgbench.initialize(pgcluster.PG_BINDIR, endpoint(cluster.port), args.scale)
+    targets = start_targets(args, cluster.port, processes, workdir)
+    if any(t.name == "direct" and t.skip for t in targets):
+        say("direct Postgres is not reachable; nothing to compare against")
+        return 1
+    warm_up(args, targets)
+    rows = run_matrix(args, cluster, targets)
+    for target in targets:
+        target.check_alive()
+    report.add_ratios(rows)
+    bouncer = find_pgbouncer() if "pgbouncer" in args.targets else None
+    python = _python_of(shlex.split(args.guardproxy_cmd))
+    mach = report.machine(pgcluster.PG_BINDIR, bouncer, python, REPO)
+    mach["loadavg_at_start"] = load_at_start
+    skipped = {t.name: t.skip for t in targets if t.skip}
+    prepared = "prepared" in args.protocols  # the only caveat so far is about -M prepared
+    notes = {t.name: t.note for t in targets if t.note and prepared}
+    doc = report.document(rows, mach, config(args), skipped, notes)
+    text = report.write(args.out_dir, doc)
+    print(text)
+    say(f"wrote {args.out_dir / 'latest.json'} and {args.out_dir / 'latest.md'}")
+    return 0
+
+
+def _python_of(command: list[str]) -> Path:
+    """The interpreter that runs guardproxy: the command's own, the one next to it, or ours."""
+    first = Path(command[0])
+    if first.name.startswith("python"):
+        return first
+    sibling = first.parent / "python"
+    return sibling if sibling.exists() else Path(sys.executable)
+
+
+def _private_workdir() -> Path:
+    workdir = Path(tempfile.mkdtemp(prefix="guardproxy-bench-"))
+    workdir.chmod(0o755)  # PgBouncer runs as postgres when we are root and reads its files here
+    return workdir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_on_termination()
+    processes = Processes()
+    workdir = _private_workdir()
+    try:
+        with pgcluster.started_cluster() as cluster:
+            try:
+                return benchmark(args, cluster, processes, workdir)
+            finally:
+                processes.stop_all()  # proxies go before the cluster they point at
+    except KeyboardInterrupt:
+        say("interrupted; every process the harness started has been stopped")
+        return 130
+    finally:
+        processes.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Checks across the keys of one policy file, and compilation into an `AgentPolicy`.
+
+pydantic checks each value on its own; these checks catch policies that are valid
+YAML of the right types but cannot mean what their author wanted:
+
+* a table name or column name that is not a SQL name, or two keys for one table;
+* an operation whose statement class the policy does not allow (``ops: [delete]``
+  without ``write`` in ``statements`` would silently never work);
+* ``update_columns`` without ``update`` (same for insert), a column both allowed and
+  denied;
+* a function both allowed and denied;
+* a row filter on a table the policy does not list, or a predicate that does not
+  compile.
+
+Every problem is reported with its key path; the policy is compiled only if none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..analysis.model import Op, StatementClass
+from .agent import AgentPolicy, FunctionRules, TableRule
+from .models import PolicyDocument
+from .names import parse_relation_name
+from .rowfilter import RowFilter, compile_row_filter
+
+Problem = tuple[str, str]  # (key path, message)
+
+#: The statement class each table operation needs.
+OP_CLASS: dict[Op, StatementClass] = {
+    Op.SELECT: StatementClass.READ,
+    Op.INSERT: StatementClass.WRITE,
+    Op.UPDATE: StatementClass.WRITE,
+    Op.DELETE: StatementClass.WRITE,
+    Op.TRUNCATE: StatementClass.WRITE,
+    Op.DDL: StatementClass.DDL,
+    Op.REFERENCES: StatementClass.DDL,
+    Op.MAINTAIN: StatementClass.ADMIN,
+}
+
+
+def key_path(*parts: str | int) -> str:
+    """``tables.customers.ops`` / ``tables["sales.orders"].ops`` / ``agents[0]``."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part and all(ch.isalnum() or ch in "_-" for ch in part):
+            out += f".{part}" if out else part
+        else:
+            out += f'["{part}"]'
+    return out
+
+
+def compile_policy(
+    name: str, source: Path, doc: PolicyDocument
+) -> tuple[AgentPolicy | None, list[Problem]]:
+    problems: list[Problem] = []
+    statements = frozenset(StatementClass(s) for s in doc.statements)
+    tables = _tables(doc, statements, problems)
+    functions = _functions(doc, problems)
+    row_filters = _row_filters(doc, tables, problems)
+    if problems:
+        return None, problems
+    policy = AgentPolicy(
+        name=name,
+        source=source,
+        document=doc,
+        agents=tuple(doc.agents),
+        upstream_role=doc.upstream_role,
+        mode=doc.mode,
+        statements=statements,
+        tables=tuple(tables.values()),
+        functions=functions,
+        require_where=doc.require_where,
+        allow_locking=doc.allow_locking,
+        denied_settings=frozenset(doc.settings.deny),
+        row_filters=tuple(row_filters),
+        description=doc.description,
+    )
+    return policy, []
+
+
+def _tables(
+    doc: PolicyDocument, statements: frozenset[StatementClass], problems: list[Problem]
+) -> dict[tuple[str | None, str], TableRule]:
+    tables: dict[tuple[str | None, str], TableRule] = {}
+    for key, table in doc.tables.items():
+        try:
+            schema, tname = parse_relation_name(key)
+        except ValueError as exc:
+            problems.append((key_path("tables", key), str(exc)))
+            continue
+        if (schema, tname) in tables:
+            other = tables[(schema, tname)].key
+            problems.append((key_path("tables", key), f"names the same table as tables.{other}"))
+            continue
+        ops = frozenset(Op(o) for o in table.ops)
+        for op in sorted(ops):
+            needed = OP_CLASS[op]
+            if needed not in statements:
+                problems.append(
+                    (
+                        key_path("tables", key, "ops"),
+                        f"'{op.value}' needs '{needed.value}' in statements "
+                        f"(statements: {', '.join(doc.statements)})",
+                    )
+                )
+        deny = frozenset(table.deny_columns)
+        for field, op, cols in (
+            ("update_columns", Op.UPDATE, table.update_columns),
+            ("insert_columns", Op.INSERT, table.insert_columns),
+        ):
+            if cols is not None and op not in ops:
+                problems.append(
+                    (
+                        key_path("tables", key, field),
+                        f"is set but ops does not include '{op.value}'",
+                    )
+                )
+        for field, cols in (
+            ("columns", table.columns),
+            ("update_columns", table.update_columns),
+            ("insert_columns", table.insert_columns),
+        ):
+            both = sorted(set(cols or ()) & deny)
+            if both:
+                problems.append(
+                    (key_path("tables", key, field), f"{', '.join(both)} also in deny_columns")
+                )
+        tables[(schema, tname)] = TableRule(
+            key=key,
+            schema=schema,
+            name=tname,
+            ops=ops,
+            columns=frozenset(table.columns) if table.columns is not None else None,
+            update_columns=frozenset(table.update_columns)
+            if table.update_columns is not None
+            else None,
+            insert_columns=frozenset(table.insert_columns)
+            if table.insert_columns is not None
+            else None,
+            deny_columns=deny,
+        )
+    return tables
+
+
+def _functions(doc: PolicyDocument, problems: list[Problem]) -> FunctionRules:
+    both = sorted(set(doc.functions.allow) & set(doc.functions.deny))
+    if both:
+        problems.append(
+            (key_path("functions", "allow"), f"{', '.join(both)} also in functions.deny")
+        )
+    return FunctionRules(
+        default=doc.functions.default,
+        allow=tuple(doc.functions.allow),
+        deny=tuple(doc.functions.deny),
+    )
+
+
+def _row_filters(
+    doc: PolicyDocument,
+    tables: dict[tuple[str | None, str], TableRule],
+    problems: list[Problem],
+) -> list[tuple[TableRule, RowFilter]]:
+    out: list[tuple[TableRule, RowFilter]] = []
+    for key, text in doc.row_filters.items():
+        path = key_path("row_filters", key)
+        try:
+            name = parse_relation_name(key)
+        except ValueError as exc:
+            problems.append((path, str(exc)))
+            continue
+        rule = tables.get(name)
+        if rule is None:
+            problems.append((path, f"{key} is not in tables: list it there with its operations"))
+            continue
+        try:
+            out.append((rule, compile_row_filter(rule.key, text)))
+        except ValueError as exc:
+            problems.append((path, str(exc)))
+    return out

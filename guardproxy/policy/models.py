@@ -1,0 +1,126 @@
+"""The policy file format: pydantic models of one YAML file per agent type.
+
+`PolicyDocument` mirrors the YAML exactly (unknown keys are errors, every value is
+checked for type and range). Checks that involve several keys (an operation that
+needs a statement class the policy does not allow, a column both allowed and
+denied, ...) are in `checks.py`; the loader runs both and reports every problem.
+`docs/policies.md` is the reference for each key; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from .durations import parse_duration
+from .names import parse_column_name
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+StatementClassName = Literal[
+    "read",
+    "write",
+    "ddl",
+    "admin",
+    "code",
+    "notify",
+    "transaction",
+    "session",
+    "cursor",
+    "prepared",
+]
+TableOp = Literal[
+    "select", "insert", "update", "delete", "truncate", "ddl", "references", "maintain"
+]
+
+
+def _columns(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    return [parse_column_name(v) for v in values]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class TableDocument(_Strict):
+    """``tables.<name>``: what the agent may do to one table or view."""
+
+    ops: list[TableOp] = Field(default_factory=lambda: ["select"], min_length=1)
+    columns: list[str] | None = None  # readable columns; None: all (minus deny_columns)
+    update_columns: list[str] | None = None  # None: all (minus deny_columns)
+    insert_columns: list[str] | None = None  # None: all (minus deny_columns)
+    deny_columns: list[str] = Field(default_factory=list)  # never read nor written
+
+    _names = field_validator("columns", "update_columns", "insert_columns", "deny_columns")(
+        _columns
+    )
+
+
+class FunctionsDocument(_Strict):
+    """``functions``: which functions may be called (by name, in any schema)."""
+
+    default: Literal["allow", "deny"] = "allow"
+    allow: list[str] = Field(default_factory=list)  # globs; also lifts the side-effect list
+    deny: list[str] = Field(default_factory=list)  # globs; always wins
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _patterns(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not value or any(ch.isspace() for ch in value) or "(" in value:
+                raise ValueError(
+                    f"expected a function name or glob such as pg_sleep or dblink*; got {value!r}"
+                )
+        return [v.lower() if not v.startswith('"') else v.strip('"') for v in values]
+
+
+class TimeoutsDocument(_Strict):
+    """``timeouts``: enforced on upstream sessions (and by the proxy where Postgres cannot)."""
+
+    statement_timeout: Duration | None = None
+    idle_in_transaction_timeout: Duration | None = None
+    transaction_timeout: Duration | None = None
+    max_task_duration: Duration | None = None
+
+
+class LimitsDocument(_Strict):
+    """``limits``: per agent type, so one type cannot starve the others."""
+
+    max_server_connections: int | None = Field(default=None, ge=1, le=10_000)
+    max_client_sessions: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
+class SettingsDocument(_Strict):
+    """``settings``: run-time parameters the agent may not SET, on top of the built-in rules."""
+
+    deny: list[str] = Field(default_factory=list)
+
+    @field_validator("deny")
+    @classmethod
+    def _lower(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not value or any(ch.isspace() for ch in value):
+                raise ValueError(f"expected a setting name such as work_mem; got {value!r}")
+        return [v.lower() for v in values]
+
+
+class PolicyDocument(_Strict):
+    """One policy file: the policy of one agent type (the file name is the type's name)."""
+
+    description: str = ""
+    agents: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    upstream_role: str = Field(min_length=1, max_length=63)
+    mode: Literal["enforce", "monitor"] = "enforce"
+    statements: list[StatementClassName] = Field(default_factory=lambda: ["read"])
+    tables: dict[str, TableDocument] = Field(default_factory=dict)
+    functions: FunctionsDocument = Field(default_factory=FunctionsDocument)
+    require_where: bool = True
+    allow_locking: bool = False
+    timeouts: TimeoutsDocument = Field(default_factory=TimeoutsDocument)
+    limits: LimitsDocument = Field(default_factory=LimitsDocument)
+    settings: SettingsDocument = Field(default_factory=SettingsDocument)
+    row_filters: dict[str, Annotated[str, Field(min_length=1)]] = Field(default_factory=dict)

@@ -1,0 +1,84 @@
+"""SQL names written in policy files, read the way Postgres reads them.
+
+A policy names tables and columns as SQL would: ``customers`` and ``Customers`` are
+the same table (unquoted names fold to lower case), ``'"Customers"'`` is another one,
+``sales.orders`` is schema-qualified, and ``U&"..."`` works too. The names are parsed
+with the same parser as statements, so a policy and a statement can never disagree
+about what a name means.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pglast
+from pglast import ast, parser
+
+_SIMPLE = re.compile(r"^[a-z_][a-z0-9_$]*$")
+
+
+def parse_relation_name(text: str) -> tuple[str | None, str]:
+    """``[schema.]name`` -> (schema or None, name); ValueError if it is not a name."""
+    try:
+        tree = pglast.parse_sql(f"SELECT FROM {text}")
+    except parser.ParseError:
+        tree = ()
+    if len(tree) == 1:
+        stmt = tree[0].stmt
+        if (
+            isinstance(stmt, ast.SelectStmt)
+            and stmt.fromClause
+            and len(stmt.fromClause) == 1
+            and isinstance(stmt.fromClause[0], ast.RangeVar)
+            and stmt.fromClause[0].alias is None
+            and stmt.whereClause is None
+            and not stmt.fromClause[0].catalogname
+        ):
+            rv = stmt.fromClause[0]
+            return rv.schemaname, rv.relname
+    raise ValueError(f"expected a table name such as customers or sales.orders; got {text!r}")
+
+
+def parse_column_name(text: str) -> str:
+    """A single column name; ValueError otherwise."""
+    try:
+        tree = pglast.parse_sql(f"SELECT {text}")
+    except parser.ParseError:
+        tree = ()
+    if len(tree) == 1:
+        stmt = tree[0].stmt
+        if isinstance(stmt, ast.SelectStmt) and stmt.targetList and len(stmt.targetList) == 1:
+            target = stmt.targetList[0]
+            if (
+                isinstance(target, ast.ResTarget)
+                and target.name is None
+                and isinstance(target.val, ast.ColumnRef)
+                and len(target.val.fields) == 1
+                and isinstance(target.val.fields[0], ast.String)
+            ):
+                return str(target.val.fields[0].sval)
+    raise ValueError(f"expected a column name such as email; got {text!r}")
+
+
+def quote_ident(name: str) -> str:
+    """Quote a name for SQL text unless it is a plain lower-case identifier."""
+    if _SIMPLE.match(name) and not _is_reserved(name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def qualified(schema: str | None, name: str) -> str:
+    return quote_ident(name) if schema is None else f"{quote_ident(schema)}.{quote_ident(name)}"
+
+
+def quote_literal(value: str) -> str:
+    """A SQL string literal that means `value` whatever standard_conforming_strings is."""
+    if "\\" in value:
+        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _is_reserved(name: str) -> bool:
+    from pglast.keywords import RESERVED_KEYWORDS, TYPE_FUNC_NAME_KEYWORDS
+
+    return name in RESERVED_KEYWORDS or name in TYPE_FUNC_NAME_KEYWORDS

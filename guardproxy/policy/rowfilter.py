@@ -1,0 +1,296 @@
+"""Row filters: a per-table predicate added to every read and write of that table.
+
+A policy writes ``row_filters: {orders: "customer_id = ANY({principals})"}``. The
+placeholders are filled from the session context:
+
+=================  ================================================================
+``{principals}``   the principals as an array literal (``'{"7","9"}'``), which
+                   Postgres coerces to the other operand's array type; no
+                   principals gives an empty array, so the filter matches nothing
+``{agent_id}``     the agent id (login user name)
+``{task}``         the task id, NULL when there is none (the filter then matches
+``{step}``         nothing), and the step id
+``{tag.NAME}``     a free-form tag of the context, NULL when absent
+=================  ================================================================
+
+Write ``{{`` and ``}}`` for literal braces. Column names in the predicate are the
+filtered table's, unqualified.
+
+Safety: a placeholder becomes a ``$n`` parameter when the policy is loaded, and the
+parameter node is replaced by a string *constant node* when a statement is rewritten;
+the value is never pasted into SQL text, so no value can change the predicate's
+structure. The rewritten tree is printed by pglast, which quotes constants for
+``standard_conforming_strings = on``: the proxy must keep that setting on upstream
+(the engine denies turning it off).
+
+Rewrite (on the tree the decision was made on):
+
+* a read of the table in any FROM (joins, subqueries, CTEs, UPDATE ... FROM, DELETE
+  ... USING, MERGE ... USING) becomes ``(SELECT cols FROM table WHERE predicate) AS
+  alias``, which keeps outer joins right; `cols` are the readable columns when the
+  catalog knows them (so column-level GRANTs keep working), ``*`` otherwise;
+* UPDATE and DELETE of the table get ``AND (predicate)`` in their WHERE;
+* COPY table TO STDOUT becomes ``COPY (SELECT ... WHERE predicate) TO STDOUT``;
+* INSERT, MERGE, TRUNCATE, COPY FROM and TABLESAMPLE on a filtered table are denied:
+  there is no way to add the predicate to them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import pglast
+from pglast import ast, parser
+from pglast.enums import BoolExprType, SetOperation
+from pglast.visitors import Ancestor, Skip, Visitor
+
+from ..analysis.collector import RelationRecord
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_-]+)?)\}")
+_FIXED = ("principals", "agent_id", "task", "step")
+
+
+class RewriteError(ValueError):
+    """A statement that touches a filtered table in a way the filter cannot be added to."""
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """A compiled row filter: the predicate with placeholders turned into $1..$n."""
+
+    table: str  # the key as written in the policy, for messages
+    source: str  # the predicate as written
+    template: str  # the predicate with $n parameters
+    placeholders: tuple[str, ...]  # $1 is placeholders[0], ...
+
+    def expression(self, values: Mapping[str, str | None]) -> ast.Node:
+        """A fresh expression tree with the placeholders replaced by constants."""
+        node = _parse_predicate(self.template)
+        consts = [values.get(name) for name in self.placeholders]
+        for value in consts:
+            if value is not None and "\x00" in value:
+                raise RewriteError("a context value contains a NUL character")
+        filled: ast.Node = _Fill(consts)(node)  # returns the new root if it was replaced
+        return filled
+
+
+def compile_row_filter(table: str, text: str) -> RowFilter:
+    """Check and compile a predicate; ValueError says what is wrong."""
+    if re.search(r"\$\d", text):
+        raise ValueError("use placeholders such as {principals}, not $n parameters")
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in _FIXED and not name.startswith("tag."):
+            raise ValueError(
+                f"unknown placeholder {{{name}}}: expected one of "
+                "{principals}, {agent_id}, {task}, {step}, {tag.NAME} (write {{ for a brace)"
+            )
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    escaped = text.replace("{{", "\x01").replace("}}", "\x02")
+    template = _PLACEHOLDER.sub(number, escaped)
+    if "{" in template or "}" in template:
+        stray = template.replace("\x01", "{{").replace("\x02", "}}")
+        raise ValueError(f"unbalanced or malformed placeholder in {stray!r}")
+    template = template.replace("\x01", "{").replace("\x02", "}")
+    try:
+        node = _parse_predicate(template)
+    except ValueError as exc:
+        raise ValueError(f"not a valid SQL condition: {exc}") from None
+    checker = _Checker(len(names))
+    checker(node)
+    if checker.problem:
+        raise ValueError(checker.problem)
+    return RowFilter(table=table, source=text, template=template, placeholders=tuple(names))
+
+
+def _parse_predicate(text: str) -> ast.Node:
+    try:
+        tree = pglast.parse_sql(f"SELECT WHERE ({text})")
+    except parser.ParseError as exc:
+        raise ValueError(str(exc.args[0]) if exc.args else str(exc)) from None
+    if len(tree) != 1:
+        raise ValueError("expected one condition, found several statements")
+    stmt = tree[0].stmt
+    if (
+        not isinstance(stmt, ast.SelectStmt)
+        or stmt.op != SetOperation.SETOP_NONE
+        or stmt.targetList
+        or stmt.fromClause
+        or stmt.groupClause
+        or stmt.havingClause
+        or stmt.sortClause
+        or stmt.limitCount
+        or stmt.lockingClause
+        or stmt.withClause
+        or stmt.whereClause is None
+    ):
+        raise ValueError("expected a single condition")
+    node: ast.Node = stmt.whereClause
+    return node
+
+
+class _Checker(Visitor):  # type: ignore[misc]
+    """Load-time checks: only our parameters, unqualified columns outside subqueries."""
+
+    def __init__(self, params: int) -> None:
+        super().__init__()
+        self.params = params
+        self.problem = ""
+
+    def visit_ParamRef(self, ancestors: Ancestor, node: ast.ParamRef) -> None:
+        if not 1 <= node.number <= self.params:
+            self.problem = "use placeholders such as {principals}, not $n parameters"
+
+    def visit_SubLink(self, ancestors: Ancestor, node: ast.SubLink) -> object:
+        return Skip  # a subquery has its own tables; its names are its own business
+
+    def visit_ColumnRef(self, ancestors: Ancestor, node: ast.ColumnRef) -> None:
+        fields = node.fields or ()
+        if len(fields) != 1 or not isinstance(fields[0], ast.String):
+            self.problem = (
+                "name the filtered table's columns unqualified (customer_id, not o.customer_id)"
+            )
+
+
+def _const(value: str | None) -> ast.A_Const:
+    if value is None:
+        return ast.A_Const(isnull=True)
+    return ast.A_Const(isnull=False, val=ast.String(sval=value))
+
+
+class _Fill(Visitor):  # type: ignore[misc]
+    def __init__(self, values: list[str | None]) -> None:
+        super().__init__()
+        self.values = values
+
+    def visit_ParamRef(self, ancestors: Ancestor, node: ast.ParamRef) -> ast.Node:
+        return _const(self.values[node.number - 1])
+
+
+class _Qualify(Visitor):  # type: ignore[misc]
+    """Prefix the top-level column names of a predicate with a range entry name."""
+
+    def __init__(self, refname: str) -> None:
+        super().__init__()
+        self.refname = refname
+
+    def visit_SubLink(self, ancestors: Ancestor, node: ast.SubLink) -> object:
+        return Skip
+
+    def visit_ColumnRef(self, ancestors: Ancestor, node: ast.ColumnRef) -> None:
+        node.fields = (ast.String(sval=self.refname), *node.fields)
+
+
+def principals_literal(principals: tuple[str, ...]) -> str:
+    """Postgres array input syntax with every element quoted: ``{"a","b\\"c"}``."""
+    quoted = ('"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"' for p in principals)
+    return "{" + ",".join(quoted) + "}"
+
+
+def apply_row_filters(
+    records: tuple[RelationRecord, ...],
+    filters: Mapping[tuple[str, str], RowFilter],
+    values: Mapping[str, str | None],
+    readable: Mapping[tuple[str, str], tuple[str, ...] | None],
+) -> int:
+    """Rewrite the tree the records point into; return how many places were filtered.
+
+    `readable` gives, per filtered relation, the columns the wrapped subquery selects
+    (None: ``*``). Raises `RewriteError` for uses that cannot be filtered.
+    """
+    count = 0
+    for record in records:
+        row_filter = filters.get(record.relation)
+        if row_filter is None:
+            continue
+        role = record.role
+        if role == "from":
+            if isinstance(record.owner, ast.RangeTableSample):
+                raise RewriteError(f"TABLESAMPLE cannot be used on {row_filter.table}")
+            wrapped = _wrap(
+                record.node, row_filter.expression(values), readable.get(record.relation)
+            )
+            _replace(record, wrapped)
+        elif role in ("update", "delete"):
+            stmt = record.owner
+            assert isinstance(stmt, ast.UpdateStmt | ast.DeleteStmt)
+            if isinstance(stmt.whereClause, ast.CurrentOfExpr):
+                continue  # the cursor's query was filtered when it was declared
+            alias = record.node.alias
+            predicate = row_filter.expression(values)
+            _Qualify(alias.aliasname if alias is not None else record.node.relname)(predicate)
+            stmt.whereClause = _and(stmt.whereClause, predicate)
+        elif role == "copy" and isinstance(record.owner, ast.CopyStmt) and not record.owner.is_from:
+            copy = record.owner
+            cols = tuple(s.sval for s in copy.attlist or () if isinstance(s, ast.String))
+            wrapped = _wrap(
+                record.node, row_filter.expression(values), readable.get(record.relation)
+            )
+            copy.query = _select(cols, wrapped)
+            copy.relation = None
+            copy.attlist = None
+        elif role in ("lock", "create", "other"):
+            continue  # no rows are read or written through these
+        else:
+            verb = {"insert": "INSERT into", "merge": "MERGE into", "truncate": "TRUNCATE"}.get(
+                role, "COPY into"
+            )
+            raise RewriteError(f"{verb} {row_filter.table} is not possible with its row filter")
+        count += 1
+    return count
+
+
+def _and(left: ast.Node | None, right: ast.Node) -> ast.Node:
+    if left is None:
+        return right
+    return ast.BoolExpr(boolop=BoolExprType.AND_EXPR, args=(left, right))
+
+
+def _select(
+    cols: tuple[str, ...], source: ast.Node, where: ast.Node | None = None
+) -> ast.SelectStmt:
+    if cols:
+        targets = tuple(
+            ast.ResTarget(val=ast.ColumnRef(fields=(ast.String(sval=c),))) for c in cols
+        )
+    else:
+        targets = (ast.ResTarget(val=ast.ColumnRef(fields=(ast.A_Star(),))),)
+    return ast.SelectStmt(
+        targetList=targets,
+        fromClause=(source,),
+        whereClause=where,
+        op=SetOperation.SETOP_NONE,
+    )
+
+
+def _wrap(
+    rv: ast.RangeVar, predicate: ast.Node, cols: tuple[str, ...] | None
+) -> ast.RangeSubselect:
+    inner = ast.RangeVar(
+        catalogname=rv.catalogname,
+        schemaname=rv.schemaname,
+        relname=rv.relname,
+        inh=rv.inh,
+        relpersistence=rv.relpersistence,
+    )
+    alias = rv.alias if rv.alias is not None else ast.Alias(aliasname=rv.relname)
+    return ast.RangeSubselect(
+        lateral=False, subquery=_select(cols or (), inner, predicate), alias=alias
+    )
+
+
+def _replace(record: RelationRecord, new: ast.Node) -> None:
+    current = getattr(record.owner, record.attr)
+    if isinstance(current, tuple) and record.index is not None:
+        items = list(current)
+        items[record.index] = new
+        setattr(record.owner, record.attr, tuple(items))
+    else:
+        setattr(record.owner, record.attr, new)
