@@ -216,6 +216,23 @@ def db_current(upstream: UpstreamOpt = None) -> None:
         raise typer.Exit(1)
 
 
+@app.command()
+def top(
+    dsn: Annotated[
+        str, Opt(help="admin console DSN (database guardproxy)")
+    ] = "postgresql://admin@127.0.0.1:6432/guardproxy",
+    interval: Annotated[float, Opt(help="seconds between refreshes")] = 1.0,
+    iterations: Annotated[int | None, Opt(help="stop after N refreshes (default: until q)")] = None,
+) -> None:
+    """Live view of agents ranked by DB time, from the admin console; q quits."""
+    from guardproxy import top as top_view
+
+    try:
+        top_view.run(dsn, interval, iterations)
+    except KeyboardInterrupt:
+        pass
+
+
 def main() -> None:
     app()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
+import sys
 import threading
 
 import psycopg
@@ -93,3 +95,33 @@ def test_pause_holds_new_transactions_until_resume(console) -> None:
         assert admin(console, "RESUME").returncode == 0
     t.join(10)
     wait_until(lambda: done == [7], what="the held query to run after RESUME")
+
+
+def test_top_shows_agent_db_time_including_a_slow_statement(console) -> None:
+    with psycopg.connect(console.dsn("slow-agent"), autocommit=True) as conn:
+        conn.execute("select pg_sleep(0.3)").fetchone()
+    with psycopg.connect(console.dsn("fast-agent"), autocommit=True) as conn:
+        conn.execute("select 1").fetchone()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "guardproxy",
+            "top",
+            "--dsn",
+            console.dsn("ops", dbname="guardproxy"),
+            "--interval",
+            "0.2",
+            "--iterations",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    # trust mode: agents of one type share the label "*", so one row carries both
+    assert "guardproxy top" in out.stdout and "DB time" in out.stdout
+    assert "*" in out.stdout and "default" in out.stdout
+    total = re.search(r"(\d+\.\d+)s \(100%\)", out.stdout)
+    assert total is not None and float(total.group(1)) >= 0.3  # the pg_sleep(0.3) is in it
