@@ -157,8 +157,6 @@ def _agents(proxy: Proxy) -> bytes:
     ]
     rows = []
     for a in sorted(proxy.stats.agents.values(), key=lambda a: -a.statement_time.total):
-        if a.agent_type == "none":
-            continue
         rows.append(
             [
                 a.agent,

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, cast
 
 import pglast
 
+from guardproxy.metrics import AgentStats
 from guardproxy.pool.server import (
     BIND,
     CLOSE,
@@ -161,7 +162,7 @@ class ClientSession(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self.transactions = 0
         self.agent_type = "default"
-        self.stats = proxy.stats.for_agent("none", "none")  # replaced at login
+        self.stats = AgentStats("none", "none")  # unregistered; replaced at login
         self.stmt_started = 0.0
         self.attached_at = 0.0
         self.portal_kind = "statement"
@@ -311,9 +312,9 @@ class ClientSession(asyncio.Protocol):
         self.transport.writelines(out)
         self.logged_in = True
         self.proxy.register(self)
-        self.stats = self.proxy.stats.for_agent(
-            self.agent_type, self.proxy.agent_label(self.agent_id)
-        )
+        if not self.admin:
+            label = self.proxy.agent_label(self.agent_id)
+            self.stats = self.proxy.stats.for_agent(self.agent_type, label)
         self.stats.sessions += 1
         self.stats.sessions_total += 1
         log.debug("client %s logged in as agent %s", self.peer, self.agent_id)

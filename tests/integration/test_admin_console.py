@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -118,6 +119,7 @@ def test_top_shows_agent_db_time_including_a_slow_statement(console) -> None:
         capture_output=True,
         text=True,
         timeout=30,
+        env={**os.environ, "COLUMNS": "200"},
     )
     assert out.returncode == 0, out.stderr
     # trust mode: agents of one type share the label "*", so one row carries both
