@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -48,6 +49,7 @@ def serve(
     auth_mode: Annotated[str | None, Opt(help="trust (loopback only) | scram")] = None,
     auth_file: Annotated[Path | None, Opt(help="SCRAM verifiers from `guardproxy passwd`")] = None,
     max_message_size: Annotated[int | None, Opt()] = None,
+    workers: Annotated[int | None, Opt(help="worker processes sharing the port [1]")] = None,
     shutdown_timeout: Annotated[float | None, Opt()] = None,
     admin_users: Annotated[
         str | None, Opt(help="comma-separated agent ids allowed into the admin console")
@@ -87,6 +89,39 @@ def serve(
 
 
 def _run(settings: Settings, embedded: bool) -> None:
+    assert settings.upstream is not None
+    upstream = parse_dsn(settings.upstream)
+    host = settings.listen_host
+    where = "the embedded Postgres" if embedded else f"{upstream.host}:{upstream.port}"
+    if settings.workers == 1:
+        _run_worker(settings, 0, where)
+        return
+    if settings.listen_port == 0:
+        _fail("--workers needs a fixed --listen-port (they share it)")
+    import multiprocessing
+    import signal
+
+    ctx = multiprocessing.get_context("fork")
+    children = [
+        ctx.Process(target=_run_worker, args=(settings, i, where), daemon=False)
+        for i in range(settings.workers)
+    ]
+    for child in children:
+        child.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    print(f"guardproxy: {settings.workers} workers on {host}:{settings.listen_port}", flush=True)
+    for child in children:
+        child.join()
+
+
+def _run_worker(settings: Settings, worker: int, where: str) -> None:
     import uvloop
 
     from guardproxy.server.app import Proxy
@@ -95,19 +130,21 @@ def _run(settings: Settings, embedded: bool) -> None:
     upstream = parse_dsn(settings.upstream)
 
     async def main() -> None:
-        proxy = Proxy(settings, upstream)
+        proxy = Proxy(settings, upstream, worker)
         try:
             await proxy.start()
         except OSError as exc:
             _fail(f"cannot listen on {settings.listen_host}:{settings.listen_port}: {exc.strerror}")
-        host = settings.listen_host
-        where = "the embedded Postgres" if embedded else f"{upstream.host}:{upstream.port}"
-        print(
-            f"guardproxy is up on {host}:{proxy.bound_port}, in front of {where} (database {upstream.database})"
-        )
-        print("Connect as an agent (the user name is the agent id):")
-        print(f"  psql 'postgresql://analytics-1@{host}:{proxy.bound_port}/{upstream.database}'")
-        print("Stop with Ctrl-C.", flush=True)
+        if worker == 0:
+            host = settings.listen_host
+            print(
+                f"guardproxy is up on {host}:{proxy.bound_port}, in front of {where} (database {upstream.database})"
+            )
+            print("Connect as an agent (the user name is the agent id):")
+            print(
+                f"  psql 'postgresql://analytics-1@{host}:{proxy.bound_port}/{upstream.database}'"
+            )
+            print("Stop with Ctrl-C.", flush=True)
         await proxy.serve_until_stopped()
 
     try:

@@ -53,6 +53,9 @@ class Settings(BaseModel):
     max_message_size: int = Field(
         64 * 1024 * 1024, ge=1024, description="largest client message in bytes"
     )
+    workers: int = Field(
+        1, ge=1, le=64, description="processes sharing the listen port (SO_REUSEPORT)"
+    )
     shutdown_timeout: float = Field(
         30.0, ge=0, description="seconds SIGTERM waits for transactions"
     )

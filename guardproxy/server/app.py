@@ -11,6 +11,8 @@ import contextlib
 import logging
 import signal
 import socket
+import tempfile
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -20,13 +22,16 @@ from guardproxy.pool.pool import Pool
 from guardproxy.protocol.scram import Verifier, load_verifiers
 from guardproxy.server.http import OpsServer
 from guardproxy.server.session import ClientSession
+from guardproxy.server.workers import CancelRelay, worker_of
 
 log = logging.getLogger("guardproxy")
 
 
 class Proxy:
-    def __init__(self, settings: Settings, upstream: Upstream) -> None:
+    def __init__(self, settings: Settings, upstream: Upstream, worker: int = 0) -> None:
         self.settings = settings
+        self.worker = worker
+        self.relay: CancelRelay | None = None
         self.upstream = upstream
         self.pools: dict[str, Pool] = {"default": Pool(settings, upstream)}
         self.verifiers: dict[str, Verifier] = (
@@ -62,6 +67,10 @@ class Proxy:
 
     def cancel(self, pid: int, secret: int) -> None:
         session = self.sessions.get((pid, secret))
+        owner = worker_of(pid)
+        if session is None and owner != self.worker and self.relay is not None:
+            asyncio.get_running_loop().create_task(self.relay.forward(owner, pid, secret))
+            return
         if session is None:
             log.info("cancel request for an unknown session ignored")
             return
@@ -127,10 +136,17 @@ class Proxy:
             socket.AF_INET6 if ":" in self.settings.listen_host else socket.AF_INET
         )
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.settings.workers > 1:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((self.settings.listen_host, self.settings.listen_port))
         sock.setblocking(False)
         self._server = await loop.create_server(self.new_session, sock=sock, backlog=1024)
         self.bound_port = sock.getsockname()[1]
+        if self.settings.workers > 1:
+            self.relay = CancelRelay(
+                Path(tempfile.gettempdir()), self.bound_port, self.worker, self.cancel
+            )
+            await self.relay.start()
         self._janitors = [loop.create_task(pool.janitor()) for pool in self.pools.values()]
         if self.settings.metrics_port is not None:
             self.ops = OpsServer(self.registry, self.readiness)
@@ -179,6 +195,8 @@ class Proxy:
             pool.close_all()
         for janitor in self._janitors:
             janitor.cancel()
+        if self.relay is not None:
+            self.relay.close()
         if self.ops is not None:
             self.ops.close()
         log.info("guardproxy stopped")

@@ -19,7 +19,6 @@ import asyncio
 import hashlib
 import logging
 import re
-import secrets
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -41,6 +40,7 @@ from guardproxy.pool.server import (
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import AuthFailed, GuardError, ProtocolViolation, UpstreamError
 from guardproxy.server.login import login_exchange
+from guardproxy.server.workers import new_cancel_key
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -156,7 +156,7 @@ class ClientSession(asyncio.Protocol):
         self.statements: dict[
             bytes, tuple[bytes, bytes, bytes]
         ] = {}  # client name -> (server name, query, types)
-        self.cancel_key = (secrets.randbits(31), secrets.randbits(31))
+        self.cancel_key = new_cancel_key(proxy.worker)
         self._startup_buf = b""
         self._login_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None

@@ -1,0 +1,39 @@
+"""--workers N: several processes share one port; a cancel reaches its session whichever worker gets it."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+from pgcluster import free_port
+
+
+@pytest.fixture
+def two_workers(start_proxy):
+    return start_proxy(workers=2, listen_port=free_port())
+
+
+def test_connections_spread_over_both_worker_processes(two_workers, pg) -> None:
+    conns = [psycopg.connect(two_workers.dsn(f"agent-{i}"), autocommit=True) for i in range(16)]
+    try:
+        for c in conns:
+            assert c.execute("select 1").fetchone() == (1,)
+        workers = {
+            c.info.backend_pid >> 24 for c in conns
+        }  # the worker index is in the key's top bits
+        assert workers == {0, 1}
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_cancel_lands_on_any_worker_and_stops_only_its_query(two_workers) -> None:
+    for attempt in range(6):  # cancel connections land on either worker: try both paths
+        with psycopg.connect(two_workers.dsn(f"sleeper-{attempt}"), autocommit=True) as conn:
+            timer = threading.Timer(0.3, conn.cancel)
+            timer.start()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("select pg_sleep(20)")
+            timer.join()
+            assert conn.execute("select 2").fetchone() == (2,)  # the session goes on
