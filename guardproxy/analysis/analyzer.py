@@ -22,7 +22,7 @@ from pglast.enums import DiscardMode, ObjectType, TransactionStmtKind
 from pglast.stream import RawStream
 
 from .catalog import EMPTY_CATALOG, Catalog
-from .collector import AccessBuilder, Collector, RelationRecord
+from .collector import AccessBuilder, Collector, RelationRecord, strings
 from .model import (
     DDL_OPS,
     WRITE_OPS,
@@ -90,7 +90,7 @@ def _analyze_one(raw: ast.RawStmt, text: str, catalog: Catalog) -> AnalyzedState
     stmt = raw.stmt
     name = type(stmt).__name__
     known = STATEMENTS.get(name)
-    if known is None:
+    if known is None or stmt is None:
         info = StatementInfo(
             command=name,
             kind=StatementClass.ADMIN,
@@ -103,7 +103,7 @@ def _analyze_one(raw: ast.RawStmt, text: str, catalog: Catalog) -> AnalyzedState
     collector = Collector(catalog, detailed=kind in DETAILED_CLASSES)
     collector(stmt)
     root = _RootFacts(stmt, kind, command)
-    for access_key, access in collector.accesses.items():
+    for access_key in collector.accesses:
         root.classes.add(_class_of(access_key[2], kind))
     if isinstance(stmt, ast.DropStmt):
         for relation, written in _dropped_relations(stmt, catalog):
@@ -114,7 +114,7 @@ def _analyze_one(raw: ast.RawStmt, text: str, catalog: Catalog) -> AnalyzedState
         kind=kind,
         classes=frozenset(root.classes),
         text=text,
-        relations=tuple(_access(key, value) for key, value in collector.accesses.items()),
+        relations=tuple(_to_access(key, value) for key, value in collector.accesses.items()),
         functions=tuple(collector.functions),
         settings=tuple(settings),
         locking=tuple(root.locking + collector.locking),
@@ -132,7 +132,7 @@ def _analyze_one(raw: ast.RawStmt, text: str, catalog: Catalog) -> AnalyzedState
     return AnalyzedStatement(raw, info, tuple(collector.records))
 
 
-def _access(key: tuple[str, str, Op], value: AccessBuilder) -> RelationAccess:
+def _to_access(key: tuple[str, str, Op], value: AccessBuilder) -> RelationAccess:
     schema, name, op = key
     return RelationAccess(
         schema=schema,
@@ -190,7 +190,7 @@ class _RootFacts:
             tk.TRANS_STMT_PREPARE: "PREPARE TRANSACTION",
             tk.TRANS_STMT_COMMIT_PREPARED: "COMMIT PREPARED",
             tk.TRANS_STMT_ROLLBACK_PREPARED: "ROLLBACK PREPARED",
-        }.get(stmt.kind, "TRANSACTION")
+        }.get(stmt.kind or tk.TRANS_STMT_BEGIN, "TRANSACTION")
         if stmt.kind in (tk.TRANS_STMT_BEGIN, tk.TRANS_STMT_START):
             self.settings.extend(from_transaction_options(stmt.options))
         elif stmt.kind in (
@@ -216,7 +216,7 @@ class _RootFacts:
             DiscardMode.DISCARD_PLANS: "PLANS",
             DiscardMode.DISCARD_SEQUENCES: "SEQUENCES",
             DiscardMode.DISCARD_TEMP: "TEMP",
-        }.get(stmt.target, "ALL")
+        }.get(stmt.target or DiscardMode.DISCARD_ALL, "ALL")
         self.command = f"DISCARD {self.discard}"
 
     def _ExplainStmt(self, stmt: ast.ExplainStmt) -> None:
@@ -225,7 +225,7 @@ class _RootFacts:
                 arg = opt.arg
                 off = isinstance(arg, ast.Boolean) and not arg.boolval
                 off = off or (
-                    isinstance(arg, ast.String) and arg.sval.lower() in ("off", "false", "0")
+                    isinstance(arg, ast.String) and (arg.sval or "").lower() in ("off", "false", "0")
                 )
                 off = off or (isinstance(arg, ast.Integer) and arg.ival == 0)
                 self.explain_analyze = not off
@@ -243,7 +243,7 @@ class _RootFacts:
             self.classes.add(StatementClass.ADMIN)
 
     def _LockStmt(self, stmt: ast.LockStmt) -> None:
-        mode = LOCK_MODES.get(stmt.mode, "ACCESS EXCLUSIVE")
+        mode = LOCK_MODES.get(stmt.mode or 8, "ACCESS EXCLUSIVE")
         self.locking.append(f"LOCK IN {mode} MODE")
         if stmt.mode not in LOCK_MODES_FOR_READERS:
             self.classes.add(StatementClass.WRITE)
@@ -288,7 +288,7 @@ def _dropped_relations(stmt: ast.DropStmt, catalog: Catalog) -> list[tuple[tuple
         return []
     out: list[tuple[tuple[str, str], str]] = []
     for obj in stmt.objects or ():
-        parts = [p.sval for p in obj if isinstance(p, ast.String)] if isinstance(obj, tuple) else []
+        parts = strings(obj) if isinstance(obj, tuple) else []
         if not parts:
             continue
         schema = parts[-2] if len(parts) >= 2 else None

@@ -96,16 +96,16 @@ class Catalog:
         rows: list[tuple[str, str, str]] = []
         for raw in pglast.parse_sql(sql):
             stmt = raw.stmt
-            if isinstance(stmt, ast.CreateStmt):
+            if isinstance(stmt, ast.CreateStmt) and stmt.relation is not None:
                 rel = stmt.relation
                 schema = rel.schemaname or path[0]
                 for elt in stmt.tableElts or ():
                     if isinstance(elt, ast.ColumnDef) and elt.colname:
-                        rows.append((schema, rel.relname, elt.colname))
-            elif isinstance(stmt, ast.ViewStmt):
+                        rows.append((schema, rel.relname or "", elt.colname))
+            elif isinstance(stmt, ast.ViewStmt) and stmt.view is not None:
                 rel = stmt.view
                 schema = rel.schemaname or path[0]
-                rows.extend((schema, rel.relname, name) for name in _view_columns(stmt))
+                rows.extend((schema, rel.relname or "", name) for name in _view_columns(stmt))
         return cls.from_rows(rows, search_path=path)
 
     def columns(self, schema: str, name: str) -> tuple[str, ...] | None:
@@ -138,7 +138,7 @@ EMPTY_CATALOG = Catalog()
 
 def _view_columns(stmt: ast.ViewStmt) -> list[str]:
     if stmt.aliases:
-        return [a.sval for a in stmt.aliases if isinstance(a, ast.String)]
+        return [a.sval for a in stmt.aliases if isinstance(a, ast.String) and a.sval]
     query = stmt.query
     names: list[str] = []
     if isinstance(query, ast.SelectStmt):
@@ -147,8 +147,8 @@ def _view_columns(stmt: ast.ViewStmt) -> list[str]:
                 continue
             if target.name:
                 names.append(target.name)
-            elif isinstance(target.val, ast.ColumnRef):
+            elif isinstance(target.val, ast.ColumnRef) and target.val.fields:
                 last = target.val.fields[-1]
-                if isinstance(last, ast.String):
+                if isinstance(last, ast.String) and last.sval:
                     names.append(last.sval)
     return names

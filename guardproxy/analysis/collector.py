@@ -88,7 +88,7 @@ class AccessBuilder:
     has_where: bool = True
 
 
-class _ColumnFinder(Visitor):  # type: ignore[misc]
+class _ColumnFinder(Visitor):
     """Does an expression reference any column (or a cursor position)?"""
 
     found = False
@@ -98,6 +98,11 @@ class _ColumnFinder(Visitor):  # type: ignore[misc]
 
     def visit_CurrentOfExpr(self, ancestors: Ancestor, node: ast.CurrentOfExpr) -> None:
         self.found = True
+
+
+def strings(nodes: tuple[ast.Node, ...] | None) -> list[str]:
+    """The values of the String nodes of a name list (``schema.table`` -> two strings)."""
+    return [n.sval or "" for n in nodes or () if isinstance(n, ast.String)]
 
 
 def references_columns(expr: ast.Node | None) -> bool:
@@ -112,7 +117,7 @@ def _target_names(targets: tuple[ast.Node, ...] | None) -> set[str]:
     return {t.name for t in targets or () if isinstance(t, ast.ResTarget) and t.name}
 
 
-class Collector(Visitor):  # type: ignore[misc]
+class Collector(Visitor):
     """Collects relations, columns, functions, locks, settings and CTEs of one statement."""
 
     def __init__(self, catalog: Catalog, detailed: bool) -> None:
@@ -184,11 +189,11 @@ class Collector(Visitor):  # type: ignore[misc]
         if (kind, attr) in _FROM_POSITIONS:
             if node.schemaname is None and node.relname in visible_ctes(links):
                 return  # a reference to a CTE, whose body is collected on its own
-            relation = self.catalog.resolve(node.schemaname, node.relname)
+            relation = self.catalog.resolve(node.schemaname, node.relname or "")
             self.add(relation, Op.SELECT, written)
             self.records.append(RelationRecord(node, owner, attr, index, "from", relation))
             return
-        relation = self.catalog.resolve(node.schemaname, node.relname)
+        relation = self.catalog.resolve(node.schemaname, node.relname or "")
         role = self._target(owner, attr, relation, written)
         self.records.append(RelationRecord(node, owner, attr, index, role, relation))
 
@@ -223,7 +228,7 @@ class Collector(Visitor):  # type: ignore[misc]
                     self.add(relation, Op.DELETE, written)
             return "merge"
         if isinstance(owner, ast.CopyStmt) and attr == "relation":
-            cols = {s.sval for s in owner.attlist or () if isinstance(s, ast.String)}
+            cols = set(strings(owner.attlist))
             op = Op.INSERT if owner.is_from else Op.SELECT
             self.add(relation, op, written, cols, all_columns=not cols)
             return "copy"
@@ -256,7 +261,7 @@ class Collector(Visitor):  # type: ignore[misc]
             return  # DDL expressions (CHECK, index expressions): no range table
         fields = node.fields or ()
         if fields and isinstance(fields[-1], ast.A_Star):
-            qualifier = [f.sval for f in fields[:-1] if isinstance(f, ast.String)]
+            qualifier = strings(fields[:-1])
             if not qualifier:
                 for entry in iter_bases(levels[0]):
                     self._read(entry, None)
@@ -265,7 +270,7 @@ class Collector(Visitor):  # type: ignore[misc]
             if found is not None:
                 self._read_entry(found, None)
             return
-        names = [f.sval for f in fields if isinstance(f, ast.String)]
+        names = strings(fields)
         if len(names) == 1:
             self._unqualified(links, levels, names[0])
             return
@@ -355,7 +360,7 @@ class Collector(Visitor):  # type: ignore[misc]
     # -- functions, locks, CTEs --------------------------------------------------
 
     def visit_FuncCall(self, ancestors: Ancestor, node: ast.FuncCall) -> None:
-        parts = [p.sval for p in node.funcname or () if isinstance(p, ast.String)]
+        parts = strings(node.funcname)
         if not parts:
             self.unsupported.append("a function call without a name")
             return
@@ -366,9 +371,11 @@ class Collector(Visitor):  # type: ignore[misc]
             self.settings.append(from_set_config(node))
 
     def visit_LockingClause(self, ancestors: Ancestor, node: ast.LockingClause) -> None:
-        self.locking.append(_LOCK_STRENGTH.get(node.strength, "FOR UPDATE"))
+        strength = node.strength
+        self.locking.append(_LOCK_STRENGTH.get(strength, "FOR UPDATE") if strength else "FOR UPDATE")
 
     def visit_CommonTableExpr(self, ancestors: Ancestor, node: ast.CommonTableExpr) -> None:
-        self.ctes.append(node.ctename)
+        name = node.ctename or ""
+        self.ctes.append(name)
         if isinstance(node.ctequery, _WRITE_STATEMENTS):
-            self.writable_ctes.append(node.ctename)
+            self.writable_ctes.append(name)

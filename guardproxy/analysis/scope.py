@@ -63,12 +63,14 @@ def visible_ctes(links: list[Link]) -> set[str]:
         if isinstance(owner, ast.WithClause) and attr == "ctes":
             ctes = owner.ctes or ()
             visible = ctes if owner.recursive else ctes[: index or 0]
-            names.update(c.ctename for c in visible if isinstance(c, ast.CommonTableExpr))
+            names.update(c.ctename or "" for c in visible if isinstance(c, ast.CommonTableExpr))
         elif isinstance(owner, _STATEMENTS_WITH_CTES) and attr != "withClause":
             with_clause = owner.withClause
             if with_clause is not None:
                 names.update(
-                    c.ctename for c in with_clause.ctes or () if isinstance(c, ast.CommonTableExpr)
+                    c.ctename or ""
+                    for c in with_clause.ctes or ()
+                    if isinstance(c, ast.CommonTableExpr)
                 )
     return names
 
@@ -87,7 +89,7 @@ class RangeEntry:
 
 
 def written_name(rv: ast.RangeVar) -> str:
-    return f"{rv.schemaname}.{rv.relname}" if rv.schemaname else rv.relname
+    return f"{rv.schemaname}.{rv.relname}" if rv.schemaname else rv.relname or ""
 
 
 class ScopeResolver:
@@ -97,14 +99,17 @@ class ScopeResolver:
         self.catalog = catalog
         self._entries: dict[tuple[int, str], tuple[RangeEntry, ...]] = {}
 
-    def base_entry(self, rv: ast.RangeVar) -> RangeEntry:
+    def base_entry(self, rv: ast.RangeVar | None) -> RangeEntry:
+        if rv is None:
+            return RangeEntry(refname=None)
         alias = rv.alias
+        relname = rv.relname or ""
         return RangeEntry(
-            refname=alias.aliasname if alias is not None else rv.relname,
-            relation=self.catalog.resolve(rv.schemaname, rv.relname),
+            refname=alias.aliasname if alias is not None else relname,
+            relation=self.catalog.resolve(rv.schemaname, relname),
             written=written_name(rv),
             schema_written=rv.schemaname,
-            colaliases=tuple(c.sval for c in (alias.colnames or ()) if isinstance(c, ast.String))
+            colaliases=tuple(c.sval or "" for c in (alias.colnames or ()) if isinstance(c, ast.String))
             if alias is not None
             else (),
             aliased=alias is not None,
@@ -163,7 +168,7 @@ class ScopeResolver:
             out.extend(self._from_item(item, ctes))
         return out
 
-    def _from_item(self, item: ast.Node, ctes: set[str]) -> list[RangeEntry]:
+    def _from_item(self, item: ast.Node | None, ctes: set[str]) -> list[RangeEntry]:
         if isinstance(item, ast.RangeVar):
             if item.schemaname is None and item.relname in ctes:
                 alias = item.alias
@@ -199,9 +204,9 @@ def _function_refname(item: ast.RangeFunction) -> str | None:
     # `FROM generate_series(1, 3)` without alias is referred to by the function name.
     for group in item.functions or ():
         if isinstance(group, tuple) and group and isinstance(group[0], ast.FuncCall):
-            last = group[0].funcname[-1]
-            if isinstance(last, ast.String):
-                return last.sval
+            names = group[0].funcname or ()
+            if names and isinstance(names[-1], ast.String):
+                return names[-1].sval
     return None
 
 

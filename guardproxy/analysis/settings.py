@@ -49,11 +49,12 @@ def _mode_changes(
     for opt in options or ():
         if not isinstance(opt, ast.DefElem):
             continue
-        name = _TRANSACTION_MODES.get(opt.defname, opt.defname)
+        defname = opt.defname or ""
+        name = _TRANSACTION_MODES.get(defname, defname)
         if session:
             # SET SESSION CHARACTERISTICS AS TRANSACTION ... sets the session default.
             name = f"default_{name}"
-        value = const_text(opt.arg)
+        value = const_text(opt.arg) if isinstance(opt.arg, ast.Node) else None
         if name.endswith(("read_only", "deferrable")) and value in ("0", "1"):
             value = "on" if value == "1" else "off"
         values = (value,) if value is not None else None
@@ -76,8 +77,8 @@ def from_variable_set(stmt: ast.VariableSetStmt) -> list[SettingChange]:
         if name == "session characteristics":
             return _mode_changes(stmt.args, "SET SESSION CHARACTERISTICS", session=True)
         # SET TRANSACTION SNAPSHOT 'id': imports another transaction's snapshot.
-        values = tuple(v for v in (const_text(a) for a in stmt.args or ()) if v is not None)
-        return [SettingChange(name=name.replace(" ", "_"), action="set", values=values, local=True)]
+        snapshot = tuple(v for v in (const_text(a) for a in stmt.args or ()) if v is not None)
+        return [SettingChange(name=name.replace(" ", "_"), action="set", values=snapshot, local=True)]
     if kind in (VariableSetKind.VAR_RESET, VariableSetKind.VAR_SET_DEFAULT):
         return [SettingChange(name=name, action="reset", local=local, via="RESET")]
     if kind == VariableSetKind.VAR_SET_CURRENT:

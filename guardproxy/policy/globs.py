@@ -115,15 +115,16 @@ def overlap(first: str, second: str) -> str | None:
             if rest is not None and (best is None or len(prefix) + len(rest) < len(best)):
                 best = prefix + rest
 
-        ta = a[i] if i < len(a) else False
-        tb = b[j] if j < len(b) else False
-        if ta is STAR:
+        a_end, b_end = i == len(a), j == len(b)
+        ta = None if a_end else a[i]
+        tb = None if b_end else b[j]
+        if not a_end and ta is STAR:
             consider("", walk(i + 1, j))  # the star matches nothing more
-            if tb is not False and tb is not STAR:
+            if isinstance(tb, CharSet):
                 consider(tb.example(), walk(i, j + 1))  # the star eats b's character
-        if tb is STAR:
+        if not b_end and tb is STAR:
             consider("", walk(i, j + 1))
-            if ta is not False and ta is not STAR:
+            if isinstance(ta, CharSet):
                 consider(ta.example(), walk(i + 1, j))
         if isinstance(ta, CharSet) and isinstance(tb, CharSet):
             common = ta.intersect(tb)

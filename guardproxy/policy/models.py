@@ -49,7 +49,7 @@ class _Strict(BaseModel):
 class TableDocument(_Strict):
     """``tables.<name>``: what the agent may do to one table or view."""
 
-    ops: list[TableOp] = Field(default_factory=lambda: ["select"], min_length=1)
+    ops: list[TableOp] = Field(default_factory=lambda: list[TableOp](["select"]), min_length=1)
     columns: list[str] | None = None  # readable columns; None: all (minus deny_columns)
     update_columns: list[str] | None = None  # None: all (minus deny_columns)
     insert_columns: list[str] | None = None  # None: all (minus deny_columns)
@@ -115,7 +115,9 @@ class PolicyDocument(_Strict):
     agents: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     upstream_role: str = Field(min_length=1, max_length=63)
     mode: Literal["enforce", "monitor"] = "enforce"
-    statements: list[StatementClassName] = Field(default_factory=lambda: ["read"])
+    statements: list[StatementClassName] = Field(
+        default_factory=lambda: list[StatementClassName](["read"])
+    )
     tables: dict[str, TableDocument] = Field(default_factory=dict)
     functions: FunctionsDocument = Field(default_factory=FunctionsDocument)
     require_where: bool = True

@@ -35,7 +35,8 @@ def parse_relation_name(text: str) -> tuple[str | None, str]:
             and not stmt.fromClause[0].catalogname
         ):
             rv = stmt.fromClause[0]
-            return rv.schemaname, rv.relname
+            if rv.relname:
+                return rv.schemaname, rv.relname
     raise ValueError(f"expected a table name such as customers or sales.orders; got {text!r}")
 
 
@@ -49,14 +50,10 @@ def parse_column_name(text: str) -> str:
         stmt = tree[0].stmt
         if isinstance(stmt, ast.SelectStmt) and stmt.targetList and len(stmt.targetList) == 1:
             target = stmt.targetList[0]
-            if (
-                isinstance(target, ast.ResTarget)
-                and target.name is None
-                and isinstance(target.val, ast.ColumnRef)
-                and len(target.val.fields) == 1
-                and isinstance(target.val.fields[0], ast.String)
-            ):
-                return str(target.val.fields[0].sval)
+            val = target.val if isinstance(target, ast.ResTarget) and target.name is None else None
+            fields = val.fields if isinstance(val, ast.ColumnRef) else None
+            if fields and len(fields) == 1 and isinstance(fields[0], ast.String) and fields[0].sval:
+                return str(fields[0].sval)
     raise ValueError(f"expected a column name such as email; got {text!r}")
 
 

@@ -46,7 +46,7 @@ from pglast import ast, parser
 from pglast.enums import BoolExprType, SetOperation
 from pglast.visitors import Ancestor, Skip, Visitor
 
-from ..analysis.collector import RelationRecord
+from ..analysis.collector import RelationRecord, strings
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_-]+)?)\}")
 _FIXED = ("principals", "agent_id", "task", "step")
@@ -136,7 +136,7 @@ def _parse_predicate(text: str) -> ast.Node:
     return node
 
 
-class _Checker(Visitor):  # type: ignore[misc]
+class _Checker(Visitor):
     """Load-time checks: only our parameters, unqualified columns outside subqueries."""
 
     def __init__(self, params: int) -> None:
@@ -145,7 +145,7 @@ class _Checker(Visitor):  # type: ignore[misc]
         self.problem = ""
 
     def visit_ParamRef(self, ancestors: Ancestor, node: ast.ParamRef) -> None:
-        if not 1 <= node.number <= self.params:
+        if not 1 <= (node.number or 0) <= self.params:
             self.problem = "use placeholders such as {principals}, not $n parameters"
 
     def visit_SubLink(self, ancestors: Ancestor, node: ast.SubLink) -> object:
@@ -165,16 +165,16 @@ def _const(value: str | None) -> ast.A_Const:
     return ast.A_Const(isnull=False, val=ast.String(sval=value))
 
 
-class _Fill(Visitor):  # type: ignore[misc]
+class _Fill(Visitor):
     def __init__(self, values: list[str | None]) -> None:
         super().__init__()
         self.values = values
 
     def visit_ParamRef(self, ancestors: Ancestor, node: ast.ParamRef) -> ast.Node:
-        return _const(self.values[node.number - 1])
+        return _const(self.values[(node.number or 1) - 1])
 
 
-class _Qualify(Visitor):  # type: ignore[misc]
+class _Qualify(Visitor):
     """Prefix the top-level column names of a predicate with a range entry name."""
 
     def __init__(self, refname: str) -> None:
@@ -185,7 +185,7 @@ class _Qualify(Visitor):  # type: ignore[misc]
         return Skip
 
     def visit_ColumnRef(self, ancestors: Ancestor, node: ast.ColumnRef) -> None:
-        node.fields = (ast.String(sval=self.refname), *node.fields)
+        node.fields = (ast.String(sval=self.refname), *(node.fields or ()))
 
 
 def principals_literal(principals: tuple[str, ...]) -> str:
@@ -225,11 +225,12 @@ def apply_row_filters(
                 continue  # the cursor's query was filtered when it was declared
             alias = record.node.alias
             predicate = row_filter.expression(values)
-            _Qualify(alias.aliasname if alias is not None else record.node.relname)(predicate)
+            refname = alias.aliasname if alias is not None else record.node.relname
+            _Qualify(refname or "")(predicate)
             stmt.whereClause = _and(stmt.whereClause, predicate)
         elif role == "copy" and isinstance(record.owner, ast.CopyStmt) and not record.owner.is_from:
             copy = record.owner
-            cols = tuple(s.sval for s in copy.attlist or () if isinstance(s, ast.String))
+            cols = tuple(strings(copy.attlist))
             wrapped = _wrap(
                 record.node, row_filter.expression(values), readable.get(record.relation)
             )

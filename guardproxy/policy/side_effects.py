@@ -4,6 +4,9 @@ A read-only agent must not be able to do through a function call what it may not
 do with a statement: read server files, kill other sessions, change settings,
 consume sequences, open connections elsewhere, hold locks, sleep on a connection,
 signal listeners, or run SQL held in a string (which the proxy never sees).
+``set_config()`` is not on this list: the analyzer reports it as the setting change it
+is, and the setting rules judge it exactly like the equivalent SET (asyncpg calls
+``set_config('jit', ...)`` on its own, so a blanket denial would break it).
 Functions are matched by name in any schema: ``public.pg_sleep`` is as suspicious as
 ``pg_catalog.pg_sleep``. Releasing one's own advisory locks
 (``pg_advisory_unlock_all``, which asyncpg sends when a pooled connection is
@@ -16,7 +19,6 @@ FILE = "reads or writes server files"
 LARGE_OBJECTS = "reads or writes large objects"
 SERVER = "controls the server or other sessions"
 REPLICATION = "controls replication"
-CONFIG = "changes run-time settings"
 SEQUENCES = "consumes or sets sequence values"
 REMOTE = "opens connections to other servers"
 ADVISORY = "takes advisory locks"
@@ -56,8 +58,6 @@ SIDE_EFFECT_FUNCTIONS: dict[str, str] = {
     "pg_create_logical_replication_slot": REPLICATION,
     "pg_drop_replication_slot": REPLICATION,
     "pg_replication_slot_advance": REPLICATION,
-    # settings
-    "set_config": CONFIG,
     # sequences
     "nextval": SEQUENCES,
     "setval": SEQUENCES,

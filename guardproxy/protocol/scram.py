@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,10 @@ class Verifier:
 
     @classmethod
     def from_password(cls, password: str, iterations: int = DEFAULT_ITERATIONS) -> Verifier:
-        salt, stored, server, iters = _mech.make_auth_info(password, iteration_count=iterations)
+        # 16-byte salt, as Postgres makes them (and as the decoy for unknown agents has)
+        salt, stored, server, iters = _mech.make_auth_info(
+            password, iteration_count=iterations, salt=os.urandom(16)
+        )
         return cls(salt, stored, server, iters)
 
 
@@ -109,30 +113,69 @@ def _decoy(name: str) -> Verifier:
 
 
 class ServerExchange:
-    """Server side of one SCRAM login: feed the client's messages, send what it returns."""
+    """Server side of one SCRAM-SHA-256 login (RFC 5802 / 7677), as Postgres runs it.
+
+    Written out rather than taken from scramp because libpq sends an empty user
+    name (``n=,``) in client-first, which Postgres ignores and scramp rejects.
+    """
 
     def __init__(self, agent_id: str, verifier: Verifier | None) -> None:
-        v = verifier or _decoy(agent_id)
+        self._verifier = verifier or _decoy(agent_id)
         self._known = verifier is not None
-        self._server = _mech.make_server(
-            lambda _user: (v.salt, v.stored_key, v.server_key, v.iterations)
-        )
+        self._nonce = ""
+        self._client_first_bare = ""
+        self._server_first = ""
+        self._gs2_header = ""
 
     def first(self, client_first: bytes) -> bytes:
         try:
-            self._server.set_client_first(client_first.decode())
-            return str(self._server.get_server_first()).encode()
-        except (scramp.ScramException, UnicodeDecodeError) as exc:
-            raise AuthFailed(f"SCRAM exchange failed: {exc}") from exc
+            text = client_first.decode()
+        except UnicodeDecodeError as exc:
+            raise AuthFailed("SCRAM client-first message is not UTF-8", sqlstate="08P01") from exc
+        if not text.startswith(("n,", "y,")):
+            raise AuthFailed(
+                "SCRAM channel binding is not supported on this connection", sqlstate="08P01"
+            )
+        parts = text.split(",", 2)
+        if len(parts) != 3:
+            raise AuthFailed("malformed SCRAM client-first message", sqlstate="08P01")
+        self._gs2_header = parts[0] + "," + parts[1] + ","
+        self._client_first_bare = parts[2]
+        attrs = dict(a.split("=", 1) for a in parts[2].split(",") if "=" in a)
+        client_nonce = attrs.get("r", "")
+        if not client_nonce:
+            raise AuthFailed("SCRAM client-first message has no nonce", sqlstate="08P01")
+        self._nonce = client_nonce + base64.b64encode(os.urandom(18)).decode()
+        v = self._verifier
+        self._server_first = (
+            f"r={self._nonce},s={base64.b64encode(v.salt).decode()},i={v.iterations}"
+        )
+        return self._server_first.encode()
 
     def final(self, client_final: bytes) -> bytes:
         try:
-            self._server.set_client_final(client_final.decode())
-        except (scramp.ScramException, UnicodeDecodeError) as exc:
+            text = client_final.decode()
+            without_proof, _, proof_attr = text.rpartition(",p=")
+            attrs = dict(a.split("=", 1) for a in without_proof.split(",") if "=" in a)
+            proof = base64.b64decode(proof_attr, validate=True)
+            binding = base64.b64decode(attrs.get("c", ""), validate=True).decode()
+        except (UnicodeDecodeError, ValueError) as exc:
             raise AuthFailed("password authentication failed") from exc
-        if not self._known:
+        if attrs.get("r") != self._nonce or binding != self._gs2_header:
             raise AuthFailed("password authentication failed")
-        return str(self._server.get_server_final()).encode()
+        auth_message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode()
+        v = self._verifier
+        signature = hmac.new(v.stored_key, auth_message, hashlib.sha256).digest()
+        if len(proof) != len(signature):
+            raise AuthFailed("password authentication failed")
+        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
+        if (
+            not hmac.compare_digest(hashlib.sha256(client_key).digest(), v.stored_key)
+            or not self._known
+        ):
+            raise AuthFailed("password authentication failed")
+        server_signature = hmac.new(v.server_key, auth_message, hashlib.sha256).digest()
+        return b"v=" + base64.b64encode(server_signature)
 
 
 class ClientExchange:

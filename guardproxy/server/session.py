@@ -145,6 +145,7 @@ class ClientSession(asyncio.Protocol):
         self.held: tuple[int, bytes] | None = None  # judged, waiting for a server
         self.guard: Guard | None = None
         self.admin = False
+        self.ended_by_proxy = False
         self.task: str | None = None
         self.unnamed: tuple[bytes, bytes] | None = None  # the client's unnamed statement
         self.unnamed_on: ServerConn | None = None  # the server where it is current
@@ -213,12 +214,21 @@ class ClientSession(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         server, self.server = self.server, None
+        unfinished = []
+        if self.logged_in and self.reader.pending():
+            unfinished.append(f"in the middle of a message ({self.reader.pending()} bytes)")
         if server is not None:
             if server.idle and not self.pinned and not self.settings_dirty:
                 self.pool.release(server)
             else:
                 # Closing the connection makes Postgres roll back whatever was open.
                 self.pool.discard(server)
+                unfinished.append(
+                    "with a transaction or request open; its server connection was closed, so Postgres "
+                    "rolled it back"
+                )
+        if unfinished and not self.ended_by_proxy:
+            log.warning("client %s (%s) disconnected %s", self.peer, self.agent_id, " and ".join(unfinished))
 
     def pause_writing(self) -> None:
         if self.server is not None and self.server.transport is not None:
@@ -248,6 +258,7 @@ class ClientSession(asyncio.Protocol):
     def fatal(self, exc: GuardError) -> None:
         """Tells the client why, logs one line, and closes this client only."""
         log.warning("client %s (%s): %s", self.peer, self.agent_id or "not logged in", exc.message)
+        self.ended_by_proxy = True  # connection_lost need not log it again
         if self.transport is not None and not self.closed:
             self.transport.write(
                 codec.build_error(exc.sqlstate, exc.message, severity="FATAL", hint=exc.hint)
@@ -374,6 +385,8 @@ class ClientSession(asyncio.Protocol):
                     if self.transport is not None:
                         self.transport.close()
                     return
+                if kind not in codec.FRONTEND_TYPES:
+                    raise ProtocolViolation(f"unknown message type {chr(kind)!r} from client")
                 if (self.local_skip or self.pending_error is not None) and self._answer_locally(
                     kind
                 ):

@@ -15,9 +15,11 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+import scramp
 from conftest import wait_until
 from pgcluster import PgCluster
 from wirekit import (
+    Msg,
     WireClient,
     data_rows,
     errors_in,
@@ -138,13 +140,15 @@ async def test_oversize_message_inside_a_transaction_rolls_it_back(start_proxy, 
     await assert_one_log_line(proxy, raw.local_port)
 
 
-async def test_oversize_startup_packet_is_fatal(start_proxy) -> None:
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-packet", "header-only"])
+async def test_oversize_startup_packet_is_fatal(start_proxy, whole: bool) -> None:
     proxy = start_proxy(max_message_size=1024)
+    packet = startup_packet({"user": "agent-1", "application_name": "z" * 3000})
     async with await WireClient.connect(proxy.port) as raw:
-        await raw.send(startup_packet({"user": "agent-1", "application_name": "z" * 3000}))
+        await raw.send(packet if whole else packet[:8])
         fatal = await expect_fatal(raw)
         assert fatal["C"] == "08P01"
-        assert "startup packet" in fatal["M"]
+        assert "max_message_size" in fatal["M"] or str(len(packet)) in fatal["M"], fatal
     assert_serves(proxy)
     assert proxy.alive()
     await assert_one_log_line(proxy, raw.local_port)
@@ -373,43 +377,61 @@ async def test_client_gone_during_login_does_not_disturb_others(start_proxy) -> 
 # ---------------------------------------------------------------- authentication
 
 
-async def test_scram_login_right_wrong_and_unknown(start_proxy, pg, tmp_path) -> None:
+@pytest.fixture
+def scram_proxy(start_proxy, pg, tmp_path):
     auth_file = tmp_path / "agents.auth"
     write_verifier(auth_file, "agent-1", "agent-pw")
-    # A verifier exactly as Postgres stores it in pg_authid works too.
+    # A verifier exactly as Postgres stores it in pg_authid must work too.
     rolpassword = pg.psql("SELECT rolpassword FROM pg_authid WHERE rolname = 'app_owner'")
     with auth_file.open("a") as f:
         f.write(f"agent-pg:{rolpassword}\n")
-    proxy = start_proxy(auth_mode="scram", auth_file=auth_file)
+    return start_proxy(auth_mode="scram", auth_file=auth_file)
 
-    for agent, password in (("agent-1", "agent-pw"), ("agent-pg", "app_pw")):
-        with psycopg.connect(proxy.dsn(agent, password), connect_timeout=10) as conn:
-            assert conn.execute("SELECT current_user").fetchone() == ("app_owner",)
 
-    async def failed_login(agent: str, password: str) -> dict[str, str]:
-        """Raw SCRAM with a wrong password; returns the FATAL the proxy sends."""
-        import scramp
+async def scram_login(proxy, agent: str, password: str) -> list[Msg]:
+    """SCRAM through a raw socket with scramp as the client; what came after the proof."""
+    async with await WireClient.connect(proxy.port) as raw:
+        await raw.send(startup_packet({"user": agent, "database": "app"}))
+        msg = await raw.read_message()
+        assert msg.kind == b"R" and codec.auth_code(msg.raw) == 10
+        client = scramp.ScramClient(["SCRAM-SHA-256"], agent, password)
+        first = client.get_client_first().encode()
+        await raw.send(codec.build_sasl_initial("SCRAM-SHA-256", first))
+        msg = await raw.read_message()
+        assert msg.kind == b"R" and codec.auth_code(msg.raw) == 11, errors_in([msg])
+        client.set_server_first(msg.raw[9:].decode())
+        await raw.send(codec.build_password(client.get_client_final().encode()))
+        msgs = await raw.read_until(b"ZE")
+        if msgs[-1].kind == b"E":
+            return msgs + await raw.read_until_eof(WAIT)
+        final = next(m for m in msgs if m.kind == b"R" and codec.auth_code(m.raw) == 12)
+        client.set_server_final(final.raw[9:].decode())  # the proxy proved it knows the verifier
+        await raw.send(codec.build_query("SELECT current_user"))
+        return msgs + await raw.read_until(b"Z")
 
-        async with await WireClient.connect(proxy.port) as raw:
-            await raw.send(startup_packet({"user": agent, "database": "app"}))
-            msg = await raw.read_message()
-            assert msg.kind == b"R" and codec.auth_code(msg.raw) == 10
-            client = scramp.ScramClient(["SCRAM-SHA-256"], agent, password)
-            first = client.get_client_first().encode()
-            await raw.send(codec.build_sasl_initial("SCRAM-SHA-256", first))
-            msg = await raw.read_message()
-            assert msg.kind == b"R" and codec.auth_code(msg.raw) == 11
-            client.set_server_first(msg.raw[9:].decode())
-            await raw.send(codec.build_password(client.get_client_final().encode()))
-            return fatal_in(await raw.read_until_eof(WAIT))
 
-    wrong = await failed_login("agent-1", "not-it")
-    unknown = await failed_login("ghost", "not-it")
+async def test_scram_wrong_password_and_unknown_agent_fail_alike(scram_proxy) -> None:
+    ok = await scram_login(scram_proxy, "agent-1", "agent-pw")
+    assert data_rows(ok) == [["app_owner"]]
+    from_pg = await scram_login(scram_proxy, "agent-pg", "app_pw")
+    assert data_rows(from_pg) == [["app_owner"]]
+
+    wrong = fatal_in(await scram_login(scram_proxy, "agent-1", "not-it"))
+    unknown = fatal_in(await scram_login(scram_proxy, "ghost", "not-it"))
     assert wrong["C"] == unknown["C"] == "28P01"
     assert wrong["M"].replace("agent-1", "X") == unknown["M"].replace("ghost", "X")
     assert wrong.get("H") == unknown.get("H")
-    assert proxy.alive()
-    wait_until(lambda: "ghost" in proxy.log(), 5, "the failed login in the log")
+    assert scram_proxy.alive()
+    wait_until(lambda: "ghost" in scram_proxy.log(), 5, "the failed login in the log")
+
+
+def test_scram_login_with_libpq(scram_proxy) -> None:
+    """psycopg (libpq) sends an empty SCRAM user name (n=,), as it does to Postgres."""
+    for agent, password in (("agent-1", "agent-pw"), ("agent-pg", "app_pw")):
+        with psycopg.connect(scram_proxy.dsn(agent, password), connect_timeout=10) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("app_owner",)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(scram_proxy.dsn("agent-1", "not-it"), connect_timeout=10)
 
 
 async def test_rows_read_back_through_raw_client(start_proxy, pg, table) -> None:

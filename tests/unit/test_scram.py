@@ -212,6 +212,34 @@ def test_malformed_client_final_is_an_auth_failure() -> None:
         server.final(b"c=biws,r=wrongnonce,p=AAAA")
 
 
+def libpq_style_exchange(server: ServerExchange, password: str) -> bytes:
+    """The client side as libpq writes it: an empty user name (``n=``), RFC 5802 by hand."""
+    bare = "n=,r=" + NONCE
+    server_first = server.first(("n,," + bare).encode()).decode()
+    attrs = parse_server_first(server_first)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(attrs["s"]),
+                                 int(attrs["i"]))  # fmt: skip
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    without_proof = f"c=biws,r={attrs['r']}"
+    auth_message = f"{bare},{server_first},{without_proof}".encode()
+    signature = hmac.new(hashlib.sha256(client_key).digest(), auth_message, "sha256").digest()
+    proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+    server_final = server.final(f"{without_proof},p={base64.b64encode(proof).decode()}".encode())
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    expected = hmac.new(server_key, auth_message, "sha256").digest()
+    assert server_final.decode() == "v=" + base64.b64encode(expected).decode()
+    return server_final
+
+
+def test_exchange_with_an_empty_scram_user_name_as_libpq_sends() -> None:
+    # libpq (psql, psycopg) and the JDBC driver send "n=," and rely on the startup user,
+    # exactly as Postgres does; the proxy must accept that or no libpq client can log in.
+    verifier = Verifier.from_password("pw")
+    libpq_style_exchange(ServerExchange("agent-1", verifier), "pw")
+    with pytest.raises(AuthFailed, match="password authentication failed"):
+        libpq_style_exchange(ServerExchange("agent-1", verifier), "wrong")
+
+
 def test_client_exchange_against_server_exchange() -> None:
     """The proxy's own client side (used towards Postgres) speaks to its server side."""
     verifier = Verifier.from_password("pw")

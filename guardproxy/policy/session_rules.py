@@ -1,0 +1,203 @@
+"""Rules for run-time settings, whatever syntax or channel changes them.
+
+Applied to every `SettingChange` (SET, SET LOCAL, RESET, BEGIN / SET TRANSACTION
+modes, SET SESSION CHARACTERISTICS, set_config() when a policy allows it) and to
+the startup parameters of a client connection (`startup_violation`):
+
+* identity: ``role`` and ``session_authorization`` cannot be set (RESET is fine:
+  it returns to the upstream role). ``session_replication_role`` (disables
+  triggers) and the ``*_preload_libraries`` settings neither;
+* name resolution: ``search_path`` cannot be set (RESET / DEFAULT is fine): the
+  policy's unqualified names are resolved with the upstream search path;
+* lexing: ``standard_conforming_strings`` stays on and ``client_encoding`` stays
+  UTF8, ``backslash_quote`` unchanged: otherwise the server could read string
+  literals differently from the parser that judged them;
+* timeouts: a timeout the policy sets may be lowered, never raised nor disabled (0);
+* read-only: a read-only policy cannot turn ``transaction_read_only`` or
+  ``default_transaction_read_only`` off (``BEGIN READ WRITE`` included);
+* ``settings.deny`` of the policy.
+
+``guard.*`` settings are session context, not Postgres settings: the engine turns
+them into context updates before these rules run.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+
+from ..analysis.model import SettingChange
+from .agent import AgentPolicy
+from .decision import SQLSTATE_INVALID_PARAMETER_VALUE
+from .durations import parse_setting_ms
+from .rules import Violation
+
+FIXED_SETTINGS = {
+    "role": "the agent type's upstream role is fixed",
+    "session_authorization": "the agent type's upstream role is fixed",
+    "session_replication_role": "it would disable triggers and rules",
+    "local_preload_libraries": "it loads server code",
+    "session_preload_libraries": "it loads server code",
+    "search_path": "table names are resolved with the upstream search path",
+    "backslash_quote": "string literals must be read the way guardproxy parsed them",
+}
+_POLICY_KEYS = {
+    "statement_timeout": "timeouts.statement_timeout",
+    "idle_in_transaction_session_timeout": "timeouts.idle_in_transaction_timeout",
+    "transaction_timeout": "timeouts.transaction_timeout",
+}
+_UTF8 = {"utf8", "utf-8", "unicode"}
+_READ_ONLY = {"transaction_read_only", "default_transaction_read_only"}
+_LEXICAL = {"standard_conforming_strings", "client_encoding", "names"}
+
+
+def parse_bool(text: str) -> bool | None:
+    """A boolean as Postgres' parse_bool reads it (unique prefixes), or None."""
+    value = text.strip().lower()
+    if not value:
+        return None
+    if "true".startswith(value) or "yes".startswith(value) or value in ("on", "1"):
+        return True
+    if "false".startswith(value) or "no".startswith(value) or value in ("off", "of", "0"):
+        return False
+    return None
+
+
+def setting_violation(policy: AgentPolicy, change: SettingChange) -> Violation | None:
+    """The rule a setting change breaks, or None (``guard.*`` excluded: see module doc).
+
+    Only settings some rule governs need a constant value: ``set_config('jit', $1,
+    false)`` (asyncpg sends it) is fine, ``set_config('statement_timeout', $1, false)``
+    is not, since nobody can tell what it will set.
+    """
+    name = change.name
+    rule_prefix = f"(policy {policy.name}, settings"
+    if name is None:
+        return Violation(
+            rule="settings",
+            reason=f"{policy.name} may not change a setting whose name is not a constant "
+            f"{rule_prefix})",
+            hint="use SET name = value with a literal name",
+        )
+    if change.action != "set":
+        return None  # RESET / DEFAULT / FROM CURRENT return to values the policy set
+    why = FIXED_SETTINGS.get(name)
+    if why is not None:
+        return Violation(
+            rule=f"settings.{name}",
+            reason=f"{policy.name} may not set {name}: {why} {rule_prefix}.{name})",
+            hint=f"RESET {name} is allowed; ask for a policy change if {policy.name} needs another value",
+        )
+    if name in policy.denied_settings:
+        return Violation(
+            rule="settings.deny",
+            reason=f"{policy.name} may not set {name} {rule_prefix}.deny)",
+            hint=f"settings denied to {policy.name}: {', '.join(sorted(policy.denied_settings))}",
+        )
+    limit = policy.timeout_limits_ms().get(name)
+    governed = (
+        limit is not None
+        or name in _LEXICAL
+        or (name in _READ_ONLY and policy.read_only)
+    )
+    if not governed:
+        return None
+    if change.values is None:
+        return Violation(
+            rule=f"settings.{name}",
+            reason=f"{policy.name} may not set {name} to a value that is not a constant "
+            f"{rule_prefix}.{name})",
+            hint="use a literal value",
+            sqlstate=SQLSTATE_INVALID_PARAMETER_VALUE,
+        )
+    text = ",".join(change.values)
+    shown = f"{name} = {text}"
+    if name == "standard_conforming_strings" and parse_bool(text) is not True:
+        return Violation(
+            rule="settings.standard_conforming_strings",
+            reason=f"{policy.name} may not turn standard_conforming_strings off: string literals "
+            f"must be read the way guardproxy parsed them {rule_prefix}.standard_conforming_strings)",
+            hint="use E'...' strings for backslash escapes",
+        )
+    if name in ("client_encoding", "names") and text.strip().lower() not in _UTF8:
+        return Violation(
+            rule="settings.client_encoding",
+            reason=f"{policy.name} may not set client_encoding to {text}: guardproxy reads "
+            f"statements as UTF8 {rule_prefix}.client_encoding)",
+            hint="client_encoding UTF8 is allowed",
+        )
+    if limit is not None:
+        ms = parse_setting_ms(text)
+        key = _POLICY_KEYS[name]
+        if ms is None or ms <= 0 or ms > limit:
+            return Violation(
+                rule=key,
+                reason=f"{policy.name} may not set {shown}: the policy limits {name} to "
+                f"{limit}ms (policy {policy.name}, {key})",
+                hint=f"values from 1ms to {limit}ms are allowed",
+            )
+    if name in _READ_ONLY and policy.read_only and parse_bool(text) is not True:
+        return Violation(
+            rule="statements",
+            reason=f"{policy.name} may not set {shown}: the agent type is read-only "
+            f"(policy {policy.name}, statements)",
+            hint=f"{policy.name} may only read; READ ONLY transactions are allowed",
+        )
+    return None
+
+
+def startup_changes(params: Mapping[str, str]) -> tuple[list[SettingChange], dict[str, str], list[str]]:
+    """Setting changes, guard.* context and problems from startup parameters.
+
+    ``user`` and ``database`` are the proxy's business; ``options`` is split like
+    libpq does (``-c name=value`` and ``--name=value``); ``replication`` must be off.
+    """
+    changes: list[SettingChange] = []
+    context: dict[str, str] = {}
+    problems: list[str] = []
+    items: list[tuple[str, str]] = []
+    for key, value in params.items():
+        lowered = key.lower()
+        if lowered in ("user", "database", "application_name"):
+            continue
+        if lowered == "replication":
+            if parse_bool(value) is not False:
+                problems.append("replication connections are not allowed")
+            continue
+        if lowered == "options":
+            parsed = _split_options(value)
+            if parsed is None:
+                problems.append(f"cannot read the options parameter {value!r}")
+            else:
+                items.extend(parsed)
+            continue
+        items.append((lowered, value))
+    for name, value in items:
+        if name.startswith("guard."):
+            context[name] = value
+        else:
+            changes.append(SettingChange(name=name, action="set", values=(value,), via="startup"))
+    return changes, context, problems
+
+
+def _split_options(value: str) -> list[tuple[str, str]] | None:
+    # libpq: whitespace separates arguments, backslash escapes the next character.
+    try:
+        words = shlex.split(value.replace("'", "\\'").replace('"', '\\"'), posix=True)
+    except ValueError:
+        return None
+    out: list[tuple[str, str]] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "-c" and i + 1 < len(words):
+            assignment, i = words[i + 1], i + 2
+        elif (word.startswith("-c") and len(word) > 2) or word.startswith("--"):
+            assignment, i = word[2:], i + 1
+        else:
+            return None  # other backend switches (-d, -o, ...) have no business here
+        name, sep, setting = assignment.partition("=")
+        if not sep:
+            return None
+        out.append((name.strip().lower().replace("-", "_"), setting))
+    return out
