@@ -51,6 +51,7 @@ def serve(
     max_message_size: Annotated[int | None, Opt()] = None,
     workers: Annotated[int | None, Opt(help="worker processes sharing the port [1]")] = None,
     shutdown_timeout: Annotated[float | None, Opt()] = None,
+    policies: Annotated[Path | None, Opt(help="directory of policy YAML files (one per agent type)")] = None,
     admin_users: Annotated[
         str | None, Opt(help="comma-separated agent ids allowed into the admin console")
     ] = None,

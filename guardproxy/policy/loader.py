@@ -172,6 +172,7 @@ def _pydantic_problems(exc: ValidationError) -> list[str]:
             out.append(f"{where}: required key is missing")
         elif kind == "literal_error":
             expected = str(err.get("ctx", {}).get("expected", "")).replace("'", "")
+            expected = expected.replace(" or ", ", ")
             out.append(f"{where}: expected one of {expected}; got {got!r}")
         elif kind == "value_error":
             message = str(err["msg"]).removeprefix("Value error, ")

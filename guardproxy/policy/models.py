@@ -12,12 +12,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from .durations import parse_duration
 from .names import parse_column_name
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+ColumnName = Annotated[str, AfterValidator(parse_column_name)]
 
 StatementClassName = Literal[
     "read",
@@ -36,12 +37,6 @@ TableOp = Literal[
 ]
 
 
-def _columns(values: list[str] | None) -> list[str] | None:
-    if values is None:
-        return None
-    return [parse_column_name(v) for v in values]
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
@@ -50,14 +45,10 @@ class TableDocument(_Strict):
     """``tables.<name>``: what the agent may do to one table or view."""
 
     ops: list[TableOp] = Field(default_factory=lambda: list[TableOp](["select"]), min_length=1)
-    columns: list[str] | None = None  # readable columns; None: all (minus deny_columns)
-    update_columns: list[str] | None = None  # None: all (minus deny_columns)
-    insert_columns: list[str] | None = None  # None: all (minus deny_columns)
-    deny_columns: list[str] = Field(default_factory=list)  # never read nor written
-
-    _names = field_validator("columns", "update_columns", "insert_columns", "deny_columns")(
-        _columns
-    )
+    columns: list[ColumnName] | None = None  # readable columns; None: all (minus deny_columns)
+    update_columns: list[ColumnName] | None = None  # None: all (minus deny_columns)
+    insert_columns: list[ColumnName] | None = None  # None: all (minus deny_columns)
+    deny_columns: list[ColumnName] = Field(default_factory=list)  # never read nor written
 
 
 class FunctionsDocument(_Strict):

@@ -110,28 +110,25 @@ def compile_row_filter(table: str, text: str) -> RowFilter:
     return RowFilter(table=table, source=text, template=template, placeholders=tuple(names))
 
 
+# SelectStmt slots that may be set in `SELECT WHERE <condition>`; any other slot set
+# means the text was more than a condition (ORDER BY, LIMIT, UNION, WINDOW...).
+_CONDITION_SLOTS = {"whereClause", "op", "limitOption", "all", "groupDistinct"}
+
+
 def _parse_predicate(text: str) -> ast.Node:
     try:
-        tree = pglast.parse_sql(f"SELECT WHERE ({text})")
+        tree = pglast.parse_sql(f"SELECT WHERE {text}")
     except parser.ParseError as exc:
         raise ValueError(str(exc.args[0]) if exc.args else str(exc)) from None
     if len(tree) != 1:
         raise ValueError("expected one condition, found several statements")
     stmt = tree[0].stmt
-    if (
-        not isinstance(stmt, ast.SelectStmt)
-        or stmt.op != SetOperation.SETOP_NONE
-        or stmt.targetList
-        or stmt.fromClause
-        or stmt.groupClause
-        or stmt.havingClause
-        or stmt.sortClause
-        or stmt.limitCount
-        or stmt.lockingClause
-        or stmt.withClause
-        or stmt.whereClause is None
-    ):
+    if not isinstance(stmt, ast.SelectStmt) or stmt.whereClause is None:
         raise ValueError("expected a single condition")
+    if stmt.op != SetOperation.SETOP_NONE or any(
+        getattr(stmt, slot) for slot in ast.SelectStmt.__slots__ if slot not in _CONDITION_SLOTS
+    ):
+        raise ValueError("expected a single condition, without ORDER BY, LIMIT, UNION and the like")
     node: ast.Node = stmt.whereClause
     return node
 

@@ -24,9 +24,17 @@ log = logging.getLogger("guardproxy.pool")
 
 
 class Pool:
-    def __init__(self, settings: Settings, upstream: Upstream) -> None:
+    def __init__(
+        self, settings: Settings, upstream: Upstream, startup: dict[str, str] | None = None
+    ) -> None:
         self.settings = settings
         self.upstream = upstream
+        # settings every server connection starts with (role, policy timeouts): startup
+        # parameters, so RESET and DISCARD ALL return to them rather than drop them
+        self.startup_options = " ".join(
+            f"-c {k}={v.replace(chr(92), chr(92) * 2).replace(' ', chr(92) + ' ')}"
+            for k, v in (startup or {}).items()
+        )
         self.idle: deque[ServerConn] = deque()
         self.servers: set[ServerConn] = set()
         self.opening = 0
@@ -217,7 +225,8 @@ class Pool:
                     loop.create_connection(lambda: ServerConn(up, serial), up.host, up.port),
                     self.settings.server_connect_timeout,
                 )
-                await asyncio.wait_for(server.startup(), self.settings.server_connect_timeout)
+                extra = {"options": self.startup_options} if self.startup_options else None
+                await asyncio.wait_for(server.startup(extra), self.settings.server_connect_timeout)
             except TimeoutError:
                 self.connect_errors_total += 1
                 raise UpstreamError(

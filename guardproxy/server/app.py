@@ -12,13 +12,17 @@ import logging
 import signal
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from guardproxy.analysis.catalog import CATALOG_QUERY, SEARCH_PATH_QUERY
 from guardproxy.config import Settings, Upstream
 from guardproxy.metrics import GuardproxyCollector, PoolView, StatsRegistry
+from guardproxy.policy import Catalog, Judge, PolicyError, PolicySet, load_policy_set
 from guardproxy.pool.pool import Pool
+from guardproxy.protocol.errors import GuardError
 from guardproxy.protocol.scram import Verifier, load_verifiers
 from guardproxy.server.http import OpsServer
 from guardproxy.server.session import ClientSession
@@ -34,6 +38,13 @@ class Proxy:
         self.relay: CancelRelay | None = None
         self.upstream = upstream
         self.pools: dict[str, Pool] = {"default": Pool(settings, upstream)}
+        self.policies: PolicySet | None = None
+        self.judge: Judge | None = None
+        if settings.policies is not None:
+            self.policies = load_policy_set(settings.policies)
+            self.judge = Judge(self.policies)
+            self._make_pools(self.policies)
+        self._catalog_task: asyncio.Task[None] | None = None
         self.verifiers: dict[str, Verifier] = (
             load_verifiers(settings.auth_file) if settings.auth_file is not None else {}
         )
@@ -80,6 +91,55 @@ class Proxy:
         """Agent ids become a metric label only when the auth file bounds them."""
         return agent_id if self.settings.auth_mode == "scram" else "*"
 
+    def _make_pools(self, policies: PolicySet) -> None:
+        """One pool per agent type: its upstream role, its timeouts, its connection cap."""
+        for policy in policies:
+            if policy.name in self.pools:
+                continue
+            settings = self.settings
+            if policy.max_server_connections:
+                settings = settings.model_copy(update={"pool_size": policy.max_server_connections})
+            startup = dict(policy.upstream_settings())
+            if policy.upstream_role and policy.upstream_role != self.upstream.user:
+                startup["role"] = policy.upstream_role
+            self.pools[policy.name] = Pool(settings, self.upstream, startup)
+
+    async def load_catalog(self) -> None:
+        """Reads tables and columns from the upstream for star expansion and name resolution."""
+        if self.judge is None:
+            return
+        pool = self.pools["default"]
+        try:
+            server = await pool.acquire()
+        except GuardError as exc:
+            log.warning(
+                "could not read the catalog (will retry on the next DDL or reload): %s", exc.message
+            )
+            return
+        try:
+            rows = await server.query(CATALOG_QUERY)
+            path_rows = await server.query(SEARCH_PATH_QUERY)
+        except (GuardError, ConnectionError) as exc:
+            pool.discard(server)
+            log.warning("could not read the catalog: %s", exc)
+            return
+        pool.release(server)
+        path = _pg_array(path_rows[0][0]) if path_rows and path_rows[0][0] else ["public"]
+        catalog = Catalog.from_rows(
+            ((str(r[0]), str(r[1]), str(r[2])) for r in rows), search_path=path
+        )
+        self.judge.set_catalog(catalog)
+        log.info("catalog loaded: %d relations", len(catalog.tables))
+
+    def catalog_changed(self) -> None:
+        """A DDL statement ran: reload the catalog soon, once, whatever the number of DDLs."""
+        if self.judge is not None and (self._catalog_task is None or self._catalog_task.done()):
+            self._catalog_task = asyncio.get_running_loop().create_task(self._reload_catalog_soon())
+
+    async def _reload_catalog_soon(self) -> None:
+        await asyncio.sleep(0.05)
+        await self.load_catalog()
+
     @property
     def pool(self) -> Pool:
         return self.pools["default"]
@@ -93,9 +153,48 @@ class Proxy:
     # ------------------------------------------------------------ operator actions
 
     def reload(self) -> str:
-        """Re-reads what can change without a restart. Overridden as policies come in."""
-        log.info("reload requested: nothing to reload")
-        return "nothing to reload"
+        """Re-reads the policies atomically: a broken set keeps the old one and says why."""
+        if self.settings.policies is None:
+            log.info("reload requested: no policies configured, nothing to reload")
+            return "nothing to reload"
+        try:
+            policies = load_policy_set(self.settings.policies)
+        except PolicyError as exc:
+            log.error("reload refused, keeping the policies in force: %s", exc)
+            return f"reload refused, old policies kept: {exc}"
+        assert self.judge is not None
+        judge = Judge(policies, self.judge.catalog)
+        self.policies, self.judge = policies, judge
+        self._make_pools(policies)
+        for session in self.sessions.values():
+            session.policies_reloaded()
+        log.info("policies reloaded: %s", ", ".join(p.name for p in policies))
+        asyncio.get_running_loop().create_task(self.load_catalog())
+        return f"reloaded {len(policies)} agent types"
+
+    async def _enforce_transaction_timeouts(self) -> None:
+        """transaction_timeout of the policies, on Postgres versions that lack it."""
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.perf_counter()
+            for session in list(self.sessions.values()):
+                guard, server = session.guard, session.server
+                if guard is None or server is None or (server.status == b"I" and not server.pending):
+                    continue
+                limit = guard.policy.transaction_timeout
+                if limit is not None and now - session.attached_at > limit.total_seconds():
+                    name = guard.policy.name
+                    session.end_transaction(
+                        GuardError(
+                            f"transaction of {name} ran longer than transaction_timeout ({limit}) and was "
+                            f"rolled back (policy {name}, timeouts.transaction_timeout)",
+                            hint="keep transactions short: commit before thinking, then start a new one",
+                            sqlstate="25P04",
+                        )
+                    )
+
+    def sessions_of_type(self, agent_type: str) -> int:
+        return sum(1 for s in self.sessions.values() if s.agent_type == agent_type)
 
     async def pause(self) -> None:
         """Stops lending servers and waits (up to shutdown_timeout) for lent ones to come back."""
@@ -142,15 +241,19 @@ class Proxy:
         sock.setblocking(False)
         self._server = await loop.create_server(self.new_session, sock=sock, backlog=1024)
         self.bound_port = sock.getsockname()[1]
+        await self.load_catalog()
         if self.settings.workers > 1:
             self.relay = CancelRelay(
                 Path(tempfile.gettempdir()), self.bound_port, self.worker, self.cancel
             )
             await self.relay.start()
+        self._timeouts = loop.create_task(self._enforce_transaction_timeouts())
         self._janitors = [loop.create_task(pool.janitor()) for pool in self.pools.values()]
         if self.settings.metrics_port is not None:
             self.ops = OpsServer(self.registry, self.readiness)
-            await self.ops.start(self.settings.metrics_host, self.settings.metrics_port)
+            # each worker has its own port: metrics_port + worker index
+            port = self.settings.metrics_port + self.worker if self.settings.metrics_port else 0
+            await self.ops.start(self.settings.metrics_host, port)
         log.info(
             "guardproxy listening on %s:%d, upstream %s@%s:%d/%s, pool_mode %s",
             self.settings.listen_host,
@@ -168,6 +271,8 @@ class Proxy:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._stopping.set)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self._stopping.wait()
         await self.shutdown()
 
@@ -195,8 +300,15 @@ class Proxy:
             pool.close_all()
         for janitor in self._janitors:
             janitor.cancel()
+        self._timeouts.cancel()
         if self.relay is not None:
             self.relay.close()
         if self.ops is not None:
             self.ops.close()
         log.info("guardproxy stopped")
+
+
+def _pg_array(text: str) -> list[str]:
+    """A text[] as Postgres prints it, e.g. ``{public,"my schema"}``."""
+    inner = text.strip("{}")
+    return [part.strip('"') for part in inner.split(",") if part]

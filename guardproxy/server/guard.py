@@ -1,15 +1,108 @@
 """The policy engine as a session sees it: judge one Query or Parse message.
 
-``Guard.judge`` returns the message to forward (unchanged, or rewritten) or
-raises GuardError with the denial the client must see. It also keeps the
-agent's context (task, step, principals, tags) current from comments and
-``SET guard.*`` statements.
+``SessionGuard.judge`` returns the message to forward (unchanged, or rewritten)
+or raises GuardError with the denial the client must see, or LocalAnswer when the
+proxy answers by itself (``SET guard.task = ...``). It keeps the agent's context
+(task, step, principals, tags, SQL-level prepared statements) current.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import pglast
+
+from guardproxy.policy import AgentPolicy, Judge, SessionContext, parse_context_comment
+from guardproxy.protocol import codec
+from guardproxy.protocol.errors import GuardError
+
+if TYPE_CHECKING:
+    from guardproxy.metrics import AgentStats, StatsRegistry
+
+log = logging.getLogger("guardproxy.policy")
 
 
-class Guard(Protocol):
-    def judge(self, kind: int, raw: bytes) -> bytes: ...
+class LocalAnswer(Exception):
+    """The proxy answers this message itself; ``response`` is what goes back (no ReadyForQuery)."""
+
+    def __init__(self, response: bytes) -> None:
+        super().__init__("answered by the proxy")
+        self.response = response
+
+
+class SessionGuard:
+    def __init__(
+        self,
+        judge: Judge,
+        policy: AgentPolicy,
+        context: SessionContext,
+        stats: AgentStats,
+        registry: StatsRegistry,
+    ) -> None:
+        self.judge_engine = judge
+        self.policy = policy
+        self.context = context
+        self.stats = stats
+        self.registry = registry
+        self.task_started: dict[str, float] = {}
+        self.last_decision = "allowed"
+
+    def judge(self, kind: int, raw: bytes) -> bytes:
+        if kind == 81:
+            sql_bytes = codec.parse_query(raw)
+            parsed = None
+        else:
+            parsed = codec.parse_parse(raw)
+            sql_bytes = parsed.query
+        sql = sql_bytes.decode(errors="replace")
+        if "/*" in sql:
+            self.context = self.context.with_updates(parse_context_comment(sql))
+        self._check_task_duration()
+        engine = self.judge_engine
+        hits = engine.hits
+        decision = engine.judge(self.policy, sql, self.context)
+        if engine.hits != hits:
+            self.registry.cache_hits += 1
+        else:
+            self.registry.cache_misses += 1
+        if not decision.allowed:
+            self.stats.denials[decision.rule] += 1
+            log.info("denied %s (%s): %s", self.context.agent_id, decision.rule, decision.reason)
+            raise GuardError(
+                decision.reason, hint=decision.hint, sqlstate=decision.sqlstate or "42501"
+            )
+        if decision.monitored:
+            self.stats.denials[decision.rule] += 1
+            log.warning("monitor mode let through %s: %s", self.context.agent_id, decision.reason)
+        self.last_decision = "monitored" if decision.monitored else "allowed"
+        if decision.context_updates:
+            self.context = self.context.with_updates(decision.context_updates)
+        for name, prepared_sql in decision.prepared.items():
+            self.context = self.context.with_prepared(name, prepared_sql)
+        if decision.proxy_only and parsed is None:
+            count = len(pglast.parser.split(sql)) or 1
+            raise LocalAnswer(codec.build_command_complete("SET") * count)
+        if decision.action == "rewrite" and not decision.monitored:
+            self.last_decision = "rewritten"
+            if parsed is None:
+                return codec.build_query(decision.sql)
+            return codec.build_parse(parsed.name, decision.sql.encode(), parsed.tail)
+        return raw
+
+    def _check_task_duration(self) -> None:
+        limit = self.policy.max_task_duration
+        task = self.context.task
+        if limit is None or task is None:
+            return
+        now = time.monotonic()
+        started = self.task_started.setdefault(task, now)
+        if now - started > limit.total_seconds():
+            self.stats.denials["timeouts.max_task_duration"] += 1
+            raise GuardError(
+                f"task {task} of {self.policy.name} ran longer than max_task_duration "
+                f"({limit}) (policy {self.policy.name}, timeouts.max_task_duration)",
+                hint="start a new task (SET guard.task = '...') or ask an operator for more time",
+                sqlstate="57014",
+            )

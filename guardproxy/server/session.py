@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, cast
 import pglast
 
 from guardproxy.metrics import AgentStats
+from guardproxy.policy import SessionContext
 from guardproxy.pool.server import (
     BIND,
     CLOSE,
@@ -39,6 +40,7 @@ from guardproxy.pool.server import (
 )
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import AuthFailed, GuardError, ProtocolViolation, UpstreamError
+from guardproxy.server.guard import LocalAnswer, SessionGuard
 from guardproxy.server.login import login_exchange
 from guardproxy.server.workers import new_cancel_key
 
@@ -46,7 +48,6 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from guardproxy.server.app import Proxy
-    from guardproxy.server.guard import Guard
 
 log = logging.getLogger("guardproxy.session")
 
@@ -143,7 +144,7 @@ class ClientSession(asyncio.Protocol):
         self.closed = False
         self.blocked = False  # waiting for a server or for settings to be read back
         self.held: tuple[int, bytes] | None = None  # judged, waiting for a server
-        self.guard: Guard | None = None
+        self.guard: SessionGuard | None = None
         self.admin = False
         self.ended_by_proxy = False
         self.task: str | None = None
@@ -228,7 +229,9 @@ class ClientSession(asyncio.Protocol):
                     "rolled it back"
                 )
         if unfinished and not self.ended_by_proxy:
-            log.warning("client %s (%s) disconnected %s", self.peer, self.agent_id, " and ".join(unfinished))
+            log.warning(
+                "client %s (%s) disconnected %s", self.peer, self.agent_id, " and ".join(unfinished)
+            )
 
     def pause_writing(self) -> None:
         if self.server is not None and self.server.transport is not None:
@@ -300,6 +303,8 @@ class ClientSession(asyncio.Protocol):
                 startup = await login_exchange(self)
                 if startup is None:
                     return
+                if self.proxy.policies is not None and not self.admin:
+                    self._bind_policy(startup.params)
                 params = ADMIN_PARAMS if self.admin else await self._server_params()
         except GuardError as exc:
             self.fatal(exc)
@@ -326,6 +331,8 @@ class ClientSession(asyncio.Protocol):
         if not self.admin:
             label = self.proxy.agent_label(self.agent_id)
             self.stats = self.proxy.stats.for_agent(self.agent_type, label)
+            if self.guard is not None:
+                self.guard.stats = self.stats
         self.stats.sessions += 1
         self.stats.sessions_total += 1
         log.debug("client %s logged in as agent %s", self.peer, self.agent_id)
@@ -339,7 +346,53 @@ class ClientSession(asyncio.Protocol):
         }
         if "options" in params:
             settings.update(parse_options(params["options"]))
-        self.settings = tuple(sorted(settings.items()))
+        # guard.* keys are the agent's context for the proxy, not settings for Postgres
+        self.settings = tuple(
+            sorted((k, v) for k, v in settings.items() if not k.startswith("guard."))
+        )
+
+    def _bind_policy(self, params: dict[str, str]) -> None:
+        """Finds the agent's type; refuses agents no policy names, over their limits, or with bad parameters."""
+        proxy = self.proxy
+        assert proxy.policies is not None and proxy.judge is not None
+        policy = proxy.policies.match(self.agent_id)
+        if policy is None:
+            patterns = ", ".join(p for pol in proxy.policies for p in pol.agents)
+            raise AuthFailed(
+                f'agent "{self.agent_id}" matches no agent type in the policies',
+                hint=f"log in with an agent id matching one of: {patterns}",
+                sqlstate="28000",
+            )
+        limit = policy.max_client_sessions
+        if limit is not None and proxy.sessions_of_type(policy.name) >= limit:
+            raise GuardError(
+                f"{policy.name} already has {limit} client sessions (policy {policy.name}, "
+                "limits.max_client_sessions)",
+                hint="close idle sessions or share them, then retry",
+                sqlstate="53300",
+            )
+        decision = proxy.judge.judge_startup(policy, params)
+        if not decision.allowed:
+            raise GuardError(
+                decision.reason, hint=decision.hint, sqlstate=decision.sqlstate or "42501"
+            )
+        self.agent_type = policy.name
+        self.pool = proxy.pool_for(policy.name)
+        context = SessionContext(agent_id=self.agent_id).with_updates(decision.context_updates)
+        self.guard = SessionGuard(proxy.judge, policy, context, self.stats, proxy.stats)
+
+    def policies_reloaded(self) -> None:
+        """After RELOAD or SIGHUP: judge with the new policy of this agent's type from now on."""
+        guard, proxy = self.guard, self.proxy
+        if guard is None or proxy.policies is None or proxy.judge is None:
+            return
+        policy = proxy.policies.match(self.agent_id)
+        if policy is None or policy.name != guard.policy.name:
+            self.kill(
+                f"the policies changed and agent {self.agent_id} is no longer of type {guard.policy.name}"
+            )
+            return
+        guard.policy, guard.judge_engine = policy, proxy.judge
 
     async def _server_params(self) -> dict[str, str]:
         """ParameterStatus values for this client, as a server with its settings reports them."""
@@ -400,6 +453,10 @@ class ClientSession(asyncio.Protocol):
                     except GuardError as denial:
                         self._deny(kind, denial)
                         continue
+                    except LocalAnswer as answer:
+                        self._answer(kind, answer.response)
+                        continue
+                    self.last_decision = guard.last_decision
             server = self.server
             if server is None and self._answer_without_server(kind, raw):
                 continue
@@ -444,6 +501,22 @@ class ClientSession(asyncio.Protocol):
         if server is not None:
             self.pool.discard(server)
         self.fatal(GuardError(reason, sqlstate="57P01"))
+
+    def _answer(self, kind: int, response: bytes) -> None:
+        """Sends the proxy's own answer to a Query, after whatever the server still owes."""
+        server = self.server
+        if server is None:
+            self.write(response + codec.ready_for_query(b"I"))
+        else:
+            server.expect(SYNTH, data=response + codec.ready_for_query(server.status))
+
+    def end_transaction(self, reason: GuardError) -> None:
+        """Rolls back the client's transaction by closing its server (transaction_timeout)."""
+        if self.server is not None:
+            self.stats.timeouts += 1
+            self.server_lost(
+                UpstreamError(reason.message, sqlstate=reason.sqlstate, hint=reason.hint)
+            )
 
     def _deny(self, kind: int, denial: GuardError) -> None:
         """Refuses a statement the way a Postgres error would, transaction state included."""
@@ -699,6 +772,8 @@ class ClientSession(asyncio.Protocol):
                 stats.rows_returned += int(count)
             else:
                 stats.rows_affected += int(count)
+        if tag.startswith((b"CREATE", b"ALTER", b"DROP")):
+            self.proxy.catalog_changed()
         if tag in _SETTINGS_TAGS:
             self.settings_dirty = True
         if tag in _PIN_TAGS:

@@ -48,13 +48,22 @@ async def test_fetch_fetchrow_fetchval_executemany(proxy, pg, table) -> None:
     )
     at = dt.datetime(2024, 2, 29, 12, 30, tzinfo=dt.UTC)
     rows = [
-        (i, f"item {i}", decimal.Decimal(i) / 4, at + dt.timedelta(days=i), [f"t{i % 3}"], uuid.UUID(int=i))
+        (
+            i,
+            f"item {i}",
+            decimal.Decimal(i) / 4,
+            at + dt.timedelta(days=i),
+            [f"t{i % 3}"],
+            uuid.UUID(int=i),
+        )
         for i in range(1, 201)
     ]
     async with asyncio.timeout(60):
         conn = await connect(proxy, "apg-basic")
         try:
-            status = await conn.execute(f"INSERT INTO {table} VALUES (0, 'zero', 0, $1, '{{}}', NULL)", at)
+            status = await conn.execute(
+                f"INSERT INTO {table} VALUES (0, 'zero', 0, $1, '{{}}', NULL)", at
+            )
             assert status == "INSERT 0 1"
             await conn.executemany(f"INSERT INTO {table} VALUES ($1, $2, $3, $4, $5, $6)", rows)
             fetched = await conn.fetch(f"SELECT * FROM {table} WHERE id > $1 ORDER BY id", 0)
@@ -99,7 +108,10 @@ async def test_transactions_commit_rollback_savepoints(proxy, pg, table) -> None
             tr = conn.transaction(isolation="serializable")
             await tr.start()
             await conn.execute(f"INSERT INTO {table} VALUES (5)")
-            assert await conn.fetchval("SELECT current_setting('transaction_isolation')") == "serializable"
+            assert (
+                await conn.fetchval("SELECT current_setting('transaction_isolation')")
+                == "serializable"
+            )
             await tr.rollback()
 
             with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
@@ -124,11 +136,16 @@ async def test_copy_records_to_table_and_copy_from_query(proxy, pg, table, tmp_p
     async with asyncio.timeout(60):
         conn = await connect(proxy, "apg-copy")
         try:
-            status = await conn.copy_records_to_table(table, records=records, columns=["id", "name", "score"])
+            status = await conn.copy_records_to_table(
+                table, records=records, columns=["id", "name", "score"]
+            )
             assert status == "COPY 5000"
             buf = io.BytesIO()
             status = await conn.copy_from_query(
-                f"SELECT id, name, score FROM {table} WHERE id <= $1 ORDER BY id", 20, output=buf, format="csv"
+                f"SELECT id, name, score FROM {table} WHERE id <= $1 ORDER BY id",
+                20,
+                output=buf,
+                format="csv",
             )
             assert status == "COPY 20"
             out_file = tmp_path / "all.tsv"
@@ -177,9 +194,16 @@ async def test_prepared_statements_reused_over_many_transactions(start_proxy, pg
                         await insert.fetch(i, n, row["total"])
                 else:
                     row = await add.fetchrow(i, n)
-                    await conn.execute(f"INSERT INTO {table} VALUES ($1, $2, $3)", i, n, row["total"])
+                    await conn.execute(
+                        f"INSERT INTO {table} VALUES ($1, $2, $3)", i, n, row["total"]
+                    )
                 # the same text through the statement cache
-                assert await conn.fetchval("SELECT $1::int + $2::int AS total, pg_backend_pid() AS pid", i, n) == i + n
+                assert (
+                    await conn.fetchval(
+                        "SELECT $1::int + $2::int AS total, pg_backend_pid() AS pid", i, n
+                    )
+                    == i + n
+                )
                 totals.append(row["total"])
                 pids.add(row["pid"])
             stored = await conn.fetchval(f"SELECT sum(total) FROM {table} WHERE client = $1", i)
@@ -193,16 +217,18 @@ async def test_prepared_statements_reused_over_many_transactions(start_proxy, pg
     for i, (totals, _) in enumerate(results):
         assert totals == [i + n for n in range(20)]
     all_pids = set().union(*(p for _, p in results))
-    assert 1 <= len(all_pids) <= 2
-    # ten clients over two servers: most clients ran on both
-    assert sum(1 for _, p in results if len(p) == 2) >= 5
+    # ten busy clients over two servers: both servers served them, some clients ran on both
+    assert len(all_pids) == 2
+    assert any(len(p) == 2 for _, p in results)
     assert pg.psql(f"SELECT count(*), count(DISTINCT client) FROM {table}") == "200|10"
 
 
 async def test_cursor_and_custom_types(start_proxy, pg) -> None:
     proxy = start_proxy(pool_size=2)
     enum = f"mood_{uuid.uuid4().hex[:8]}"
-    pg.psql(f"CREATE TYPE {enum} AS ENUM ('sad', 'ok', 'happy'); ALTER TYPE {enum} OWNER TO app_owner")
+    pg.psql(
+        f"CREATE TYPE {enum} AS ENUM ('sad', 'ok', 'happy'); ALTER TYPE {enum} OWNER TO app_owner"
+    )
     try:
         async with asyncio.timeout(60):
             conn = await connect(proxy, "apg-types")
@@ -210,12 +236,16 @@ async def test_cursor_and_custom_types(start_proxy, pg) -> None:
             try:
                 # introspection of an unknown type runs its own prepared queries
                 moods = await conn.fetchval(f"SELECT ARRAY['ok', 'happy']::{enum}[]")
-                await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+                await conn.set_type_codec(
+                    "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+                )
                 doc = await conn.fetchval("SELECT $1::jsonb", {"a": [1, 2], "b": None})
                 # a cursor fetches a portal in chunks (Execute with a row limit, PortalSuspended)
                 seen = []
                 async with conn.transaction():
-                    async for rec in conn.cursor("SELECT g FROM generate_series(1, 500) g", prefetch=37):
+                    async for rec in conn.cursor(
+                        "SELECT g FROM generate_series(1, 500) g", prefetch=37
+                    ):
                         seen.append(rec["g"])
                     cur = await conn.cursor("SELECT g FROM generate_series(1, 100) g")
                     first = await cur.fetch(10)
@@ -254,7 +284,9 @@ async def test_errors_leave_the_connection_usable(start_proxy, pg, table) -> Non
                 await conn.fetchval("SELECT $1::int", "not an int")
             with pytest.raises(asyncpg.UniqueViolationError):
                 await conn.executemany(f"INSERT INTO {table} VALUES ($1)", [(1,), (2,), (1,), (3,)])
-            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0  # executemany is atomic
+            assert (
+                await conn.fetchval(f"SELECT count(*) FROM {table}") == 0
+            )  # executemany is atomic
             assert await conn.fetchval("SELECT 40 + $1::int", 2) == 42
             await conn.execute(f"INSERT INTO {table} VALUES (1)")
         finally:
@@ -265,7 +297,9 @@ async def test_errors_leave_the_connection_usable(start_proxy, pg, table) -> Non
 async def test_cached_statement_survives_ddl_from_another_client(start_proxy, pg, table) -> None:
     # asyncpg re-prepares a cached statement once when the server says its plan is stale
     # ("cached plan must not change result type"); straight to Postgres this just works.
-    pg.psql(f"CREATE TABLE {table} (a int); INSERT INTO {table} VALUES (1); ALTER TABLE {table} OWNER TO app_owner")
+    pg.psql(
+        f"CREATE TABLE {table} (a int); INSERT INTO {table} VALUES (1); ALTER TABLE {table} OWNER TO app_owner"
+    )
     proxy = start_proxy(pool_size=2)
     async with asyncio.timeout(60):
         conn = await connect(proxy, "apg-ddl")
@@ -288,6 +322,65 @@ async def test_cached_statement_survives_ddl_from_another_client(start_proxy, pg
     assert after_other_server == [(1, 7)]
 
 
+async def test_same_statement_text_under_different_search_paths(start_proxy, pg) -> None:
+    # Schema-per-tenant: asyncpg prepares the same text on both connections; each must keep
+    # resolving "items" in its own search_path, as it does straight to Postgres.
+    proxy = start_proxy(pool_size=1)
+    tag = uuid.uuid4().hex[:8]
+    a, b = f"atenant_a_{tag}", f"atenant_b_{tag}"
+    pg.psql(
+        f"CREATE SCHEMA {a} AUTHORIZATION app_owner; CREATE SCHEMA {b} AUTHORIZATION app_owner; "
+        f"CREATE TABLE {a}.items (id int, v text); INSERT INTO {a}.items VALUES (1, 'a'); "
+        f"CREATE TABLE {b}.items (id int, v text, extra int); INSERT INTO {b}.items VALUES (1, 'b', 42); "
+        f"ALTER TABLE {a}.items OWNER TO app_owner; ALTER TABLE {b}.items OWNER TO app_owner"
+    )
+    try:
+        async with asyncio.timeout(60):
+            ca = await connect(proxy, "apg-tenant-a", server_settings={"search_path": a})
+            cb = await connect(proxy, "apg-tenant-b", server_settings={"search_path": b})
+            try:
+                seen_a = [tuple(r) for r in await ca.fetch("SELECT * FROM items WHERE id = $1", 1)]
+                seen_b = [tuple(r) for r in await cb.fetch("SELECT * FROM items WHERE id = $1", 1)]
+            finally:
+                await asyncio.wait_for(ca.close(), 10)
+                await asyncio.wait_for(cb.close(), 10)
+    finally:
+        pg.psql(f"DROP SCHEMA IF EXISTS {a} CASCADE; DROP SCHEMA IF EXISTS {b} CASCADE")
+    assert seen_a == [(1, "a")]
+    assert seen_b == [(1, "b", 42)]
+
+
+async def test_asyncpg_pool_over_fewer_server_connections(start_proxy, pg, table) -> None:
+    # asyncpg's own pool resets each connection on release (RESET ALL, UNLISTEN *, CLOSE ALL, ...)
+    make_table(pg, table, "worker int, n int, PRIMARY KEY (worker, n)")
+    proxy = start_proxy(pool_size=2)
+
+    async def worker(pool: asyncpg.Pool, w: int) -> list[str]:
+        names = []
+        for n in range(10):
+            async with pool.acquire() as conn:
+                if n % 2:
+                    await conn.execute(f"SET application_name = 'w{w}-{n}'")
+                names.append(await conn.fetchval("SELECT current_setting('application_name')"))
+                async with conn.transaction():
+                    await conn.execute(f"INSERT INTO {table} VALUES ($1, $2)", w, n)
+        return names
+
+    async with asyncio.timeout(60):
+        pool = await asyncpg.create_pool(
+            proxy.dsn("apg-pool"), min_size=2, max_size=6, timeout=CONNECT_TIMEOUT
+        )
+        try:
+            results = await asyncio.gather(*(worker(pool, w) for w in range(8)))
+        finally:
+            await asyncio.wait_for(pool.close(), 15)
+    for w, names in enumerate(results):
+        # a setting made on a connection is seen right after it; reset never leaks one worker's name
+        assert all(name == f"w{w}-{n}" for n, name in enumerate(names) if n % 2), names
+        assert all(not name.startswith("w") for n, name in enumerate(names) if not n % 2), names
+    assert pg.psql(f"SELECT count(*), count(DISTINCT worker) FROM {table}") == "80|8"
+
+
 async def test_cancel_through_wait_for_timeout(start_proxy, pg) -> None:
     proxy = start_proxy(pool_size=2)
     marker = f"cancel_{uuid.uuid4().hex[:8]}"
@@ -305,7 +398,9 @@ async def test_cancel_through_wait_for_timeout(start_proxy, pg) -> None:
                 await asyncio.wait_for(conn.fetch(f"SELECT pg_sleep(10) /* {marker} */"), 0.5)
             # the connection goes on, and the sleep is gone from the server (not left running)
             assert await asyncio.wait_for(conn.fetchval("SELECT 'alive'"), 8) == "alive"
-            wait_until(lambda: pg.psql(sleeping) == "0", timeout=5, what="the cancelled pg_sleep to end")
+            wait_until(
+                lambda: pg.psql(sleeping) == "0", timeout=5, what="the cancelled pg_sleep to end"
+            )
             assert await other == "survived"
             # cancel again, this time inside a transaction: it is left failed, then rolled back
             tr = conn.transaction()

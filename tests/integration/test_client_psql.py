@@ -52,7 +52,16 @@ def test_several_statements_in_one_query_message(proxy, pg, table) -> None:
     )
     assert out.returncode == 0, out.stderr
     # psql 15 shows every result of the message, in order
-    assert out.stdout.split() == ["CREATE", "TABLE", "INSERT", "0", "2", "UPDATE", "1", "2|one,two!"]
+    assert out.stdout.split() == [
+        "CREATE",
+        "TABLE",
+        "INSERT",
+        "0",
+        "2",
+        "UPDATE",
+        "1",
+        "2|one,two!",
+    ]
     assert pg.psql(f"SELECT string_agg(id || '=' || label, ',' ORDER BY id) FROM {table}") == (
         "1=one,2=two!"
     )
@@ -89,9 +98,9 @@ def test_copy_in_and_out_with_backslash_copy(proxy, pg, table, tmp_path: Path) -
     out = run_psql(proxy, "-c", f"\\copy {table} FROM '{src}' WITH (FORMAT csv)")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "COPY 2000"
-    assert pg.psql(f"SELECT count(*), sum(id), count(*) FILTER (WHERE note = 'has, comma') FROM {table}") == (
-        f"2000|{sum(range(1, 2001))}|{2000 // 7}"
-    )
+    assert pg.psql(
+        f"SELECT count(*), sum(id), count(*) FILTER (WHERE note = 'has, comma') FROM {table}"
+    ) == (f"2000|{sum(range(1, 2001))}|{2000 // 7}")
 
     dst = tmp_path / "out.csv"
     out = run_psql(
@@ -102,7 +111,9 @@ def test_copy_in_and_out_with_backslash_copy(proxy, pg, table, tmp_path: Path) -
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "COPY 50"
     quoted = ['"' + note + '"' if "," in note else note for _, _, note in rows[:50]]
-    expected = "".join(f"{i},{name},{q}\n" for (i, name, _), q in zip(rows[:50], quoted, strict=True))
+    expected = "".join(
+        f"{i},{name},{q}\n" for (i, name, _), q in zip(rows[:50], quoted, strict=True)
+    )
     assert dst.read_text() == expected
 
 

@@ -60,7 +60,9 @@ def test_autocommit_statements_are_committed_one_by_one(proxy, pg, table) -> Non
             conn.execute(f"INSERT INTO {table} VALUES (%s, %s, %s)", (i, f"row {i}", at))
         # visible to the server right away: every statement committed on its own
         assert pg.psql(f"SELECT count(*), sum(id) FROM {table}") == "20|210"
-        rows = conn.execute(f"SELECT id, name, at FROM {table} WHERE id IN (3, 17) ORDER BY id").fetchall()
+        rows = conn.execute(
+            f"SELECT id, name, at FROM {table} WHERE id IN (3, 17) ORDER BY id"
+        ).fetchall()
         assert rows == [(3, "row 3", at), (17, "row 17", at)]
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
@@ -210,21 +212,29 @@ def test_auto_prepare_with_eviction_and_explicit_prepare(start_proxy, pg, table)
         for k in range(1, 10):
             if k % 2:
                 b.execute("SELECT 1")
-            assert a.execute(f"SELECT v FROM {table} WHERE id = %s", (k,), prepare=True).fetchone() == (
-                k * 10 + 1,
-            )
+            assert a.execute(
+                f"SELECT v FROM {table} WHERE id = %s", (k,), prepare=True
+            ).fetchone() == (k * 10 + 1,)
             if k % 2:
                 b.commit()
-    assert pg.psql(f"SELECT count(*), sum(v) FROM {table}") == f"9|{sum(k * 10 + 1 for k in range(1, 10))}"
+    assert (
+        pg.psql(f"SELECT count(*), sum(v) FROM {table}")
+        == f"9|{sum(k * 10 + 1 for k in range(1, 10))}"
+    )
 
 
 def test_auto_prepared_statement_after_own_alter_table(start_proxy, pg, table) -> None:
     # psycopg forgets its prepared statements (DEALLOCATE ALL) after an ALTER on its
     # connection and prepares them again; straight to Postgres the new shape is seen.
-    pg.psql(f"CREATE TABLE {table} (a int); INSERT INTO {table} VALUES (1); ALTER TABLE {table} OWNER TO app_owner")
+    pg.psql(
+        f"CREATE TABLE {table} (a int); INSERT INTO {table} VALUES (1); ALTER TABLE {table} OWNER TO app_owner"
+    )
     proxy = start_proxy(pool_size=2)
     query = f"SELECT * FROM {table} WHERE a = %s"
-    with connect(proxy, "pg3-alter", autocommit=True) as conn, connect(proxy, "pg3-alter-holder") as holder:
+    with (
+        connect(proxy, "pg3-alter", autocommit=True) as conn,
+        connect(proxy, "pg3-alter-holder") as holder,
+    ):
 
         def run_on_both_servers() -> list[tuple]:
             rows = conn.execute(query, (1,)).fetchall()
@@ -292,7 +302,9 @@ def test_copy_in_and_out(proxy, pg, table) -> None:
         )
         assert pg.psql(f"SELECT name FROM {table} WHERE id = 7") == "name\t7"
 
-        with cur.copy(f"COPY (SELECT id, name, tags FROM {table} WHERE id <= 100 ORDER BY id) TO STDOUT") as copy:
+        with cur.copy(
+            f"COPY (SELECT id, name, tags FROM {table} WHERE id <= 100 ORDER BY id) TO STDOUT"
+        ) as copy:
             copy.set_types(["int4", "text", "text[]"])
             out = list(copy.rows())
         assert out == [(i, f"name\t{i}", ["a", f"t{i % 3}"]) for i in range(1, 101)]
@@ -302,7 +314,9 @@ def test_copy_in_and_out(proxy, pg, table) -> None:
             copy.set_types(["int4", "text"])
             for i in range(5001, 5011):
                 copy.write_row((i, f"bin{i}"))
-        with cur.copy(f"COPY (SELECT id, name FROM {table} WHERE id > 5000 ORDER BY id) TO STDOUT (FORMAT BINARY)") as copy:
+        with cur.copy(
+            f"COPY (SELECT id, name FROM {table} WHERE id > 5000 ORDER BY id) TO STDOUT (FORMAT BINARY)"
+        ) as copy:
             copy.set_types(["int4", "text"])
             assert list(copy.rows()) == [(i, f"bin{i}") for i in range(5001, 5011)]
         conn.commit()
@@ -320,7 +334,10 @@ def test_copy_in_and_out(proxy, pg, table) -> None:
 def test_copy_with_bad_data_reports_the_error_and_the_session_goes_on(proxy, pg, table) -> None:
     make_table(pg, table, "id int PRIMARY KEY")
     with connect(proxy, "pg3-copy-bad", autocommit=True) as conn, conn.cursor() as cur:
-        with pytest.raises(errors.InvalidTextRepresentation), cur.copy(f"COPY {table} FROM STDIN") as copy:
+        with (
+            pytest.raises(errors.InvalidTextRepresentation),
+            cur.copy(f"COPY {table} FROM STDIN") as copy,
+        ):
             copy.write(b"1\n2\nthree\n4\n")
         assert cur.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
         with cur.copy(f"COPY {table} FROM STDIN") as copy:
@@ -342,9 +359,9 @@ async def test_async_copy_in_and_out(start_proxy, pg, table) -> None:
                     await copy.write_row((i, f"v{i}"))
             await conn.commit()
             async with cur.copy(
-                sql.SQL("COPY (SELECT id, v FROM {} WHERE id / 1000 = {} ORDER BY id) TO STDOUT").format(
-                    sql.Identifier(table), k
-                )
+                sql.SQL(
+                    "COPY (SELECT id, v FROM {} WHERE id / 1000 = {} ORDER BY id) TO STDOUT"
+                ).format(sql.Identifier(table), k)
             ) as copy:
                 copy.set_types(["int4", "text"])
                 rows = [row async for row in copy.rows()]
@@ -569,7 +586,9 @@ def test_session_settings_survive_across_server_connections(start_proxy, pg) -> 
         pg.psql("; ".join(f"DROP SCHEMA IF EXISTS {s} CASCADE" for s in schemas))
 
 
-def test_client_that_set_nothing_sees_server_defaults_after_others_set_things(start_proxy, pg) -> None:
+def test_client_that_set_nothing_sees_server_defaults_after_others_set_things(
+    start_proxy, pg
+) -> None:
     proxy = start_proxy(pool_size=2)
     defaults = ('"$user", public', pg.psql("SHOW timezone"), "0")
     query = (
@@ -585,9 +604,13 @@ def test_client_that_set_nothing_sees_server_defaults_after_others_set_things(st
         # both servers get used by clients that change settings
         with b.transaction():
             b.execute("SELECT 1")
-            a.execute("SET search_path = pg_catalog; SET timezone = 'Asia/Tokyo'; SET statement_timeout = '7s'")
+            a.execute(
+                "SET search_path = pg_catalog; SET timezone = 'Asia/Tokyo'; SET statement_timeout = '7s'"
+            )
             a.execute("SET application_name = 'dirty-a'")
-        b.execute("SET search_path = public; SET timezone = 'Europe/Paris'; SET statement_timeout = '9s'")
+        b.execute(
+            "SET search_path = public; SET timezone = 'Europe/Paris'; SET statement_timeout = '9s'"
+        )
         b.execute("SET application_name = 'dirty-b'")
         told = plain.info.parameter_status("application_name")
         for hold in (False, True, False, True):
@@ -599,13 +622,47 @@ def test_client_that_set_nothing_sees_server_defaults_after_others_set_things(st
                 holder.commit()
             assert got == defaults
             # what the server uses is what the client was told at login (Postgres: '')
-            assert app == (told,), (app, told)
+            assert app == (told,), (
+                f"current_setting('application_name') is {app[0]!r}, "
+                f"but ParameterStatus at login told the client {told!r}"
+            )
         assert told == ""
+
+
+def test_same_prepared_text_under_different_search_paths(start_proxy, pg) -> None:
+    # Schema-per-tenant: the same query text means different tables for different clients.
+    # Each client's prepared statement must keep resolving in its own search_path.
+    proxy = start_proxy(pool_size=1)
+    tag = uuid.uuid4().hex[:8]
+    a, b = f"tenant_a_{tag}", f"tenant_b_{tag}"
+    pg.psql(
+        f"CREATE SCHEMA {a} AUTHORIZATION app_owner; CREATE SCHEMA {b} AUTHORIZATION app_owner; "
+        f"CREATE TABLE {a}.items (id int, v text); INSERT INTO {a}.items VALUES (1, 'a'); "
+        f"CREATE TABLE {b}.items (id int, v text, extra int); INSERT INTO {b}.items VALUES (1, 'b', 42); "
+        f"ALTER TABLE {a}.items OWNER TO app_owner; ALTER TABLE {b}.items OWNER TO app_owner"
+    )
+    try:
+        with (
+            connect(proxy, "pg3-tenant-a", autocommit=True, options=f"-c search_path={a}") as ca,
+            connect(proxy, "pg3-tenant-b", autocommit=True) as cb,
+        ):
+            cb.execute(f"SET search_path = {b}")
+            seen_a, seen_b = [], []
+            for _ in range(8):  # prepared from the 6th run on
+                seen_a.append(ca.execute("SELECT * FROM items WHERE id = %s", (1,)).fetchall())
+                seen_b.append(cb.execute("SELECT * FROM items WHERE id = %s", (1,)).fetchall())
+        assert seen_a == [[(1, "a")]] * 8
+        assert seen_b == [[(1, "b", 42)]] * 8
+    finally:
+        pg.psql(f"DROP SCHEMA IF EXISTS {a} CASCADE; DROP SCHEMA IF EXISTS {b} CASCADE")
 
 
 def test_set_local_rolled_back_set_and_reset_do_not_leak(start_proxy) -> None:
     proxy = start_proxy(pool_size=2)
-    with connect(proxy, "pg3-setlocal", autocommit=True) as conn, connect(proxy, "pg3-setlocal-holder") as holder:
+    with (
+        connect(proxy, "pg3-setlocal", autocommit=True) as conn,
+        connect(proxy, "pg3-setlocal-holder") as holder,
+    ):
 
         def seen() -> tuple[str, str]:
             out = []
@@ -621,7 +678,8 @@ def test_set_local_rolled_back_set_and_reset_do_not_leak(start_proxy) -> None:
             assert out[0] == out[1], out
             return out[0]
 
-        conn.execute("SET statement_timeout = '42s'")
+        with conn.transaction():  # a SET inside a transaction that commits stays
+            conn.execute("SET statement_timeout = '42s'")
         assert seen() == ('"$user", public', "42s")
         with conn.transaction():
             conn.execute("SET LOCAL search_path = pg_catalog")
@@ -681,7 +739,9 @@ def test_temp_table_pins_the_client_to_its_server(start_proxy, pg) -> None:
             holder.execute("SELECT 1")  # one server held by another client
             for other in (a, b):
                 # others run elsewhere and cannot see the temp table
-                pid, visible = other.execute("SELECT pg_backend_pid(), to_regclass(%s)", (name,)).fetchone()
+                pid, visible = other.execute(
+                    "SELECT pg_backend_pid(), to_regclass(%s)", (name,)
+                ).fetchone()
                 assert pid != owner_pid
                 assert visible is None
             with owner.transaction():
@@ -696,7 +756,10 @@ def test_server_side_cursors_with_and_without_hold(start_proxy, pg, table) -> No
     make_table(pg, table, "id int")
     pg.psql(f"INSERT INTO {table} SELECT generate_series(1, 100)")
     proxy = start_proxy(pool_size=2)
-    with connect(proxy, "pg3-cursor") as conn, connect(proxy, "pg3-cursor-other", autocommit=True) as other:
+    with (
+        connect(proxy, "pg3-cursor") as conn,
+        connect(proxy, "pg3-cursor-other", autocommit=True) as other,
+    ):
         # a plain named cursor lives inside one transaction
         with conn.cursor("plain_cur") as cur:
             cur.execute(f"SELECT id FROM {table} ORDER BY id")
