@@ -185,8 +185,12 @@ def test_every_error_of_every_file_is_reported(tmp_path: Path) -> None:
     assert len(errors) == 4, errors
     assert any("analytics.yaml: mode: expected one of enforce, monitor" in e for e in errors)
     assert any("support.yaml: tables.order_state_log.ops[1]" in e for e in errors)
-    assert any("upstream_role: 'guard_fulfillment' is also the role of fulfillment" in e for e in errors)
-    assert any("pattern 'fulfillment-eu-*' of fulfillment overlaps 'fulfillment-*'" in e for e in errors)
+    assert any("fulfillment.yaml: upstream_role: 'guard_fulfillment' is also the role of extra" in e for e in errors)
+    assert any(
+        "pattern 'fulfillment-*' of fulfillment overlaps 'fulfillment-eu-*' of extra" in e
+        and "such as 'fulfillment-eu-'" in e
+        for e in errors
+    )
 
 
 @pytest.mark.parametrize(

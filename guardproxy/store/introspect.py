@@ -1,0 +1,15 @@
+"""Reads the upstream catalog (tables, columns, search_path) for the CLI tools."""
+
+from __future__ import annotations
+
+import psycopg
+
+from guardproxy.analysis.catalog import CATALOG_QUERY, SEARCH_PATH_QUERY, Catalog
+
+
+def read_catalog(dsn: str) -> Catalog:
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        rows = conn.execute(CATALOG_QUERY).fetchall()
+        path_row = conn.execute(SEARCH_PATH_QUERY).fetchone()
+    path = list(path_row[0]) if path_row and path_row[0] else ["public"]
+    return Catalog.from_rows(((str(s), str(t), str(c)) for s, t, c in rows), search_path=path)
