@@ -22,12 +22,37 @@ OUT = Path(__file__).resolve().parent.parent / "guardproxy" / "analysis" / "pg_b
 # Added in PostgreSQL 16-18 (release notes); the bootstrap data of the local
 # server (15) does not know them.
 LATER_FUNCTIONS = {
-    "any_value", "array_sample", "array_shuffle", "date_add", "date_subtract", "erf", "erfc",
-    "pg_input_error_info", "pg_input_is_valid", "random_normal", "to_bin", "to_oct",
-    "uuid_extract_timestamp", "uuid_extract_version", "pg_basetype", "pg_column_toast_chunk_id",
-    "uuidv4", "uuidv7", "casefold", "array_reverse", "array_sort", "crc32", "crc32c",
-    "gamma", "lgamma", "reverse", "pg_get_acl", "pg_numa_available", "has_largeobject_privilege",
+    "any_value",
+    "array_sample",
+    "array_shuffle",
+    "date_add",
+    "date_subtract",
+    "erf",
+    "erfc",
+    "pg_input_error_info",
+    "pg_input_is_valid",
+    "random_normal",
+    "to_bin",
+    "to_oct",
+    "uuid_extract_timestamp",
+    "uuid_extract_version",
+    "pg_basetype",
+    "pg_column_toast_chunk_id",
+    "uuidv4",
+    "uuidv7",
+    "casefold",
+    "array_reverse",
+    "array_sort",
+    "crc32",
+    "crc32c",
+    "gamma",
+    "lgamma",
+    "reverse",
+    "pg_get_acl",
+    "pg_numa_available",
+    "has_largeobject_privilege",
     "pg_get_loaded_modules",
+    "system_user",
 }
 
 
@@ -62,15 +87,18 @@ def main() -> None:
     sysfuncs = (share / "system_functions.sql").read_text() + views
     functions |= {
         n.lower()
-        for n in re.findall(r"CREATE (?:OR REPLACE )?FUNCTION (?:pg_catalog\.)?([a-z_0-9]+)", sysfuncs, re.I)
+        for n in re.findall(
+            r"CREATE (?:OR REPLACE )?FUNCTION (?:pg_catalog\.)?([a-z_0-9]+)", sysfuncs, re.I
+        )
     }
     info = (share / "information_schema.sql").read_text()
-    info_rel = {
-        n.lower()
-        for n in re.findall(r"CREATE (?:VIEW|TABLE) ([a-z_0-9]+)", info, re.I)
-    }
+    info_rel = {n.lower() for n in re.findall(r"CREATE (?:VIEW|TABLE) ([a-z_0-9]+)", info, re.I)}
     functions |= LATER_FUNCTIONS
-    version = (share / "catalog_version").read_text().strip() if (share / "catalog_version").exists() else "?"
+    version = (
+        (share / "catalog_version").read_text().strip()
+        if (share / "catalog_version").exists()
+        else "?"
+    )
 
     def fmt(name: str, values: set[str]) -> str:
         body = "".join(f"        {v!r},\n" for v in sorted(values))
@@ -89,7 +117,9 @@ def main() -> None:
         + "\n"
         + fmt("INFORMATION_SCHEMA_RELATIONS", info_rel)
     )
-    print(f"{OUT}: {len(functions)} functions, {len(relations)} relations, {len(info_rel)} info views")
+    print(
+        f"{OUT}: {len(functions)} functions, {len(relations)} relations, {len(info_rel)} info views"
+    )
 
 
 if __name__ == "__main__":

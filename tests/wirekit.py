@@ -155,7 +155,9 @@ class WireClient:
         extra: dict[str, str] | None = None,
     ) -> list[Msg]:
         """Startup to ReadyForQuery; returns what came; fails on an ErrorResponse."""
-        await self.send(startup_packet({"user": user, "database": database, **(extra or {})}, major, minor))
+        await self.send(
+            startup_packet({"user": user, "database": database, **(extra or {})}, major, minor)
+        )
         msgs = await self.read_until(b"ZE")
         assert msgs[-1].kind == b"Z", f"login failed: {errors_in(msgs)}"
         for m in msgs:

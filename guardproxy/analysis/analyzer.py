@@ -124,7 +124,7 @@ def _analyze_one(raw: ast.RawStmt, text: str, catalog: Catalog) -> AnalyzedState
         copy=root.copy,
         prepare_name=root.prepare_name,
         prepared_sql=root.prepared_sql,
-        execute_name=root.execute_name,
+        execute_name=root.execute_name or (collector.executes[0] if collector.executes else None),
         deallocate_name=root.deallocate_name,
         discard=root.discard,
         unsupported=tuple(dict.fromkeys(collector.unsupported + root.unsupported)),
@@ -225,7 +225,8 @@ class _RootFacts:
                 arg = opt.arg
                 off = isinstance(arg, ast.Boolean) and not arg.boolval
                 off = off or (
-                    isinstance(arg, ast.String) and (arg.sval or "").lower() in ("off", "false", "0")
+                    isinstance(arg, ast.String)
+                    and (arg.sval or "").lower() in ("off", "false", "0")
                 )
                 off = off or (isinstance(arg, ast.Integer) and arg.ival == 0)
                 self.explain_analyze = not off

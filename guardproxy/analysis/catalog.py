@@ -2,9 +2,10 @@
 
 The statement alone cannot tell which table an unqualified column belongs to, which
 columns ``*`` stands for, or which schema an unqualified table name resolves to. The
-proxy fills a `Catalog` from the upstream database (`CATALOG_QUERY`, run as the agent
-type's upstream role, plus ``SELECT current_schemas(false)`` for the search path) and
-refreshes it after DDL and on reload; the analyzer and the policy engine only read it.
+proxy fills a `Catalog` from the upstream database (`CATALOG_QUERY`: the system
+catalogs list every table to any role; `SEARCH_PATH_QUERY` run as the agent type's
+upstream role, whose search path is the one its statements use) and refreshes it
+after DDL and on reload; the analyzer and the policy engine only read it.
 
 `version` changes whenever the content changes; caches of decisions made with a
 catalog must be keyed on it (the `Judge` does this).
@@ -28,7 +29,7 @@ from pglast import ast
 from .pg_builtins import INFORMATION_SCHEMA_RELATIONS, PG_CATALOG_RELATIONS
 
 #: Rows of (schema, table, column) for every user relation and its live columns, in
-#: column order. Run it as the upstream role of the agent type the catalog is for.
+#: column order (pg_attribute is readable by every role).
 CATALOG_QUERY = """\
 SELECT n.nspname, c.relname, a.attname
 FROM pg_catalog.pg_class c

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 
 from pglast import ast
 from pglast.enums import CmdType, LockClauseStrength, SetOperation
-from pglast.visitors import Ancestor, Visitor
+from pglast.visitors import Ancestor
 
 from .catalog import Catalog
 from .model import FunctionRef, Op, SettingChange
 from .scope import Link, RangeEntry, ScopeResolver, chain, iter_bases, visible_ctes, written_name
 from .settings import from_set_config
 from .statements import QUERY_NODES
+from .visiting import FastVisitor
 
 _LOCK_STRENGTH = {
     LockClauseStrength.LCS_FORKEYSHARE: "FOR KEY SHARE",
@@ -88,7 +89,7 @@ class AccessBuilder:
     has_where: bool = True
 
 
-class _ColumnFinder(Visitor):
+class _ColumnFinder(FastVisitor):
     """Does an expression reference any column (or a cursor position)?"""
 
     found = False
@@ -117,7 +118,7 @@ def _target_names(targets: tuple[ast.Node, ...] | None) -> set[str]:
     return {t.name for t in targets or () if isinstance(t, ast.ResTarget) and t.name}
 
 
-class Collector(Visitor):
+class Collector(FastVisitor):
     """Collects relations, columns, functions, locks, settings and CTEs of one statement."""
 
     def __init__(self, catalog: Catalog, detailed: bool) -> None:
@@ -133,6 +134,7 @@ class Collector(Visitor):
         self.writable_ctes: list[str] = []
         self.unsupported: list[str] = []
         self.records: list[RelationRecord] = []
+        self.executes: list[str] = []
 
     # -- bookkeeping -------------------------------------------------------------
 
@@ -370,9 +372,15 @@ class Collector(Visitor):
         if ref.name == "set_config" and schema in (None, "pg_catalog"):
             self.settings.append(from_set_config(node))
 
+    def visit_ExecuteStmt(self, ancestors: Ancestor, node: ast.ExecuteStmt) -> None:
+        # EXPLAIN ANALYZE EXECUTE p, CREATE TABLE AS EXECUTE p: p runs all the same.
+        self.executes.append(node.name or "")
+
     def visit_LockingClause(self, ancestors: Ancestor, node: ast.LockingClause) -> None:
         strength = node.strength
-        self.locking.append(_LOCK_STRENGTH.get(strength, "FOR UPDATE") if strength else "FOR UPDATE")
+        self.locking.append(
+            _LOCK_STRENGTH.get(strength, "FOR UPDATE") if strength else "FOR UPDATE"
+        )
 
     def visit_CommonTableExpr(self, ancestors: Ancestor, node: ast.CommonTableExpr) -> None:
         name = node.ctename or ""

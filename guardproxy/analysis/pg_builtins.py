@@ -2273,6 +2273,7 @@ BUILTIN_FUNCTIONS: frozenset[str] = frozenset(
         "sum",
         "suppress_redundant_updates_trigger",
         "system",
+        "system_user",
         "table_am_handler_in",
         "table_am_handler_out",
         "table_to_xml",

@@ -109,7 +109,9 @@ class ScopeResolver:
             relation=self.catalog.resolve(rv.schemaname, relname),
             written=written_name(rv),
             schema_written=rv.schemaname,
-            colaliases=tuple(c.sval or "" for c in (alias.colnames or ()) if isinstance(c, ast.String))
+            colaliases=tuple(
+                c.sval or "" for c in (alias.colnames or ()) if isinstance(c, ast.String)
+            )
             if alias is not None
             else (),
             aliased=alias is not None,

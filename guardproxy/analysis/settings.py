@@ -78,7 +78,9 @@ def from_variable_set(stmt: ast.VariableSetStmt) -> list[SettingChange]:
             return _mode_changes(stmt.args, "SET SESSION CHARACTERISTICS", session=True)
         # SET TRANSACTION SNAPSHOT 'id': imports another transaction's snapshot.
         snapshot = tuple(v for v in (const_text(a) for a in stmt.args or ()) if v is not None)
-        return [SettingChange(name=name.replace(" ", "_"), action="set", values=snapshot, local=True)]
+        return [
+            SettingChange(name=name.replace(" ", "_"), action="set", values=snapshot, local=True)
+        ]
     if kind in (VariableSetKind.VAR_RESET, VariableSetKind.VAR_SET_DEFAULT):
         return [SettingChange(name=name, action="reset", local=local, via="RESET")]
     if kind == VariableSetKind.VAR_SET_CURRENT:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 
 from .context import FrozenMap
@@ -61,7 +62,7 @@ class Decision:
     context_updates: Mapping[str, str] = field(default_factory=FrozenMap)
     cacheable: bool = True
     proxy_only: bool = False
-    prepared: Mapping[str, str | None] = field(default_factory=dict)
+    prepared: Mapping[str, str | None] = field(default_factory=lambda: MappingProxyType({}))
     reapply_settings: bool = False
 
     @property

@@ -44,9 +44,10 @@ from dataclasses import dataclass
 import pglast
 from pglast import ast, parser
 from pglast.enums import BoolExprType, SetOperation
-from pglast.visitors import Ancestor, Skip, Visitor
+from pglast.visitors import Ancestor, Skip
 
 from ..analysis.collector import RelationRecord, strings
+from ..analysis.visiting import FastVisitor
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_-]+)?)\}")
 _FIXED = ("principals", "agent_id", "task", "step")
@@ -54,6 +55,10 @@ _FIXED = ("principals", "agent_id", "task", "step")
 
 class RewriteError(ValueError):
     """A statement that touches a filtered table in a way the filter cannot be added to."""
+
+    def __init__(self, message: str, table: str = "") -> None:
+        super().__init__(message)
+        self.table = table  # the policy key of the filtered table
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ class RowFilter:
         consts = [values.get(name) for name in self.placeholders]
         for value in consts:
             if value is not None and "\x00" in value:
-                raise RewriteError("a context value contains a NUL character")
+                raise RewriteError("a context value contains a NUL character", self.table)
         filled: ast.Node = _Fill(consts)(node)  # returns the new root if it was replaced
         return filled
 
@@ -113,6 +118,7 @@ def compile_row_filter(table: str, text: str) -> RowFilter:
 # SelectStmt slots that may be set in `SELECT WHERE <condition>`; any other slot set
 # means the text was more than a condition (ORDER BY, LIMIT, UNION, WINDOW...).
 _CONDITION_SLOTS = {"whereClause", "op", "limitOption", "all", "groupDistinct"}
+_SELECT_SLOTS: tuple[str, ...] = tuple(ast.SelectStmt.__slots__)  # type: ignore[attr-defined]
 
 
 def _parse_predicate(text: str) -> ast.Node:
@@ -126,14 +132,14 @@ def _parse_predicate(text: str) -> ast.Node:
     if not isinstance(stmt, ast.SelectStmt) or stmt.whereClause is None:
         raise ValueError("expected a single condition")
     if stmt.op != SetOperation.SETOP_NONE or any(
-        getattr(stmt, slot) for slot in ast.SelectStmt.__slots__ if slot not in _CONDITION_SLOTS
+        getattr(stmt, slot) for slot in _SELECT_SLOTS if slot not in _CONDITION_SLOTS
     ):
         raise ValueError("expected a single condition, without ORDER BY, LIMIT, UNION and the like")
     node: ast.Node = stmt.whereClause
     return node
 
 
-class _Checker(Visitor):
+class _Checker(FastVisitor):
     """Load-time checks: only our parameters, unqualified columns outside subqueries."""
 
     def __init__(self, params: int) -> None:
@@ -162,7 +168,7 @@ def _const(value: str | None) -> ast.A_Const:
     return ast.A_Const(isnull=False, val=ast.String(sval=value))
 
 
-class _Fill(Visitor):
+class _Fill(FastVisitor):
     def __init__(self, values: list[str | None]) -> None:
         super().__init__()
         self.values = values
@@ -171,7 +177,7 @@ class _Fill(Visitor):
         return _const(self.values[(node.number or 1) - 1])
 
 
-class _Qualify(Visitor):
+class _Qualify(FastVisitor):
     """Prefix the top-level column names of a predicate with a range entry name."""
 
     def __init__(self, refname: str) -> None:
@@ -210,7 +216,9 @@ def apply_row_filters(
         role = record.role
         if role == "from":
             if isinstance(record.owner, ast.RangeTableSample):
-                raise RewriteError(f"TABLESAMPLE cannot be used on {row_filter.table}")
+                raise RewriteError(
+                    f"TABLESAMPLE cannot be used on {row_filter.table}", row_filter.table
+                )
             wrapped = _wrap(
                 record.node, row_filter.expression(values), readable.get(record.relation)
             )
@@ -240,7 +248,9 @@ def apply_row_filters(
             verb = {"insert": "INSERT into", "merge": "MERGE into", "truncate": "TRUNCATE"}.get(
                 role, "COPY into"
             )
-            raise RewriteError(f"{verb} {row_filter.table} is not possible with its row filter")
+            raise RewriteError(
+                f"{verb} {row_filter.table} is not possible with its row filter", row_filter.table
+            )
         count += 1
     return count
 

@@ -129,7 +129,9 @@ def _check_classes(policy: AgentPolicy, info: StatementInfo) -> Violation | None
     return None
 
 
-def _check_relations(policy: AgentPolicy, info: StatementInfo, catalog: Catalog) -> Violation | None:
+def _check_relations(
+    policy: AgentPolicy, info: StatementInfo, catalog: Catalog
+) -> Violation | None:
     for access in info.relations:
         violation = _check_relation(policy, access, catalog)
         if violation is not None:
@@ -137,7 +139,9 @@ def _check_relations(policy: AgentPolicy, info: StatementInfo, catalog: Catalog)
     return None
 
 
-def _check_relation(policy: AgentPolicy, access: RelationAccess, catalog: Catalog) -> Violation | None:
+def _check_relation(
+    policy: AgentPolicy, access: RelationAccess, catalog: Catalog
+) -> Violation | None:
     rule = policy.table_rule(access.schema, access.name, catalog)
     verb = _VERBS[access.op]
     if rule is None:
@@ -245,7 +249,9 @@ def _check_read_columns(
     return None
 
 
-def _check_written_columns(policy: AgentPolicy, access: RelationAccess, rule: TableRule) -> Violation | None:
+def _check_written_columns(
+    policy: AgentPolicy, access: RelationAccess, rule: TableRule
+) -> Violation | None:
     where = key_path("tables", rule.key)
     is_update = access.op is Op.UPDATE
     allowed = rule.update_columns if is_update else rule.insert_columns

@@ -3,8 +3,9 @@
 Introspection must work (Text-to-SQL agents and the drivers themselves read
 ``pg_catalog`` and ``information_schema``), so reads of system relations are allowed
 by default, except these: they hold password hashes and connection strings, the
-server's authentication and configuration files, per-role settings, raw column
-statistics (most common values are table *data*), and large object contents.
+server's authentication and configuration files, per-role settings, column
+statistics (most common values and histograms are table *data*, a way around
+``deny_columns``), and large object contents.
 A policy that really needs one lists it under ``tables`` (e.g.
 ``pg_catalog.pg_statistic: {ops: [select]}``).
 """
@@ -19,6 +20,9 @@ SENSITIVE_CATALOGS: dict[str, str] = {
     "pg_subscription": "replication connection strings",
     "pg_statistic": "sampled column values",
     "pg_statistic_ext_data": "sampled column values",
+    "pg_stats": "sampled column values",
+    "pg_stats_ext": "sampled column values",
+    "pg_stats_ext_exprs": "sampled column values",
     "pg_largeobject": "large object contents",
     "pg_largeobject_metadata": "large object ownership",
     "pg_hba_file_rules": "the server's authentication rules",

@@ -95,11 +95,7 @@ def setting_violation(policy: AgentPolicy, change: SettingChange) -> Violation |
             hint=f"settings denied to {policy.name}: {', '.join(sorted(policy.denied_settings))}",
         )
     limit = policy.timeout_limits_ms().get(name)
-    governed = (
-        limit is not None
-        or name in _LEXICAL
-        or (name in _READ_ONLY and policy.read_only)
-    )
+    governed = limit is not None or name in _LEXICAL or (name in _READ_ONLY and policy.read_only)
     if not governed:
         return None
     if change.values is None:
@@ -146,7 +142,9 @@ def setting_violation(policy: AgentPolicy, change: SettingChange) -> Violation |
     return None
 
 
-def startup_changes(params: Mapping[str, str]) -> tuple[list[SettingChange], dict[str, str], list[str]]:
+def startup_changes(
+    params: Mapping[str, str],
+) -> tuple[list[SettingChange], dict[str, str], list[str]]:
     """Setting changes, guard.* context and problems from startup parameters.
 
     ``user`` and ``database`` are the proxy's business; ``options`` is split like

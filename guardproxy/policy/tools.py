@@ -52,7 +52,9 @@ def check_report(directory: str | Path) -> tuple[int, str]:
         lines = [f"policy check failed: {count} error{'s' if count != 1 else ''}"]
         lines.extend(f"  {error}" for error in exc.errors)
         return 1, "\n".join(lines)
-    lines = [f"{len(policy_set)} agent type{'s' if len(policy_set) != 1 else ''} in {directory}: OK"]
+    lines = [
+        f"{len(policy_set)} agent type{'s' if len(policy_set) != 1 else ''} in {directory}: OK"
+    ]
     for policy in policy_set:
         lines.append(policy.summary())
     return 0, "\n".join(lines)
@@ -78,7 +80,9 @@ def explain(
             "agent_type": None,
             "monitored": False,
         }
-    decision = Judge(policy_set, catalog).judge(policy, sql, ctx or SessionContext(agent_id=agent_id))
+    decision = Judge(policy_set, catalog).judge(
+        policy, sql, ctx or SessionContext(agent_id=agent_id)
+    )
     return {
         "decision": decision.action,
         "rule": decision.rule,
@@ -92,7 +96,9 @@ def explain(
 
 
 def explain_text(result: dict[str, Any]) -> str:
-    lines = [f"decision: {result['decision']}" + (" (monitor mode)" if result.get("monitored") else "")]
+    lines = [
+        f"decision: {result['decision']}" + (" (monitor mode)" if result.get("monitored") else "")
+    ]
     if result.get("agent_type"):
         lines.append(f"agent type: {result['agent_type']}")
     if result.get("rule"):
@@ -149,7 +155,9 @@ def _role(policy: AgentPolicy, catalog: Catalog | None) -> list[str]:
     for name, ms in policy.timeout_limits_ms().items():
         statement = f"ALTER ROLE {role} SET {name} = '{ms}ms';"
         if name == "transaction_timeout":
-            lines.append(f"-- PostgreSQL 17 and later (the proxy enforces it on older servers):\n-- {statement}")
+            lines.append(
+                f"-- PostgreSQL 17 and later (the proxy enforces it on older servers):\n-- {statement}"
+            )
         else:
             lines.append(statement)
     if policy.read_only:
@@ -171,7 +179,9 @@ def _target(rule: TableRule, catalog: Catalog | None) -> tuple[str, str | None]:
     return quote_ident(rule.name), "public"
 
 
-def _grants(policy: AgentPolicy, rule: TableRule, target: str, catalog: Catalog | None) -> list[str]:
+def _grants(
+    policy: AgentPolicy, rule: TableRule, target: str, catalog: Catalog | None
+) -> list[str]:
     role = quote_ident(policy.upstream_role)
     columns: tuple[str, ...] | None = None
     if catalog is not None:
@@ -212,4 +222,3 @@ def _grants(policy: AgentPolicy, rule: TableRule, target: str, catalog: Catalog 
             cols = ", ".join(quote_ident(c) for c in names)
             lines.append(f"GRANT {privilege} ({cols}) ON {target} TO {role};")
     return lines
-

@@ -176,6 +176,12 @@ class Pool:
                 return
         self.idle.append(server)
 
+    def mark_stale(self, name: bytes) -> None:
+        """A prepared statement's plan went stale: every server re-prepares it on next use."""
+        for server in self.servers:
+            if server.prepared.pop(name, None) is not None:
+                server.to_close.add(name)
+
     def pause(self) -> None:
         self.paused = True
         self._resumed.clear()
@@ -245,6 +251,7 @@ class Pool:
                 raise
         finally:
             self.opening -= 1
+        server.on_stale = self.mark_stale
         self.servers.add(server)
         log.debug("opened server connection %d (backend pid %d)", serial, server.backend_pid)
         return server

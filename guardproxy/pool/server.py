@@ -31,7 +31,7 @@ from guardproxy.protocol.errors import ProtocolViolation, UpstreamError
 from guardproxy.protocol.scram import MECHANISM, ClientExchange, md5_password
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
 log = logging.getLogger("guardproxy.server")
 
@@ -70,8 +70,13 @@ class ServerConn(asyncio.Protocol):
         self.params: dict[str, str] = {}
         self.backend_pid = 0
         self.backend_secret = 0
-        self.prepared: set[bytes] = set()
+        self.prepared: dict[
+            bytes, int
+        ] = {}  # server statement name -> generation it was prepared at
+        self.to_close: set[bytes] = set()  # stale: close before preparing again
+        self.on_stale: Callable[[bytes], None] | None = None  # set by the pool
         self.settings_key: tuple[tuple[str, str], ...] | None = None
+        self.app_name: str | None = None  # application_name the proxy set on it
         self.created_at = time.monotonic()
         self.last_used = self.created_at
         self.closed = False
@@ -243,7 +248,12 @@ class ServerConn(asyncio.Protocol):
             if pending and pending[0][0] != QUERY:
                 failed = pending[0]
                 if failed[0] == PARSE and failed[2]:
-                    self.prepared.discard(failed[2])
+                    self.prepared.pop(failed[2], None)
+                elif (
+                    failed[0] == BIND and failed[2] and fields.get("C") == "0A000" and self.on_stale
+                ):
+                    # "cached plan must not change result type": every copy of it is stale
+                    self.on_stale(failed[2])
                 while pending and pending[0][0] not in _ENDS_ROUND:
                     pending.popleft()
                 if not pending:

@@ -50,7 +50,6 @@ class Proxy:
         )
         self.sessions: dict[tuple[int, int], ClientSession] = {}
         self.clients = 0
-        self.auth_failures_total = 0
         self.stats = StatsRegistry()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GuardproxyCollector(self.stats, self.pool_views))
@@ -179,7 +178,11 @@ class Proxy:
             now = time.perf_counter()
             for session in list(self.sessions.values()):
                 guard, server = session.guard, session.server
-                if guard is None or server is None or (server.status == b"I" and not server.pending):
+                if (
+                    guard is None
+                    or server is None
+                    or (server.status == b"I" and not server.pending)
+                ):
                     continue
                 limit = guard.policy.transaction_timeout
                 if limit is not None and now - session.attached_at > limit.total_seconds():

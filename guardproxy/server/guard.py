@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import pglast
 
@@ -22,6 +23,16 @@ if TYPE_CHECKING:
     from guardproxy.metrics import AgentStats, StatsRegistry
 
 log = logging.getLogger("guardproxy.policy")
+
+
+def sqlcomment(fields: dict[str, str | None]) -> bytes:
+    """A sqlcommenter comment: keys sorted, values URL-encoded then quoted.
+
+    URL-encoding leaves no ``*/`` or quote in a value, so an agent-chosen task
+    name cannot end the comment or change the statement.
+    """
+    pairs = [f"{quote(k, safe='')}='{quote(v, safe='')}'" for k, v in sorted(fields.items()) if v]
+    return ("/*" + ",".join(pairs) + "*/").encode()
 
 
 class LocalAnswer(Exception):
@@ -48,6 +59,8 @@ class SessionGuard:
         self.registry = registry
         self.task_started: dict[str, float] = {}
         self.last_decision = "allowed"
+        self._tag_for: SessionContext | None = None
+        self._tag = b""
 
     def judge(self, kind: int, raw: bytes) -> bytes:
         if kind == 81:
@@ -86,10 +99,27 @@ class SessionGuard:
             raise LocalAnswer(codec.build_command_complete("SET") * count)
         if decision.action == "rewrite" and not decision.monitored:
             self.last_decision = "rewritten"
-            if parsed is None:
-                return codec.build_query(decision.sql)
-            return codec.build_parse(parsed.name, decision.sql.encode(), parsed.tail)
-        return raw
+            sql_bytes = decision.sql.encode()
+        tagged = sql_bytes + (b"\n" if b"--" in sql_bytes else b" ") + self.tag()
+        if parsed is None:
+            return codec.build_query(tagged)
+        return codec.build_parse(parsed.name, tagged, parsed.tail)
+
+    def tag(self) -> bytes:
+        """The sqlcommenter comment naming who runs the statement, built once per context."""
+        ctx = self.context
+        if ctx is not self._tag_for:
+            self._tag = sqlcomment(
+                {
+                    "agent": ctx.agent_id,
+                    "agent_type": self.policy.name,
+                    "task": ctx.task,
+                    "step": ctx.step,
+                    "principals": ",".join(ctx.principals) or None,
+                }
+            )
+            self._tag_for = ctx
+        return self._tag
 
     def _check_task_duration(self) -> None:
         limit = self.policy.max_task_duration

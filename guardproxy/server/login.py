@@ -94,7 +94,7 @@ async def _scram(session: ClientSession, user: str) -> None:
     try:
         final = exchange.final(raw[5:])
     except AuthFailed:
-        session.proxy.auth_failures_total += 1
+        session.proxy.stats.auth_failures += 1
         log.info("failed login for agent %r from %s", user, session.peer)
         raise AuthFailed(f'password authentication failed for user "{user}"') from None
     session.write(codec.auth_request(12, final))

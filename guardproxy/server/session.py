@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import re
 import time
@@ -81,15 +82,33 @@ ADMIN_PARAMS = {
 NO_SUCH_STATEMENT = b"guardproxy_no_unnamed_statement"
 
 
-def server_statement_name(query: bytes, param_types: bytes) -> bytes:
+_generations = itertools.count(1)
+
+
+def server_statement_name(query: bytes, param_types: bytes, search_path: str = "") -> bytes:
+    # search_path is part of what the text means: the same text under another
+    # path is another statement (schema-per-tenant), so it gets another name.
     return (
-        b"gp_" + hashlib.blake2b(query + b"\x00" + param_types, digest_size=20).hexdigest().encode()
+        b"gp_"
+        + hashlib.blake2b(
+            query + b"\x00" + param_types + b"\x00" + search_path.encode(), digest_size=20
+        )
+        .hexdigest()
+        .encode()
     )
 
 
-def replay_sql(settings: Settings) -> str:
-    calls = ", ".join(f"pg_catalog.set_config({_lit(k)}, {_lit(v)}, false)" for k, v in settings)
-    return "RESET ALL" + (f"; SELECT {calls}" if calls else "")
+def replay_sql(settings: Settings, app_name: str) -> str:
+    """Resets a server's session and applies a client's settings, application_name as the proxy names it."""
+    pairs = [(k, v) for k, v in settings if k != "application_name"] + [
+        ("application_name", app_name)
+    ]
+    calls = ", ".join(f"pg_catalog.set_config({_lit(k)}, {_lit(v)}, false)" for k, v in pairs)
+    return f"RESET ALL; SELECT {calls}"
+
+
+def app_name_sql(app_name: str) -> str:
+    return f"SELECT pg_catalog.set_config('application_name', {_lit(app_name)}, false)"
 
 
 def raise_sql(error: GuardError) -> str:
@@ -155,9 +174,8 @@ class ClientSession(asyncio.Protocol):
         self.pinned = proxy.settings.pool_mode == "session"
         self.settings: Settings = ()
         self.settings_dirty = False
-        self.statements: dict[
-            bytes, tuple[bytes, bytes, bytes]
-        ] = {}  # client name -> (server name, query, types)
+        # client name -> (server name, query, parameter types, generation of the client's Parse)
+        self.statements: dict[bytes, tuple[bytes, bytes, bytes, int]] = {}
         self.cancel_key = new_cancel_key(proxy.worker)
         self._startup_buf = b""
         self._login_waiter: asyncio.Future[None] | None = None
@@ -351,6 +369,12 @@ class ClientSession(asyncio.Protocol):
             sorted((k, v) for k, v in settings.items() if not k.startswith("guard."))
         )
 
+    @property
+    def server_app_name(self) -> str:
+        """application_name on the server while this client holds it: the agent, then the client's own."""
+        own = dict(self.settings).get("application_name", "")
+        return f"{self.agent_id}/{own}" if own else self.agent_id
+
     def _bind_policy(self, params: dict[str, str]) -> None:
         """Finds the agent's type; refuses agents no policy names, over their limits, or with bad parameters."""
         proxy = self.proxy
@@ -401,7 +425,7 @@ class ClientSession(asyncio.Protocol):
             return cached
         server = await self.pool.acquire()
         try:
-            await server.query(replay_sql(self.settings))
+            await server.query(replay_sql(self.settings, self.server_app_name))
         except GuardError:
             self.pool.discard(server)
             raise
@@ -409,6 +433,7 @@ class ClientSession(asyncio.Protocol):
             self.pool.discard(server)
             raise
         server.settings_key = self.settings
+        server.app_name = self.server_app_name
         params = dict(server.params)
         params.pop("application_name", None)
         if "application_name" in dict(self.settings):
@@ -448,6 +473,7 @@ class ClientSession(asyncio.Protocol):
                     self._admin_message(kind, raw)
                     continue
                 if guard is not None and (kind == 81 or kind == 80):
+                    started = time.perf_counter()
                     try:
                         raw = guard.judge(kind, raw)
                     except GuardError as denial:
@@ -457,6 +483,7 @@ class ClientSession(asyncio.Protocol):
                         self._answer(kind, answer.response)
                         continue
                     self.last_decision = guard.last_decision
+                    self.proxy.stats.proxy_latency.observe(time.perf_counter() - started)
             server = self.server
             if server is None and self._answer_without_server(kind, raw):
                 continue
@@ -570,11 +597,8 @@ class ClientSession(asyncio.Protocol):
                 self._fail_request(kind, error)
                 return True
             self._inspect(parsed.query)
-            self.statements[parsed.name] = (
-                server_statement_name(parsed.query, parsed.tail),
-                parsed.query,
-                parsed.tail,
-            )
+            sname = server_statement_name(parsed.query, parsed.tail, self.search_path)
+            self.statements[parsed.name] = (sname, parsed.query, parsed.tail, next(_generations))
             self.write(codec.PARSE_COMPLETE)
             return True
         if kind == 83:
@@ -641,11 +665,17 @@ class ClientSession(asyncio.Protocol):
         self.unnamed_on = None
         server.client = self
         self.transactions += 1
-        self.attached_at = time.perf_counter()
+        self.attached_at = self.stmt_started = time.perf_counter()
+        app = self.server_app_name
         if server.settings_key != self.settings:
-            server.send(codec.build_query(replay_sql(self.settings)))
+            server.send(codec.build_query(replay_sql(self.settings, app)))
             server.expect(QUERY, swallow=True)
             server.settings_key = self.settings
+            server.app_name = app
+        elif server.app_name != app:
+            server.send(codec.build_query(app_name_sql(app)))
+            server.expect(QUERY, swallow=True)
+            server.app_name = app
 
     def _relay(self, server: ServerConn, kind: int, raw: bytes) -> None:
         if kind == 81:  # Query
@@ -665,7 +695,7 @@ class ClientSession(asyncio.Protocol):
             if sname is not None:
                 raw = codec.replace_field(raw, start, end, sname)
             server.send(raw)
-            server.expect(BIND)
+            server.expect(BIND, data=sname)
         elif kind == 69:  # Execute
             self.queries += 1
             self.stats.statements[self.portal_kind, "allowed"] += 1
@@ -709,26 +739,49 @@ class ClientSession(asyncio.Protocol):
             server.send(raw)
             server.expect(PARSE)
             return
-        sname = server_statement_name(parsed.query, parsed.tail)
-        self.statements[parsed.name] = (sname, parsed.query, parsed.tail)
-        if sname in server.prepared:
-            server.expect(SYNTH, data=codec.PARSE_COMPLETE)
-            return
-        server.send(codec.build_parse(sname, parsed.query, parsed.tail))
-        server.prepared.add(sname)
-        server.expect(PARSE, data=sname)
+        sname = server_statement_name(parsed.query, parsed.tail, self.search_path)
+        generation = next(_generations)
+        self.statements[parsed.name] = (sname, parsed.query, parsed.tail, generation)
+        self._prepare_on(server, sname, parsed.query, parsed.tail, generation, swallow=False)
 
     def _ensure_prepared(self, server: ServerConn, name: bytes) -> bytes | None:
-        """Server name of a client statement, prepared on ``server`` first if needed."""
+        """Server name of a client statement, prepared on ``server`` first if needed.
+
+        A server's copy is used only if it was prepared after the client's own
+        Parse: a client that prepares again (after DDL, DEALLOCATE, a stale plan)
+        must never get a copy made before the change.
+        """
         known = self.statements.get(name)
         if known is None:
             return None  # unknown: the server reports it as Postgres would
-        sname, query, types = known
-        if sname not in server.prepared:
-            server.send(codec.build_parse(sname, query, types))
-            server.prepared.add(sname)
-            server.expect(PARSE, swallow=True, data=sname)
+        sname, query, types, generation = known
+        if server.prepared.get(sname, -1) < generation:
+            self._prepare_on(server, sname, query, types, generation, swallow=True)
         return sname
+
+    def _prepare_on(
+        self,
+        server: ServerConn,
+        sname: bytes,
+        query: bytes,
+        types: bytes,
+        generation: int,
+        swallow: bool,
+    ) -> None:
+        if sname in server.prepared or sname in server.to_close:
+            server.send(codec.build_close_statement(sname))
+            server.expect(CLOSE, swallow=True)
+            server.to_close.discard(sname)
+        server.send(codec.build_parse(sname, query, types))
+        server.prepared[sname] = generation
+        server.expect(PARSE, swallow=swallow, data=sname)
+
+    @property
+    def search_path(self) -> str:
+        for key, value in self.settings:
+            if key == "search_path":
+                return value
+        return ""
 
     def _ensure_unnamed(self, server: ServerConn) -> bytes | None:
         """Makes the client's unnamed statement the one ``server`` holds.
@@ -778,10 +831,18 @@ class ClientSession(asyncio.Protocol):
             self.settings_dirty = True
         if tag in _PIN_TAGS:
             self.pin("LISTEN")
-        if tag in _FORGET_PREPARED_TAGS and self.server is not None:
-            self.server.prepared.clear()
+        if tag in _FORGET_PREPARED_TAGS:
+            self.statements.clear()  # as Postgres forgets them all for a direct client
+            if self.server is not None:
+                self.server.prepared.clear()
 
     def server_error(self, fields: dict[str, str]) -> None:
+        # a failed statement used DB time too (timeouts most of all)
+        now = time.perf_counter()
+        self.stats.statement_time.observe(now - self.stmt_started)
+        self.stmt_started = now
+        if self.server is not None and self.server.status == b"T":
+            self.stats.aborted_transactions += 1
         code = fields.get("C", "")
         if code == "57014":
             if "timeout" in fields.get("M", ""):
@@ -816,7 +877,15 @@ class ClientSession(asyncio.Protocol):
             log.warning("could not read back session settings: %s", exc)
             self.pool.discard(server)
         else:
-            self.settings = tuple((str(r[0]), str(r[1])) for r in rows)
+            captured = dict((str(r[0]), str(r[1])) for r in rows)
+            server.app_name = captured.get("application_name", "")
+            if server.app_name == self.server_app_name:
+                # ours, not the client's: keep the client's own name in its settings
+                own = dict(self.settings).get("application_name")
+                captured.pop("application_name", None)
+                if own is not None:
+                    captured["application_name"] = own
+            self.settings = tuple(sorted(captured.items()))
             server.settings_key = self.settings
             self.pool.release(server)
         self.blocked = False

@@ -313,12 +313,12 @@ async def test_disconnect_mid_message_inside_a_transaction(start_proxy, pg, tabl
     proxy = start_proxy(pool_size=1)
     with psycopg.connect(proxy.dsn("bystander"), autocommit=True, connect_timeout=10) as other:
         other.execute("SELECT 1")
-        raw = await WireClient.connect(proxy.port)
-        await raw.login()
-        assert not errors_in(await raw.query("BEGIN"))
-        assert not errors_in(await raw.query(f"INSERT INTO {table} VALUES (1, 'lost')"))
-        await raw.send(b"Q" + struct.pack("!i", 200) + b"SELECT 'half a mess")
-        await (raw.abort() if how == "reset" else raw.close())
+        async with await WireClient.connect(proxy.port) as raw:
+            await raw.login()
+            assert not errors_in(await raw.query("BEGIN"))
+            assert not errors_in(await raw.query(f"INSERT INTO {table} VALUES (1, 'lost')"))
+            await raw.send(b"Q" + struct.pack("!i", 200) + b"SELECT 'half a mess")
+            await (raw.abort() if how == "reset" else raw.close())
         await eventually(lambda: lock_free(pg, table), WAIT, "the open transaction to end")
         assert count_rows(pg, table) == 0
         assert stuck_backends(pg) == ""
@@ -337,15 +337,15 @@ async def test_disconnect_mid_copy(start_proxy, pg, table, how) -> None:
     proxy = start_proxy(pool_size=1)
     with psycopg.connect(proxy.dsn("bystander"), autocommit=True, connect_timeout=10) as other:
         other.execute("SELECT 1")
-        raw = await WireClient.connect(proxy.port)
-        await raw.login()
-        await raw.send(codec.build_query(f"COPY {table} FROM STDIN"))
-        msgs = await raw.read_until(b"GZ")
-        assert msgs[-1].kind == b"G", errors_in(msgs)
-        await raw.send(codec.message(b"d", b"1\tcopied\n2\tcopied\n"))
-        if how == "mid-copydata":
-            await raw.send(b"d" + struct.pack("!i", 1000) + b"3\tcut")
-        await (raw.abort() if how == "reset" else raw.close())
+        async with await WireClient.connect(proxy.port) as raw:
+            await raw.login()
+            await raw.send(codec.build_query(f"COPY {table} FROM STDIN"))
+            msgs = await raw.read_until(b"GZ")
+            assert msgs[-1].kind == b"G", errors_in(msgs)
+            await raw.send(codec.message(b"d", b"1\tcopied\n2\tcopied\n"))
+            if how == "mid-copydata":
+                await raw.send(b"d" + struct.pack("!i", 1000) + b"3\tcut")
+            await (raw.abort() if how == "reset" else raw.close())
         await eventually(lambda: lock_free(pg, table), WAIT, "the COPY to end")
         assert stuck_backends(pg) == ""
         assert count_rows(pg, table) == 0
@@ -363,12 +363,11 @@ async def test_disconnect_mid_copy(start_proxy, pg, table, how) -> None:
 async def test_client_gone_during_login_does_not_disturb_others(start_proxy) -> None:
     proxy = start_proxy()
     with psycopg.connect(proxy.dsn("bystander"), autocommit=True, connect_timeout=10) as other:
-        clients = [await WireClient.connect(proxy.port) for _ in range(5)]
         packet = startup_packet({"user": "agent-1", "database": "app"})
-        for i, c in enumerate(clients):
-            await c.send(packet[: 3 + i * 5])  # cut at different places, even inside the length
-        for c in clients:
-            await c.abort()
+        for i in range(5):
+            async with await WireClient.connect(proxy.port) as c:
+                await c.send(packet[: 3 + i * 5])  # cut at different places, even in the length
+                await c.abort()
         assert other.execute("SELECT 'fine'").fetchone() == ("fine",)
     assert_serves(proxy)
     assert proxy.alive()

@@ -376,8 +376,9 @@ async def test_asyncpg_pool_over_fewer_server_connections(start_proxy, pg, table
             await asyncio.wait_for(pool.close(), 15)
     for w, names in enumerate(results):
         # a setting made on a connection is seen right after it; reset never leaks one worker's name
-        assert all(name == f"w{w}-{n}" for n, name in enumerate(names) if n % 2), names
-        assert all(not name.startswith("w") for n, name in enumerate(names) if not n % 2), names
+        # the server names the agent first, then the client's own name
+        assert all(name == f"apg-pool/w{w}-{n}" for n, name in enumerate(names) if n % 2), names
+        assert all("/w" not in name for n, name in enumerate(names) if not n % 2), names
     assert pg.psql(f"SELECT count(*), count(DISTINCT worker) FROM {table}") == "80|8"
 
 

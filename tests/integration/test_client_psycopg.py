@@ -569,7 +569,8 @@ def test_session_settings_survive_across_server_connections(start_proxy, pg) -> 
                         holder.commit()
                     assert search_path == (f"{schemas[i]}, public",)
                     assert row is not None
-                    assert row[:3] == (zones[i], f"app-{i}-{tag}", f"client {i}")
+                    # on the server, application_name names the agent first (pg_stat_activity)
+                    assert row[:3] == (zones[i], f"pg3-set-{i}/app-{i}-{tag}", f"client {i}")
                     assert row[3] == shown[zones[i]]
                     pids[i].add(row[4])
                     # what the client was told by ParameterStatus is what the server uses
@@ -621,12 +622,11 @@ def test_client_that_set_nothing_sees_server_defaults_after_others_set_things(
             if hold:
                 holder.commit()
             assert got == defaults
-            # what the server uses is what the client was told at login (Postgres: '')
-            assert app == (told,), (
-                f"current_setting('application_name') is {app[0]!r}, "
-                f"but ParameterStatus at login told the client {told!r}"
+            # the server names the agent and nothing of the others' names leaks
+            assert app == ("pg3-plain",), (
+                f"current_setting('application_name') is {app[0]!r}, expected the agent id alone"
             )
-        assert told == ""
+        assert told == ""  # the client itself was told what it set: nothing
 
 
 def test_same_prepared_text_under_different_search_paths(start_proxy, pg) -> None:
@@ -720,7 +720,7 @@ def test_startup_parameters_survive_across_server_connections(start_proxy) -> No
             if hold:
                 holder.commit()
             # as Postgres keeps a startup option: verbatim (a SET would normalize it)
-            assert row == ("from-startup", "pg_catalog,public", "12345ms")
+            assert row == ("pg3-startup/from-startup", "pg_catalog,public", "12345ms")
 
 
 def test_temp_table_pins_the_client_to_its_server(start_proxy, pg) -> None:

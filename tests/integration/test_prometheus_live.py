@@ -3,10 +3,12 @@
 A real ``prometheus`` (Debian's package; installed by the session fixture when the
 tests run as root and it is missing) listens on a free loopback port and scrapes the
 proxy's ``/metrics`` every second, with ``deploy/prometheus/alerts.yml`` loaded as its
-rule file. A short, bounded workload of a few agents runs through the proxy: reads,
-writes, an error in a transaction, a statement cut by ``statement_timeout``, a cancel,
-a pool held full until a client times out and another waits, and, when the proxy has
-``--policies``, a denied read of payments. Then every PromQL expression of
+rule file. The proxy runs with ``--policies policies/`` over ``sql/example_schema.sql``
+(and the roles ``guardproxy roles`` derives), and a short, bounded workload of the
+three example agent types goes through it: reads, writes, a transaction, transactions
+that fail, denied reads (payments, a denied column), a statement cut by
+``statement_timeout``, a cancel, and a pool held full until one client gets 53300
+while another waits. Then every PromQL expression of
 ``deploy/grafana/guardproxy-dashboard.json`` and of ``alerts.yml`` goes through
 Prometheus' HTTP API: each must be valid and return data.
 
@@ -14,6 +16,10 @@ Alert expressions end in thresholds (``> 0.6``) that a healthy demo must not cro
 so each is also evaluated in its *threshold-free* form (see ``threshold_free``), which
 must return data; the full expression only has to be valid. Nothing here asserts on
 timings: waits are bounded polls on what Prometheus reports.
+
+Should ``guardproxy serve`` lack ``--policies``, the workload runs without them;
+nothing is denied then, and the test ends as an expected failure naming the
+expressions that had no data for that reason.
 """
 
 from __future__ import annotations
@@ -50,7 +56,6 @@ EXAMPLE_SCHEMA = ROOT / "sql" / "example_schema.sql"
 POLICIES = ROOT / "policies"
 
 DBNAME = "gp_observability"
-TABLE = "gp_obs_orders"
 AGENTS = ("analytics-1", "support-1", "fulfillment-1")
 JOB = "guardproxy"
 POOL_SIZE = 3
@@ -485,59 +490,115 @@ def proxy_has_policies() -> bool:
     return "--policies" in out.stdout and POLICIES.is_dir() and any(POLICIES.iterdir())
 
 
-def prepare_database(pg: Any, with_example_schema: bool) -> None:
+def psql_file(pg: Any, path: Path, dbname: str = DBNAME) -> None:
+    """Runs a SQL file as the superuser, stopping at the first error."""
+    out = subprocess.run(
+        [
+            f"{PG_BINDIR}/psql",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            pg.socket_dir or pg.host,
+            "-p",
+            str(pg.port),
+            "-U",
+            "postgres",
+            "-d",
+            dbname,
+            "-f",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PGPASSWORD=PASSWORDS["postgres"]),
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, f"psql -f {path} failed:\n{out.stderr}"
+
+
+def prepare_database(pg: Any, workdir: Path, policies: bool) -> None:
+    """A fresh database with the example schema; with policies, the roles they run as."""
     pg.psql(f"DROP DATABASE IF EXISTS {DBNAME} WITH (FORCE)", dbname="postgres")
     pg.psql(f"CREATE DATABASE {DBNAME} OWNER app_owner", dbname="postgres")
-    if with_example_schema:
-        env = dict(os.environ, PGPASSWORD=PASSWORDS["postgres"])
-        out = subprocess.run(
-            [
-                f"{PG_BINDIR}/psql",
-                "-X",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                pg.socket_dir or pg.host,
-                "-p",
-                str(pg.port),
-                "-U",
-                "postgres",
-                "-d",
-                DBNAME,
-                "-f",
-                str(EXAMPLE_SCHEMA),
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-            check=False,
-        )
-        assert out.returncode == 0, f"loading {EXAMPLE_SCHEMA} failed:\n{out.stderr}"
-    # With policies, each agent type runs as its policy's upstream_role: make those
-    # roles (if missing) and let the proxy's login role use them.
-    roles = ["app_owner"]
-    if with_example_schema:
-        for policy in sorted(POLICIES.glob("*.y*ml")):
-            role = (yaml.safe_load(policy.read_text()) or {}).get("upstream_role")
-            if role and re.fullmatch(r"[a-z_][a-z0-9_]*", role):
-                roles.append(role)
-                pg.psql(
-                    f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
-                    f"THEN CREATE ROLE {role} NOLOGIN; END IF; END $$;"
-                    f"GRANT {role} TO app_owner;",
-                    dbname="postgres",
-                )
-    grantees = ", ".join(roles)
+    psql_file(pg, EXAMPLE_SCHEMA)
+    # Without policies the proxy's own role (app_owner) runs everything.
     pg.psql(
-        f"CREATE TABLE {TABLE} (id serial PRIMARY KEY, status text NOT NULL, amount numeric);"
-        f"INSERT INTO {TABLE} (status, amount) SELECT 'new', g FROM generate_series(1, 50) g;"
-        f"GRANT USAGE ON SCHEMA public TO {grantees};"
-        f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {grantees};"
-        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {grantees};",
+        "GRANT ALL ON ALL TABLES IN SCHEMA public TO app_owner;"
+        "GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app_owner;",
         dbname=DBNAME,
     )
+    if not policies:
+        return
+    # With policies each agent type's pool runs as its upstream_role: create the
+    # roles and grants `guardproxy roles` derives from the policies, and let the
+    # proxy's login role switch to them.
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "guardproxy",
+            "roles",
+            "--policies",
+            str(POLICIES),
+            "--schema",
+            str(EXAMPLE_SCHEMA),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert out.returncode == 0, f"guardproxy roles failed:\n{out.stdout}\n{out.stderr}"
+    roles_sql = workdir / "roles.sql"
+    roles_sql.write_text(out.stdout)
+    psql_file(pg, roles_sql)
+    for policy in sorted(POLICIES.glob("*.y*ml")):
+        role = (yaml.safe_load(policy.read_text()) or {}).get("upstream_role")
+        if role:
+            pg.psql(f'GRANT "{role}" TO app_owner', dbname=DBNAME)
+
+
+# Allowed by the example policies (checked with `guardproxy explain`), except where noted.
+WORK: dict[str, list[tuple[str, Any]]] = {
+    "analytics-1": [
+        ("SELECT id, fulfillment_status FROM orders WHERE id <= %s", (2,)),
+        ("SELECT id, fulfillment_status FROM orders WHERE id <= %s", (6,)),
+        ("SELECT name FROM customers WHERE id = %s", (1,)),
+        ("SELECT fulfillment_status, count(*) FROM orders GROUP BY 1", None),
+    ],
+    "support-1": [
+        ("SELECT id, fulfillment_status FROM orders WHERE customer_id = %s", (1,)),
+        ("UPDATE orders SET fulfillment_status = 'packed' WHERE id = %s", (4,)),
+        (
+            "INSERT INTO order_state_log (order_id, previous_status, new_status, changed_by, reason)"
+            " VALUES (4, 'pending', 'packed', 'support-1', 'observability test')",
+            None,
+        ),
+    ],
+    "fulfillment-1": [
+        ("SELECT id, fulfillment_status FROM orders WHERE fulfillment_status = %s", ("packed",)),
+        (
+            "UPDATE orders SET fulfillment_status = 'shipped', shipped_at = now(),"
+            " tracking_number = 'TRK-9003' WHERE id = %s",
+            (3,),
+        ),
+    ],
+}
+# Denied by the example policies (allowed, and harmless, without them).
+DENIED = [
+    ("analytics-1", "SELECT id, amount FROM payments WHERE order_id = 1"),
+    ("analytics-1", "SELECT email FROM customers WHERE id = 1"),
+    ("support-1", "SELECT count(*) FROM payments"),
+]
+# Seconds of CPU in Postgres without a big temp file: cut by a timeout or a cancel.
+HEAVY = (
+    "SELECT count(*) FROM generate_series(1, 1000) a, generate_series(1, 1000) b,"
+    " generate_series(1, 1000) c"
+)
 
 
 def attempt(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> str | None:
@@ -554,8 +615,8 @@ def attempt(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> str 
     return None
 
 
-def run_cancelled(conn: psycopg.Connection[Any], sql: str, after: float) -> str | None:
-    """Runs sql and sends a cancel request for it after `after` seconds."""
+def run_cancelled(conn: psycopg.Connection[Any], sql: str, after: float) -> str:
+    """Runs sql and sends a cancel request for it after `after` seconds; returns the outcome."""
     failures: list[str] = []
 
     def cancel() -> None:
@@ -567,63 +628,74 @@ def run_cancelled(conn: psycopg.Connection[Any], sql: str, after: float) -> str 
     timer = threading.Timer(after, cancel)
     timer.start()
     try:
-        return attempt(conn, sql)
+        conn.execute(sql)
+    except psycopg.errors.QueryCanceled as exc:
+        return "cancelled" if "user request" in str(exc) else f"57014 {exc}"
+    except psycopg.Error as exc:
+        return f"{exc.sqlstate} {exc}"
     finally:
         timer.cancel()
         timer.join(10)
         assert not failures, failures
+    return "finished"
+
+
+def pool_size_of(exposition: str, pool: str) -> int | None:
+    m = re.search(
+        rf'^guardproxy_pool_servers_max\{{[^}}]*pool="{re.escape(pool)}"[^}}]*\}} (\S+)$',
+        exposition,
+        re.MULTILINE,
+    )
+    return int(float(m.group(1))) if m else None
 
 
 def run_workload(
-    connect: Callable[..., psycopg.Connection[Any]], agents: dict[str, Any]
+    connect: Callable[..., psycopg.Connection[Any]],
+    agents: dict[str, psycopg.Connection[Any]],
+    metrics_url: str,
 ) -> dict[str, Any]:
     """A few seconds of agent work touching every family of metrics. Returns what happened."""
     happened: dict[str, Any] = {}
-    for i, (name, conn) in enumerate(agents.items()):
-        for n in (5, 10, 20):
-            attempt(conn, f"SELECT id, status FROM {TABLE} WHERE id <= %s", (n,))
-        attempt(conn, f"SELECT count(*) FROM {TABLE}")
-        attempt(
-            conn,
-            f"INSERT INTO {TABLE} (status, amount) SELECT 'new', g FROM generate_series(1, %s) g",
-            (3 + i,),
-        )
-        attempt(conn, f"UPDATE {TABLE} SET status = 'shipped' WHERE id <= %s", (2 + i,))
-        try:
-            with conn.transaction():
-                conn.execute(f"INSERT INTO {TABLE} (status) VALUES ('tx')")
-                conn.execute(f"DELETE FROM {TABLE} WHERE status = 'tx'")
-        except psycopg.Error as exc:
-            happened[f"{name} transaction"] = exc.sqlstate
+    for _ in range(2):
+        for name, statements in WORK.items():
+            for sql, params in statements:
+                if (state := attempt(agents[name], sql, params)) is not None:
+                    happened.setdefault("unexpected", []).append((name, sql, state))
+    for name, sql in DENIED:
+        happened[f"{name}: {sql}"] = attempt(agents[name], sql)
+    support, analytics = agents["support-1"], agents["analytics-1"]
+    try:
+        with support.transaction():
+            support.execute("UPDATE orders SET fulfillment_status = 'cancelled' WHERE id = 5")
+            support.execute(
+                "INSERT INTO order_state_log (order_id, previous_status, new_status, changed_by)"
+                " VALUES (5, 'pending', 'cancelled', 'support-1')"
+            )
+    except psycopg.Error as exc:
+        happened["support transaction"] = exc.sqlstate
+    for conn in agents.values():
         try:
             with conn.transaction():
                 conn.execute("SELECT 1 / 0")
         except psycopg.Error as exc:
-            happened[f"{name} aborted transaction"] = exc.sqlstate
+            happened.setdefault("aborted transactions", []).append(exc.sqlstate)
 
-    analytics, support = agents["analytics-1"], agents["support-1"]
-    if proxy_has_policies():
-        happened["analytics reads payments"] = attempt(analytics, "SELECT * FROM payments LIMIT 5")
-        happened["support reads payments"] = attempt(support, "SELECT count(*) FROM payments")
-
-    # A statement cut by statement_timeout (57014, "statement timeout"), and a cancel
-    # request (57014, "user request") sent while pg_sleep runs. With policies, an agent
-    # type may not be allowed one of these: the next type is tried.
-    for conn in (support, agents["fulfillment-1"], analytics):
-        attempt(conn, "SET statement_timeout = '50ms'")
-        happened["timeout"] = attempt(conn, "SELECT pg_sleep(1)")
-        attempt(conn, "RESET statement_timeout")
-        if happened["timeout"] == "57014":
-            break
-    for conn in (analytics, support, agents["fulfillment-1"]):
-        happened["cancel"] = run_cancelled(conn, "SELECT pg_sleep(3)", after=0.3)
-        if happened["cancel"] == "57014":
-            break
+    # A statement cut by statement_timeout (57014, "statement timeout").
+    attempt(support, "SET statement_timeout = '50ms'")
+    happened["timeout"] = attempt(support, HEAVY)
+    attempt(support, "RESET statement_timeout")
+    # A cancel request ("user request"); the timeout only bounds a cancel that fails.
+    attempt(analytics, "SET statement_timeout = '5s'")
+    happened["cancel"] = run_cancelled(analytics, HEAVY, after=0.3)
+    attempt(analytics, "RESET statement_timeout")
 
     # The pool held full: one client gives up after pool_acquire_timeout (53300),
-    # another waits until a server is given back.
-    # Pools are per upstream role (per agent type with policies): hold one type's.
-    holders = [connect(f"fulfillment-{n}", autocommit=False) for n in range(1, POOL_SIZE + 1)]
+    # another waits until a server is given back. Pools are per agent type with
+    # policies (sized by max_server_connections): hold the fulfillment agents' one.
+    exposition = http_text(metrics_url)
+    size = pool_size_of(exposition, "fulfillment") or pool_size_of(exposition, "default")
+    assert size is not None and size <= 10, f"no usable pool size in:\n{exposition}"
+    holders = [connect(f"fulfillment-{n}", autocommit=False) for n in range(2, size + 2)]
     try:
         for h in holders:
             h.execute("SELECT 1")  # opens a transaction and keeps its server
@@ -652,10 +724,10 @@ def exposed_names(exposition: str) -> set[str]:
 
 
 def test_dashboard_and_alert_promql_return_data_from_a_real_prometheus(
-    pg, start_proxy, prometheus
+    pg, start_proxy, prometheus, tmp_path
 ) -> None:
     policies = proxy_has_policies()
-    prepare_database(pg, with_example_schema=policies and EXAMPLE_SCHEMA.exists())
+    prepare_database(pg, tmp_path, policies)
     metrics_port = free_port()
     settings: dict[str, Any] = {
         "metrics_port": metrics_port,
@@ -693,15 +765,16 @@ def test_dashboard_and_alert_promql_return_data_from_a_real_prometheus(
         # Let Prometheus see every agent's series at their starting values first, so
         # rate() and increase() show the workload's movement.
         prom.wait_scrapes(2)
-        happened = run_workload(connect, agents)
+        happened = run_workload(connect, agents, metrics_url)
     finally:
         for conn in agents.values():
             conn.close()
     print(f"\nworkload: {happened}  (policies: {policies})")
     assert happened["timeout"] == "57014", happened
-    assert happened["cancel"] == "57014", happened
-    if policies:
-        assert happened["analytics reads payments"] is not None, "payments read not denied"
+    assert happened["cancel"] == "cancelled", happened
+    assert "unexpected" not in happened, happened
+    for name, sql in DENIED:
+        assert (happened[f"{name}: {sql}"] is not None) == policies, (name, sql, happened)
     assert happened["pool timeout"] == "53300", happened
     assert happened["pool wait"] is None, happened
 

@@ -256,7 +256,9 @@ def test_lock_statement_and_locking_clauses() -> None:
 
 
 def test_ddl_targets() -> None:
-    assert rel(one("CREATE TRIGGER t AFTER INSERT ON orders EXECUTE FUNCTION f()"), "orders", Op.DDL)
+    assert rel(
+        one("CREATE TRIGGER t AFTER INSERT ON orders EXECUTE FUNCTION f()"), "orders", Op.DDL
+    )
     assert rel(one("CREATE RULE r AS ON INSERT TO orders DO ALSO NOTIFY x"), "orders", Op.DDL)
     assert rel(one("ALTER TABLE payments ADD COLUMN x int"), "payments", Op.DDL)
     assert rel(one("DROP VIEW IF EXISTS sales.v"), "v", Op.DDL, schema="sales")
@@ -268,7 +270,7 @@ def test_identifiers_fold_like_postgres() -> None:
     assert names(one("SELECT * FROM CUSTOMERS")) == {"public.customers"}
     assert names(one('SELECT * FROM "Customers"')) == {"public.Customers"}
     assert names(one('SELECT * FROM U&"\\0063ustomers"')) == {"public.customers"}
-    assert names(one('SELECT * FROM U&"!0063ustomers" UESCAPE \'!\'')) == {"public.customers"}
+    assert names(one("SELECT * FROM U&\"!0063ustomers\" UESCAPE '!'")) == {"public.customers"}
     assert names(one("SELECT * FROM PUBLIC.Payments")) == {"public.payments"}
 
 
@@ -323,7 +325,10 @@ def test_schema_qualified_column_references() -> None:
         "SELECT pg_catalog.pg_class.relname FROM pg_catalog.pg_class "
         "JOIN pg_catalog.pg_namespace ON pg_catalog.pg_namespace.oid = pg_catalog.pg_class.relnamespace"
     )
-    assert rel(info, "pg_class", Op.SELECT, schema="pg_catalog").columns == {"relname", "relnamespace"}
+    assert rel(info, "pg_class", Op.SELECT, schema="pg_catalog").columns == {
+        "relname",
+        "relnamespace",
+    }
     assert rel(info, "pg_namespace", Op.SELECT, schema="pg_catalog").columns == {"oid"}
 
 
@@ -361,7 +366,13 @@ def test_update_from_other_tables() -> None:
 
 @pytest.mark.parametrize(
     ("where", "has_where"),
-    [("", False), ("WHERE true", False), ("WHERE 1 = 1", False), ("WHERE id = 1", True), ("WHERE CURRENT OF c", True)],
+    [
+        ("", False),
+        ("WHERE true", False),
+        ("WHERE 1 = 1", False),
+        ("WHERE id = 1", True),
+        ("WHERE CURRENT OF c", True),
+    ],
 )
 def test_has_where(where: str, has_where: bool) -> None:
     assert rel(one(f"DELETE FROM orders {where}"), "orders", Op.DELETE).has_where is has_where
@@ -373,7 +384,11 @@ def test_insert_columns_and_on_conflict() -> None:
         "ON CONFLICT (idempotency_key) DO UPDATE SET reason = excluded.reason WHERE l.order_id = 1",
         example_catalog(),
     )
-    assert rel(info, "order_state_log", Op.INSERT).columns == {"order_id", "new_status", "changed_by"}
+    assert rel(info, "order_state_log", Op.INSERT).columns == {
+        "order_id",
+        "new_status",
+        "changed_by",
+    }
     assert rel(info, "order_state_log", Op.UPDATE).columns == {"reason"}
     assert "excluded" not in {r.name for r in info.relations}
     assert rel(one("INSERT INTO orders VALUES (1)"), "orders", Op.INSERT).all_columns
@@ -405,8 +420,13 @@ def test_functions_are_found_everywhere() -> None:
     )
     found = {f.qualified for f in info.functions}
     assert found == {"lower", "pg_catalog.generate_series", "pg_ls_dir", "nextval", "Weird"}
-    assert {f.qualified for f in one("CALL cleanup(pg_sleep(1))").functions} == {"cleanup", "pg_sleep"}
-    assert {f.name for f in one("CREATE TABLE t (a int DEFAULT pg_sleep(1))").functions} == {"pg_sleep"}
+    assert {f.qualified for f in one("CALL cleanup(pg_sleep(1))").functions} == {
+        "cleanup",
+        "pg_sleep",
+    }
+    assert {f.name for f in one("CREATE TABLE t (a int DEFAULT pg_sleep(1))").functions} == {
+        "pg_sleep"
+    }
 
 
 @pytest.mark.parametrize(
@@ -418,7 +438,13 @@ def test_functions_are_found_everywhere() -> None:
         ("SET statement_timeout TO DEFAULT", "statement_timeout", "reset", None, False),
         ("RESET ALL", "all", "reset", None, False),
         ("SET ROLE postgres", "role", "set", ("postgres",), False),
-        ("SET SESSION AUTHORIZATION postgres", "session_authorization", "set", ("postgres",), False),
+        (
+            "SET SESSION AUTHORIZATION postgres",
+            "session_authorization",
+            "set",
+            ("postgres",),
+            False,
+        ),
         ("SET SCHEMA 'evil'", "search_path", "set", ("evil",), False),
         ("SET search_path TO evil, public", "search_path", "set", ("evil", "public"), False),
         ("SET TIME ZONE 'UTC'", "timezone", "set", ("UTC",), False),
@@ -438,7 +464,12 @@ def test_setting_changes(
     sql: str, name: str, action: str, values: tuple[str, ...] | None, local: bool
 ) -> None:
     (change,) = one(sql).settings
-    assert (change.name, change.action, change.values, change.local) == (name, action, values, local)
+    assert (change.name, change.action, change.values, change.local) == (
+        name,
+        action,
+        values,
+        local,
+    )
 
 
 def test_begin_with_several_modes() -> None:
@@ -450,9 +481,15 @@ def test_begin_with_several_modes() -> None:
 
 
 def test_set_config_is_a_setting_change_wherever_it_is() -> None:
-    info = one("SELECT 1 FROM orders WHERE set_config('default_transaction_read_only', 'off', false) <> ''")
+    info = one(
+        "SELECT 1 FROM orders WHERE set_config('default_transaction_read_only', 'off', false) <> ''"
+    )
     (change,) = info.settings
-    assert (change.name, change.values, change.via) == ("default_transaction_read_only", ("off",), "set_config")
+    assert (change.name, change.values, change.via) == (
+        "default_transaction_read_only",
+        ("off",),
+        "set_config",
+    )
     dynamic = one("SELECT set_config(name, 'off', true) FROM pg_settings")
     assert dynamic.settings[0].name is None and dynamic.settings[0].local
 
@@ -470,7 +507,9 @@ def test_catalog_resolution_follows_the_search_path() -> None:
     assert catalog.resolve(None, "pg_class") == ("pg_catalog", "pg_class")  # pg_catalog first
     assert catalog.resolve(None, "nothing") == ("app", "nothing")
     assert catalog.resolve("public", "orders") == ("public", "orders")
-    explicit = Catalog.from_rows([("public", "pg_class", "x")], search_path=["public", "pg_catalog"])
+    explicit = Catalog.from_rows(
+        [("public", "pg_class", "x")], search_path=["public", "pg_catalog"]
+    )
     assert explicit.resolve(None, "pg_class") == ("public", "pg_class")
     info = one("SELECT id FROM orders", catalog)
     assert names(info) == {"app.orders"}
@@ -506,6 +545,6 @@ def test_shape_ignores_constants_and_edge_comments() -> None:
     # a comment that is really in the middle stays part of the key
     assert shape("SELECT /* x */ 1") == "SELECT /* x */ $1"
     # U& escape characters are part of the identifier, not a constant
-    assert shape('SELECT * FROM U&"d!0061ta" UESCAPE \'!\'') != shape(
-        'SELECT * FROM U&"d!0061ta" UESCAPE \'#\''
+    assert shape("SELECT * FROM U&\"d!0061ta\" UESCAPE '!'") != shape(
+        "SELECT * FROM U&\"d!0061ta\" UESCAPE '#'"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -19,7 +20,7 @@ PROPERTY = settings(
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c for c in cuts if 0 < c < len(data)})
     edges = [0, *points, len(data)]
-    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
 def drain(reader: codec.MessageReader) -> list[tuple[int, bytes]]:
@@ -286,7 +287,7 @@ def test_bind_statement_and_replace_field_round_trip() -> None:
     assert declared == len(new) - 1
     assert codec.bind_statement(new)[0] == b"gp_0123456789abcdef"
     # and back again to exactly the original bytes
-    name2, s2, e2 = codec.bind_statement(new)
+    _, s2, e2 = codec.bind_statement(new)
     assert codec.replace_field(new, s2, e2, name) == raw
 
 
@@ -352,7 +353,7 @@ def test_error_fields_round_trip_build_error() -> None:
 
 
 def test_error_fields_of_a_real_postgres_error_and_malformed_ones() -> None:
-    body = b"SERROR\x00VERROR\x00C42P01\x00Mrelation \"nope\" does not exist\x00P15\x00\x00"
+    body = b'SERROR\x00VERROR\x00C42P01\x00Mrelation "nope" does not exist\x00P15\x00\x00'
     fields = codec.error_fields(codec.message(b"E", body))
     assert fields == {
         "S": "ERROR",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from _policy_helpers import AGENTS, judge
@@ -25,10 +25,14 @@ def asyncpg_queries() -> list[str]:
     stub = SimpleNamespace(
         _reset_query=None,
         _server_caps=SimpleNamespace(
-            advisory_locks=True, sql_close_all=True, notifications=True, plpgsql=True, sql_reset=True
+            advisory_locks=True,
+            sql_close_all=True,
+            notifications=True,
+            plpgsql=True,
+            sql_reset=True,
         ),
     )
-    reset = connection.Connection.get_reset_query(stub)  # type: ignore[arg-type]
+    reset = connection.Connection.get_reset_query(stub)
     return [
         introspection.INTRO_LOOKUP_TYPES,
         introspection.INTRO_LOOKUP_TYPES_13,
@@ -44,7 +48,7 @@ def sqlalchemy_queries() -> list[str]:
     from sqlalchemy.dialects.postgresql import psycopg
     from sqlalchemy.engine.reflection import ObjectKind, ObjectScope
 
-    dialect = psycopg.dialect()
+    dialect: Any = psycopg.dialect()  # type: ignore[no-untyped-call]
     dialect.server_version_info = (15, 0)
     compiled = [
         dialect._has_multi_table_query(None),
@@ -87,7 +91,7 @@ def test_psycopg_type_info_queries_pass(agent_type: str) -> None:
 
     conn: Any = SimpleNamespace(info=SimpleNamespace(vendor="PostgreSQL", server_version=150000))
     infos = (TypeInfo, RangeInfo, MultirangeInfo, CompositeInfo, EnumInfo)
-    queries = [info._get_info_query(conn).as_string() for info in infos]
+    queries = [cast(Any, info._get_info_query(conn)).as_string() for info in infos]
     assert len(queries) == 5
     for text in queries:
         sql = _dollar_params(text)

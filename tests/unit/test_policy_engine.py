@@ -112,15 +112,31 @@ def test_message_names_agent_type_operation_object_and_rule() -> None:
         ("analytics", "SELECT * FROM customers", "tables.customers.deny_columns"),
         ("analytics", "UPDATE orders SET tracking_number = 'x' WHERE id = 1", "statements"),
         ("support", "SELECT card_last4 FROM payments", "tables"),
-        ("support", "UPDATE orders SET shipped_at = now() WHERE id = 1", "tables.orders.update_columns"),
+        (
+            "support",
+            "UPDATE orders SET shipped_at = now() WHERE id = 1",
+            "tables.orders.update_columns",
+        ),
         ("support", "UPDATE customers SET name = 'x' WHERE id = 1", "tables.customers.ops"),
-        ("support", "INSERT INTO order_state_log VALUES (1, 1, 'a', 'b', 'c')", "tables.order_state_log.insert_columns"),
-        ("support", "INSERT INTO order_state_log (id, order_id, new_status, changed_by) VALUES (9, 1, 'a', 'b')", "tables.order_state_log.insert_columns"),
+        (
+            "support",
+            "INSERT INTO order_state_log VALUES (1, 1, 'a', 'b', 'c')",
+            "tables.order_state_log.insert_columns",
+        ),
+        (
+            "support",
+            "INSERT INTO order_state_log (id, order_id, new_status, changed_by) VALUES (9, 1, 'a', 'b')",
+            "tables.order_state_log.insert_columns",
+        ),
         ("support", "DELETE FROM order_state_log WHERE id = 1", "tables.order_state_log.ops"),
         ("support", "DELETE FROM orders", "require_where"),
         ("support", "UPDATE orders SET fulfillment_status = 'x' WHERE true", "require_where"),
         ("fulfillment", "SELECT name FROM customers", "tables"),
-        ("fulfillment", "UPDATE orders SET customer_id = 2 WHERE id = 1", "tables.orders.update_columns"),
+        (
+            "fulfillment",
+            "UPDATE orders SET customer_id = 2 WHERE id = 1",
+            "tables.orders.update_columns",
+        ),
         ("fulfillment", "DELETE FROM orders WHERE id = 1", "tables.orders.ops"),
     ],
 )
@@ -138,14 +154,19 @@ def test_hint_lists_what_is_allowed() -> None:
 def test_without_catalog_the_hint_still_says_what_is_readable() -> None:
     decision = judge("analytics", "SELECT * FROM customers", catalog=False)
     assert decision.action == "deny"
-    assert decision.hint == "name the columns instead; analytics may read any column of customers except email"
+    assert (
+        decision.hint
+        == "name the columns instead; analytics may read any column of customers except email"
+    )
 
 
 # -- DESIGN.md section 4, one test per bypass class ---------------------------------------
 
 
 def test_bypass_stacked_statements() -> None:
-    assert "delete from orders" in denied("analytics", "SELECT 1; DELETE FROM orders WHERE id = 1", "statements")
+    assert "delete from orders" in denied(
+        "analytics", "SELECT 1; DELETE FROM orders WHERE id = 1", "statements"
+    )
     denied("analytics", "COMMIT; DROP TABLE orders", "statements")
     denied("support", "SELECT id FROM orders WHERE id = 1; SELECT * FROM payments", "tables")
 
@@ -178,22 +199,32 @@ def test_read_write_mode_is_fine_for_writers() -> None:
 def test_bypass_set_config() -> None:
     # set_config is judged as the SET it amounts to, wherever it is called
     assert "default_transaction_read_only" in denied(
-        "analytics", "SELECT set_config('default_transaction_read_only', 'off', false)", "statements"
+        "analytics",
+        "SELECT set_config('default_transaction_read_only', 'off', false)",
+        "statements",
     )
     denied(
         "analytics",
         "SELECT id FROM orders WHERE set_config('statement_timeout', '0', true) IS NOT NULL",
         "timeouts.statement_timeout",
     )
-    denied("analytics", "SELECT * FROM orders, set_config('role', 'postgres', false)", "settings.role")
+    denied(
+        "analytics", "SELECT * FROM orders, set_config('role', 'postgres', false)", "settings.role"
+    )
     # a governed setting with a value nobody can see, or a name nobody can see
-    denied("analytics", "SELECT set_config('statement_timeout', $1, false)", "settings.statement_timeout")
+    denied(
+        "analytics",
+        "SELECT set_config('statement_timeout', $1, false)",
+        "settings.statement_timeout",
+    )
     denied("analytics", "SELECT set_config(name, '0', false) FROM pg_settings", "settings")
 
 
 def test_set_config_of_ungoverned_settings_passes() -> None:
     # asyncpg toggles jit around its type introspection with exactly these
-    allowed("analytics", "SELECT current_setting('jit') AS cur, set_config('jit', 'off', false) AS new")
+    allowed(
+        "analytics", "SELECT current_setting('jit') AS cur, set_config('jit', 'off', false) AS new"
+    )
     allowed("analytics", "SELECT set_config('jit', $1, false)")
 
 
@@ -227,7 +258,11 @@ def test_bypass_startup_parameters() -> None:
 
 
 def test_bypass_writable_cte() -> None:
-    denied("analytics", "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d", "statements")
+    denied(
+        "analytics",
+        "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d",
+        "statements",
+    )
     denied(
         "fulfillment",
         "WITH x AS (UPDATE orders SET customer_id = 1 WHERE id = 2 RETURNING id) SELECT * FROM x",
@@ -237,8 +272,12 @@ def test_bypass_writable_cte() -> None:
 
 def test_bypass_explain_analyze() -> None:
     denied("analytics", "EXPLAIN ANALYZE DELETE FROM orders WHERE id = 1", "statements")
-    denied("analytics", "EXPLAIN (ANALYZE) INSERT INTO orders (customer_id) VALUES (1)", "statements")
-    denied("analytics", "EXPLAIN ANALYZE SELECT email FROM customers", "tables.customers.deny_columns")
+    denied(
+        "analytics", "EXPLAIN (ANALYZE) INSERT INTO orders (customer_id) VALUES (1)", "statements"
+    )
+    denied(
+        "analytics", "EXPLAIN ANALYZE SELECT email FROM customers", "tables.customers.deny_columns"
+    )
     denied("support", "EXPLAIN ANALYZE DELETE FROM orders", "require_where")
 
 
@@ -282,8 +321,7 @@ def test_side_effect_functions_can_be_allowed_and_others_denied(tmp_path: Path) 
     path = directory / "support.yaml"
     path.write_text(
         path.read_text().replace(
-            "require_where: true",
-            "functions:\n  default: deny\n  allow: [nextval, audit_*]\n  deny: [lower]\nrequire_where: true",
+            "  default: deny ", "  allow: [nextval, audit_*]\n  deny: [lower]\n  default: deny "
         )
     )
     policies = load_policy_set(directory)
@@ -361,7 +399,9 @@ def test_lexical_tricks_that_hide_nothing_pass() -> None:
 
 def test_bypass_prepare_then_execute() -> None:
     denied("analytics", "PREPARE p AS DELETE FROM orders WHERE id = $1", "statements")
-    decision = judge("analytics", "PREPARE p (bigint) AS SELECT id, name FROM customers WHERE id = $1")
+    decision = judge(
+        "analytics", "PREPARE p (bigint) AS SELECT id, name FROM customers WHERE id = $1"
+    )
     assert decision.action == "allow"
     assert dict(decision.prepared) == {"p": "SELECT id, name FROM customers WHERE id = $1"}
     assert not decision.cacheable
@@ -371,9 +411,13 @@ def test_bypass_prepare_then_execute() -> None:
     # EXECUTE is judged as what was prepared, under the current policy.
     ctx = SessionContext(agent_id="analytics-7").with_prepared("p", decision.prepared["p"])
     assert judge("analytics", "EXECUTE p(1)", ctx=ctx).action == "allow"
-    sneaky = SessionContext(agent_id="analytics-7", prepared={"p": "DELETE FROM orders WHERE id = $1"})
+    sneaky = SessionContext(
+        agent_id="analytics-7", prepared={"p": "DELETE FROM orders WHERE id = $1"}
+    )
     execute = judge("analytics", "EXECUTE p(1)", ctx=sneaky)
-    assert execute.action == "deny" and execute.reason.startswith("EXECUTE p: analytics may not delete")
+    assert execute.action == "deny" and execute.reason.startswith(
+        "EXECUTE p: analytics may not delete"
+    )
     # parameters of EXECUTE are expressions too
     denied("analytics", "EXECUTE p(pg_sleep(10))", ctx=ctx)
     dealloc = judge("analytics", "DEALLOCATE p; DISCARD ALL")
@@ -462,6 +506,7 @@ def test_listen_notify_denied(sql: str) -> None:
         "pg_subscription",
         "pg_hba_file_rules",
         "pg_db_role_setting",
+        "pg_stats",
     ],
 )
 def test_sensitive_catalogs_denied(relation: str) -> None:
@@ -472,15 +517,24 @@ def test_sensitive_catalogs_denied(relation: str) -> None:
 
 def test_sensitive_catalog_hidden_in_a_subquery_is_found() -> None:
     denied("analytics", "SELECT (SELECT rolpassword FROM pg_authid LIMIT 1) AS x", "catalogs")
-    denied("analytics", "WITH a AS (SELECT * FROM pg_catalog.pg_statistic) SELECT 1 FROM a", "catalogs")
+    denied(
+        "analytics", "WITH a AS (SELECT * FROM pg_catalog.pg_statistic) SELECT 1 FROM a", "catalogs"
+    )
 
 
 def test_introspection_of_the_catalogs_passes() -> None:
     for agent in AGENTS:
-        allowed(agent, "SELECT relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace")
-        allowed(agent, "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public'")
+        allowed(
+            agent, "SELECT relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        )
+        allowed(
+            agent,
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public'",
+        )
         allowed(agent, "SELECT rolname FROM pg_roles WHERE rolname = current_user")
-        allowed(agent, "SELECT * FROM pg_stats WHERE tablename = 'orders'")
+        allowed(
+            agent, "SELECT attname, attnum FROM pg_attribute WHERE attrelid = 'orders'::regclass"
+        )
 
 
 def test_system_catalogs_cannot_be_written() -> None:
@@ -495,10 +549,18 @@ def test_system_catalogs_cannot_be_written() -> None:
         ("analytics", "SET statement_timeout = 5001", "timeouts.statement_timeout"),
         ("analytics", "SET LOCAL statement_timeout = '1min'", "timeouts.statement_timeout"),
         ("analytics", "SET statement_timeout = 'forever'", "timeouts.statement_timeout"),
-        ("analytics", "SET idle_in_transaction_session_timeout = 0", "timeouts.idle_in_transaction_timeout"),
+        (
+            "analytics",
+            "SET idle_in_transaction_session_timeout = 0",
+            "timeouts.idle_in_transaction_timeout",
+        ),
         ("analytics", "SET transaction_timeout = '1h'", "timeouts.transaction_timeout"),
         ("support", "SET statement_timeout = '11s'", "timeouts.statement_timeout"),
-        ("support", "SET standard_conforming_strings = off", "settings.standard_conforming_strings"),
+        (
+            "support",
+            "SET standard_conforming_strings = off",
+            "settings.standard_conforming_strings",
+        ),
         ("support", "SET client_encoding = 'SJIS'", "settings.client_encoding"),
         ("support", "SET NAMES 'GBK'", "settings.client_encoding"),
         ("support", "SET backslash_quote = on", "settings.backslash_quote"),
@@ -554,7 +616,9 @@ def test_unparseable_sql_is_denied_with_the_parser_message() -> None:
 def test_unknown_node_is_denied(monkeypatch: pytest.MonkeyPatch) -> None:
     from guardproxy.analysis import statements
 
-    monkeypatch.setattr("guardproxy.analysis.collector.QUERY_NODES", statements.QUERY_NODES - {"XmlExpr"})
+    monkeypatch.setattr(
+        "guardproxy.analysis.collector.QUERY_NODES", statements.QUERY_NODES - {"XmlExpr"}
+    )
     decision = judge("analytics", "SELECT xmlelement(name x, id) FROM orders")
     assert (decision.action, decision.sqlstate, decision.rule) == ("deny", "0A000", "unsupported")
 
@@ -642,5 +706,26 @@ def test_cache_is_per_agent_type_and_per_catalog() -> None:
 
 
 def test_a_denied_statement_denies_the_whole_message() -> None:
-    decision = judge("support", "UPDATE orders SET fulfillment_status = 'x' WHERE id = 1; SELECT * FROM payments")
+    decision = judge(
+        "support", "UPDATE orders SET fulfillment_status = 'x' WHERE id = 1; SELECT * FROM payments"
+    )
     assert decision.action == "deny" and decision.sql == ""
+
+
+def test_nested_execute_is_judged_like_execute() -> None:
+    decision = judge("analytics", "EXPLAIN ANALYZE EXECUTE wipe(1)")
+    assert (decision.action, decision.sqlstate) == ("deny", "26000")
+    sneaky = SessionContext(
+        agent_id="analytics-7", prepared={"wipe": "DELETE FROM orders WHERE id = $1"}
+    )
+    assert judge("analytics", "EXPLAIN ANALYZE EXECUTE wipe(1)", ctx=sneaky).action == "deny"
+
+
+def test_example_policies_deny_user_defined_functions() -> None:
+    for agent in AGENTS:
+        decision = judge(agent, "SELECT purge_old_orders()")
+        assert (decision.action, decision.rule) == ("deny", "functions.default"), agent
+        assert judge(agent, "SELECT public.lower('x')").action == "deny"
+        allowed(
+            agent, "SELECT lower('X'), pg_catalog.upper('x'), system_user, count(*) FROM orders"
+        )

@@ -67,7 +67,7 @@ def test_example_policy_values() -> None:
     support = example_policies().get("support")
     assert support is not None and not support.read_only
     orders = {t.name: t for t in support.tables}["orders"]
-    assert orders.update_columns == {"fulfillment_status"}
+    assert orders.update_columns == frozenset({"fulfillment_status"})
     assert orders.ops == {Op.SELECT, Op.UPDATE, Op.DELETE}
 
 
@@ -75,16 +75,25 @@ def test_example_policy_values() -> None:
 
 
 def test_unknown_key_lists_the_allowed_keys(tmp_path: Path) -> None:
-    write(tmp_path, "a.yaml", MINIMAL.format(agents="a-*", role="r_a") + "tables:\n  t:\n    opz: [select]\n")
+    write(
+        tmp_path,
+        "a.yaml",
+        MINIMAL.format(agents="a-*", role="r_a") + "tables:\n  t:\n    opz: [select]\n",
+    )
     error = one_error(tmp_path)
-    assert error.startswith(f"{tmp_path / 'a.yaml'}: tables.t.opz: unknown key; expected one of: ops,")
+    assert error.startswith(
+        f"{tmp_path / 'a.yaml'}: tables.t.opz: unknown key; expected one of: ops,"
+    )
     assert "deny_columns" in error
 
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     write(tmp_path, "a.yaml", MINIMAL.format(agents="a-*", role="r_a") + "statment_timeout: 5s\n")
     error = one_error(tmp_path)
-    assert "statment_timeout: unknown key; expected one of: description, agents, upstream_role" in error
+    assert (
+        "statment_timeout: unknown key; expected one of: description, agents, upstream_role"
+        in error
+    )
 
 
 @pytest.mark.parametrize(
@@ -92,15 +101,36 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
     [
         ("mode: enforcing\n", "mode: expected one of enforce, monitor; got 'enforcing'"),
         ("statements: [read, delete]\n", "statements[1]: expected one of read, write, ddl"),
-        ("tables:\n  t:\n    ops: [select, drop]\n", "tables.t.ops[1]: expected one of select, insert"),
-        ("timeouts:\n  statement_timeout: 5\n", "timeouts.statement_timeout: expected a duration with a unit"),
-        ("timeouts:\n  statement_timeout: 5 minutes\n", "timeouts.statement_timeout: expected a duration such as"),
+        (
+            "tables:\n  t:\n    ops: [select, drop]\n",
+            "tables.t.ops[1]: expected one of select, insert",
+        ),
+        (
+            "timeouts:\n  statement_timeout: 5\n",
+            "timeouts.statement_timeout: expected a duration with a unit",
+        ),
+        (
+            "timeouts:\n  statement_timeout: 5 minutes\n",
+            "timeouts.statement_timeout: expected a duration such as",
+        ),
         ("timeouts:\n  statement_timeout: 0s\n", "a duration must be positive"),
-        ("limits:\n  max_server_connections: 0\n", "limits.max_server_connections: input should be greater than or equal to 1"),
-        ("limits:\n  max_client_sessions: many\n", "limits.max_client_sessions: input should be a valid integer"),
+        (
+            "limits:\n  max_server_connections: 0\n",
+            "limits.max_server_connections: input should be greater than or equal to 1",
+        ),
+        (
+            "limits:\n  max_client_sessions: many\n",
+            "limits.max_client_sessions: input should be a valid integer",
+        ),
         ("require_where: sometimes\n", "require_where: input should be a valid boolean"),
-        ("tables:\n  t:\n    deny_columns: ['a b']\n", "tables.t.deny_columns[0]: expected a column name"),
-        ("functions:\n  allow: ['pg_sleep(1)']\n", "functions.allow: expected a function name or glob"),
+        (
+            "tables:\n  t:\n    deny_columns: ['a b']\n",
+            "tables.t.deny_columns[0]: expected a column name",
+        ),
+        (
+            "functions:\n  allow: ['pg_sleep(1)']\n",
+            "functions.allow: expected a function name or glob",
+        ),
     ],
 )
 def test_value_errors(tmp_path: Path, extra: str, expected: str) -> None:
@@ -120,19 +150,46 @@ def test_missing_keys(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        ("tables:\n  t:\n    ops: [delete]\n", "tables.t.ops: 'delete' needs 'write' in statements"),
-        ("tables:\n  t:\n    ops: [select]\n    update_columns: [a]\n", "tables.t.update_columns: is set but ops does not include 'update'"),
-        ("tables:\n  t:\n    columns: [a, b]\n    deny_columns: [b]\n", "tables.t.columns: b also in deny_columns"),
+        (
+            "tables:\n  t:\n    ops: [delete]\n",
+            "tables.t.ops: 'delete' needs 'write' in statements",
+        ),
+        (
+            "tables:\n  t:\n    ops: [select]\n    update_columns: [a]\n",
+            "tables.t.update_columns: is set but ops does not include 'update'",
+        ),
+        (
+            "tables:\n  t:\n    columns: [a, b]\n    deny_columns: [b]\n",
+            "tables.t.columns: b also in deny_columns",
+        ),
         ("tables:\n  t: {}\n  T: {}\n", "tables.T: names the same table as tables.t"),
         ("tables:\n  'a b': {}\n", 'tables["a b"]: expected a table name'),
         ("functions:\n  allow: [f]\n  deny: [f]\n", "functions.allow: f also in functions.deny"),
         ("row_filters:\n  t: 'x = 1'\n", "row_filters.t: t is not in tables"),
-        ("tables:\n  t: {}\nrow_filters:\n  t: 'owner = {user}'\n", "row_filters.t: unknown placeholder {user}"),
-        ("tables:\n  t: {}\nrow_filters:\n  t: 'x = = 1'\n", "row_filters.t: not a valid SQL condition"),
-        ("tables:\n  t: {}\nrow_filters:\n  t: 'x = 1) OR (true'\n", "row_filters.t: not a valid SQL condition"),
-        ("tables:\n  t: {}\nrow_filters:\n  t: 'true); DELETE FROM t; SELECT (1'\n", "row_filters.t: not a valid SQL condition"),
-        ("tables:\n  t: {}\nrow_filters:\n  t: 'x = $1'\n", "row_filters.t: use placeholders such as {principals}"),
-        ("tables:\n  t: {}\nrow_filters:\n  t: 't.owner = {agent_id}'\n", "row_filters.t: name the filtered table's columns unqualified"),
+        (
+            "tables:\n  t: {}\nrow_filters:\n  t: 'owner = {user}'\n",
+            "row_filters.t: unknown placeholder {user}",
+        ),
+        (
+            "tables:\n  t: {}\nrow_filters:\n  t: 'x = = 1'\n",
+            "row_filters.t: not a valid SQL condition",
+        ),
+        (
+            "tables:\n  t: {}\nrow_filters:\n  t: 'x = 1) OR (true'\n",
+            "row_filters.t: not a valid SQL condition",
+        ),
+        (
+            "tables:\n  t: {}\nrow_filters:\n  t: 'true); DELETE FROM t; SELECT (1'\n",
+            "row_filters.t: not a valid SQL condition",
+        ),
+        (
+            "tables:\n  t: {}\nrow_filters:\n  t: 'x = $1'\n",
+            "row_filters.t: use placeholders such as {principals}",
+        ),
+        (
+            "tables:\n  t: {}\nrow_filters:\n  t: 't.owner = {agent_id}'\n",
+            "row_filters.t: name the filtered table's columns unqualified",
+        ),
     ],
 )
 def test_semantic_errors(tmp_path: Path, extra: str, expected: str) -> None:
@@ -178,14 +235,21 @@ def test_every_error_of_every_file_is_reported(tmp_path: Path) -> None:
         (directory / "analytics.yaml").read_text().replace("mode: enforce", "mode: loud")
     )
     (directory / "support.yaml").write_text(
-        (directory / "support.yaml").read_text().replace("ops: [select, insert]", "ops: [select, inserts]")
+        (directory / "support.yaml")
+        .read_text()
+        .replace("ops: [select, insert]", "ops: [select, inserts]")
     )
-    write(directory, "extra.yaml", "agents: ['fulfillment-eu-*']\nupstream_role: guard_fulfillment\n")
+    write(
+        directory, "extra.yaml", "agents: ['fulfillment-eu-*']\nupstream_role: guard_fulfillment\n"
+    )
     errors = errors_of(directory)
     assert len(errors) == 4, errors
     assert any("analytics.yaml: mode: expected one of enforce, monitor" in e for e in errors)
     assert any("support.yaml: tables.order_state_log.ops[1]" in e for e in errors)
-    assert any("fulfillment.yaml: upstream_role: 'guard_fulfillment' is also the role of extra" in e for e in errors)
+    assert any(
+        "fulfillment.yaml: upstream_role: 'guard_fulfillment' is also the role of extra" in e
+        for e in errors
+    )
     assert any(
         "pattern 'fulfillment-*' of fulfillment overlaps 'fulfillment-eu-*' of extra" in e
         and "such as 'fulfillment-eu-'" in e
@@ -202,7 +266,9 @@ def test_every_error_of_every_file_is_reported(tmp_path: Path) -> None:
         ("*", "x", "x"),
     ],
 )
-def test_overlapping_agent_patterns_are_rejected(tmp_path: Path, first: str, second: str, example: str) -> None:
+def test_overlapping_agent_patterns_are_rejected(
+    tmp_path: Path, first: str, second: str, example: str
+) -> None:
     write(tmp_path, "one.yaml", MINIMAL.format(agents=f"'{first}'", role="r1"))
     write(tmp_path, "two.yaml", MINIMAL.format(agents=f"'{second}'", role="r2"))
     error = one_error(tmp_path)
@@ -261,12 +327,23 @@ def test_policy_files_in_the_repository_are_the_examples() -> None:
 
 @pytest.mark.parametrize(
     ("text", "ms"),
-    [("5s", 5000), ("500ms", 500), ("2min", 120_000), ("1.5 s", 1500), ("1h", 3_600_000), ("1d", 86_400_000), ("250us", 0.25)],
+    [
+        ("5s", 5000),
+        ("500ms", 500),
+        ("2min", 120_000),
+        ("1.5 s", 1500),
+        ("1h", 3_600_000),
+        ("1d", 86_400_000),
+        ("250us", 0.25),
+    ],
 )
 def test_durations(text: str, ms: float) -> None:
     assert parse_duration(text) == timedelta(milliseconds=ms)
 
 
-@pytest.mark.parametrize(("text", "ms"), [("1000", 1000), ("5s", 5000), ("1min", 60_000), ("0", 0), ("x", None), ("5 parsecs", None)])
+@pytest.mark.parametrize(
+    ("text", "ms"),
+    [("1000", 1000), ("5s", 5000), ("1min", 60_000), ("0", 0), ("x", None), ("5 parsecs", None)],
+)
 def test_setting_values_like_postgres(text: str, ms: int | None) -> None:
     assert parse_setting_ms(text) == ms

@@ -1,0 +1,85 @@
+"""Per-statement cost of the policy judge: decision-cache hit vs miss (pytest-benchmark).
+
+Not part of the pass/fail suite (testpaths is tests/). Run from the repository root:
+
+    .venv/bin/python -m pytest bench/test_bench_judge.py --benchmark-columns=min,median,mean,ops
+
+`hit`: the proxy's usual case, a statement whose shape was judged before (only the
+constants differ): one `pglast.parser.normalize` call and a dict lookup.
+`miss`: a new shape: full pglast parse into Python objects, analysis and rules.
+`normalize` and `parse_sql` are the pglast calls alone, for comparison.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pglast
+import pytest
+from pglast import parser
+
+from guardproxy.analysis import Catalog
+from guardproxy.policy import Judge, SessionContext, load_policy_set
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT = "SELECT id, name FROM customers WHERE id = {n}"
+LONG = (
+    "SELECT o.id, o.fulfillment_status, o.shipped_at, c.name, count(l.id) AS changes "
+    "FROM orders o JOIN customers c ON c.id = o.customer_id "
+    "LEFT JOIN order_state_log l ON l.order_id = o.id "
+    "WHERE o.last_modified_at > now() - interval '1 day' AND o.customer_id = {n} "
+    "GROUP BY o.id, c.name ORDER BY o.id LIMIT 50 /* task='T-{n}' */"
+)
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[Judge, Any, SessionContext]:
+    policies = load_policy_set(ROOT / "policies")
+    catalog = Catalog.from_ddl((ROOT / "sql" / "example_schema.sql").read_text())
+    judge = Judge(policies, catalog)
+    policy = policies.match("support-1")
+    return judge, policy, SessionContext(agent_id="support-1")
+
+
+@pytest.mark.parametrize("template", [SHORT, LONG], ids=["short", "long"])
+def test_judge_cache_hit(
+    benchmark: Any, setup: tuple[Judge, Any, SessionContext], template: str
+) -> None:
+    judge, policy, ctx = setup
+    counter = itertools.count()
+    judge.judge(policy, template.format(n=0), ctx)  # warm the shape
+    texts = [template.format(n=i) for i in range(1000)]
+
+    def run() -> None:
+        decision = judge.judge(policy, texts[next(counter) % 1000], ctx)
+        assert decision.action == "allow"
+
+    benchmark(run)
+    assert judge.cache_info()["hits"] > 0
+
+
+@pytest.mark.parametrize("template", [SHORT, LONG], ids=["short", "long"])
+def test_judge_cache_miss(
+    benchmark: Any, setup: tuple[Judge, Any, SessionContext], template: str
+) -> None:
+    judge, policy, ctx = setup
+    sql = template.format(n=1)
+
+    def run() -> None:
+        judge._cache.clear()  # every call judges from scratch
+        decision = judge.judge(policy, sql, ctx)
+        assert decision.action == "allow"
+
+    benchmark(run)
+
+
+@pytest.mark.parametrize("template", [SHORT, LONG], ids=["short", "long"])
+def test_pglast_normalize(benchmark: Any, template: str) -> None:
+    benchmark(parser.normalize, template.format(n=1))
+
+
+@pytest.mark.parametrize("template", [SHORT, LONG], ids=["short", "long"])
+def test_pglast_parse_sql(benchmark: Any, template: str) -> None:
+    benchmark(pglast.parse_sql, template.format(n=1))
