@@ -59,7 +59,9 @@ class Settings(BaseModel):
     shutdown_timeout: float = Field(
         30.0, ge=0, description="seconds SIGTERM waits for transactions"
     )
-    policies: Path | None = Field(None, description="directory of policy YAML files, one per agent type")
+    policies: Path | None = Field(
+        None, description="directory of policy YAML files, one per agent type"
+    )
     admin_users: list[str] = Field(
         default_factory=list,
         description="agent ids allowed into the admin console (database guardproxy)",

@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from pgcluster import APP_DB, PgCluster, free_port, started_cluster, wait_for_port  # noqa: E402
+from pgcluster import APP_DB, PgCluster, free_port, started_cluster, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARDPROXY = [sys.executable, "-m", "guardproxy"]
@@ -84,7 +84,9 @@ def start_proxy(
         args = proxy_args(upstream or pg.dsn(), port, settings)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with log_path.open("wb") as log:
-            proc = subprocess.Popen([*GUARDPROXY, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+            proc = subprocess.Popen(
+                [*GUARDPROXY, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
+            )
         handle = ProxyProcess(port, proc, log_path, args)
         started.append(handle)
         try:
@@ -114,7 +116,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return rep
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

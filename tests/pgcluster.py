@@ -20,9 +20,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import quote
 
-PG_BINDIR = os.environ.get("GUARDPROXY_PG_BINDIR") or subprocess.run(
-    ["pg_config", "--bindir"], capture_output=True, text=True, check=False
-).stdout.strip() or "/usr/lib/postgresql/15/bin"
+PG_BINDIR = (
+    os.environ.get("GUARDPROXY_PG_BINDIR")
+    or subprocess.run(
+        ["pg_config", "--bindir"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    or "/usr/lib/postgresql/15/bin"
+)
 
 APP_DB = "app"
 PASSWORDS = {"postgres": "postgres_pw", "app_owner": "app_pw", "md5_user": "md5_pw"}
@@ -51,7 +55,9 @@ class PgCluster:
     as_postgres: bool
     socket_dir: str | None = None  # local socket (trust) for setup, when the server is ours
 
-    def dsn(self, user: str = "app_owner", dbname: str = APP_DB, password: str | None = None) -> str:
+    def dsn(
+        self, user: str = "app_owner", dbname: str = APP_DB, password: str | None = None
+    ) -> str:
         pw = PASSWORDS.get(user, "") if password is None else password
         auth = quote(user, safe="") + (":" + quote(pw, safe="") if pw else "")
         return f"postgresql://{auth}@{self.host}:{self.port}/{dbname}"
@@ -59,9 +65,29 @@ class PgCluster:
     def psql(self, sql: str, user: str = "postgres", dbname: str = APP_DB) -> str:
         env = dict(os.environ, PGPASSWORD=PASSWORDS.get(user, ""))
         out = subprocess.run(
-            [f"{PG_BINDIR}/psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-             "-h", self.socket_dir or self.host, "-p", str(self.port), "-U", user, "-d", dbname, "-c", sql],
-            capture_output=True, text=True, env=env, check=False,
+            [
+                f"{PG_BINDIR}/psql",
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                self.socket_dir or self.host,
+                "-p",
+                str(self.port),
+                "-U",
+                user,
+                "-d",
+                dbname,
+                "-c",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
         )
         if out.returncode != 0:
             raise RuntimeError(f"psql failed: {out.stderr}")
@@ -69,7 +95,9 @@ class PgCluster:
 
     def pg_ctl(self, *args: str) -> None:
         assert self.datadir is not None, "cannot control a server the tests did not start"
-        run_as_owner([f"{PG_BINDIR}/pg_ctl", "-D", self.datadir, "-w", "-t", "60", *args], self.as_postgres)
+        run_as_owner(
+            [f"{PG_BINDIR}/pg_ctl", "-D", self.datadir, "-w", "-t", "60", *args], self.as_postgres
+        )
 
     def stop(self) -> None:
         self.pg_ctl("stop", "-m", "fast")
@@ -106,8 +134,22 @@ def started_cluster() -> Iterator[PgCluster]:
     if as_postgres:
         shutil.chown(top, "postgres", "postgres")
     port = free_port()
-    run_as_owner([f"{PG_BINDIR}/initdb", "-D", datadir, "-U", "postgres", "-A", "trust",
-                  "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"], as_postgres)
+    run_as_owner(
+        [
+            f"{PG_BINDIR}/initdb",
+            "-D",
+            datadir,
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ],
+        as_postgres,
+    )
     with open(os.path.join(datadir, "pg_hba.conf"), "w") as f:
         f.write(HBA)
     with open(os.path.join(datadir, "postgresql.auto.conf"), "a") as f:
@@ -124,7 +166,9 @@ def started_cluster() -> Iterator[PgCluster]:
         yield cluster
     finally:
         with contextlib.suppress(Exception):
-            run_as_owner([f"{PG_BINDIR}/pg_ctl", "-D", datadir, "-w", "stop", "-m", "immediate"], as_postgres)
+            run_as_owner(
+                [f"{PG_BINDIR}/pg_ctl", "-D", datadir, "-w", "stop", "-m", "immediate"], as_postgres
+            )
         shutil.rmtree(top, ignore_errors=True)
 
 
@@ -138,8 +182,10 @@ def _bootstrap(cluster: PgCluster) -> None:
         dbname="postgres",
     )
     cluster.psql(f"CREATE DATABASE {APP_DB} OWNER app_owner", dbname="postgres")
-    cluster.psql("GRANT ALL ON SCHEMA public TO app_owner, md5_user, trust_user; "
-                 "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    cluster.psql(
+        "GRANT ALL ON SCHEMA public TO app_owner, md5_user, trust_user; "
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"
+    )
 
 
 def _adopt(dsn: str) -> PgCluster:

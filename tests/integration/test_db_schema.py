@@ -9,7 +9,9 @@ from pgcluster import PgCluster
 
 
 def gp(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "guardproxy", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "guardproxy", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_upgrade_creates_schema_downgrade_removes_it_current_tells_which(pg: PgCluster) -> None:
@@ -17,7 +19,11 @@ def test_upgrade_creates_schema_downgrade_removes_it_current_tells_which(pg: PgC
     dsn = pg.dsn(dbname="schema_test")
     try:
         before = gp("db", "current", "--upstream", dsn)
-        assert before.returncode == 1 and "none" in before.stdout and "guardproxy db upgrade" in before.stdout
+        assert (
+            before.returncode == 1
+            and "none" in before.stdout
+            and "guardproxy db upgrade" in before.stdout
+        )
 
         up = gp("db", "upgrade", "--upstream", dsn)
         assert up.returncode == 0, up.stderr
