@@ -97,8 +97,9 @@ def read_startup(buf: bytes, max_size: int) -> tuple[int, bytes] | None:
     if len(buf) < 4:
         return None
     (length,) = _I32.unpack_from(buf, 0)
-    if length < 8 or length > min(max_size, 10000):
-        raise ProtocolViolation(f"startup packet declares length {length}, outside 8..10000")
+    limit = min(max_size, 10000)
+    if length < 8 or length > limit:
+        raise ProtocolViolation(f"startup packet declares length {length}, outside 8..{limit}")
     if len(buf) < length:
         return None
     return length, buf[4:length]

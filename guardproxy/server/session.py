@@ -873,6 +873,9 @@ class ClientSession(asyncio.Protocol):
     async def _capture_settings(self, server: ServerConn) -> None:
         try:
             rows = await server.query(CAPTURE_SETTINGS)
+        except asyncio.CancelledError:
+            self.pool.discard(server)  # the client left mid-query: the server is not clean
+            raise
         except (GuardError, ConnectionError) as exc:
             log.warning("could not read back session settings: %s", exc)
             self.pool.discard(server)

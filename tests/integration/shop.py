@@ -291,7 +291,9 @@ def launch_proxy(
 def dump_log_on_failure(request: pytest.FixtureRequest, proxy: ShopProxy, since: int) -> None:
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
-        print(f"\n----- guardproxy log ({' '.join(proxy.args)}) -----\n{proxy.log()[since:][-6000:]}")
+        print(
+            f"\n----- guardproxy log ({' '.join(proxy.args)}) -----\n{proxy.log()[since:][-6000:]}"
+        )
 
 
 # ---------------------------------------------------------------- a raw client
@@ -339,7 +341,9 @@ class RawAgent:
     def __init__(self, port: int, agent: str, dbname: str = SHOP_DB, **params: str) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
         self.sock.settimeout(IO_TIMEOUT)
-        body = b"".join(_cstr(k) + _cstr(v) for k, v in {"user": agent, "database": dbname, **params}.items())
+        body = b"".join(
+            _cstr(k) + _cstr(v) for k, v in {"user": agent, "database": dbname, **params}.items()
+        )
         body += b"\x00"
         self.sock.sendall(struct.pack("!ii", 8 + len(body), 3 << 16) + body)
         self.login = self._read_until_ready()

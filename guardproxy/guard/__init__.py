@@ -1,0 +1,1 @@
+"""Write safety that needs the database: audit log, idempotency ledger, task budgets, row caps."""
