@@ -78,6 +78,9 @@ def serve(
 
         try:
             embedded = emb.ensure_running(settings.embedded_data_dir)
+            example = Path("sql/example_schema.sql")
+            if example.exists() and emb.seed_example(embedded, example, settings.policies):
+                typer.echo(f"loaded the example shop schema ({example}) into the embedded database")
         except ConfigError as exc:
             _fail(str(exc))
             return
@@ -143,11 +146,7 @@ def _run_worker(settings: Settings, worker: int, where: str) -> None:
             print(
                 f"guardproxy is up on {host}:{proxy.bound_port}, in front of {where} (database {upstream.database})"
             )
-            print("Connect as an agent (the user name is the agent id):")
-            print(
-                f"  psql 'postgresql://analytics-1@{host}:{proxy.bound_port}/{upstream.database}'"
-            )
-            print("Stop with Ctrl-C.", flush=True)
+            print(_connect_help(settings, proxy.bound_port, upstream.database, proxy), flush=True)
         await proxy.serve_until_stopped()
 
     try:
@@ -156,6 +155,27 @@ def _run_worker(settings: Settings, worker: int, where: str) -> None:
         pass
     except ConfigError as exc:
         _fail(str(exc))
+
+
+def _connect_help(settings: Settings, port: int, database: str, proxy: Any) -> str:
+    host = settings.listen_host
+    agents = (
+        [f"{p.agents[0].replace('*', '1')}" for p in proxy.policies]
+        if proxy.policies
+        else ["agent-1"]
+    )
+    lines = ["Connect as an agent (the user name is the agent id):"]
+    lines += [f"  psql 'postgresql://{agent}@{host}:{port}/{database}'" for agent in agents]
+    if settings.admin_users:
+        lines.append(
+            f"Admin console:  psql 'postgresql://{settings.admin_users[0]}@{host}:{port}/guardproxy'"
+        )
+    if settings.metrics_port is not None:
+        lines.append(
+            f"Metrics:        http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+        )
+    lines.append("Stop with Ctrl-C.")
+    return "\n".join(lines)
 
 
 def _setup_logging(level: str) -> None:

@@ -183,3 +183,32 @@ def _initdb(bindir: Path, home: Path, meta: dict[str, object], as_postgres: bool
     )
     if created.returncode != 0:
         raise ConfigError(f"creating the embedded database failed: {created.stderr.strip()}")
+
+
+def seed_example(emb: Embedded, schema_sql: Path, policies: Path | None) -> bool:
+    """Loads the example shop schema, guardproxy's own schema and the agent roles, once.
+
+    Returns True when it seeded now, False when it had been done before.
+    """
+    marker = emb.home / "guardproxy-example-seeded"
+    if marker.exists():
+        return False
+    import psycopg
+
+    from guardproxy.store import migrate
+
+    with psycopg.connect(emb.dsn, autocommit=True) as conn:
+        conn.execute(schema_sql.read_text())  # a trusted file of our own
+    migrate.upgrade(emb.dsn)
+    if policies is not None:
+        from guardproxy.policy import Catalog, load_policy_set
+        from guardproxy.policy.tools import roles_sql
+
+        policy_set = load_policy_set(policies)
+        sql = roles_sql(policy_set, Catalog.from_ddl(schema_sql.read_text()))
+        with psycopg.connect(emb.dsn, autocommit=True) as conn:
+            conn.execute(sql)
+            for policy in policy_set:
+                conn.execute(f'GRANT "{policy.upstream_role}" TO {ROLE}')
+    marker.write_text("seeded\n")
+    return True

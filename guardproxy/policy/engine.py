@@ -42,6 +42,7 @@ from .agent import AgentPolicy
 from .context import FrozenMap, SessionContext
 from .decision import (
     SQLSTATE_INSUFFICIENT_PRIVILEGE,
+    SQLSTATE_INTERNAL_ERROR,
     SQLSTATE_INVALID_STATEMENT_NAME,
     SQLSTATE_SYNTAX_ERROR,
     Action,
@@ -106,7 +107,17 @@ class Judge:
                 decision.__dict__["sql"] = sql
                 return decision
         self.misses += 1
-        decision = self._judge(policy, sql, ctx, depth=0)
+        try:
+            decision = self._judge(policy, sql, ctx, depth=0)
+        except Exception as exc:  # fail closed on anything unforeseen (RecursionError...)
+            problem = Violation(
+                rule="internal",
+                reason=f"guardproxy could not judge this statement ({type(exc).__name__}); "
+                "it is refused (fail closed)",
+                hint="simplify the statement",
+                sqlstate=SQLSTATE_INTERNAL_ERROR,
+            )
+            return self._deny(policy, problem, "", cacheable=False)
         if key is not None and decision.cacheable:
             if len(self._cache) >= self._cache_size:
                 self._cache.pop(next(iter(self._cache)))

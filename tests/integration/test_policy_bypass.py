@@ -122,8 +122,11 @@ def assert_denied(
     return reply
 
 
-def case(kind: str, sql: str, rule: str, obj: str, id: str) -> Any:
-    return pytest.param(kind, sql, rule, obj, id=id)
+def case(kind: str, sql: str, rule: str, obj: str, id: str, sqlstate: str = "42501") -> Any:
+    return pytest.param(kind, sql, rule, obj, sqlstate, id=id)
+
+
+CASE = ("kind", "sql", "rule", "obj", "sqlstate")
 
 
 # ---------------------------------------------------------------- stacked statements
@@ -162,9 +165,9 @@ STACKED = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "sql", "rule", "obj"), STACKED)
-def test_stacked_statements_none_runs(proxy, shop_db, kind, sql, rule, obj) -> None:
-    assert_denied(proxy, shop_db, kind, sql, rule, obj)
+@pytest.mark.parametrize(CASE, STACKED)
+def test_stacked_statements_none_runs(proxy, shop_db, kind, sql, rule, obj, sqlstate) -> None:
+    assert_denied(proxy, shop_db, kind, sql, rule, obj, sqlstate)
 
 
 # ---------------------------------------------------------------- read-only escapes
@@ -228,6 +231,7 @@ READ_WRITE = [
         "settings.default_transaction_read_only",
         "default_transaction_read_only",
         "set-config-computed-value",
+        sqlstate="22023",
     ),
     case(
         "analytics",
@@ -261,9 +265,11 @@ READ_WRITE = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "sql", "rule", "obj"), READ_WRITE)
-def test_read_only_and_timeouts_cannot_be_turned_off(proxy, shop_db, kind, sql, rule, obj) -> None:
-    assert_denied(proxy, shop_db, kind, sql, rule, obj)
+@pytest.mark.parametrize(CASE, READ_WRITE)
+def test_read_only_and_timeouts_cannot_be_turned_off(
+    proxy, shop_db, kind, sql, rule, obj, sqlstate
+) -> None:
+    assert_denied(proxy, shop_db, kind, sql, rule, obj, sqlstate)
 
 
 def test_after_those_attempts_the_session_is_still_read_only_and_limited(proxy, shop_db) -> None:
@@ -426,9 +432,9 @@ WRITABLE_CTE = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "sql", "rule", "obj"), WRITABLE_CTE)
-def test_writable_ctes_are_writes(proxy, shop_db, kind, sql, rule, obj) -> None:
-    assert_denied(proxy, shop_db, kind, sql, rule, obj)
+@pytest.mark.parametrize(CASE, WRITABLE_CTE)
+def test_writable_ctes_are_writes(proxy, shop_db, kind, sql, rule, obj, sqlstate) -> None:
+    assert_denied(proxy, shop_db, kind, sql, rule, obj, sqlstate)
 
 
 # ---------------------------------------------------------------- EXPLAIN ANALYZE
@@ -480,9 +486,11 @@ EXPLAIN_ANALYZE = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "sql", "rule", "obj"), EXPLAIN_ANALYZE)
-def test_explain_analyze_is_judged_as_what_it_runs(proxy, shop_db, kind, sql, rule, obj) -> None:
-    assert_denied(proxy, shop_db, kind, sql, rule, obj)
+@pytest.mark.parametrize(CASE, EXPLAIN_ANALYZE)
+def test_explain_analyze_is_judged_as_what_it_runs(
+    proxy, shop_db, kind, sql, rule, obj, sqlstate
+) -> None:
+    assert_denied(proxy, shop_db, kind, sql, rule, obj, sqlstate)
 
 
 # ---------------------------------------------------------------- side-effect functions
@@ -594,9 +602,9 @@ FUNCTIONS = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "sql", "rule", "obj"), FUNCTIONS)
-def test_side_effect_functions_anywhere(proxy, shop_db, kind, sql, rule, obj) -> None:
-    reply = assert_denied(proxy, shop_db, kind, sql, rule, obj)
+@pytest.mark.parametrize(CASE, FUNCTIONS)
+def test_side_effect_functions_anywhere(proxy, shop_db, kind, sql, rule, obj, sqlstate) -> None:
+    reply = assert_denied(proxy, shop_db, kind, sql, rule, obj, sqlstate)
     assert "root:" not in reply.text  # /etc/passwd
     assert not LO_FILE.exists()
 
@@ -776,9 +784,9 @@ COPY_AND_CODE = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "sql", "rule", "obj"), COPY_AND_CODE)
-def test_copy_program_files_and_code_blocks(proxy, shop_db, kind, sql, rule, obj) -> None:
-    assert_denied(proxy, shop_db, kind, sql, rule, obj)
+@pytest.mark.parametrize(CASE, COPY_AND_CODE)
+def test_copy_program_files_and_code_blocks(proxy, shop_db, kind, sql, rule, obj, sqlstate) -> None:
+    assert_denied(proxy, shop_db, kind, sql, rule, obj, sqlstate)
     for path in OUTSIDE_FILES:
         assert not path.exists(), f"{path} was created on the server's machine"
 
@@ -996,9 +1004,9 @@ LEXICAL = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "sql", "rule", "obj"), LEXICAL)
-def test_lexical_tricks_and_hidden_reads(proxy, shop_db, kind, sql, rule, obj) -> None:
-    assert_denied(proxy, shop_db, kind, sql, rule, obj)
+@pytest.mark.parametrize(CASE, LEXICAL)
+def test_lexical_tricks_and_hidden_reads(proxy, shop_db, kind, sql, rule, obj, sqlstate) -> None:
+    assert_denied(proxy, shop_db, kind, sql, rule, obj, sqlstate)
 
 
 def test_a_dollar_quoted_string_with_a_semicolon_is_just_a_string(proxy, shop_db) -> None:
@@ -1324,9 +1332,11 @@ ROLE_AND_PATH = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "sql", "rule", "obj"), ROLE_AND_PATH)
-def test_role_and_search_path_cannot_be_changed(proxy, shop_db, kind, sql, rule, obj) -> None:
-    assert_denied(proxy, shop_db, kind, sql, rule, obj)
+@pytest.mark.parametrize(CASE, ROLE_AND_PATH)
+def test_role_and_search_path_cannot_be_changed(
+    proxy, shop_db, kind, sql, rule, obj, sqlstate
+) -> None:
+    assert_denied(proxy, shop_db, kind, sql, rule, obj, sqlstate)
 
 
 def test_search_path_games_leave_names_resolved_as_before(proxy, shop_db) -> None:
@@ -1440,9 +1450,9 @@ PLANTING = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "sql", "rule", "obj"), PLANTING)
-def test_nothing_can_be_planted_for_later(proxy, shop_db, kind, sql, rule, obj) -> None:
-    assert_denied(proxy, shop_db, kind, sql, rule, obj)
+@pytest.mark.parametrize(CASE, PLANTING)
+def test_nothing_can_be_planted_for_later(proxy, shop_db, kind, sql, rule, obj, sqlstate) -> None:
+    assert_denied(proxy, shop_db, kind, sql, rule, obj, sqlstate)
 
 
 # ---------------------------------------------------------------- locks and resources
@@ -1490,7 +1500,15 @@ LOCKS = [
         "orders",
         "lock-table",
     ),
-    case("analytics", "lock orders", "allow_locking", "orders", "analytics-lock"),
+    # LOCK without a mode takes ACCESS EXCLUSIVE: a write-class lock for a read-only type
+    case("analytics", "lock orders", "statements", "orders", "analytics-lock"),
+    case(
+        "analytics",
+        "lock table orders in access share mode",
+        "allow_locking",
+        "orders",
+        "analytics-lock-access-share",
+    ),
     case("analytics", "select pg_advisory_lock(42)", "functions", "pg_advisory_lock", "advisory"),
     case(
         "support",
@@ -1509,9 +1527,9 @@ LOCKS = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "sql", "rule", "obj"), LOCKS)
-def test_locks_are_denied(proxy, shop_db, kind, sql, rule, obj) -> None:
-    assert_denied(proxy, shop_db, kind, sql, rule, obj)
+@pytest.mark.parametrize(CASE, LOCKS)
+def test_locks_are_denied(proxy, shop_db, kind, sql, rule, obj, sqlstate) -> None:
+    assert_denied(proxy, shop_db, kind, sql, rule, obj, sqlstate)
 
 
 def test_denied_locks_are_not_held(proxy, shop_db) -> None:

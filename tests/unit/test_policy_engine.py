@@ -729,3 +729,20 @@ def test_example_policies_deny_user_defined_functions() -> None:
         allowed(
             agent, "SELECT lower('X'), pg_catalog.upper('x'), system_user, count(*) FROM orders"
         )
+
+
+def test_nesting_too_deep_for_the_parser_is_denied_not_fatal() -> None:
+    # pglast would overflow the C stack building Python objects for this tree; the
+    # libpg_query check refuses it first, with Postgres' own message.
+    decision = judge("analytics", "SELECT " + "+".join(["1"] * 40_000))
+    assert (decision.action, decision.sqlstate) == ("deny", "42601")
+    assert "stack depth limit exceeded" in decision.reason
+
+
+def test_unexpected_errors_fail_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object, **kwargs: object) -> object:
+        raise RecursionError("too deep")
+
+    monkeypatch.setattr("guardproxy.policy.engine.analyze_tree", boom)
+    decision = judge("analytics", "SELECT 1")
+    assert (decision.action, decision.rule, decision.sqlstate) == ("deny", "internal", "XX000")
