@@ -160,6 +160,8 @@ class ScopeResolver:
             entries = [self.base_entry(owner.relation)]
         if entries is None:
             return None
+        if attr == "returningClause" and entries:
+            entries.extend(_old_and_new(owner, entries[0]))
         result = tuple(entries)
         self._entries[key] = result
         return result
@@ -200,6 +202,25 @@ class ScopeResolver:
         if isinstance(item, ast.RangeFunction):
             return [RangeEntry(refname=_function_refname(item))]
         return [RangeEntry(refname=None)]
+
+
+def _old_and_new(owner: ast.Node, target: RangeEntry) -> list[RangeEntry]:
+    """RETURNING old.x / new.x (PostgreSQL 18), also under the names WITH (OLD AS o) gives."""
+    names = {"old", "new"}
+    clause = getattr(owner, "returningClause", None)
+    for option in getattr(clause, "options", None) or ():
+        if isinstance(option, ast.ReturningOption) and option.value:
+            names.add(option.value)
+    return [
+        RangeEntry(
+            refname=name,
+            relation=target.relation,
+            written=target.written,
+            colaliases=target.colaliases,
+            aliased=True,
+        )
+        for name in sorted(names)
+    ]
 
 
 def _function_refname(item: ast.RangeFunction) -> str | None:

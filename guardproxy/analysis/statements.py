@@ -162,6 +162,7 @@ QUERY_NODES = frozenset(
         "OnConflictClause", "InferClause", "IndexElem", "MergeWhenClause",
         "ReturningClause", "ReturningOption", "MultiAssignRef", "SetToDefault",
         "CurrentOfExpr", "DefElem", "TypeName", "RoleSpec", "CollateClause",
+        "ColumnDef",  # column definition lists of functions in FROM: AS x(a int)
         # expressions
         "A_Const", "A_Expr", "A_Star", "A_Indices", "A_Indirection", "A_ArrayExpr",
         "ColumnRef", "ParamRef", "FuncCall", "NamedArgExpr", "TypeCast", "BoolExpr",

@@ -4,12 +4,37 @@ Public API:
 
 * `load_policy_set(directory) -> PolicySet` (raises `PolicyError` listing every error)
 * `PolicySet.match(agent_id) -> AgentPolicy | None`
-* `Judge(policies, catalog=None).judge(policy, sql, ctx) -> Decision`
+* `Judge(policies, catalog=None)`: `.judge(policy, sql, ctx) -> Decision`,
+  `.judge_startup(policy, params) -> Decision`, `.set_catalog(catalog)`
 * `SessionContext`, `parse_context_comment(sql)`
-* `Catalog` (re-exported from `guardproxy.analysis`)
+* `Catalog` (re-exported from `guardproxy.analysis`; `CATALOG_QUERY` fills it)
+* `tools`: `check_report`, `explain`, `roles_sql` for the CLI
 
-Pure: no sockets, no database. The proxy enforces the time and connection limits
-the policies declare (`AgentPolicy` docstring) and applies decisions (`Decision`).
+Pure: no sockets, no database. What the proxy does with it, per client session:
+
+1. At startup: ``policy = policies.match(user)`` (None: refuse the login);
+   ``judge.judge_startup(policy, startup_params)`` (deny: refuse the login; apply
+   ``context_updates``). Connect upstream as ``policy.upstream_role`` with
+   ``policy.upstream_settings(server_version_num)`` as startup parameters, so that
+   RESET / RESET ALL / DISCARD ALL return to the policy's settings; never forward
+   the client's ``options``. Keep ``standard_conforming_strings`` on upstream.
+2. Per Query message and per Parse: ``ctx = ctx.with_updates(parse_context_comment(sql))``
+   when the text holds ``/*``, then ``decision = judge.judge(policy, sql, ctx)``:
+
+   * ``deny``: ErrorResponse (`sqlstate`, `reason`, HINT `hint`), nothing upstream;
+     inside a transaction block leave it failed, as a server error would.
+   * ``allow`` / ``rewrite``: send ``decision.sql`` (a Parse keeps its decision for
+     every Bind / Execute of that statement).
+   * ``proxy_only``: the message is only ``SET guard.* / RESET guard.*``: answer
+     ``SET`` per statement yourself, forward nothing.
+   * after success: ``ctx = ctx.with_updates(decision.context_updates)`` and, for each
+     ``name, sql in decision.prepared.items()``, ``ctx = ctx.with_prepared(name, sql)``.
+   * ``reapply_settings``: nothing to do when the settings are startup parameters.
+   * ``monitored``: log and count (rule, reason); the statement runs.
+3. Enforce what the judge only exposes: ``transaction_timeout``, ``max_task_duration``,
+   ``max_server_connections``, ``max_client_sessions`` (`AgentPolicy`).
+4. On DDL and on reload: rebuild the `Catalog` and call ``judge.set_catalog``; on a
+   new policy set build a new `Judge`.
 """
 
 from __future__ import annotations

@@ -120,9 +120,11 @@ def _check_classes(policy: AgentPolicy, info: StatementInfo) -> Violation | None
     missing = sorted(info.classes - ALWAYS_ALLOWED_CLASSES - policy.statements)
     if missing:
         words = _CLASS_WORDS.get(missing[0], missing[0].value).split(" (")[0]
+        names = list(dict.fromkeys(r.written for r in info.relations))
+        target = f" on {', '.join(names[:3])}" if names else ""
         return Violation(
             rule="statements",
-            reason=f"{policy.name} may not run {info.command}: {words} are not allowed "
+            reason=f"{policy.name} may not run {info.command}{target}: {words} are not allowed "
             f"{_because(policy, 'statements')}",
             hint=allowed_classes_hint(policy),
         )

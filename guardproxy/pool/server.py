@@ -400,6 +400,27 @@ class ServerConn(asyncio.Protocol):
                 return rows
 
 
+    async def exchange(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Sends a client's request in internal mode; returns every answer up to ReadyForQuery."""
+        self.send(data)
+        answers: list[tuple[int, bytes]] = []
+        while True:
+            kind, raw = await self.recv()
+            answers.append((kind, raw))
+            if kind == 83:
+                name, value = codec.parameter_status(raw)
+                self.params[name] = value
+            elif kind == 71:  # COPY FROM STDIN cannot be managed: fail it, the client is told
+                self.send(codec.message(b"f", b"guardproxy cannot run COPY FROM STDIN as a managed write\x00"))
+            elif kind == 90:
+                self.status = raw[5:6]
+                return answers
+
+
+def data_row(raw: bytes) -> list[str | None]:
+    return _data_row(raw)
+
+
 def _data_row(raw: bytes) -> list[str | None]:
     (count,) = struct.unpack_from("!h", raw, 5)
     pos = 7

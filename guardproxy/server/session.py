@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, cast
 
 import pglast
 
+from guardproxy.guard.sqltext import literal, raise_sql
 from guardproxy.metrics import AgentStats
 from guardproxy.policy import SessionContext
 from guardproxy.pool.server import (
@@ -103,24 +104,12 @@ def replay_sql(settings: Settings, app_name: str) -> str:
     pairs = [(k, v) for k, v in settings if k != "application_name"] + [
         ("application_name", app_name)
     ]
-    calls = ", ".join(f"pg_catalog.set_config({_lit(k)}, {_lit(v)}, false)" for k, v in pairs)
+    calls = ", ".join(f"pg_catalog.set_config({literal(k)}, {literal(v)}, false)" for k, v in pairs)
     return f"RESET ALL; SELECT {calls}"
 
 
 def app_name_sql(app_name: str) -> str:
-    return f"SELECT pg_catalog.set_config('application_name', {_lit(app_name)}, false)"
-
-
-def raise_sql(error: GuardError) -> str:
-    """A statement that makes the server raise ``error`` (used to abort a transaction in order)."""
-    using = f"ERRCODE = {_lit(error.sqlstate)}, MESSAGE = {_lit(error.message)}"
-    if error.hint:
-        using += f", HINT = {_lit(error.hint)}"
-    return f"DO $guardproxy$ BEGIN RAISE EXCEPTION USING {using}; END $guardproxy$"
-
-
-def _lit(text: str) -> str:
-    return "E'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return f"SELECT pg_catalog.set_config('application_name', {literal(app_name)}, false)"
 
 
 def syntax_error(query: bytes) -> GuardError | None:

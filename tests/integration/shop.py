@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from pgcluster import PgCluster, free_port, wait_for_port
 
@@ -119,6 +120,11 @@ SELECT json_build_object(
   'large_objects', (SELECT count(*) FROM pg_largeobject_metadata),
   'schemas', (SELECT json_agg(nspname ORDER BY 1) FROM pg_namespace
               WHERE nspname NOT LIKE 'pg_temp%' AND nspname NOT LIKE 'pg_toast_temp%'),
+  'table_acl', (SELECT json_agg(c.relname || ':' || coalesce(c.relacl::text, '')) FROM pg_class c
+                WHERE c.relnamespace = 'public'::regnamespace),
+  'column_acl', (SELECT json_agg(c.relname || '.' || a.attname || ':' || a.attacl::text)
+                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+                 WHERE c.relnamespace = 'public'::regnamespace AND a.attacl IS NOT NULL),
   'role_settings', (SELECT json_agg(json_build_array(setrole::regrole::text, setdatabase, setconfig)
                     ORDER BY 1) FROM pg_db_role_setting),
   'roles', (SELECT json_agg(rolname || ':' || rolsuper::text || rolcreaterole::text || rolcreatedb::text ORDER BY 1)
@@ -206,18 +212,13 @@ class ShopProxy:
     log_path: Path
     args: list[str] = field(default_factory=list)
 
-    def dsn(self, agent: str, **params: str) -> str:
-        extra = "".join(f"&{k}={v}" for k, v in params.items())
-        return f"postgresql://{agent}@127.0.0.1:{self.port}/{SHOP_DB}?connect_timeout=10{extra}"
+    def dsn(self, agent: str) -> str:
+        """A URL any client takes (libpq, asyncpg, SQLAlchemy); bound waits in the client."""
+        return f"postgresql://{agent}@127.0.0.1:{self.port}/{SHOP_DB}"
 
-    def conninfo(self, agent: str) -> dict[str, Any]:
-        return {
-            "host": "127.0.0.1",
-            "port": self.port,
-            "user": agent,
-            "dbname": SHOP_DB,
-            "connect_timeout": 10,
-        }
+    def connect(self, agent: str, **kwargs: Any) -> psycopg.Connection[Any]:
+        """psycopg connection of ``agent`` (connect bounded by IO_TIMEOUT)."""
+        return psycopg.connect(self.dsn(agent), connect_timeout=int(IO_TIMEOUT), **kwargs)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1106,7 +1106,7 @@ def test_execute_of_a_statement_prepared_by_another_session(proxy, shop_db) -> N
 def test_a_support_statement_cannot_be_bound_by_analytics(proxy, shop_db) -> None:
     """Statements prepared on the servers of one agent type are out of reach of another."""
     before = snapshot(shop_db)
-    with psycopg.connect(proxy.dsn(SUPPORT), autocommit=True) as support:
+    with proxy.connect(SUPPORT, autocommit=True) as support:
         with support.transaction():
             support.execute("delete from orders where id = %s", [999], prepare=True)
             names = [
@@ -1116,7 +1116,7 @@ def test_a_support_statement_cannot_be_bound_by_analytics(proxy, shop_db) -> Non
                 )
             ]
         assert names, "support's statement was not prepared on its server"
-        with psycopg.connect(proxy.dsn(ANALYTICS), autocommit=True) as analytics:
+        with proxy.connect(ANALYTICS, autocommit=True) as analytics:
             for name in names:
                 for _ in range(2):
                     res = analytics.pgconn.exec_prepared(name.encode(), [b"6"])
@@ -1158,8 +1158,8 @@ def test_denied_parse_stays_denied_on_a_shared_server(small_pools, shop_db) -> N
     the other a denied one; Parse is judged once, Bind/Execute many times."""
     before = snapshot(shop_db)
     with (
-        psycopg.connect(small_pools.dsn("analytics-a"), autocommit=True) as a,
-        psycopg.connect(small_pools.dsn("analytics-b"), autocommit=True) as b,
+        small_pools.connect("analytics-a", autocommit=True) as a,
+        small_pools.connect("analytics-b", autocommit=True) as b,
     ):
         pids = set()
         for _ in range(3):
@@ -1205,8 +1205,8 @@ def test_prepared_statements_follow_the_client_to_every_server(small_pools, shop
     """support has two server connections; its prepared statements (allowed and denied)
     behave the same on both."""
     with (
-        psycopg.connect(small_pools.dsn("support-a"), autocommit=True) as a,
-        psycopg.connect(small_pools.dsn("support-b"), autocommit=True) as holder,
+        small_pools.connect("support-a", autocommit=True) as a,
+        small_pools.connect("support-b", autocommit=True) as holder,
     ):
         pids = []
         statuses = ["packed", "shipped", "delivered", "returned"]
@@ -1691,7 +1691,7 @@ def test_a_denial_inside_a_transaction_aborts_it(proxy, shop_db) -> None:
 
 
 def test_a_denial_in_a_transaction_then_rollback_leaves_a_working_session(proxy, shop_db) -> None:
-    with psycopg.connect(proxy.dsn(ANALYTICS)) as conn:
+    with proxy.connect(ANALYTICS) as conn:
         assert conn.execute("select id from orders where id = %s", [1]).fetchall() == [(1,)]
         with pytest.raises(errors.InsufficientPrivilege) as exc:
             conn.execute("select email from customers where id = %s", [1])
@@ -1706,7 +1706,7 @@ def test_a_denial_in_a_transaction_then_rollback_leaves_a_working_session(proxy,
             "Ada Lovelace",
         )
         conn.commit()
-    with psycopg.connect(proxy.dsn(ANALYTICS), autocommit=True) as conn:
+    with proxy.connect(ANALYTICS, autocommit=True) as conn:
         with pytest.raises(errors.InsufficientPrivilege):
             conn.execute("select card_last4 from payments where id = %s", [1])
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE

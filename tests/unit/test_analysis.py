@@ -548,3 +548,39 @@ def test_shape_ignores_constants_and_edge_comments() -> None:
     assert shape("SELECT * FROM U&\"d!0061ta\" UESCAPE '!'") != shape(
         "SELECT * FROM U&\"d!0061ta\" UESCAPE '#'"
     )
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM json_to_record('{}') AS x(a int)",
+        "SELECT * FROM generate_series(1, 3) WITH ORDINALITY AS g(n, i)",
+        "SELECT * FROM json_table('[1]', '$[*]' COLUMNS (a int PATH '$')) jt",
+        "SELECT * FROM xmltable('/r' PASSING '<r/>' COLUMNS a int PATH 'a')",
+        "WITH RECURSIVE r AS (SELECT 1 AS n UNION ALL SELECT n + 1 FROM r) "
+        "SEARCH DEPTH FIRST BY n SET ord CYCLE n SET c USING p SELECT * FROM r",
+        "SELECT a, count(*) FILTER (WHERE a > 1) OVER w FROM t WINDOW w AS (PARTITION BY a)",
+        "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY a) FROM t GROUP BY ROLLUP (a)",
+        "SELECT json_object('a': 1), json_arrayagg(a), '{}'::json IS JSON OBJECT FROM t",
+        "SELECT xmlserialize(content xmlforest(1 AS a) AS text)",
+        "SELECT a[1:2], (a).b, f(x => 1), f(VARIADIC ARRAY[1]) FROM t",
+        "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DO NOTHING RETURNING merge_action(), t.*",
+        "DELETE FROM t WHERE id = 1 RETURNING OLD.*",
+        "COPY t FROM STDIN WITH (FORMAT csv) WHERE a > 1",
+    ],
+)
+def test_ordinary_syntax_is_understood(sql: str) -> None:
+    for info in analyze(sql):
+        assert info.unsupported == ()
+
+
+def test_returning_old_and_new_read_the_target() -> None:
+    info = one("UPDATE customers SET name = 'x' WHERE id = 1 RETURNING old.email, n.created_at")
+    assert rel(info, "customers", Op.SELECT).columns == {"id", "email"}
+    renamed = one(
+        "UPDATE customers SET name = 'x' WHERE id = 1 RETURNING WITH (NEW AS n) n.created_at"
+    )
+    assert rel(renamed, "customers", Op.SELECT).columns == {"id", "created_at"}
+    assert rel(
+        one("DELETE FROM customers WHERE id = 1 RETURNING OLD.*"), "customers", Op.SELECT
+    ).all_columns

@@ -480,7 +480,11 @@ def test_bypass_locks(sql: str) -> None:
 
 
 def test_strong_table_locks_need_write_even_when_locking_is_allowed() -> None:
-    denied("analytics", "LOCK TABLE orders IN ACCESS EXCLUSIVE MODE", "statements")
+    reason = denied("analytics", "LOCK TABLE orders IN ACCESS EXCLUSIVE MODE", "statements")
+    assert reason == (
+        "analytics may not run LOCK on orders: write statements are not allowed "
+        "(policy analytics, statements)"
+    )
     denied("analytics", "SELECT pg_advisory_lock(42)", "functions")
 
 

@@ -65,6 +65,9 @@ def test_roles_sql_with_catalog_grants_exactly_the_policy() -> None:
     assert "ALTER ROLE guard_analytics SET default_transaction_read_only = on;" in text
     assert "guard_support SET default_transaction_read_only" not in text
     assert "CONNECTION LIMIT 4;" in text
+    assert text.index(
+        "REVOKE ALL ON ALL TABLES IN SCHEMA public FROM guard_analytics;"
+    ) < text.index("GRANT SELECT ON public.orders TO guard_analytics;")
     assert "UPDATE (" in text and "GRANT UPDATE ON" not in text
 
 
