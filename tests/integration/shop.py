@@ -404,6 +404,14 @@ class RawAgent:
         self.sock.sendall(b"Q" + struct.pack("!i", 4 + len(payload)) + payload)
         return self._read_until_ready()
 
+    def send(self, kind: bytes, payload: bytes) -> Reply:
+        """Any message; what came back up to ReadyForQuery, or until the proxy hung up."""
+        self.sock.sendall(kind + struct.pack("!i", 4 + len(payload)) + payload)
+        try:
+            return self._read_until_ready()
+        except ConnectionError:
+            return Reply(status="closed")
+
     def scalar(self, sql: str) -> str | None:
         reply = self.query(sql)
         assert not reply.errors, reply.errors

@@ -32,6 +32,13 @@ def test_upgrade_creates_schema_downgrade_removes_it_current_tells_which(pg: PgC
             dbname="schema_test",
         )
         assert tables == "alembic_version,audit_events,deleted_rows,idempotency_keys,task_budgets"
+        assert (
+            pg.psql(
+                "select count(*) from pg_proc where proname = 'refuse_soft_deleted'",
+                dbname="schema_test",
+            )
+            == "1"
+        )
         now = gp("db", "current", "--upstream", dsn)
         assert now.returncode == 0 and "up to date" in now.stdout
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -297,6 +298,20 @@ def test_after_those_attempts_the_session_is_still_read_only_and_limited(proxy, 
 
 
 STARTUP = [
+    pytest.param(
+        "analytics",
+        {"client_encoding": "SJIS"},
+        "settings.client_encoding",
+        "client_encoding",
+        id="startup-client-encoding-sjis",
+    ),
+    pytest.param(
+        "support",
+        {"options": "-c standard_conforming_strings=off"},
+        "settings.standard_conforming_strings",
+        "standard_conforming_strings",
+        id="options-non-standard-strings",
+    ),
     pytest.param(
         "analytics",
         {"options": "-c default_transaction_read_only=off"},
@@ -1245,6 +1260,47 @@ def test_prepared_statements_follow_the_client_to_every_server(small_pools, shop
         assert len(set(pids)) == 2, f"expected runs on two server connections, saw {pids}"
 
 
+def test_a_denial_in_a_pipeline_rolls_back_what_came_before_it(proxy, shop_db) -> None:
+    """Statements up to a Sync form one implicit transaction: a denied one takes the
+    earlier ones down with it and skips the later ones, as a Postgres error would."""
+    before = snapshot(shop_db)
+    with proxy.connect(SUPPORT, autocommit=True) as conn:
+        with pytest.raises(errors.InsufficientPrivilege) as exc, conn.pipeline():
+            conn.execute("update orders set fulfillment_status = %s where id = %s", ["packed", 4])
+            conn.execute("delete from payments where id = %s", [4])
+            conn.execute(
+                "insert into order_state_log (order_id, new_status, changed_by) values (%s, %s, %s)",
+                [4, "packed", SUPPORT],
+            )
+        assert_names(str(exc.value), "support", "tables", "payments")
+        with pytest.raises(errors.InsufficientPrivilege), conn.pipeline():
+            conn.execute("select card_last4 from payments where id = %s", [1])
+            conn.execute("update orders set fulfillment_status = %s where id = %s", ["packed", 5])
+        assert conn.execute("select count(*) from orders").fetchone() == (6,)
+    after = snapshot(shop_db)
+    for table in shop.TABLES:
+        assert after[table] == before[table], table
+
+
+def test_the_function_call_message_is_refused(proxy, shop_db) -> None:
+    """The legacy FunctionCall message calls any function by oid, around any SQL text."""
+    oids = shop_db.psql(
+        "select 'pg_catalog.pg_read_file(text)'::regprocedure::oid || ',' || "
+        "'pg_catalog.lo_import(text)'::regprocedure::oid",
+        dbname="shop",
+    )
+    before = snapshot(shop_db)
+    for oid in (int(x) for x in oids.split(",")):
+        with RawAgent(proxy.port, SUPPORT) as agent:
+            arg = b"/etc/passwd"
+            payload = struct.pack("!ihhhi", oid, 1, 0, 1, len(arg)) + arg + struct.pack("!h", 0)
+            reply = agent.send(b"F", payload)
+            assert reply.errors, f"FunctionCall was answered without an error: {reply}"
+            assert "root:" not in reply.text
+    after = snapshot(shop_db)
+    assert after == before
+
+
 # ---------------------------------------------------------------- role and search_path
 
 ROLE_AND_PATH = [
@@ -1592,6 +1648,112 @@ def test_a_huge_query_is_cut_by_the_policy_statement_timeout(proxy, shop_db) -> 
         assert reply.error["C"] == "57014", reply.error
         assert "statement timeout" in reply.error["M"]
         assert agent.scalar("select 1") == "1"
+
+
+REQUIRE_WHERE = [
+    case(
+        "support",
+        "update orders set fulfillment_status = 'cancelled'",
+        "require_where",
+        "orders",
+        "update-without-where",
+    ),
+    case(
+        "support", "delete from orders where 1 = 1", "require_where", "orders", "delete-where-1-1"
+    ),
+    case(
+        "fulfillment",
+        "update orders set tracking_number = 'X' where true",
+        "require_where",
+        "orders",
+        "update-where-true",
+    ),
+    case(
+        "support",
+        "merge into orders o using (select 1) s on true "
+        "when matched then update set fulfillment_status = 'cancelled'",
+        "require_where",
+        "orders",
+        "merge-on-true-update",
+    ),
+    case(
+        "fulfillment",
+        "merge into orders o using (select 1) s on true when matched then "
+        "update set tracking_number = 'X'",
+        "require_where",
+        "orders",
+        "fulfillment-merge-on-true",
+    ),
+]
+
+
+@pytest.mark.parametrize(CASE, REQUIRE_WHERE)
+def test_require_where_cannot_be_dodged(proxy, shop_db, kind, sql, rule, obj, sqlstate) -> None:
+    assert_denied(proxy, shop_db, kind, sql, rule, obj, sqlstate)
+
+
+WRITE_PATHS = [
+    case(
+        "support",
+        "insert into order_state_log (order_id, new_status, changed_by, reason) "
+        "select order_id, 'x', 'y', card_last4 from payments",
+        "tables",
+        "payments",
+        "insert-select-payments",
+    ),
+    case(
+        "support",
+        "update orders set fulfillment_status = (select card_last4 from payments where id = 1) "
+        "where id = 4",
+        "tables",
+        "payments",
+        "update-from-subquery",
+    ),
+    case(
+        "support",
+        "delete from orders using payments p where p.order_id = orders.id and p.amount > 100",
+        "tables",
+        "payments",
+        "delete-using-payments",
+    ),
+    case(
+        "fulfillment",
+        "update orders set fulfillment_status = 'packed' where id = 4 "
+        "returning (select email from customers where id = 1)",
+        "tables",
+        "customers",
+        "returning-subquery",
+    ),
+    case(
+        "support",
+        "insert into order_state_log (order_id, previous_status, new_status, changed_by, "
+        "idempotency_key) values (1, 'a', 'b', 'c', 'seed-1') "
+        "on conflict (idempotency_key) do update set reason = 'x'",
+        "tables.order_state_log.ops",
+        "order_state_log",
+        "upsert-updates",
+    ),
+    case(
+        "support",
+        "merge into orders o using (select id from payments) s on o.id = s.id "
+        "when matched then delete",
+        "tables",
+        "payments",
+        "merge-using-payments",
+    ),
+    case(
+        "analytics",
+        "select id from orders where id = 1 union select id from payments",
+        "tables",
+        "payments",
+        "union",
+    ),
+]
+
+
+@pytest.mark.parametrize(CASE, WRITE_PATHS)
+def test_reads_hidden_in_writes_and_upserts(proxy, shop_db, kind, sql, rule, obj, sqlstate) -> None:
+    assert_denied(proxy, shop_db, kind, sql, rule, obj, sqlstate)
 
 
 # ---------------------------------------------------------------- identity
