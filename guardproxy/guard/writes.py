@@ -38,8 +38,8 @@ class WritePlan:
 
     agent_type: str
     statement: str  # as sent upstream (after rewrites)
-    shape: str  # normalized text, for the request hash
-    soft_delete: bool = False
+    soft_delete: bool = False  # a DELETE the judge rewrote: shown to the client as DELETE n
+    strip_rows: bool = False  # the rewrite returns rows the agent's statement did not ask for
     max_rows_affected: int | None = None
     cap_rule: str = ""
     idempotency_key: str | None = None
@@ -48,9 +48,8 @@ class WritePlan:
     max_writes_per_task: int | None = None
     max_statements_per_task: int | None = None
 
-    @property
-    def request_hash(self) -> str:
-        return hashlib.sha256(self.statement.encode()).hexdigest()
+    def request_hash(self, parameters: bytes = b"") -> str:
+        return hashlib.sha256(self.statement.encode() + b"\x00" + parameters).hexdigest()
 
     @property
     def needs_management(self) -> bool:
@@ -76,7 +75,9 @@ def rows_of(tag: bytes) -> int | None:
     return int(count) if count.isdigit() else None
 
 
-async def run(server: ServerConn, request: bytes, plan: WritePlan, agent_id: str) -> WriteOutcome:
+async def run(
+    server: ServerConn, request: bytes, plan: WritePlan, agent_id: str, parameters: bytes = b""
+) -> WriteOutcome:
     outside = server.status == b"I"
     await server.query("BEGIN" if outside else f"SAVEPOINT {SAVEPOINT}")
 
@@ -85,8 +86,9 @@ async def run(server: ServerConn, request: bytes, plan: WritePlan, agent_id: str
             "ROLLBACK" if outside else f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; RELEASE {SAVEPOINT}"
         )
 
+    request_hash = plan.request_hash(parameters)
     if plan.idempotency_key:
-        replay = await _claim(server, plan, agent_id)
+        replay = await _claim(server, plan, agent_id, request_hash)
         if replay is not None:
             await undo()
             return (
@@ -110,11 +112,13 @@ async def run(server: ServerConn, request: bytes, plan: WritePlan, agent_id: str
         await undo()
         return await _finish_refusal(server, refusal, outside, rows)
     body = [raw for kind, raw in answers if kind != 90]
-    if plan.soft_delete:
-        body = [
-            codec.build_command_complete(f"DELETE {rows}") if raw[:1] == b"C" else raw
-            for raw in body
-        ]
+    if plan.strip_rows:
+        # the agent's DELETE returns no rows: no row description (NoData to a Describe)
+        nodata = b"" if request[:1] == b"Q" else codec.message(b"n")
+        body = [nodata if raw[:1] == b"T" else raw for raw in body if raw[:1] != b"D"]
+    if plan.soft_delete or plan.strip_rows:
+        deleted = codec.build_command_complete(f"DELETE {rows}")
+        body = [deleted if raw[:1] == b"C" else raw for raw in body]
     if plan.idempotency_key:
         stored = b"".join(raw for raw in body if raw[:1] in (b"T", b"D", b"C"))
         await server.query(
@@ -127,14 +131,16 @@ async def run(server: ServerConn, request: bytes, plan: WritePlan, agent_id: str
     return WriteOutcome(b"".join(body) + codec.ready_for_query(server.status), decision, rows)
 
 
-async def _claim(server: ServerConn, plan: WritePlan, agent_id: str) -> bytes | GuardError | None:
+async def _claim(
+    server: ServerConn, plan: WritePlan, agent_id: str, request_hash: str
+) -> bytes | GuardError | None:
     """Claims the key; returns None (go on), the stored answer (replay) or a refusal."""
     key = plan.idempotency_key
     assert key is not None
     claimed = await server.query(
         "INSERT INTO guardproxy.idempotency_keys (key, agent_type, agent_id, task, request_hash, expires_at) "
         f"VALUES ({literal(key)}, {literal(plan.agent_type)}, {literal(agent_id)}, "
-        f"{literal(plan.task) if plan.task else 'NULL'}, {literal(plan.request_hash)}, "
+        f"{literal(plan.task) if plan.task else 'NULL'}, {literal(request_hash)}, "
         f"now() + interval '{int(plan.key_ttl_seconds)} seconds') "
         "ON CONFLICT (key) DO UPDATE SET key = EXCLUDED.key "
         "WHERE guardproxy.idempotency_keys.expires_at < now() RETURNING key"
@@ -147,8 +153,8 @@ async def _claim(server: ServerConn, plan: WritePlan, agent_id: str) -> bytes | 
     )
     if not rows:
         return None
-    request_hash, response_hex = rows[0]
-    if request_hash != plan.request_hash:
+    stored_hash, response_hex = rows[0]
+    if stored_hash != request_hash:
         return GuardError(
             f"idempotency key {key!r} was already used for a different statement or parameters; "
             "nothing was executed",

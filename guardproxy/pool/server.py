@@ -55,6 +55,7 @@ class Client(Protocol):
     def server_lost(self, reason: UpstreamError) -> None: ...
     def server_tag(self, tag: bytes) -> None: ...
     def server_error(self, fields: dict[str, str]) -> None: ...
+    def rows_truncated(self, cap: int) -> None: ...
     def pause_client_reading(self, pause: bool) -> None: ...
 
 
@@ -77,6 +78,9 @@ class ServerConn(asyncio.Protocol):
         self.on_stale: Callable[[bytes], None] | None = None  # set by the pool
         self.settings_key: tuple[tuple[str, str], ...] | None = None
         self.app_name: str | None = None  # application_name the proxy set on it
+        self.row_cap = 0  # max_rows_returned of the statements now running (0: none)
+        self.row_cap_error = False  # refuse rather than truncate
+        self.rows_seen = 0
         self.created_at = time.monotonic()
         self.last_used = self.created_at
         self.closed = False
@@ -174,6 +178,7 @@ class ServerConn(asyncio.Protocol):
         n = len(buf)
         pos = start = 0
         out: list[bytes] = []
+        row_cap = self.row_cap
         released = False
         while n - pos >= 5:
             kind = buf[pos]
@@ -182,8 +187,22 @@ class ServerConn(asyncio.Protocol):
                 break
             swallow = bool(pending) and pending[0][1]
             if kind == 68 and not swallow:  # DataRow: the hot path, forwarded as is
+                if row_cap:
+                    self.rows_seen += 1
+                    if self.rows_seen > row_cap:  # past the policy's cap: cut here
+                        if start < pos:
+                            out.append(buf[start:pos])
+                        start = end
                 pos = end
                 continue
+            if kind == 67 and row_cap and self.rows_seen > row_cap:
+                # the statement returned more than the cap: say so, and count only what was sent
+                if start < pos:
+                    out.append(buf[start:pos])
+                start = end
+                out.append(self._cap_message())
+            if kind in (67, 69):
+                self.rows_seen = 0
             forward = self._on_message(kind, buf, pos, end, swallow)
             if not forward:
                 if start < pos:
@@ -207,6 +226,25 @@ class ServerConn(asyncio.Protocol):
             client.writelines(out)
         if released and self.client is client:
             client.server_idle()
+
+    def _cap_message(self) -> bytes:
+        cap = self.row_cap
+        if self.client is not None:
+            self.client.rows_truncated(cap)
+        if self.row_cap_error:
+            return codec.build_error(
+                "54000",
+                f"the result has more than {cap} rows, the most this agent may read at once "
+                "(policy limits.max_rows_returned)",
+                hint=f"add a LIMIT of at most {cap}, aggregate, or page through the rows",
+            )
+        notice = codec.build_notice(
+            "01000",
+            f"result truncated to {cap} rows by policy (limits.max_rows_returned)",
+            severity="WARNING",
+            hint=f"add a LIMIT of at most {cap}, aggregate, or page through the rows",
+        )
+        return notice + codec.build_command_complete(f"SELECT {cap}")
 
     def _on_message(self, kind: int, buf: bytes, pos: int, end: int, swallow: bool) -> bool:
         """Tracks one server message; returns whether to forward it to the client."""
@@ -399,7 +437,6 @@ class ServerConn(asyncio.Protocol):
                     )
                 return rows
 
-
     async def exchange(self, data: bytes) -> list[tuple[int, bytes]]:
         """Sends a client's request in internal mode; returns every answer up to ReadyForQuery."""
         self.send(data)
@@ -411,7 +448,11 @@ class ServerConn(asyncio.Protocol):
                 name, value = codec.parameter_status(raw)
                 self.params[name] = value
             elif kind == 71:  # COPY FROM STDIN cannot be managed: fail it, the client is told
-                self.send(codec.message(b"f", b"guardproxy cannot run COPY FROM STDIN as a managed write\x00"))
+                self.send(
+                    codec.message(
+                        b"f", b"guardproxy cannot run COPY FROM STDIN as a managed write\x00"
+                    )
+                )
             elif kind == 90:
                 self.status = raw[5:6]
                 return answers
