@@ -81,6 +81,9 @@ def serve(
             example = Path("sql/example_schema.sql")
             if example.exists() and emb.seed_example(embedded, example, settings.policies):
                 typer.echo(f"loaded the example shop schema ({example}) into the embedded database")
+            from guardproxy.store import migrate
+
+            migrate.upgrade(embedded.dsn)  # the embedded database always has the newest schema
         except ConfigError as exc:
             _fail(str(exc))
             return

@@ -76,8 +76,14 @@ def rows_of(tag: bytes) -> int | None:
 
 
 async def run(
-    server: ServerConn, request: bytes, plan: WritePlan, agent_id: str, parameters: bytes = b""
+    server: ServerConn,
+    request: bytes,
+    plan: WritePlan,
+    agent_id: str,
+    parameters: bytes = b"",
+    hidden: int = 0,
 ) -> WriteOutcome:
+    """Runs one managed write; ``hidden`` leading Parse/CloseComplete answers are the proxy's own."""
     outside = server.status == b"I"
     await server.query("BEGIN" if outside else f"SAVEPOINT {SAVEPOINT}")
 
@@ -99,6 +105,9 @@ async def run(
                 )
             )
     answers = await server.exchange(request)
+    while hidden and answers and answers[0][0] in (49, 51):  # ParseComplete, CloseComplete
+        answers.pop(0)
+        hidden -= 1
     if any(kind == 69 for kind, _ in answers):
         # The statement failed: Postgres already rolled back or aborted; the client sees it as is.
         if outside:

@@ -19,14 +19,16 @@ from prometheus_client import CollectorRegistry
 
 from guardproxy.analysis.catalog import CATALOG_QUERY, SEARCH_PATH_QUERY
 from guardproxy.config import Settings, Upstream
+from guardproxy.guard.audit import AuditLog
 from guardproxy.metrics import GuardproxyCollector, PoolView, StatsRegistry
 from guardproxy.policy import Catalog, Judge, PolicyError, PolicySet, load_policy_set
 from guardproxy.pool.pool import Pool
-from guardproxy.protocol.errors import GuardError
+from guardproxy.protocol.errors import ConfigError, GuardError
 from guardproxy.protocol.scram import Verifier, load_verifiers
 from guardproxy.server.http import OpsServer
 from guardproxy.server.session import ClientSession
 from guardproxy.server.workers import CancelRelay, worker_of
+from guardproxy.store import migrate
 
 log = logging.getLogger("guardproxy")
 
@@ -45,6 +47,7 @@ class Proxy:
             self.judge = Judge(self.policies)
             self._make_pools(self.policies)
         self._catalog_task: asyncio.Task[None] | None = None
+        self.audit: AuditLog | None = None
         self.verifiers: dict[str, Verifier] = (
             load_verifiers(settings.auth_file) if settings.auth_file is not None else {}
         )
@@ -102,6 +105,30 @@ class Proxy:
             if policy.upstream_role and policy.upstream_role != self.upstream.user:
                 startup["role"] = policy.upstream_role
             self.pools[policy.name] = Pool(settings, self.upstream, startup)
+
+    async def check_schema(self) -> None:
+        """Refuses to start when guardproxy's own schema is missing or older than this version."""
+        head = await asyncio.to_thread(migrate.head_revision)
+        pool = self.pools["default"]
+        server = await pool.acquire()
+        try:
+            rows = await server.query(
+                "SELECT version_num FROM guardproxy.alembic_version"
+                if await server.query(
+                    "SELECT to_regclass('guardproxy.alembic_version') IS NOT NULL"
+                )
+                == [["t"]]
+                else "SELECT NULL::text"
+            )
+        finally:
+            pool.release(server)
+        current = rows[0][0] if rows else None
+        if current != head:
+            raise ConfigError(
+                f"the guardproxy schema in database {self.upstream.database} is at revision "
+                f"{current or 'none'}, this guardproxy needs {head}: run "
+                "`guardproxy db upgrade --upstream DSN` (as a role that may create the schema), then start again"
+            )
 
     async def load_catalog(self) -> None:
         """Reads tables and columns from the upstream for star expansion and name resolution."""
@@ -244,6 +271,11 @@ class Proxy:
         sock.setblocking(False)
         self._server = await loop.create_server(self.new_session, sock=sock, backlog=1024)
         self.bound_port = sock.getsockname()[1]
+        if self.policies is not None:
+            await self.check_schema()
+            assert self.settings.upstream is not None
+            self.audit = AuditLog(self.settings.upstream, self.stats)
+            self.audit.start()
         await self.load_catalog()
         if self.settings.workers > 1:
             self.relay = CancelRelay(
@@ -308,6 +340,8 @@ class Proxy:
             self.relay.close()
         if self.ops is not None:
             self.ops.close()
+        if self.audit is not None:
+            await self.audit.close()
         log.info("guardproxy stopped")
 
 

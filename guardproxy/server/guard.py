@@ -8,6 +8,7 @@ proxy answers by itself (``SET guard.task = ...``). It keeps the agent's context
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -15,7 +16,8 @@ from urllib.parse import quote
 
 import pglast
 
-from guardproxy.policy import AgentPolicy, Judge, SessionContext, parse_context_comment
+from guardproxy.guard.writes import WritePlan
+from guardproxy.policy import AgentPolicy, Decision, Judge, SessionContext, parse_context_comment
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import GuardError
 
@@ -59,6 +61,12 @@ class SessionGuard:
         self.registry = registry
         self.task_started: dict[str, float] = {}
         self.last_decision = "allowed"
+        self.last_sql = ""  # what was sent upstream, for the audit log
+        self.last_rule: str | None = None
+        self.last_write: WritePlan | None = None  # set when the judged message writes rows
+        self.last_row_cap: tuple[int, bool] | None = (
+            None  # (max rows returned, error rather than cut)
+        )
         self._tag_for: SessionContext | None = None
         self._tag = b""
 
@@ -70,6 +78,7 @@ class SessionGuard:
             parsed = codec.parse_parse(raw)
             sql_bytes = parsed.query
         sql = sql_bytes.decode(errors="replace")
+        self.last_sql, self.last_rule = sql, None
         if "/*" in sql:
             self.context = self.context.with_updates(parse_context_comment(sql))
         self._check_task_duration()
@@ -81,6 +90,7 @@ class SessionGuard:
         else:
             self.registry.cache_misses += 1
         if not decision.allowed:
+            self.last_rule = decision.rule
             self.stats.denials[decision.rule] += 1
             log.info("denied %s (%s): %s", self.context.agent_id, decision.rule, decision.reason)
             raise GuardError(
@@ -100,10 +110,43 @@ class SessionGuard:
         if decision.action == "rewrite" and not decision.monitored:
             self.last_decision = "rewritten"
             sql_bytes = decision.sql.encode()
+        self.last_sql = sql_bytes.decode(errors="replace")
+        self.last_write = self._write_plan(decision) if decision.write is not None else None
+        cap = decision.max_rows_returned
+        self.last_row_cap = (cap, decision.rows_over_cap == "error") if cap else None
         tagged = sql_bytes + (b"\n" if b"--" in sql_bytes else b" ") + self.tag()
         if parsed is None:
             return codec.build_query(tagged)
         return codec.build_parse(parsed.name, tagged, parsed.tail)
+
+    def _write_plan(self, decision: Decision) -> WritePlan:
+        write = decision.write
+        assert write is not None
+        policy, ctx = self.policy, self.context
+        key = ctx.tags.get("idempotency_key")
+        if key is None and policy.idempotency_mode == "derived" and ctx.task:
+            # a retry of the same statement at the same step of the same task is the same write
+            key = (
+                "derived:"
+                + hashlib.sha256(
+                    "\x00".join((policy.name, ctx.task, ctx.step or "", self.last_sql)).encode()
+                ).hexdigest()
+            )
+        if policy.idempotency_mode == "off":
+            key = None
+        return WritePlan(
+            agent_type=policy.name,
+            statement=self.last_sql,
+            soft_delete=write.soft_delete,
+            strip_rows=(write.soft_delete or write.captured) and not write.soft_delete_returning,
+            max_rows_affected=write.max_rows_affected,
+            cap_rule=write.cap_rule,
+            idempotency_key=key,
+            key_ttl_seconds=int(policy.idempotency_ttl.total_seconds()),
+            task=ctx.task,
+            max_writes_per_task=policy.max_writes_per_task,
+            max_statements_per_task=policy.max_statements_per_task,
+        )
 
     def tag(self) -> bytes:
         """The sqlcommenter comment naming who runs the statement, built once per context."""

@@ -21,7 +21,8 @@ import itertools
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, cast
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
 import pglast
 
@@ -44,6 +45,7 @@ from guardproxy.protocol import codec
 from guardproxy.protocol.errors import AuthFailed, GuardError, ProtocolViolation, UpstreamError
 from guardproxy.server.guard import LocalAnswer, SessionGuard
 from guardproxy.server.login import login_exchange
+from guardproxy.server.managed import SessionWrites
 from guardproxy.server.workers import new_cancel_key
 
 if TYPE_CHECKING:
@@ -153,6 +155,10 @@ class ClientSession(asyncio.Protocol):
         self.blocked = False  # waiting for a server or for settings to be read back
         self.held: tuple[int, bytes] | None = None  # judged, waiting for a server
         self.guard: SessionGuard | None = None
+        self.writes = SessionWrites(self)
+        self.row_cap: tuple[int, bool] | None = None  # of the last judged Query
+        self.statement_caps: dict[bytes, tuple[int, bool] | None] = {}
+        self.portal_cap: tuple[int, bool] | None = None
         self.admin = False
         self.ended_by_proxy = False
         self.task: str | None = None
@@ -466,13 +472,22 @@ class ClientSession(asyncio.Protocol):
                     try:
                         raw = guard.judge(kind, raw)
                     except GuardError as denial:
-                        self._deny(kind, denial)
+                        self.deny(kind, denial)
                         continue
                     except LocalAnswer as answer:
                         self._answer(kind, answer.response)
                         continue
                     self.last_decision = guard.last_decision
                     self.proxy.stats.proxy_latency.observe(time.perf_counter() - started)
+                    self.row_cap = guard.last_row_cap
+                    if kind == 80:
+                        self.statement_caps[codec.parse_parse(raw).name] = guard.last_row_cap
+                    if guard.last_write is not None and self.writes.judged(kind, raw, guard):
+                        continue
+                elif (kind == 66 or self.writes.collecting is not None) and self.writes.collect(
+                    kind, raw
+                ):
+                    continue
             server = self.server
             if server is None and self._answer_without_server(kind, raw):
                 continue
@@ -482,8 +497,49 @@ class ClientSession(asyncio.Protocol):
                     self.held = (kind, raw)
                     self._start_acquire()
                     return
-                self._attach(server)
+                self.attach(server)
             self._relay(server, kind, raw)
+
+    # ------------------------------------------------------------ managed writes' needs
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._task = asyncio.get_running_loop().create_task(coro)
+
+    def prepare_prefix(self, server: ServerConn, statement: bytes) -> tuple[bytes, int]:
+        """Parse (and Close) messages that make ``statement`` current on ``server``, and their count."""
+        if statement:
+            known = self.statements.get(statement)
+            if known is None:
+                return b"", 0
+            sname, query, types, generation = known
+            if server.prepared.get(sname, -1) >= generation:
+                return b"", 0
+            out, count = b"", 0
+            if sname in server.prepared or sname in server.to_close:
+                out, count = codec.build_close_statement(sname), 1
+                server.to_close.discard(sname)
+            server.prepared[sname] = generation
+            return out + codec.build_parse(sname, query, types), count + 1
+        if self.unnamed_on is server or self.unnamed is None:
+            return b"", 0
+        self.unnamed_on = server
+        return codec.build_parse(b"", *self.unnamed), 1
+
+    def rename_bind(self, server: ServerConn, request: bytes, statement: bytes) -> bytes:
+        """The request with its first Bind naming the server's copy of ``statement``."""
+        if not statement or statement not in self.statements:
+            return request
+        length = int.from_bytes(request[1:5], "big") + 1
+        bind, rest = request[:length], request[length:]
+        _, start, end = codec.bind_statement(bind)
+        return codec.replace_field(bind, start, end, self.statements[statement][0]) + rest
+
+    def after_managed(self, server: ServerConn) -> None:
+        """After a managed write: keep the server inside a transaction, else give it back."""
+        if self.server is not server:
+            self.attach(server)
+        if server.status == b"I" and not server.pending:
+            self.server_idle()
 
     def _admin_message(self, kind: int, raw: bytes) -> None:
         if kind != 81:
@@ -509,7 +565,7 @@ class ClientSession(asyncio.Protocol):
         else:
             self.write(answer + codec.ready_for_query(b"I"))
         self.blocked = False
-        self._resume()
+        self.resume()
 
     def kill(self, reason: str) -> None:
         """Ends this session; a lent server is closed, so its transaction rolls back."""
@@ -534,9 +590,14 @@ class ClientSession(asyncio.Protocol):
                 UpstreamError(reason.message, sqlstate=reason.sqlstate, hint=reason.hint)
             )
 
-    def _deny(self, kind: int, denial: GuardError) -> None:
+    def deny(self, kind: int, denial: GuardError) -> None:
         """Refuses a statement the way a Postgres error would, transaction state included."""
         self.stats.statements[self.last_kind, "denied"] += 1
+        guard = self.guard
+        if guard is not None:
+            self.writes.audit(
+                guard, guard.last_sql, "denied", rule=guard.last_rule, reason=denial.message
+            )
         server = self.server
         if server is None:
             # Outside any transaction: nothing on a server to abort.
@@ -628,7 +689,7 @@ class ClientSession(asyncio.Protocol):
             held, self.held = self.held, None
             if held is not None:
                 self._fail_request(held[0], exc)
-            self._resume()
+            self.resume()
             return
         except asyncio.CancelledError:
             return
@@ -636,10 +697,10 @@ class ClientSession(asyncio.Protocol):
             self.pool.release(server)
             return
         self.blocked = False
-        self._attach(server)
-        self._resume()
+        self.attach(server)
+        self.resume()
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
         if self.closed:
             return
         if self.transport is not None:
@@ -649,7 +710,7 @@ class ClientSession(asyncio.Protocol):
         except ProtocolViolation as exc:
             self.fatal(exc)
 
-    def _attach(self, server: ServerConn) -> None:
+    def attach(self, server: ServerConn) -> None:
         self.server = server
         self.unnamed_on = None
         server.client = self
@@ -673,6 +734,7 @@ class ClientSession(asyncio.Protocol):
                 self.stmt_started = time.perf_counter()
             self.unnamed = None  # a simple Query drops the unnamed statement, as in Postgres
             self.stats.statements[self.last_kind, self.last_decision] += 1
+            server.row_cap, server.row_cap_error = self.row_cap or (0, False)
             self._inspect(codec.parse_query(raw))
             server.send(raw)
             server.expect(QUERY)
@@ -683,11 +745,13 @@ class ClientSession(asyncio.Protocol):
             sname = self._ensure_prepared(server, name) if name else self._ensure_unnamed(server)
             if sname is not None:
                 raw = codec.replace_field(raw, start, end, sname)
+            self.portal_cap = self.statement_caps.get(name)
             server.send(raw)
             server.expect(BIND, data=sname)
         elif kind == 69:  # Execute
             self.queries += 1
             self.stats.statements[self.portal_kind, "allowed"] += 1
+            server.row_cap, server.row_cap_error = self.portal_cap or (0, False)
             if not server.pending:
                 self.stmt_started = time.perf_counter()
             server.send(raw)
@@ -825,6 +889,14 @@ class ClientSession(asyncio.Protocol):
             if self.server is not None:
                 self.server.prepared.clear()
 
+    def rows_truncated(self, cap: int) -> None:
+        self.stats.statements["read", "truncated"] += 1
+        guard = self.guard
+        if guard is not None:
+            self.writes.audit(
+                guard, guard.last_sql, "truncated", rule="limits.max_rows_returned", rows=cap
+            )
+
     def server_error(self, fields: dict[str, str]) -> None:
         # a failed statement used DB time too (timeouts most of all)
         now = time.perf_counter()
@@ -842,7 +914,7 @@ class ClientSession(asyncio.Protocol):
             self.stats.timeouts += 1
 
     def server_idle(self) -> None:
-        if self.pinned:
+        if self.pinned or self.writes.running:
             return
         server = self.server
         assert server is not None
@@ -881,7 +953,7 @@ class ClientSession(asyncio.Protocol):
             server.settings_key = self.settings
             self.pool.release(server)
         self.blocked = False
-        self._resume()
+        self.resume()
 
     def server_lost(self, reason: UpstreamError) -> None:
         server, self.server = self.server, None

@@ -614,6 +614,44 @@ FUNCTIONS = [
     ),
     case("support", "select pg_reload_conf()", "functions", "pg_reload_conf", "reload-conf"),
     case("analytics", "select pg_stat_reset()", "functions", "pg_stat_reset", "stat-reset"),
+    case(
+        "analytics",
+        "select * from rows from (pg_read_file('/etc/passwd'), generate_series(1, 2))",
+        "functions",
+        "pg_read_file",
+        "rows-from",
+    ),
+    case(
+        "analytics",
+        "select row_number() over (partition by pg_read_file('/etc/passwd')) from orders",
+        "functions",
+        "pg_read_file",
+        "window-partition",
+    ),
+    case(
+        "support",
+        "update orders set fulfillment_status = 'packed' where id = 4 "
+        "returning pg_read_file('/etc/passwd')",
+        "functions",
+        "pg_read_file",
+        "returning",
+    ),
+    case(
+        "support",
+        "insert into order_state_log (order_id, new_status, changed_by) "
+        "values (nextval('orders_id_seq'), 'x', 'y')",
+        "functions",
+        "nextval",
+        "insert-values",
+    ),
+    case(
+        "support",
+        "copy order_state_log (order_id, new_status, changed_by) from stdin "
+        "where pg_read_file('/etc/passwd') is not null",
+        "functions",
+        "pg_read_file",
+        "copy-from-where",
+    ),
 ]
 
 

@@ -14,6 +14,7 @@ import asyncio
 import datetime as dt
 import decimal
 import re
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ import asyncpg
 import psycopg
 import pytest
 import shop
+from pgcluster import PG_BINDIR
 from psycopg import errors
 from psycopg.types import TypeInfo
 from psycopg.types.composite import CompositeInfo, register_composite
@@ -603,6 +605,34 @@ def test_catalog_queries_for_permitted_tables(proxy, kind) -> None:
             "public",
             True,
         )
+
+
+@pytest.mark.parametrize("kind", AGENT_TYPES)
+def test_psql_describe_commands(proxy, kind) -> None:
+    """psql's own catalog queries (\\dt, \\d orders) as a person or a Text-to-SQL agent runs them."""
+    out = subprocess.run(
+        [
+            f"{PG_BINDIR}/psql",
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            proxy.dsn(shop.AGENT_OF[kind]),
+            "-c",
+            "\\dt",
+            "-c",
+            "\\d orders",
+            "-c",
+            "\\df pg_catalog.lower",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "orders_customer_id_idx" in out.stdout
+    assert "fulfillment_status" in out.stdout
+    assert "customers" in out.stdout
 
 
 @pytest.mark.parametrize("kind", AGENT_TYPES)
