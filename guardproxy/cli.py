@@ -509,6 +509,30 @@ def undo(
     typer.echo(f"restored {restored} rows of task {task}; the undo is in the audit log")
 
 
+@app.command()
+def demo(
+    upstream: Annotated[
+        str | None,
+        Opt("--upstream", help="a fresh database to play in (default: the embedded one)"),
+    ] = None,
+    policies: PoliciesOpt = Path("policies"),
+    schema: Annotated[Path, Opt("--schema", help="the example schema")] = Path(
+        "sql/example_schema.sql"
+    ),
+) -> None:
+    """Scripted agents of the three example types, then the audit of deletes and DB time per agent."""
+    from guardproxy import demo as demo_run
+    from guardproxy import embedded
+
+    if upstream is None:
+        emb = embedded.ensure_running()
+        embedded.seed_example(emb, schema, policies)
+        upstream = emb.dsn
+    else:
+        embedded.seed_database(upstream, schema, policies)
+    demo_run.run(upstream, policies, typer.echo)
+
+
 def main() -> None:
     app()
 

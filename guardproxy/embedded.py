@@ -193,22 +193,29 @@ def seed_example(emb: Embedded, schema_sql: Path, policies: Path | None) -> bool
     marker = emb.home / "guardproxy-example-seeded"
     if marker.exists():
         return False
+    seed_database(emb.dsn, schema_sql, policies)
+    marker.write_text("seeded\n")
+    return True
+
+
+def seed_database(dsn: str, schema_sql: Path, policies: Path | None) -> None:
+    """Example schema, guardproxy's schema, and the policies' roles granted to the DSN's login role."""
     import psycopg
 
     from guardproxy.store import migrate
 
-    with psycopg.connect(emb.dsn, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(schema_sql.read_text())  # a trusted file of our own
-    migrate.upgrade(emb.dsn)
+    migrate.upgrade(dsn)
     if policies is not None:
         from guardproxy.policy import Catalog, load_policy_set
         from guardproxy.policy.tools import roles_sql
 
         policy_set = load_policy_set(policies)
         sql = roles_sql(policy_set, Catalog.from_ddl(schema_sql.read_text()))
-        with psycopg.connect(emb.dsn, autocommit=True) as conn:
+        with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(sql)
+            login = conn.execute("SELECT session_user").fetchone()
+            assert login is not None
             for policy in policy_set:
-                conn.execute(f'GRANT "{policy.upstream_role}" TO {ROLE}')
-    marker.write_text("seeded\n")
-    return True
+                conn.execute(f'GRANT "{policy.upstream_role}" TO "{login[0]}"')
