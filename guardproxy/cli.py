@@ -46,7 +46,18 @@ def serve(
     server_idle_timeout: Annotated[float | None, Opt()] = None,
     server_lifetime: Annotated[float | None, Opt()] = None,
     client_login_timeout: Annotated[float | None, Opt()] = None,
-    auth_mode: Annotated[str | None, Opt(help="trust (loopback only) | scram")] = None,
+    auth_mode: Annotated[str | None, Opt(help="trust (loopback only) | scram | cert")] = None,
+    tls_cert_file: Annotated[
+        Path | None, Opt(help="server certificate (PEM) for client TLS")
+    ] = None,
+    tls_key_file: Annotated[Path | None, Opt(help="its private key (PEM)")] = None,
+    tls_client_ca_file: Annotated[
+        Path | None, Opt(help="CA of agents' client certificates")
+    ] = None,
+    tls_mode: Annotated[str | None, Opt(help="disable | allow | require")] = None,
+    auth_max_failures: Annotated[
+        int | None, Opt(help="failed logins per source/agent per minute")
+    ] = None,
     auth_file: Annotated[Path | None, Opt(help="SCRAM verifiers from `guardproxy passwd`")] = None,
     max_message_size: Annotated[int | None, Opt()] = None,
     workers: Annotated[int | None, Opt(help="worker processes sharing the port [1]")] = None,

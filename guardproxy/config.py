@@ -10,7 +10,7 @@ import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qsl, unquote, urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -46,7 +46,20 @@ class Settings(BaseModel):
         3600.0, ge=0, description="close servers this old when idle; 0 = never"
     )
     client_login_timeout: float = Field(15.0, gt=0)
-    auth_mode: Literal["trust", "scram"] = "trust"
+    auth_mode: Literal["trust", "scram", "cert"] = "trust"
+    tls_cert_file: Path | None = Field(
+        None, description="server certificate (PEM) for TLS towards clients"
+    )
+    tls_key_file: Path | None = Field(None, description="its private key (PEM)")
+    tls_client_ca_file: Path | None = Field(
+        None, description="CA of client certificates; their CN must be the agent id"
+    )
+    tls_mode: Literal["disable", "allow", "require"] = Field(
+        "allow", description="require: refuse clients that do not use TLS"
+    )
+    auth_max_failures: int = Field(
+        5, ge=1, description="failed logins per source or agent id per minute"
+    )
     auth_file: Path | None = Field(
         None, description="SCRAM verifiers written by `guardproxy passwd`"
     )
@@ -87,6 +100,14 @@ class Settings(BaseModel):
                 f"auth_mode 'trust' is refused on listen_host {self.listen_host!r}: "
                 "trust is only allowed on loopback; use auth_mode 'scram' with an auth_file"
             )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_mode == "require" and self.tls_cert_file is None:
+            raise ValueError("tls_mode 'require' needs tls_cert_file and tls_key_file")
+        if self.auth_mode == "cert" and self.tls_client_ca_file is None:
+            raise ValueError(
+                "auth_mode 'cert' needs tls_client_ca_file (the CA that signs agents' certificates)"
+            )
         if self.auth_mode == "scram" and self.auth_file is None:
             raise ValueError(
                 "auth_mode 'scram' needs auth_file (create it with `guardproxy passwd NAME`)"
@@ -112,6 +133,8 @@ class Upstream(BaseModel):
     user: str
     password: str | None
     database: str
+    sslmode: str = "prefer"
+    sslrootcert: str | None = None
 
 
 def parse_dsn(dsn: str) -> Upstream:
@@ -122,7 +145,15 @@ def parse_dsn(dsn: str) -> Upstream:
     if not u.username:
         raise ValueError("upstream DSN needs a user name (postgresql://USER:PASSWORD@HOST:PORT/DB)")
     database = unquote(u.path.lstrip("/")) or u.username
+    query = dict(parse_qsl(u.query))
+    sslmode = query.get("sslmode", "prefer")  # as libpq
+    if sslmode not in ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"):
+        raise ValueError(
+            f"upstream sslmode {sslmode!r} is not one of disable, prefer, require, verify-ca, verify-full"
+        )
     return Upstream(
+        sslmode=sslmode,
+        sslrootcert=query.get("sslrootcert"),
         host=u.hostname or "127.0.0.1",
         port=u.port or 5432,
         user=unquote(u.username),

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections import deque
 
 from guardproxy.config import Settings, Upstream
 from guardproxy.pool.server import ServerConn
+from guardproxy.pool.upstream_tls import upstream_context
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import PoolTimeout, UpstreamError
 
@@ -47,6 +49,7 @@ class Pool:
         self.wait_seconds_total = 0.0
         self.timeouts_total = 0
         self.connect_errors_total = 0
+        self.tls_context = upstream_context(upstream.sslmode, upstream.sslrootcert)
         self.pinned = 0  # sessions pinned to a server now
         self.paused = False
         self._resumed = asyncio.Event()
@@ -221,15 +224,13 @@ class Pool:
 
     async def _open(self) -> ServerConn:
         up = self.upstream
-        loop = asyncio.get_running_loop()
         self.opening += 1
         self.serial += 1
         serial = self.serial
         try:
             try:
-                _, server = await asyncio.wait_for(
-                    loop.create_connection(lambda: ServerConn(up, serial), up.host, up.port),
-                    self.settings.server_connect_timeout,
+                server = await asyncio.wait_for(
+                    self._connect(serial), self.settings.server_connect_timeout
                 )
                 extra = {"options": self.startup_options} if self.startup_options else None
                 await asyncio.wait_for(server.startup(extra), self.settings.server_connect_timeout)
@@ -255,6 +256,41 @@ class Pool:
         self.servers.add(server)
         log.debug("opened server connection %d (backend pid %d)", serial, server.backend_pid)
         return server
+
+    async def _connect(self, serial: int) -> ServerConn:
+        """A TCP connection to the upstream, over TLS when its sslmode asks (SSLRequest first)."""
+        up = self.upstream
+        loop = asyncio.get_running_loop()
+        context = self.tls_context
+        if context is None:
+            _, server = await loop.create_connection(
+                lambda: ServerConn(up, serial), up.host, up.port
+            )
+            return server
+        infos = await loop.getaddrinfo(up.host, up.port, type=socket.SOCK_STREAM)
+        family, type_, proto, _, address = infos[0]
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+            await loop.sock_sendall(sock, codec.SSL_REQUEST_PACKET)
+            answer = await loop.sock_recv(sock, 1)
+        except OSError:
+            sock.close()
+            raise
+        if answer == b"S":
+            _, server = await loop.create_connection(
+                lambda: ServerConn(up, serial), sock=sock, ssl=context, server_hostname=up.host
+            )
+            return server
+        if up.sslmode in ("allow", "prefer"):
+            _, server = await loop.create_connection(lambda: ServerConn(up, serial), sock=sock)
+            return server
+        sock.close()
+        raise UpstreamError(
+            f"upstream {up.host}:{up.port} does not offer TLS, and the upstream DSN says sslmode={up.sslmode}",
+            hint="enable ssl on the server, or lower sslmode in the upstream DSN",
+        )
 
     # ------------------------------------------------------------ upkeep
 

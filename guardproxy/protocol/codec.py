@@ -277,6 +277,7 @@ CLOSE_COMPLETE = message(b"3")
 SYNC = message(b"S")
 TERMINATE = message(b"X")
 NO_SSL = b"N"
+SSL_REQUEST_PACKET = struct.pack("!ii", 8, SSL_REQUEST)
 
 
 def build_parameter_status(name: str, value: str) -> bytes:

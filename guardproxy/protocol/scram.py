@@ -21,6 +21,7 @@ import scramp
 from guardproxy.protocol.errors import AuthFailed, ConfigError
 
 MECHANISM = "SCRAM-SHA-256"
+MECHANISM_PLUS = "SCRAM-SHA-256-PLUS"
 DEFAULT_ITERATIONS = 4096
 _mech = scramp.ScramMechanism(MECHANISM)
 
@@ -119,7 +120,16 @@ class ServerExchange:
     name (``n=,``) in client-first, which Postgres ignores and scramp rejects.
     """
 
-    def __init__(self, agent_id: str, verifier: Verifier | None) -> None:
+    def __init__(
+        self,
+        agent_id: str,
+        verifier: Verifier | None,
+        mechanism: str = MECHANISM,
+        binding: bytes = b"",
+    ) -> None:
+        # binding: tls-server-end-point data when the client chose SCRAM-SHA-256-PLUS
+        self._mechanism = mechanism
+        self._binding = binding
         self._verifier = verifier or _decoy(agent_id)
         self._known = verifier is not None
         self._nonce = ""
@@ -132,10 +142,19 @@ class ServerExchange:
             text = client_first.decode()
         except UnicodeDecodeError as exc:
             raise AuthFailed("SCRAM client-first message is not UTF-8", sqlstate="08P01") from exc
-        if not text.startswith(("n,", "y,")):
+        plus = self._mechanism == MECHANISM_PLUS
+        if plus and not text.startswith("p=tls-server-end-point,"):
             raise AuthFailed(
-                "SCRAM channel binding is not supported on this connection", sqlstate="08P01"
+                "SCRAM-SHA-256-PLUS needs channel binding type tls-server-end-point",
+                sqlstate="08P01",
             )
+        if not plus and not text.startswith(("n,", "y,")):
+            raise AuthFailed(
+                "channel binding was asked for without SCRAM-SHA-256-PLUS", sqlstate="08P01"
+            )
+        if text.startswith("y,") and self._binding:
+            # the client could bind but believes we cannot: someone in the middle stripped -PLUS
+            raise AuthFailed("SCRAM channel binding downgrade detected", sqlstate="28000")
         parts = text.split(",", 2)
         if len(parts) != 3:
             raise AuthFailed("malformed SCRAM client-first message", sqlstate="08P01")
@@ -158,10 +177,13 @@ class ServerExchange:
             without_proof, _, proof_attr = text.rpartition(",p=")
             attrs = dict(a.split("=", 1) for a in without_proof.split(",") if "=" in a)
             proof = base64.b64decode(proof_attr, validate=True)
-            binding = base64.b64decode(attrs.get("c", ""), validate=True).decode()
+            binding_raw = base64.b64decode(attrs.get("c", ""), validate=True)
         except (UnicodeDecodeError, ValueError) as exc:
             raise AuthFailed("password authentication failed") from exc
-        if attrs.get("r") != self._nonce or binding != self._gs2_header:
+        expected = self._gs2_header.encode() + (
+            self._binding if self._mechanism == MECHANISM_PLUS else b""
+        )
+        if attrs.get("r") != self._nonce or binding_raw != expected:
             raise AuthFailed("password authentication failed")
         auth_message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode()
         v = self._verifier

@@ -13,6 +13,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -23,10 +24,11 @@ from guardproxy.guard.audit import AuditLog
 from guardproxy.metrics import GuardproxyCollector, PoolView, StatsRegistry
 from guardproxy.policy import Catalog, Judge, PolicyError, PolicySet, load_policy_set
 from guardproxy.pool.pool import Pool
-from guardproxy.protocol.errors import ConfigError, GuardError
+from guardproxy.protocol.errors import AuthFailed, ConfigError, GuardError
 from guardproxy.protocol.scram import Verifier, load_verifiers
 from guardproxy.server.http import OpsServer
 from guardproxy.server.session import ClientSession
+from guardproxy.server.tls import ServerTLS
 from guardproxy.server.workers import CancelRelay, worker_of
 from guardproxy.store import migrate
 
@@ -48,6 +50,16 @@ class Proxy:
             self._make_pools(self.policies)
         self._catalog_task: asyncio.Task[None] | None = None
         self.audit: AuditLog | None = None
+        self.tls: ServerTLS | None = None
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            self.tls = ServerTLS(
+                settings.tls_cert_file,
+                settings.tls_key_file,
+                settings.tls_client_ca_file,
+                settings.tls_mode == "require",
+            )
+            self.tls.context()  # fail at start, not at the first client, if the files are wrong
+        self._auth_failures: dict[str, deque[float]] = {}
         self.verifiers: dict[str, Verifier] = (
             load_verifiers(settings.auth_file) if settings.auth_file is not None else {}
         )
@@ -222,6 +234,27 @@ class Proxy:
                             sqlstate="25P04",
                         )
                     )
+
+    def auth_failed(self, source: str, agent_id: str) -> None:
+        self.stats.auth_failures += 1
+        now = time.monotonic()
+        for key in (f"source:{source}", f"agent:{agent_id}"):
+            self._auth_failures.setdefault(key, deque(maxlen=64)).append(now)
+
+    def check_auth_rate(self, source: str, agent_id: str) -> None:
+        """Refuses logins from a source or for an agent id with too many recent failures.
+
+        The answer is the same whether the agent id exists or not.
+        """
+        now = time.monotonic()
+        limit = self.settings.auth_max_failures
+        for key in (f"source:{source}", f"agent:{agent_id}"):
+            recent = [t for t in self._auth_failures.get(key, ()) if now - t < 60]
+            if len(recent) >= limit:
+                raise AuthFailed(
+                    "too many failed logins recently; wait a minute before trying again",
+                    sqlstate="28000",
+                )
 
     def sessions_of_type(self, agent_type: str) -> int:
         return sum(1 for s in self.sessions.values() if s.agent_type == agent_type)

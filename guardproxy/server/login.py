@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import AuthFailed, GuardError, ProtocolViolation
-from guardproxy.protocol.scram import MECHANISM, ServerExchange
+from guardproxy.protocol.scram import MECHANISM, MECHANISM_PLUS, ServerExchange
 from guardproxy.server.admin import ADMIN_DATABASE
 
 if TYPE_CHECKING:
@@ -24,6 +24,9 @@ async def login_exchange(session: ClientSession) -> codec.Startup | None:
     while True:
         _, body = await session.recv_startup(typed=False)
         startup = codec.parse_startup(body)
+        if startup.code == codec.SSL_REQUEST and proxy.tls is not None and not session.tls:
+            await session.start_tls(proxy.tls.context())
+            continue
         if startup.code in (codec.SSL_REQUEST, codec.GSSENC_REQUEST):
             session.write(codec.NO_SSL)
             continue
@@ -47,7 +50,12 @@ async def login_exchange(session: ClientSession) -> codec.Startup | None:
         raise GuardError(
             "no user name in the startup packet; connect as your agent id", sqlstate="28000"
         )
+    if proxy.settings.tls_mode == "require" and not session.tls:
+        raise AuthFailed(
+            "guardproxy requires TLS: connect with sslmode=require or stronger", sqlstate="28000"
+        )
     session.agent_id = user
+    proxy.check_auth_rate(session.peer_host, user)
     if startup.params.get("replication"):
         raise GuardError(
             "replication connections are not supported by guardproxy", sqlstate="08004"
@@ -71,22 +79,33 @@ async def login_exchange(session: ClientSession) -> codec.Startup | None:
             sqlstate="53300",
         )
     session.apply_startup(startup.params)
+    cert_agent = session.peer_common_name()
+    if cert_agent is not None and cert_agent != user:
+        # a client certificate names the agent: no logging in as anyone else with it
+        proxy.auth_failed(session.peer_host, user)
+        raise AuthFailed(f'certificate authentication failed for user "{user}"')
+    if proxy.settings.auth_mode == "cert" and cert_agent is None:
+        proxy.auth_failed(session.peer_host, user)
+        raise AuthFailed(f'certificate authentication failed for user "{user}"', sqlstate="28000")
     if proxy.settings.auth_mode == "scram":
         await _scram(session, user)
     return startup
 
 
 async def _scram(session: ClientSession, user: str) -> None:
-    exchange = ServerExchange(user, session.proxy.verifiers.get(user))
-    session.write(codec.auth_request(10, codec.cstr(MECHANISM) + b"\x00"))
+    tls = session.proxy.tls
+    binding = tls.end_point if tls is not None and session.tls else b""
+    offered = ([MECHANISM_PLUS] if binding else []) + [MECHANISM]
+    session.write(codec.auth_request(10, b"".join(codec.cstr(m) for m in offered) + b"\x00"))
     kind, raw = await session.recv_startup(typed=True)
     if kind != ord("p"):
         raise ProtocolViolation(f"expected SASLInitialResponse, got message type {chr(kind)!r}")
     mechanism, data = codec.parse_sasl_initial(raw)
-    if mechanism != MECHANISM:
+    if mechanism not in offered:
         raise AuthFailed(
-            f"SASL mechanism {mechanism!r} is not offered; use {MECHANISM}", sqlstate="28000"
+            f"SASL mechanism {mechanism!r} is not offered; use one of {offered}", sqlstate="28000"
         )
+    exchange = ServerExchange(user, session.proxy.verifiers.get(user), mechanism, binding)
     session.write(codec.auth_request(11, exchange.first(data)))
     kind, raw = await session.recv_startup(typed=True)
     if kind != ord("p"):
@@ -94,7 +113,7 @@ async def _scram(session: ClientSession, user: str) -> None:
     try:
         final = exchange.final(raw[5:])
     except AuthFailed:
-        session.proxy.stats.auth_failures += 1
+        session.proxy.auth_failed(session.peer_host, user)
         log.info("failed login for agent %r from %s", user, session.peer)
         raise AuthFailed(f'password authentication failed for user "{user}"') from None
     session.write(codec.auth_request(12, final))

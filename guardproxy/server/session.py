@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import logging
 import re
+import ssl
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
@@ -46,6 +47,7 @@ from guardproxy.protocol.errors import AuthFailed, GuardError, ProtocolViolation
 from guardproxy.server.guard import LocalAnswer, SessionGuard
 from guardproxy.server.login import login_exchange
 from guardproxy.server.managed import SessionWrites
+from guardproxy.server.tls import peer_common_name
 from guardproxy.server.workers import new_cancel_key
 
 if TYPE_CHECKING:
@@ -160,6 +162,7 @@ class ClientSession(asyncio.Protocol):
         self.statement_caps: dict[bytes, tuple[int, bool] | None] = {}
         self.portal_cap: tuple[int, bool] | None = None
         self.admin = False
+        self.tls = False
         self.ended_by_proxy = False
         self.task: str | None = None
         self.unnamed: tuple[bytes, bytes] | None = None  # the client's unnamed statement
@@ -352,6 +355,28 @@ class ClientSession(asyncio.Protocol):
         rest, self._startup_buf = self._startup_buf, b""
         if rest:
             self.data_received(rest)
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """Answers an SSLRequest with 'S' and continues the connection over TLS."""
+        assert self.transport is not None
+        self.transport.write(b"S")
+        loop = asyncio.get_running_loop()
+        new = await loop.start_tls(
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=10
+        )
+        if new is None:
+            raise ConnectionResetError("TLS handshake failed")
+        self.transport = new
+        self.tls = True
+
+    @property
+    def peer_host(self) -> str:
+        return self.peer.rpartition(":")[0]
+
+    def peer_common_name(self) -> str | None:
+        if not self.tls or self.transport is None:
+            return None
+        return peer_common_name(self.transport.get_extra_info("ssl_object"))
 
     def apply_startup(self, params: dict[str, str]) -> None:
         settings = {

@@ -94,6 +94,16 @@ def shop_db(pg: PgCluster) -> PgCluster:
     pg.psql(f"CREATE DATABASE {SHOP_DB} OWNER app_owner", dbname="postgres")
     pg.psql("GRANT ALL ON SCHEMA public TO app_owner", dbname=SHOP_DB)
     _load_schema(pg)
+    # guardproxy's own schema (audit log, ledgers): the proxy refuses to start without it
+    out = subprocess.run(
+        [sys.executable, "-m", "guardproxy", "db", "upgrade", "--upstream", pg.dsn(dbname=SHOP_DB)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, f"guardproxy db upgrade failed:\n{out.stdout}\n{out.stderr}"
     return pg
 
 
@@ -104,7 +114,7 @@ SELECT json_build_object(
   'order_state_log', (SELECT json_agg(t ORDER BY t.id) FROM order_state_log t),
   'payments', (SELECT json_agg(t ORDER BY t.id) FROM payments t),
   'sequences', (SELECT json_agg(json_build_array(sequencename, last_value) ORDER BY sequencename)
-                FROM pg_sequences),
+                FROM pg_sequences WHERE schemaname = 'public'),
   'relations', (SELECT json_agg(n.nspname || '.' || c.relname || ':' || c.relkind::text ORDER BY 1)
                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
@@ -153,7 +163,8 @@ DO $wipe$ DECLARE r record; BEGIN
     EXECUTE format('DROP EVENT TRIGGER %I', r.evtname);
   END LOOP;
   FOR r IN SELECT n.nspname FROM pg_namespace n
-           WHERE n.nspname NOT IN ('public', 'pg_catalog', 'information_schema', 'pg_toast')
+           WHERE n.nspname NOT IN ('public', 'guardproxy', 'pg_catalog', 'information_schema',
+                                   'pg_toast')
              AND n.nspname NOT LIKE 'pg\_%' LOOP
     EXECUTE format('DROP SCHEMA %I CASCADE', r.nspname);
   END LOOP;
