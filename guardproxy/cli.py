@@ -65,6 +65,10 @@ def serve(
     policies: Annotated[
         Path | None, Opt(help="directory of policy YAML files (one per agent type)")
     ] = None,
+    upstream_credentials_dir: Annotated[
+        Path | None,
+        Opt(help="directory of files named after upstream roles, holding their passwords"),
+    ] = None,
     admin_users: Annotated[
         str | None, Opt(help="comma-separated agent ids allowed into the admin console")
     ] = None,

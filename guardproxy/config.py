@@ -72,6 +72,9 @@ class Settings(BaseModel):
     shutdown_timeout: float = Field(
         30.0, ge=0, description="seconds SIGTERM waits for transactions"
     )
+    upstream_credentials_dir: Path | None = Field(
+        None, description="files named after upstream roles holding their passwords (secrets)"
+    )
     policies: Path | None = Field(
         None, description="directory of policy YAML files, one per agent type"
     )

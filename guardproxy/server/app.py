@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import signal
 import socket
 import tempfile
@@ -114,9 +116,16 @@ class Proxy:
             if policy.max_server_connections:
                 settings = settings.model_copy(update={"pool_size": policy.max_server_connections})
             startup = dict(policy.upstream_settings())
-            if policy.upstream_role and policy.upstream_role != self.upstream.user:
+            upstream = self.upstream
+            password = role_password(policy.upstream_role, self.settings.upstream_credentials_dir)
+            if password is not None:
+                # least privilege all the way: log in as the agent type's own role
+                upstream = upstream.model_copy(
+                    update={"user": policy.upstream_role, "password": password}
+                )
+            elif policy.upstream_role and policy.upstream_role != upstream.user:
                 startup["role"] = policy.upstream_role
-            self.pools[policy.name] = Pool(settings, self.upstream, startup)
+            self.pools[policy.name] = Pool(settings, upstream, startup)
 
     async def check_schema(self) -> None:
         """Refuses to start when guardproxy's own schema is missing or older than this version."""
@@ -382,3 +391,16 @@ def _pg_array(text: str) -> list[str]:
     """A text[] as Postgres prints it, e.g. ``{public,"my schema"}``."""
     inner = text.strip("{}")
     return [part.strip('"') for part in inner.split(",") if part]
+
+
+def role_password(role: str, directory: Path | None) -> str | None:
+    """The password of an upstream role, from GUARDPROXY_ROLE_PASSWORD_<ROLE> or a file
+    named after the role in ``upstream_credentials_dir`` (a mounted Kubernetes secret)."""
+    env = os.environ.get("GUARDPROXY_ROLE_PASSWORD_" + re.sub(r"[^A-Za-z0-9]", "_", role).upper())
+    if env:
+        return env
+    if directory is not None:
+        path = directory / role
+        if path.is_file():
+            return path.read_text().strip()
+    return None
