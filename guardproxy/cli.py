@@ -60,6 +60,12 @@ def serve(
     ] = None,
     auth_file: Annotated[Path | None, Opt(help="SCRAM verifiers from `guardproxy passwd`")] = None,
     max_message_size: Annotated[int | None, Opt()] = None,
+    client_idle_timeout: Annotated[
+        float | None, Opt(help="close clients idle this long (0: never)")
+    ] = None,
+    audit_queue_size: Annotated[
+        int | None, Opt(help="audit events held in memory before loss")
+    ] = None,
     workers: Annotated[int | None, Opt(help="worker processes sharing the port [1]")] = None,
     shutdown_timeout: Annotated[float | None, Opt()] = None,
     policies: Annotated[

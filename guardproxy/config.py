@@ -69,6 +69,12 @@ class Settings(BaseModel):
     workers: int = Field(
         1, ge=1, le=64, description="processes sharing the listen port (SO_REUSEPORT)"
     )
+    client_idle_timeout: float = Field(
+        0.0, ge=0, description="close clients that sent nothing for this long; 0 = never"
+    )
+    audit_queue_size: int = Field(
+        10000, ge=1, description="audit events held in memory before loss"
+    )
     shutdown_timeout: float = Field(
         30.0, ge=0, description="seconds SIGTERM waits for transactions"
     )

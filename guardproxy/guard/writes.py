@@ -22,6 +22,7 @@ until the outcome is known.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
 from guardproxy.guard.sqltext import literal, raise_sql
@@ -30,6 +31,7 @@ from guardproxy.protocol import codec
 from guardproxy.protocol.errors import GuardError
 
 SAVEPOINT = "guardproxy_write"
+CRASH_AFTER_COMMIT = os.environ.get("GUARDPROXY_TEST_CRASH_AFTER_COMMIT") == "1"
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,9 @@ async def run(
             f"WHERE key = {literal(plan.idempotency_key)}"
         )
     await server.query("COMMIT" if outside else f"RELEASE {SAVEPOINT}")
+    if CRASH_AFTER_COMMIT:
+        # a fault-injection hook for the tests: die between the commit and the reply
+        os._exit(99)
     decision = "rewritten" if plan.soft_delete else "allowed"
     return WriteOutcome(b"".join(body) + codec.ready_for_query(server.status), decision, rows)
 

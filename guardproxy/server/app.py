@@ -220,11 +220,15 @@ class Proxy:
         return f"reloaded {len(policies)} agent types"
 
     async def _enforce_transaction_timeouts(self) -> None:
-        """transaction_timeout of the policies, on Postgres versions that lack it."""
+        """transaction_timeout of the policies (Postgres 15 lacks it) and client_idle_timeout."""
         while True:
             await asyncio.sleep(0.25)
             now = time.perf_counter()
+            idle_limit = self.settings.client_idle_timeout
             for session in list(self.sessions.values()):
+                if idle_limit and now - session.last_activity > idle_limit and not session.admin:
+                    session.kill(f"client idle for more than client_idle_timeout ({idle_limit:g}s)")
+                    continue
                 guard, server = session.guard, session.server
                 if (
                     guard is None
@@ -316,7 +320,9 @@ class Proxy:
         if self.policies is not None:
             await self.check_schema()
             assert self.settings.upstream is not None
-            self.audit = AuditLog(self.settings.upstream, self.stats)
+            self.audit = AuditLog(
+                self.settings.upstream, self.stats, self.settings.audit_queue_size
+            )
             self.audit.start()
         await self.load_catalog()
         if self.settings.workers > 1:

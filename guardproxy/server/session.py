@@ -162,6 +162,7 @@ class ClientSession(asyncio.Protocol):
         self.statement_caps: dict[bytes, tuple[int, bool] | None] = {}
         self.portal_cap: tuple[int, bool] | None = None
         self.admin = False
+        self.last_activity = time.perf_counter()
         self.tls = False
         self.ended_by_proxy = False
         self.task: str | None = None
@@ -199,6 +200,7 @@ class ClientSession(asyncio.Protocol):
         self._task = asyncio.get_running_loop().create_task(self._login())
 
     def data_received(self, data: bytes) -> None:
+        self.last_activity = time.perf_counter()
         if not self.logged_in:
             self._startup_buf += data
             if len(self._startup_buf) > self.proxy.settings.max_message_size:
