@@ -86,6 +86,8 @@ class ServerConn(asyncio.Protocol):
         self.closed = False
         self.fatal: dict[str, str] | None = None
         self._buf = b""
+        self._wbuf: list[bytes] = []
+        self._flush_pending = False
         self._inbox: deque[tuple[int, bytes]] = deque()
         self._inbox_waiter: asyncio.Future[None] | None = None
         self._lost: BaseException | None = None
@@ -141,12 +143,21 @@ class ServerConn(asyncio.Protocol):
     # ------------------------------------------------------------ sending
 
     def send(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        """Queues bytes for the server; they leave in one write when the current callback ends.
 
-    def sendlines(self, chunks: list[bytes]) -> None:
-        assert self.transport is not None
-        self.transport.writelines(chunks)
+        A client's batch of messages (Parse/Bind/Describe/Execute/Sync) thus costs one
+        system call instead of one per message.
+        """
+        self._wbuf.append(data)
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        chunks, self._wbuf = self._wbuf, []
+        if chunks and self.transport is not None and not self.closed:
+            self.transport.write(b"".join(chunks) if len(chunks) > 1 else chunks[0])
 
     def expect(self, kind: int, swallow: bool = False, data: bytes | None = None) -> None:
         """Records that a message just sent (or a synthetic answer) awaits its turn."""
