@@ -152,6 +152,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ),
     )
     p.add_argument(
+        "--policies",
+        type=Path,
+        default=None,
+        help=(
+            "guardproxy judges every statement with these policies (e.g. bench/policies): "
+            "select-only runs as agent analytics-bench, TPC-B-like as support-bench"
+        ),
+    )
+    p.add_argument(
         "--guardproxy-cmd",
         default=default_guardproxy_cmd(),
         help="how to run guardproxy (default: .venv/bin/guardproxy, else PYTHON -m guardproxy)",
@@ -185,8 +194,46 @@ def psql(port: int, sql: str, dbname: str = UPSTREAM_DB) -> subprocess.Completed
     )
 
 
+def seed_policies(cluster: pgcluster.PgCluster, policies: Path) -> None:
+    """guardproxy's schema and the policies' roles, granted to the proxy's login role."""
+    from guardproxy.policy import load_policy_set
+    from guardproxy.policy.tools import roles_sql
+    from guardproxy.store import migrate
+    from guardproxy.store.introspect import read_catalog
+
+    dsn = cluster.dsn(UPSTREAM_USER, UPSTREAM_DB)
+    migrate.upgrade(dsn)
+    policy_set = load_policy_set(policies)
+    cluster.psql(roles_sql(policy_set, read_catalog(dsn)), dbname=UPSTREAM_DB)
+    roles = ", ".join(f'"{p.upstream_role}"' for p in policy_set)
+    cluster.psql(f"GRANT {roles} TO {UPSTREAM_USER}", dbname=UPSTREAM_DB)
+
+
+AGENTS = {"select-only": "analytics-bench", "tpcb-like": "support-bench"}
+POLICIES: list[Path] = []  # set by main when --policies is given
+
+
+def endpoint_for(target: Target, script: str) -> pgbench.Endpoint:
+    """With policies, guardproxy is reached as the agent the script plays."""
+    if target.name == "guardproxy" and POLICIES:
+        return pgbench.Endpoint("127.0.0.1", target.port, AGENTS[script], "", UPSTREAM_DB)
+    return endpoint(target.port)
+
+
 def reachable(target: Target) -> str | None:
     """Why `SELECT 1` through the target fails, or None when it works."""
+    if target.name == "guardproxy" and POLICIES:
+        ep = endpoint_for(target, "select-only")
+        cmd = [f"{pgcluster.PG_BINDIR}/psql", "-X", "-A", "-t", "-c", "SELECT 1", *ep.conn_args()]
+        got = subprocess.run(
+            cmd, capture_output=True, text=True, env=ep.env(), timeout=60, check=False
+        )
+        ok = got.returncode == 0 and got.stdout.strip() == "1"
+        return (
+            None
+            if ok
+            else f"SELECT 1 as {ep.user} failed: {(got.stderr or got.stdout).strip()[:300]}"
+        )
     out = psql(target.port, "SELECT 1")
     if out.returncode == 0 and out.stdout.strip() == "1":
         return None
@@ -232,6 +279,8 @@ def start_target(
     if name == "pgbouncer":
         return start_pgbouncer(processes, launch, pgbouncer_binary(), workdir / "pgbouncer")
     command, extra = shlex.split(args.guardproxy_cmd), shlex.split(args.proxy_args)
+    if args.policies is not None:
+        extra += ["--policies", str(args.policies)]
     return start_guardproxy(processes, launch, command, extra)
 
 
@@ -258,7 +307,7 @@ def workloads(args: argparse.Namespace) -> list[pgbench.Workload]:
 def measure(target: Target, load: pgbench.Workload) -> report.Row:
     pid = target.proc.pid if target.proc else None
     before = cpu_seconds(pid) if pid else None
-    result = pgbench.run(pgcluster.PG_BINDIR, endpoint(target.port), load)
+    result = pgbench.run(pgcluster.PG_BINDIR, endpoint_for(target, load.script), load)
     cpu = cpu_seconds(pid) - before if pid and before is not None else None
     return report.row(target.name, load, result, cpu)
 
@@ -303,7 +352,7 @@ def warm_up(args: argparse.Namespace, targets: list[Target]) -> None:
             say(f"warming up {target.name} ({args.warmup}s)")
             pgbench.warm_up(
                 pgcluster.PG_BINDIR,
-                endpoint(target.port),
+                endpoint_for(target, "select-only"),
                 clients,
                 min(clients, args.threads),
                 args.warmup,
@@ -323,6 +372,7 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         "protocols": args.protocols,
         "targets": args.targets,
         "proxy_args": args.proxy_args,
+        "policies": str(args.policies) if args.policies else None,
         "guardproxy_cmd": args.guardproxy_cmd,
         "client_auth": "trust",
         "pool_mode": "transaction",
@@ -335,6 +385,8 @@ def benchmark(
     load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews everything
     say(f"Postgres on port {cluster.port}; pgbench -i -s {args.scale}")
     pgbench.initialize(pgcluster.PG_BINDIR, endpoint(cluster.port), args.scale)
+    if args.policies is not None:
+        seed_policies(cluster, args.policies)
     targets = start_targets(args, cluster.port, processes, workdir)
     if any(t.name == "direct" and t.skip for t in targets):
         say("direct Postgres is not reachable; nothing to compare against")
@@ -375,6 +427,8 @@ def _private_workdir() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.policies is not None:
+        POLICIES.append(args.policies)
     raise_on_termination()
     processes = Processes()
     workdir = _private_workdir()

@@ -8,18 +8,105 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import socket
 import struct
+import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from guardproxy.protocol import codec
 
 TIMEOUT = 10.0
 APP_DB = "app"
+TEST_DEADLINE = 60.0
+
+
+@pytest.fixture(name="start_proxy")
+def start_proxy_with_deadline(start_proxy: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """conftest's ``start_proxy``, plus a deadline: when a test runs past it, its proxies
+    are killed, so a client call blocked on a hung proxy fails instead of hanging.
+
+    Blocking client libraries (psycopg) have no per-call timeout; this bounds them all.
+    Import it into a test module to use it there.
+    """
+    handles: list[Any] = []
+
+    def start(*args: Any, **kwargs: Any) -> Any:
+        handle = start_proxy(*args, **kwargs)
+        handles.append(handle)
+        return handle
+
+    def expire() -> None:
+        for handle in handles:
+            if handle.alive():
+                print(
+                    f"test deadline ({TEST_DEADLINE}s) passed: killing guardproxy on {handle.port}"
+                )
+                handle.proc.kill()
+
+    timer = threading.Timer(TEST_DEADLINE, expire)
+    timer.daemon = True
+    timer.start()
+    yield start
+    timer.cancel()
+
+
+@contextlib.contextmanager
+def launched_proxy(pg: Any, log_dir: Path, **settings: Any) -> Iterator[Any]:
+    """A guardproxy process for a whole test module (started as conftest starts them).
+
+    Many fault tests only hurt one client of their own; sharing one proxy between
+    them saves a process start each and shows it keeps serving after every fault.
+    """
+    from conftest import GUARDPROXY, ROOT, ProxyProcess, proxy_args
+    from pgcluster import free_port, wait_for_port
+
+    port = free_port()
+    log_path = log_dir / f"guardproxy-{port}.log"
+    args = proxy_args(pg.dsn(), port, settings)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*GUARDPROXY, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
+        )
+    handle = ProxyProcess(port, proc, log_path, args)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=20)
+        yield handle
+    finally:
+        handle.stop()
+
+
+@contextlib.contextmanager
+def deadline_for(handles: list[Any], node: Any) -> Iterator[None]:
+    """Kills ``handles`` if the test runs past TEST_DEADLINE; prints their logs if it failed."""
+
+    def expire() -> None:
+        for handle in handles:
+            if handle.alive():
+                handle.proc.kill()
+
+    timer = threading.Timer(TEST_DEADLINE, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        report = getattr(node, "rep_call", None)
+        if report is not None and report.failed:
+            for handle in handles:
+                print(
+                    f"\n----- shared guardproxy log ({handle.port}) -----\n{handle.log()[-4000:]}"
+                )
 
 
 @dataclass(frozen=True)

@@ -25,16 +25,23 @@ from types import MappingProxyType
 
 import pglast
 from pglast import ast
+from pglast.enums import ConstrType
 
 from .pg_builtins import INFORMATION_SCHEMA_RELATIONS, PG_CATALOG_RELATIONS
 
-#: Rows of (schema, table, column) for every user relation and its live columns, in
-#: column order (pg_attribute is readable by every role).
+#: Rows of (schema, table, column, primary key position) for every user relation and
+#: its live columns, in column order (pg_attribute and pg_index are readable by every
+#: role). The fourth value is the column's 1-based position in the table's primary
+#: key, NULL when it is not part of it. `Catalog.from_rows` also takes the first three
+#: values alone (the catalog then knows no primary keys).
 CATALOG_QUERY = """\
-SELECT n.nspname, c.relname, a.attname
+SELECT n.nspname, c.relname, a.attname,
+       (SELECT k.n FROM pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY AS k(attnum, n)
+        WHERE k.attnum = a.attnum) AS pk_position
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+LEFT JOIN pg_catalog.pg_index i ON i.indrelid = c.oid AND i.indisprimary
 WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f')
   AND a.attnum > 0 AND NOT a.attisdropped
   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
@@ -47,17 +54,23 @@ SEARCH_PATH_QUERY = "SELECT pg_catalog.current_schemas(false)"
 SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
 
 
+CatalogRow = tuple[str, str, str] | tuple[str, str, str, int | str | None]
+
+
 @dataclass(frozen=True)
 class Catalog:
-    """Tables (and views) of the upstream database with their ordered columns."""
+    """Tables (and views) of the upstream database with their ordered columns, and the
+    primary key columns of those that have one (`primary_keys`, in key order)."""
 
     tables: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
     search_path: tuple[str, ...] = ("public",)
     version: int = 0
+    primary_keys: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Frozen means frozen: nobody may change the mapping behind the cache's back.
         object.__setattr__(self, "tables", MappingProxyType(dict(self.tables)))
+        object.__setattr__(self, "primary_keys", MappingProxyType(dict(self.primary_keys)))
         path = tuple(s for s in self.search_path if s and s != "$user")
         object.__setattr__(self, "search_path", path)
 
@@ -67,24 +80,34 @@ class Catalog:
     @classmethod
     def from_rows(
         cls,
-        rows: Iterable[tuple[str, str, str]],
+        rows: Iterable[CatalogRow],
         search_path: Iterable[str] = ("public",),
         version: int | None = None,
     ) -> Catalog:
-        """Build from (schema, table, column) rows in column order (`CATALOG_QUERY`).
+        """Build from `CATALOG_QUERY` rows in column order: (schema, table, column) or
+        (schema, table, column, primary key position), the position an int, its text
+        (as the simple protocol returns it) or None.
 
         Without an explicit `version`, the version is a checksum of the content, so
         two catalogs with the same content have the same version.
         """
         tables: dict[tuple[str, str], list[str]] = {}
-        for schema, table, column in rows:
+        keys: dict[tuple[str, str], list[tuple[int, str]]] = {}
+        for row in rows:
+            schema, table, column = str(row[0]), str(row[1]), str(row[2])
             tables.setdefault((schema, table), []).append(column)
+            position = row[3] if len(row) > 3 else None
+            if position is not None and str(position).strip():
+                keys.setdefault((schema, table), []).append((int(position), column))
         path = tuple(search_path)
         frozen = {key: tuple(cols) for key, cols in tables.items()}
+        primary = {key: tuple(c for _, c in sorted(cols)) for key, cols in keys.items()}
         if version is None:
-            digest = repr((sorted(frozen.items()), path)).encode()
-            version = zlib.crc32(digest)
-        return cls(tables=frozen, search_path=path, version=version)
+            content: tuple[object, ...] = (sorted(frozen.items()), path)
+            if primary:
+                content = (*content, sorted(primary.items()))
+            version = zlib.crc32(repr(content).encode())
+        return cls(tables=frozen, search_path=path, version=version, primary_keys=primary)
 
     @classmethod
     def from_ddl(cls, sql: str, search_path: Iterable[str] = ("public",)) -> Catalog:
@@ -94,15 +117,17 @@ class Catalog:
         columns they name explicitly. Other statements are ignored.
         """
         path = tuple(search_path) or ("public",)
-        rows: list[tuple[str, str, str]] = []
+        rows: list[CatalogRow] = []
         for raw in pglast.parse_sql(sql):
             stmt = raw.stmt
             if isinstance(stmt, ast.CreateStmt) and stmt.relation is not None:
                 rel = stmt.relation
                 schema = rel.schemaname or path[0]
+                key = _primary_key(stmt)
                 for elt in stmt.tableElts or ():
                     if isinstance(elt, ast.ColumnDef) and elt.colname:
-                        rows.append((schema, rel.relname or "", elt.colname))
+                        position = key.index(elt.colname) + 1 if elt.colname in key else None
+                        rows.append((schema, rel.relname or "", elt.colname, position))
             elif isinstance(stmt, ast.ViewStmt) and stmt.view is not None:
                 rel = stmt.view
                 schema = rel.schemaname or path[0]
@@ -112,6 +137,10 @@ class Catalog:
     def columns(self, schema: str, name: str) -> tuple[str, ...] | None:
         """The ordered columns of a relation, or None when the catalog does not know it."""
         return self.tables.get((schema, name))
+
+    def primary_key(self, schema: str, name: str) -> tuple[str, ...] | None:
+        """The primary key columns of a table in key order; None when unknown or none."""
+        return self.primary_keys.get((schema, name))
 
     def resolve(self, schema: str | None, name: str) -> tuple[str, str]:
         """The (schema, name) Postgres would use for a possibly unqualified name."""
@@ -135,6 +164,22 @@ class Catalog:
 
 #: Used when the proxy has no catalog: search path ``public``, no tables known.
 EMPTY_CATALOG = Catalog()
+
+
+def _primary_key(stmt: ast.CreateStmt) -> list[str]:
+    """The PRIMARY KEY columns of a CREATE TABLE, column or table constraint."""
+    for elt in stmt.tableElts or ():
+        if isinstance(elt, ast.ColumnDef):
+            for constraint in elt.constraints or ():
+                if (
+                    isinstance(constraint, ast.Constraint)
+                    and constraint.contype == ConstrType.CONSTR_PRIMARY
+                    and elt.colname
+                ):
+                    return [elt.colname]
+        elif isinstance(elt, ast.Constraint) and elt.contype == ConstrType.CONSTR_PRIMARY:
+            return [k.sval or "" for k in elt.keys or () if isinstance(k, ast.String)]
+    return []
 
 
 def _view_columns(stmt: ast.ViewStmt) -> list[str]:

@@ -218,16 +218,20 @@ class Collector(FastVisitor):
             self.add(relation, Op.DELETE, written, has_where=where)
             return "delete"
         if isinstance(owner, ast.MergeStmt) and attr == "relation":
+            # MERGE ... ON true WHEN MATCHED THEN UPDATE changes every row, like an UPDATE
+            # without WHERE: the join condition (and the clause's AND) is its WHERE.
+            on = references_columns(owner.joinCondition)
             for clause in owner.mergeWhenClauses or ():
                 if not isinstance(clause, ast.MergeWhenClause):
                     continue
                 names = _target_names(clause.targetList)
+                where = on or references_columns(clause.condition)
                 if clause.commandType == CmdType.CMD_UPDATE:
-                    self.add(relation, Op.UPDATE, written, names)
+                    self.add(relation, Op.UPDATE, written, names, has_where=where)
                 elif clause.commandType == CmdType.CMD_INSERT:
                     self.add(relation, Op.INSERT, written, names, all_columns=not names)
                 elif clause.commandType == CmdType.CMD_DELETE:
-                    self.add(relation, Op.DELETE, written)
+                    self.add(relation, Op.DELETE, written, has_where=where)
             return "merge"
         if isinstance(owner, ast.CopyStmt) and attr == "relation":
             cols = set(strings(owner.attlist))

@@ -7,8 +7,12 @@ Public API:
 * `Judge(policies, catalog=None)`: `.judge(policy, sql, ctx) -> Decision`,
   `.judge_startup(policy, params) -> Decision`, `.set_catalog(catalog)`
 * `SessionContext`, `parse_context_comment(sql)`
-* `Catalog` (re-exported from `guardproxy.analysis`; `CATALOG_QUERY` fills it)
-* `tools`: `check_report`, `explain`, `roles_sql` for the CLI
+* `Catalog` (re-exported from `guardproxy.analysis`; `CATALOG_QUERY` fills it, primary
+  keys included)
+* `Decision`, `WriteEffects`: what to do with a message, and what it writes
+* `tools`: `check_report`, `explain`, `roles_sql`, `soft_delete_sql` for the CLI
+* `idempotency.idempotency_key` / `derive_key`: the key of a write;
+  `plans.explain_statements` / `plan_estimate` / `plan_violation`: plan limits
 
 Pure: no sockets, no database. What the proxy does with it, per client session:
 
@@ -31,8 +35,14 @@ Pure: no sockets, no database. What the proxy does with it, per client session:
      ``name, sql in decision.prepared.items()``, ``ctx = ctx.with_prepared(name, sql)``.
    * ``reapply_settings``: nothing to do when the settings are startup parameters.
    * ``monitored``: log and count (rule, reason); the statement runs.
+   * ``write`` / ``writes`` (`WriteEffects`): the message writes rows: run it as a
+     managed write (row cap, soft-delete retag, idempotency key, task budgets);
+     ``max_rows_returned`` / ``rows_over_cap``: cut reads; ``plan_check``: check the
+     plan estimate first (see `Decision`).
 3. Enforce what the judge only exposes: ``transaction_timeout``, ``max_task_duration``,
-   ``max_server_connections``, ``max_client_sessions`` (`AgentPolicy`).
+   ``max_server_connections``, ``max_client_sessions``, ``idempotency_mode`` /
+   ``idempotency_ttl``, ``max_writes_per_task`` / ``max_statements_per_task``,
+   ``audit_on_loss`` (`AgentPolicy`).
 4. On DDL and on reload: rebuild the `Catalog` and call ``judge.set_catalog``; on a
    new policy set build a new `Judge`.
 """
@@ -40,9 +50,9 @@ Pure: no sockets, no database. What the proxy does with it, per client session:
 from __future__ import annotations
 
 from ..analysis.catalog import Catalog
-from .agent import AgentPolicy, FunctionRules, TableRule
+from .agent import AgentPolicy, FunctionRules, SoftDelete, TableRule
 from .context import FrozenMap, SessionContext, parse_context_comment
-from .decision import Decision
+from .decision import Decision, WriteEffects
 from .engine import Judge
 from .errors import PolicyError
 from .loader import PolicySet, load_policy_set
@@ -59,7 +69,9 @@ __all__ = [
     "PolicyError",
     "PolicySet",
     "SessionContext",
+    "SoftDelete",
     "TableRule",
+    "WriteEffects",
     "load_policy_set",
     "parse_context_comment",
 ]

@@ -27,14 +27,42 @@ from types import MappingProxyType
 
 from ..analysis.catalog import Catalog
 from ..analysis.model import Op, StatementClass
+from .decision import RowsOverCap
 from .durations import to_ms
 from .models import PolicyDocument
 from .rowfilter import RowFilter
+
+
+def key_path(*parts: str | int) -> str:
+    """``tables.customers.ops`` / ``tables["sales.orders"].ops`` / ``agents[0]``."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part and all(ch.isalnum() or ch in "_-" for ch in part):
+            out += f".{part}" if out else part
+        else:
+            out += f'["{part}"]'
+    return out
+
 
 #: Statement classes that change something; a policy without them is read-only.
 CHANGING_CLASSES = frozenset(
     {StatementClass.WRITE, StatementClass.DDL, StatementClass.ADMIN, StatementClass.CODE}
 )
+
+
+@dataclass(frozen=True)
+class SoftDelete:
+    """The soft-delete columns of a table (``tables.<key>.soft_delete``)."""
+
+    deleted_at: str = "deleted_at"
+    deleted_by: str = "deleted_by"
+    reason: str = "delete_reason"
+
+    @property
+    def columns(self) -> tuple[str, str, str]:
+        return (self.deleted_at, self.deleted_by, self.reason)
 
 
 @dataclass(frozen=True)
@@ -49,6 +77,10 @@ class TableRule:
     update_columns: frozenset[str] | None = None
     insert_columns: frozenset[str] | None = None
     deny_columns: frozenset[str] = frozenset()
+    soft_delete: SoftDelete | None = None  # DELETE sets these columns instead
+    append_only: bool = False  # INSERT only
+    capture_deleted_rows: bool = False  # hard DELETEs keep row images
+    max_rows_affected: int | None = None  # per write statement
 
     def readable(self, all_columns: tuple[str, ...]) -> tuple[str, ...]:
         """The columns of `all_columns` this rule lets the agent read, in order."""
@@ -111,6 +143,79 @@ class AgentPolicy:
 
     def row_filters_for(self, catalog: Catalog) -> dict[tuple[str, str], RowFilter]:
         return {catalog.resolve(t.schema, t.name): f for t, f in self.row_filters}
+
+    def resolved_tables(self, catalog: Catalog) -> dict[tuple[str, str], TableRule]:
+        """Every table rule by the (schema, name) it resolves to with `catalog`."""
+        return {catalog.resolve(t.schema, t.name): t for t in self.tables}
+
+    def cap_for(self, rule: TableRule | None) -> tuple[int | None, str]:
+        """The row cap of a write to a table and the rule that sets it."""
+        if rule is not None and rule.max_rows_affected is not None:
+            return rule.max_rows_affected, f"{key_path('tables', rule.key)}.max_rows_affected"
+        if self.max_rows_affected is not None:
+            return self.max_rows_affected, "limits.max_rows_affected"
+        return None, ""
+
+    @property
+    def uses_guard_schema(self) -> bool:
+        """True when the judge's rewrites for this type write to ``guardproxy.deleted_rows``
+        or call ``guardproxy.refuse_soft_deleted`` (its role needs privileges there)."""
+        return any(
+            (t.soft_delete is not None and t.ops & {Op.DELETE, Op.INSERT})
+            or (t.capture_deleted_rows and Op.DELETE in t.ops)
+            for t in self.tables
+        )
+
+    # -- write safety the runtime enforces ---------------------------------------
+
+    @property
+    def max_rows_affected(self) -> int | None:
+        """``limits.max_rows_affected``: the cap of tables without their own."""
+        return self.document.limits.max_rows_affected
+
+    @property
+    def max_rows_returned(self) -> int | None:
+        return self.document.limits.max_rows_returned
+
+    @property
+    def on_rows_returned_over(self) -> RowsOverCap:
+        return self.document.limits.on_rows_returned_over
+
+    @property
+    def max_plan_cost(self) -> float | None:
+        return self.document.limits.max_plan_cost
+
+    @property
+    def max_plan_rows(self) -> int | None:
+        return self.document.limits.max_plan_rows
+
+    @property
+    def idempotency_mode(self) -> str:
+        """``off``, ``explicit`` (writes with an ``idempotency_key`` tag) or ``derived``."""
+        return self.document.idempotency.mode
+
+    @property
+    def idempotency_ttl(self) -> timedelta:
+        return self.document.idempotency.ttl
+
+    @property
+    def max_writes_per_task(self) -> int | None:
+        """``budgets.max_writes_per_task``: rows a task may write, over all its statements."""
+        return self.document.budgets.max_writes_per_task
+
+    @property
+    def max_statements_per_task(self) -> int | None:
+        return self.document.budgets.max_statements_per_task
+
+    @property
+    def audit_on_loss(self) -> str:
+        """``count`` (drop events that cannot be recorded, and count them) or ``fail_closed``."""
+        return self.document.audit.on_loss
+
+    @property
+    def audit_fail_closed(self) -> bool:
+        """``audit.on_loss: fail_closed``: refuse writes while their audit events would be lost."""
+        return self.document.audit.on_loss == "fail_closed"
 
     # -- limits the proxy enforces -----------------------------------------------
 
@@ -188,6 +293,14 @@ class AgentPolicy:
                 parts.append("update " + ", ".join(sorted(rule.update_columns)))
             if rule.deny_columns:
                 parts.append("deny " + ", ".join(sorted(rule.deny_columns)))
+            if rule.soft_delete is not None:
+                parts.append("soft delete (" + ", ".join(rule.soft_delete.columns) + ")")
+            if rule.append_only:
+                parts.append("append-only")
+            if rule.capture_deleted_rows:
+                parts.append("deleted rows captured")
+            if rule.max_rows_affected is not None:
+                parts.append(f"at most {rule.max_rows_affected} rows per write")
             lines.append(f"  table {rule.key}: " + "; ".join(parts))
         for rule, row_filter in self.row_filters:
             lines.append(f"  row filter {rule.key}: {row_filter.source}")
@@ -195,8 +308,19 @@ class AgentPolicy:
         if timeouts:
             lines.append("  timeouts: " + ", ".join(f"{k} {_fmt(v)}" for k, v in timeouts.items()))
         limits = self.document.limits.model_dump(exclude_none=True)
+        if self.max_rows_returned is None:
+            limits.pop("on_rows_returned_over", None)
         if limits:
             lines.append("  limits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
+        if self.idempotency_mode != "off":
+            lines.append(
+                f"  idempotency: {self.idempotency_mode}, keys kept {_fmt(self.idempotency_ttl)}"
+            )
+        budgets = self.document.budgets.model_dump(exclude_none=True)
+        if budgets:
+            lines.append("  budgets: " + ", ".join(f"{k} {v}" for k, v in budgets.items()))
+        if self.audit_on_loss != "count":
+            lines.append(f"  audit: on_loss {self.audit_on_loss}")
         return "\n".join(lines)
 
 

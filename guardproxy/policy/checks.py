@@ -10,7 +10,11 @@ YAML of the right types but cannot mean what their author wanted:
   denied;
 * a function both allowed and denied;
 * a row filter on a table the policy does not list, or a predicate that does not
-  compile.
+  compile;
+* write safety that contradicts itself: an append-only table with update / delete /
+  truncate in its ops, soft delete together with append-only or with
+  capture_deleted_rows, soft-delete columns the agent may write, capture or a row
+  cap on a table the agent never writes, a table in guardproxy's own schema.
 
 Every problem is reported with its key path; the policy is compiled only if none.
 """
@@ -20,12 +24,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..analysis.model import Op, StatementClass
-from .agent import AgentPolicy, FunctionRules, TableRule
-from .models import PolicyDocument
+from .agent import AgentPolicy, FunctionRules, SoftDelete, TableRule, key_path
+from .models import PolicyDocument, TableDocument
 from .names import parse_relation_name
 from .rowfilter import RowFilter, compile_row_filter
 
 Problem = tuple[str, str]  # (key path, message)
+
+#: guardproxy's own schema in the upstream database (audit log, ledgers, deleted rows).
+GUARD_SCHEMA = "guardproxy"
 
 #: The statement class each table operation needs.
 OP_CLASS: dict[Op, StatementClass] = {
@@ -38,19 +45,6 @@ OP_CLASS: dict[Op, StatementClass] = {
     Op.REFERENCES: StatementClass.DDL,
     Op.MAINTAIN: StatementClass.ADMIN,
 }
-
-
-def key_path(*parts: str | int) -> str:
-    """``tables.customers.ops`` / ``tables["sales.orders"].ops`` / ``agents[0]``."""
-    out = ""
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part and all(ch.isalnum() or ch in "_-" for ch in part):
-            out += f".{part}" if out else part
-        else:
-            out += f'["{part}"]'
-    return out
 
 
 def compile_policy(
@@ -129,6 +123,8 @@ def _tables(
                 problems.append(
                     (key_path("tables", key, field), f"{', '.join(both)} also in deny_columns")
                 )
+        _write_safety(key, table, ops, schema, problems)
+        soft = table.soft_delete
         tables[(schema, tname)] = TableRule(
             key=key,
             schema=schema,
@@ -142,8 +138,85 @@ def _tables(
             if table.insert_columns is not None
             else None,
             deny_columns=deny,
+            soft_delete=SoftDelete(soft.deleted_at, soft.deleted_by, soft.reason)
+            if soft is not None
+            else None,
+            append_only=table.append_only,
+            capture_deleted_rows=table.capture_deleted_rows,
+            max_rows_affected=table.max_rows_affected,
         )
     return tables
+
+
+_CHANGES = frozenset({Op.UPDATE, Op.DELETE, Op.TRUNCATE})
+_WRITES = frozenset({Op.INSERT, Op.UPDATE, Op.DELETE, Op.TRUNCATE})
+
+
+def _write_safety(
+    key: str, table: TableDocument, ops: frozenset[Op], schema: str | None, problems: list[Problem]
+) -> None:
+    if schema == GUARD_SCHEMA:
+        problems.append(
+            (
+                key_path("tables", key),
+                f"the {GUARD_SCHEMA} schema is guardproxy's own (audit log, ledgers): "
+                "agents may not use it",
+            )
+        )
+    if table.append_only:
+        changing = sorted(o.value for o in ops & _CHANGES)
+        if changing:
+            problems.append(
+                (
+                    key_path("tables", key, "ops"),
+                    f"{', '.join(changing)} on an append_only table: remove "
+                    f"{'it' if len(changing) == 1 else 'them'} from ops (append-only tables "
+                    "take only inserts)",
+                )
+            )
+    soft = table.soft_delete
+    if soft is not None:
+        if table.append_only:
+            problems.append(
+                (
+                    key_path("tables", key, "soft_delete"),
+                    "an append_only table is never deleted from: remove soft_delete",
+                )
+            )
+        if table.capture_deleted_rows:
+            problems.append(
+                (
+                    key_path("tables", key, "capture_deleted_rows"),
+                    "is for tables without soft_delete (a soft delete keeps the row already)",
+                )
+            )
+        marks = {soft.deleted_at, soft.deleted_by, soft.reason}
+        for field, cols in (
+            ("update_columns", table.update_columns),
+            ("insert_columns", table.insert_columns),
+        ):
+            both = [c for c in cols or () if c in marks]
+            if both:
+                problems.append(
+                    (
+                        key_path("tables", key, field),
+                        f"{', '.join(both)}: only guardproxy writes the soft-delete columns",
+                    )
+                )
+    if table.capture_deleted_rows and Op.DELETE not in ops:
+        problems.append(
+            (
+                key_path("tables", key, "capture_deleted_rows"),
+                "is set but ops does not include 'delete'",
+            )
+        )
+    if table.max_rows_affected is not None and not ops & _WRITES:
+        problems.append(
+            (
+                key_path("tables", key, "max_rows_affected"),
+                "is set but ops includes no write (insert, update, delete, truncate)",
+            )
+        )
 
 
 def _functions(doc: PolicyDocument, problems: list[Problem]) -> FunctionRules:

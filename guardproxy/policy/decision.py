@@ -28,8 +28,35 @@ Fields for the proxy's bookkeeping:
   defaults* of upstream connections (startup parameters, see
   `AgentPolicy.upstream_settings`), or the proxy re-applies them after the message.
 * `cacheable`: False when the decision depends on a constant, the context or the
-  session (settings, EXECUTE, row filters): never reuse it for another message of
-  the same shape. The judge's own cache already honours this.
+  session (settings, EXECUTE, row filters, soft deletes): never reuse it for another
+  message of the same shape. The judge's own cache already honours this (and
+  re-applies the one rewrite it caches, the row cap LIMIT, to each message's text).
+
+Write safety (docs/policies.md, "Write safety"; what the runtime does with each):
+
+* `write`: set for every message that writes rows (INSERT, UPDATE, DELETE, MERGE,
+  TRUNCATE, COPY FROM, writable CTEs, EXPLAIN ANALYZE of a write, EXECUTE of a
+  prepared write); None for messages that write no rows. A summary over the
+  message's statements; `writes` has one entry per statement (None for the
+  statements that write nothing), in order, so that the runtime can match each
+  CommandComplete of a multi-statement message to its statement. See `WriteEffects`.
+* `max_rows_returned`: set when the policy caps the rows of reads and the message
+  holds a statement that returns query rows (SELECT / VALUES / TABLE, FETCH,
+  EXECUTE of a read, COPY ... TO). The judge already rewrote each such query to
+  ``LIMIT`` at most N + 1 (cursors: the query of ``DECLARE``), so the server stops
+  early; the runtime counts the DataRows (CopyData for COPY; per cursor across
+  FETCHes) of each result and, past N, does what `rows_over_cap` says: ``truncate``
+  (send the first N rows, then the CommandComplete retagged ``SELECT N`` and a
+  WARNING ``result truncated to N rows by policy``) or ``error`` (an ErrorResponse
+  54000 naming the cap, no rows). None: no cap (also in monitor mode).
+* `plan_check`: the policy limits plan estimates (``max_plan_cost`` / ``max_plan_rows``)
+  and the message holds a read to estimate (SELECT, DECLARE CURSOR, EXECUTE of a
+  read): see `guardproxy.policy.plans` for the EXPLAIN and the check, before the
+  message runs. False in monitor mode.
+* `shape`: the normalized text of the message (literals as ``$n``, edge comments
+  removed), the cache key; "" when it does not parse. For caching plan estimates by
+  shape. Derived idempotency keys must not be built from it alone (two statements
+  that differ only in a literal share it): use `policy.idempotency.derive_key`.
 """
 
 from __future__ import annotations
@@ -49,6 +76,46 @@ SQLSTATE_INVALID_PARAMETER_VALUE = "22023"
 SQLSTATE_INTERNAL_ERROR = "XX000"
 
 Action = Literal["allow", "deny", "rewrite"]
+RowsOverCap = Literal["truncate", "error"]
+
+
+@dataclass(frozen=True)
+class WriteEffects:
+    """What one statement (or, in `Decision.write`, one message) writes, for the runtime.
+
+    * `operation`: ``insert``, ``update``, ``delete``, ``merge``, ``copy`` or
+      ``truncate``: the root write as the agent wrote it (for a read whose writable
+      CTEs write, the first CTE's; for EXPLAIN ANALYZE, the explained statement's).
+    * `tables`: every table written, ``schema.table`` (each part quoted as an
+      identifier when it needs it, so it is valid ``regclass`` input).
+    * `soft_delete` / `captured`: the judge rewrote the agent's DELETE (the root
+      statement, or the statement of a prepared EXECUTE) into the writable-CTE form
+      that soft-deletes (UPDATE) or hard-deletes and captures the row images into
+      ``guardproxy.deleted_rows``. The server answers it like a SELECT (RowDescription,
+      one DataRow per deleted row, ``SELECT n``): the runtime sends the client
+      ``DELETE n`` instead, and drops the RowDescription and DataRows unless
+      `soft_delete_returning` (in the extended protocol Describe must answer NoData
+      then). A soft-deleting or capturing DELETE inside a WITH query or under EXPLAIN
+      is rewritten too but leaves these False: its statement's answer is the agent's.
+    * `soft_delete_returning`: the agent's DELETE had a RETURNING list: the rewritten
+      statement's rows are exactly the client's rows (for a soft delete the row as
+      soft-deleted: deleted_at, deleted_by and the reason are set).
+    * `max_rows_affected`, `cap_rule`: the smallest row cap of the tables written
+      (``tables.<t>.max_rows_affected``, else ``limits.max_rows_affected``). The
+      runtime runs the statement in a transaction or savepoint of its own, reads the
+      count of its CommandComplete and undoes it past the cap. The judge denies the
+      writes whose rows that count does not show (writes in WITH queries under
+      another statement, EXPLAIN ANALYZE of a write, TRUNCATE) when a cap, or a
+      ``budgets.max_writes_per_task``, applies to them.
+    """
+
+    operation: str
+    tables: tuple[str, ...]
+    soft_delete: bool = False
+    soft_delete_returning: bool = False
+    max_rows_affected: int | None = None
+    cap_rule: str = ""
+    captured: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +132,12 @@ class Decision:
     proxy_only: bool = False
     prepared: Mapping[str, str | None] = field(default_factory=lambda: MappingProxyType({}))
     reapply_settings: bool = False
+    write: WriteEffects | None = None
+    writes: tuple[WriteEffects | None, ...] = ()
+    max_rows_returned: int | None = None
+    rows_over_cap: RowsOverCap = "truncate"
+    shape: str = ""
+    plan_check: bool = False
 
     @property
     def allowed(self) -> bool:

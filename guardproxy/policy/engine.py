@@ -20,25 +20,40 @@ Contract (the proxy calls exactly this):
   connection like SET statements (``options=-c ...`` included) and returns the
   ``guard.*`` context they carry.
 
+Write safety (`writes`, `rowcap`): after every statement of the message passed the
+rules, each is checked for append-only tables, soft-delete and capture conditions
+and countable row caps; then, in enforce mode, the tree is rewritten: row filters
+and soft-delete filters (``deleted_at IS NULL``) on every read, UPDATE and DELETE
+of the table, DELETEs of soft-delete / capture tables into the writable-CTE form,
+upserts on soft-delete tables guarded, reads capped at ``max_rows_returned + 1``.
+`Decision.write` / `writes` say what the message writes, `Decision.max_rows_returned`
+what the runtime cuts.
+
 Cache: keyed by (agent type, `shape(sql)`), the normalized text, never a hash.
 A hit costs one normalize() C call and a dict lookup. Only decisions that do not
 depend on a constant, on the session context or on session state are stored
-(`Decision.cacheable`). The cache is per Judge and is cleared when the catalog
-changes (`set_catalog`); build a new Judge for a new policy set.
+(`Decision.cacheable`). One rewrite is cached: the row cap appended to a SELECT
+without LIMIT (``\nLIMIT n``) depends on the shape alone, so a hit appends it to the
+new message's text (one split() C call more). The cache is per Judge and is cleared
+when the catalog changes (`set_catalog`); build a new Judge for a new policy set.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
+from pglast import ast
 from pglast.stream import RawStream
 
 from ..analysis.analyzer import AnalyzedStatement, SqlSyntaxError, analyze_tree
 from ..analysis.catalog import EMPTY_CATALOG, Catalog
+from ..analysis.collector import RelationRecord
 from ..analysis.model import StatementInfo
 from ..analysis.shape import shape
-from .agent import AgentPolicy
+from . import rowcap
+from .agent import AgentPolicy, key_path
 from .context import FrozenMap, SessionContext
 from .decision import (
     SQLSTATE_INSUFFICIENT_PRIVILEGE,
@@ -47,14 +62,36 @@ from .decision import (
     SQLSTATE_SYNTAX_ERROR,
     Action,
     Decision,
+    WriteEffects,
 )
 from .loader import PolicySet
-from .rowfilter import RewriteError, apply_row_filters, principals_literal
+from .rowfilter import RewriteError, RowFilter, apply_row_filters, principals_literal
 from .rules import Violation, check_statement
 from .session_rules import setting_violation, startup_changes
+from .writes import DeleteContext, WriteAnalysis, analyze_writes, rewrite_writes, soft_delete_filter
 
 DEFAULT_CACHE_SIZE = 20_000
 _MAX_EXECUTE_DEPTH = 4
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A cached decision; `appends`: statements that get the row cap LIMIT appended."""
+
+    policy: AgentPolicy
+    decision: Decision
+    appends: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Filters:
+    """Per policy and catalog: the row filter of each table (soft delete included)."""
+
+    policy: AgentPolicy
+    filters: Mapping[tuple[str, str], RowFilter]
+    soft_only: frozenset[tuple[str, str]]  # filtered only because of soft_delete
+    rules: Mapping[str, str]  # filter table key -> rule path
+    readable: Mapping[tuple[str, str], tuple[str, ...] | None]
 
 
 class Judge:
@@ -68,7 +105,8 @@ class Judge:
     ) -> None:
         self.policies = policies
         self._catalog = catalog or EMPTY_CATALOG
-        self._cache: dict[tuple[str, str], tuple[AgentPolicy, Decision]] = {}
+        self._cache: dict[tuple[str, str], _Entry] = {}
+        self._filters: dict[str, _Filters] = {}
         self._cache_size = cache_size
         self.hits = 0
         self.misses = 0
@@ -85,6 +123,7 @@ class Judge:
         if new is not self._catalog:
             self._catalog = new
             self._cache.clear()
+            self._filters.clear()
 
     def cache_info(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "size": len(self._cache)}
@@ -95,20 +134,23 @@ class Judge:
         key = shape(sql)
         if key is not None:
             entry = self._cache.get((policy.name, key))
-            if entry is not None and entry[0] is policy:
+            if entry is not None and entry.policy is policy:
                 self.hits += 1
-                cached = entry[1]
+                cached = entry.decision
                 if cached.action == "deny" or cached.sql is sql:
                     return cached
+                out = sql
+                if entry.appends and policy.max_rows_returned is not None:
+                    out = rowcap.append_limits(sql, entry.appends, policy.max_rows_returned)
                 # Same decision, this message's text: a shallow copy costs well under a
                 # microsecond this way (dataclasses.replace costs several).
                 decision: Decision = object.__new__(Decision)
                 decision.__dict__.update(cached.__dict__)
-                decision.__dict__["sql"] = sql
+                decision.__dict__["sql"] = out
                 return decision
         self.misses += 1
         try:
-            decision = self._judge(policy, sql, ctx, depth=0)
+            decision, appends = self._judge(policy, sql, ctx, 0, key or "")
         except Exception as exc:  # fail closed on anything unforeseen (RecursionError...)
             problem = Violation(
                 rule="internal",
@@ -117,11 +159,11 @@ class Judge:
                 hint="simplify the statement",
                 sqlstate=SQLSTATE_INTERNAL_ERROR,
             )
-            return self._deny(policy, problem, "", cacheable=False)
+            return self._deny(policy, problem, "", cacheable=False, shape=key or "")
         if key is not None and decision.cacheable:
             if len(self._cache) >= self._cache_size:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[(policy.name, key)] = (policy, decision)
+            self._cache[(policy.name, key)] = _Entry(policy, decision, appends)
         return decision
 
     def judge_startup(self, policy: AgentPolicy, params: Mapping[str, str]) -> Decision:
@@ -150,7 +192,9 @@ class Judge:
             cacheable=False,
         )
 
-    def _judge(self, policy: AgentPolicy, sql: str, ctx: SessionContext, depth: int) -> Decision:
+    def _judge(
+        self, policy: AgentPolicy, sql: str, ctx: SessionContext, depth: int, key: str
+    ) -> tuple[Decision, tuple[int, ...]]:
         try:
             statements = analyze_tree(sql, self._catalog)
         except SqlSyntaxError as exc:
@@ -160,13 +204,21 @@ class Judge:
                 hint="fix the SQL syntax; guardproxy parses statements like PostgreSQL does",
                 sqlstate=SQLSTATE_SYNTAX_ERROR,
             )
-            return self._deny(policy, syntax, sql, cacheable=False)
+            return self._deny(policy, syntax, sql, cacheable=False, shape=key), ()
         state = _MessageState()
         for statement in statements:
             violation = self._statement(policy, statement.info, ctx, state, depth)
             if violation is not None:
-                return self._deny(policy, violation, sql, cacheable=state.cacheable)
-        return self._finish(policy, sql, ctx, statements, state)
+                return self._deny(policy, violation, sql, state.cacheable, key), ()
+        analyses: list[WriteAnalysis] = []
+        for statement in statements:
+            analysis = analyze_writes(
+                policy, self._catalog, statement, state.executed.get(id(statement.info))
+            )
+            if analysis.violation is not None:
+                return self._deny(policy, analysis.violation, sql, state.cacheable, key), ()
+            analyses.append(analysis)
+        return self._finish(policy, sql, ctx, statements, analyses, state, key)
 
     def _statement(
         self,
@@ -206,12 +258,18 @@ class Judge:
             state.prepared[info.deallocate_name] = None
         if info.execute_name is not None:
             state.cacheable = False
-            return self._execute(policy, info.execute_name, ctx, depth)
+            return self._execute(policy, info, ctx, state, depth)
         return None
 
     def _execute(
-        self, policy: AgentPolicy, name: str, ctx: SessionContext, depth: int
+        self,
+        policy: AgentPolicy,
+        info: StatementInfo,
+        ctx: SessionContext,
+        state: _MessageState,
+        depth: int,
     ) -> Violation | None:
+        name = info.execute_name or ""
         stored = ctx.prepared.get(name)
         if stored is None or depth >= _MAX_EXECUTE_DEPTH:
             return Violation(
@@ -221,7 +279,7 @@ class Judge:
                 hint=f"PREPARE {name} AS ... through guardproxy first",
                 sqlstate=SQLSTATE_INVALID_STATEMENT_NAME,
             )
-        inner = self._judge(policy, stored, ctx, depth + 1)
+        inner, _ = self._judge(policy, stored, ctx, depth + 1, "")
         if inner.action == "deny" or inner.monitored:
             return Violation(
                 rule=inner.rule,
@@ -229,7 +287,37 @@ class Judge:
                 hint=inner.hint,
                 sqlstate=inner.sqlstate or SQLSTATE_INSUFFICIENT_PRIVILEGE,
             )
+        state.executed[id(info)] = inner
         return None
+
+    # -- rewriting ---------------------------------------------------------------
+
+    def _filters_for(self, policy: AgentPolicy) -> _Filters:
+        """Row filters (the policy's, and ``deleted_at IS NULL`` of soft-delete tables)."""
+        known = self._filters.get(policy.name)
+        if known is not None and known.policy is policy:
+            return known
+        catalog = self._catalog
+        own = policy.row_filters_for(catalog) if policy.row_filters else {}
+        filters: dict[tuple[str, str], RowFilter] = {}
+        soft_only: set[tuple[str, str]] = set()
+        rules: dict[str, str] = {}
+        readable: dict[tuple[str, str], tuple[str, ...] | None] = {}
+        for relation, rule in policy.resolved_tables(catalog).items():
+            combined = soft_delete_filter(rule, own.get(relation))
+            if combined is None:
+                continue
+            filters[relation] = combined
+            if relation in own:
+                rules[combined.table] = f"row_filters.{combined.table}"
+            else:
+                soft_only.add(relation)
+                rules[combined.table] = f"{key_path('tables', rule.key)}.soft_delete"
+            columns = catalog.columns(*relation)
+            readable[relation] = rule.readable(columns) if columns is not None else None
+        result = _Filters(policy, MappingProxyType(filters), frozenset(soft_only), rules, readable)
+        self._filters[policy.name] = result
+        return result
 
     def _finish(
         self,
@@ -237,11 +325,38 @@ class Judge:
         sql: str,
         ctx: SessionContext,
         statements: list[AnalyzedStatement],
+        analyses: list[WriteAnalysis],
         state: _MessageState,
-    ) -> Decision:
+        key: str,
+    ) -> tuple[Decision, tuple[int, ...]]:
         proxy_only = bool(statements) and state.guard_only
         context = FrozenMap(state.context)
         prepared = MappingProxyType(dict(state.prepared))
+        enforce = not policy.monitor
+        writes = tuple(
+            a.effects if enforce or a.effects is None else _unmanaged(a.effects) for a in analyses
+        )
+        max_rows = policy.max_rows_returned if enforce else None
+        plans = [rowcap.plan(s.raw, max_rows) if max_rows else "none" for s in statements]
+        executed_reads = [
+            inner
+            for s in statements
+            if s.info.command == "EXECUTE"
+            and (inner := state.executed.get(id(s.info))) is not None
+            and inner.write is None
+        ]
+        returns_rows = max_rows is not None and (
+            any(rowcap.returns_rows(s.raw) for s in statements)
+            or any(inner.max_rows_returned is not None for inner in executed_reads)
+        )
+        plan_check = (
+            enforce
+            and (policy.max_plan_cost is not None or policy.max_plan_rows is not None)
+            and (
+                any(rowcap.explainable(s.raw) for s in statements)
+                or any(inner.plan_check for inner in executed_reads)
+            )
+        )
 
         def make(
             action: Action,
@@ -264,53 +379,96 @@ class Judge:
                 proxy_only=proxy_only,
                 prepared=prepared,
                 reapply_settings=state.reapply,
+                write=_merge(writes),
+                writes=writes if any(w is not None for w in writes) else (),
+                max_rows_returned=max_rows if returns_rows else None,
+                rows_over_cap=policy.on_rows_returned_over,
+                shape=key,
+                plan_check=plan_check,
             )
 
-        filters = policy.row_filters_for(self._catalog) if policy.row_filters else {}
+        table_filters = self._filters_for(policy)
+        filters = table_filters.filters
         touched = [
-            record.relation
+            (statement, record)
             for statement in statements
             for record in statement.records
             if record.relation in filters
+            and _filtered(record, record.relation in table_filters.soft_only)
         ]
-        if not touched:
-            cacheable = state.cacheable and not state.context
-            return make("allow", "", "", "" if proxy_only else sql, cacheable)
-        table = filters[touched[0]].table
-        rule = f"row_filters.{table}"
-        if policy.monitor:
+        write_rule = next((a.rule for a in analyses if a.rewrites), "")
+        filter_rule = ""
+        if touched:
+            first = filters[touched[0][1].relation]
+            filter_rule = table_filters.rules[first.table]
+        rule = (
+            filter_rule
+            if filter_rule.startswith("row_filters.")
+            else write_rule
+            or filter_rule
+            or ("limits.max_rows_returned" if {"append", "tree"} & set(plans) else "")
+        )
+        tree = bool(touched) or bool(write_rule)
+        if tree and policy.monitor:
             reason = (
-                f"{policy.name} would read or write {table} through its row filter "
-                f"(policy {policy.name}, {rule}; mode monitor)"
+                f"{policy.name} would have this statement rewritten (policy {policy.name}, "
+                f"{rule}; mode monitor)"
             )
-            return make("allow", rule, reason, sql, cacheable=False, monitored=True)
+            return make("allow", rule, reason, sql, cacheable=False, monitored=True), ()
+        constant = "kept" in plans  # the decision depends on a LIMIT constant
+        if not tree and "tree" not in plans:
+            appends = tuple(i for i, plan in enumerate(plans) if plan == "append")
+            cacheable = state.cacheable and not state.context and not constant
+            if not appends:
+                return make("allow", "", "", "" if proxy_only else sql, cacheable), ()
+            assert max_rows is not None
+            out = rowcap.append_limits(sql, appends, max_rows)
+            return make(
+                "rewrite", "limits.max_rows_returned", _cap_reason(policy), out, cacheable
+            ), (appends)
         values = ctx.placeholder_values()
         values["principals"] = principals_literal(ctx.principals)
-        readable: dict[tuple[str, str], tuple[str, ...] | None] = {}
-        for relation in filters:
-            columns = self._catalog.columns(*relation)
-            table_rule = policy.table_rule(relation[0], relation[1], self._catalog)
-            readable[relation] = (
-                table_rule.readable(columns) if columns is not None and table_rule else None
-            )
+        deleter = DeleteContext.of(ctx.agent_id, ctx.task, ctx.step, ctx.tags)
         try:
             for statement in statements:
-                apply_row_filters(statement.records, filters, values, readable)
+                records = tuple(r for s, r in touched if s is statement)
+                apply_row_filters(
+                    records, filters, values, table_filters.readable, table_filters.soft_only
+                )
+            for analysis in analyses:
+                rewrite_writes(analysis, deleter, self._catalog)
         except RewriteError as exc:
-            failed = f"row_filters.{exc.table}" if exc.table else rule
+            failed = table_filters.rules.get(exc.table, rule) if exc.table else rule
             violation = Violation(
                 rule=failed,
                 reason=f"{policy.name} may not run this statement: {exc} (policy {policy.name}, {failed})",
                 hint="rows of this table are filtered for this agent type: read them with SELECT, "
                 "change them with UPDATE / DELETE ... WHERE",
             )
-            return self._deny(policy, violation, sql, cacheable=False)
+            return self._deny(policy, violation, sql, cacheable=False, shape=key), ()
+        if max_rows is not None:
+            for statement in statements:
+                rowcap.cap_tree(statement.raw, max_rows)
         rewritten = RawStream()(tuple(s.raw for s in statements))
-        reason = f"rows of {table} are filtered for {policy.name} (policy {policy.name}, {rule})"
-        return make("rewrite", rule, reason, rewritten, cacheable=False)
+        if rule == write_rule and write_rule:
+            reason = _write_reason(policy, write_rule)
+        elif rule.startswith("row_filters."):
+            table = rule.removeprefix("row_filters.")
+            reason = (
+                f"rows of {table} are filtered for {policy.name} (policy {policy.name}, {rule})"
+            )
+        elif rule.endswith(".soft_delete"):
+            reason = (
+                f"soft-deleted rows are hidden from {policy.name} (policy {policy.name}, {rule})"
+            )
+        else:
+            reason = _cap_reason(policy)
+        return make("rewrite", rule, reason, rewritten, cacheable=False), ()
 
     @staticmethod
-    def _deny(policy: AgentPolicy, violation: Violation, sql: str, cacheable: bool) -> Decision:
+    def _deny(
+        policy: AgentPolicy, violation: Violation, sql: str, cacheable: bool, shape: str = ""
+    ) -> Decision:
         if policy.monitor:
             return Decision(
                 action="allow",
@@ -321,6 +479,7 @@ class Judge:
                 sql=sql,
                 monitored=True,
                 cacheable=cacheable,
+                shape=shape,
             )
         return Decision(
             action="deny",
@@ -330,17 +489,75 @@ class Judge:
             sqlstate=violation.sqlstate,
             sql="",
             cacheable=cacheable,
+            shape=shape,
         )
+
+
+def _filtered(record: RelationRecord, soft_only: bool) -> bool:
+    """Does the row filter of the record's table apply to it? A soft-delete filter
+    only to reads, UPDATE and DELETE (INSERT and COPY FROM add live rows; TRUNCATE
+    and MERGE were refused)."""
+    if not soft_only:
+        return True
+    if record.role in ("from", "update", "delete"):
+        return True
+    owner = record.owner
+    return record.role == "copy" and isinstance(owner, ast.CopyStmt) and not owner.is_from
+
+
+def _unmanaged(effects: WriteEffects) -> WriteEffects:
+    """Monitor mode: nothing is rewritten nor refused."""
+    return replace(
+        effects,
+        soft_delete=False,
+        soft_delete_returning=False,
+        captured=False,
+        max_rows_affected=None,
+        cap_rule="",
+    )
+
+
+def _merge(writes: Sequence[WriteEffects | None]) -> WriteEffects | None:
+    present = [w for w in writes if w is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+    caps = [(w.max_rows_affected, w.cap_rule) for w in present if w.max_rows_affected is not None]
+    cap, cap_rule = min(caps, key=lambda pair: pair[0] or 0) if caps else (None, "")
+    return WriteEffects(
+        operation=present[0].operation,
+        tables=tuple(dict.fromkeys(t for w in present for t in w.tables)),
+        soft_delete=any(w.soft_delete for w in present),
+        soft_delete_returning=any(w.soft_delete_returning for w in present),
+        max_rows_affected=cap,
+        cap_rule=cap_rule,
+        captured=any(w.captured for w in present),
+    )
+
+
+def _cap_reason(policy: AgentPolicy) -> str:
+    return (
+        f"reads of {policy.name} return at most {policy.max_rows_returned} rows "
+        f"(policy {policy.name}, limits.max_rows_returned)"
+    )
+
+
+def _write_reason(policy: AgentPolicy, rule: str) -> str:
+    if rule.endswith(".soft_delete"):
+        what = "soft-deletes the rows (they stay in the table, marked deleted, and are recorded)"
+    else:
+        what = "records the images of the deleted rows"
+    return f"guardproxy {what} (policy {policy.name}, {rule})"
 
 
 class _MessageState:
     """What the statements of one message add up to, besides allow / deny."""
 
-    __slots__ = ("cacheable", "context", "guard_only", "prepared", "reapply")
+    __slots__ = ("cacheable", "context", "executed", "guard_only", "prepared", "reapply")
 
     def __init__(self) -> None:
         self.cacheable = True
         self.context: dict[str, str] = {}
+        self.executed: dict[int, Decision] = {}  # id(StatementInfo) of an EXECUTE -> inner
         self.guard_only = True
         self.prepared: dict[str, str | None] = {}
         self.reapply = False

@@ -29,8 +29,8 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .agent import AgentPolicy
-from .checks import compile_policy, key_path
+from .agent import AgentPolicy, key_path
+from .checks import compile_policy
 from .errors import PolicyError
 from .globs import matches, overlap
 from .models import PolicyDocument

@@ -12,7 +12,15 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from .durations import parse_duration
 from .names import parse_column_name
@@ -41,6 +49,39 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
 
+class SoftDeleteDocument(_Strict):
+    """``tables.<name>.soft_delete``: the columns a DELETE sets instead of removing rows."""
+
+    deleted_at: ColumnName = "deleted_at"  # timestamptz: when (NULL: the row is live)
+    deleted_by: ColumnName = "deleted_by"  # text: the agent id
+    reason: ColumnName = "delete_reason"  # text: the context's reason tag
+
+    @model_validator(mode="after")
+    def _distinct(self) -> SoftDeleteDocument:
+        names = [self.deleted_at, self.deleted_by, self.reason]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"deleted_at, deleted_by and reason must be three different columns; "
+                f"got {', '.join(names)}"
+            )
+        return self
+
+
+def _soft_delete(value: object) -> object:
+    """``soft_delete: true`` means the default column names; false or null: none."""
+    if value is True:
+        return {}
+    if value is False or value is None:
+        return None
+    if isinstance(value, dict | SoftDeleteDocument):
+        return value
+    raise ValueError(
+        "expected true, or a mapping naming the columns "
+        "{deleted_at: ..., deleted_by: ..., reason: ...}; "
+        f"got {value!r}"
+    )
+
+
 class TableDocument(_Strict):
     """``tables.<name>``: what the agent may do to one table or view."""
 
@@ -49,6 +90,11 @@ class TableDocument(_Strict):
     update_columns: list[ColumnName] | None = None  # None: all (minus deny_columns)
     insert_columns: list[ColumnName] | None = None  # None: all (minus deny_columns)
     deny_columns: list[ColumnName] = Field(default_factory=list)  # never read nor written
+    # write safety (docs/policies.md, "Write safety")
+    soft_delete: Annotated[SoftDeleteDocument | None, BeforeValidator(_soft_delete)] = None
+    append_only: bool = False
+    capture_deleted_rows: bool = False
+    max_rows_affected: int | None = Field(default=None, ge=1)
 
 
 class FunctionsDocument(_Strict):
@@ -83,6 +129,31 @@ class LimitsDocument(_Strict):
 
     max_server_connections: int | None = Field(default=None, ge=1, le=10_000)
     max_client_sessions: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_rows_affected: int | None = Field(default=None, ge=1)  # per write statement
+    max_rows_returned: int | None = Field(default=None, ge=1, le=100_000_000)  # per read
+    on_rows_returned_over: Literal["truncate", "error"] = "truncate"
+    max_plan_cost: float | None = Field(default=None, gt=0)  # EXPLAIN total cost of a read
+    max_plan_rows: int | None = Field(default=None, ge=1)  # EXPLAIN row estimate of a read
+
+
+class IdempotencyDocument(_Strict):
+    """``idempotency``: which writes get an idempotency key, and for how long it holds."""
+
+    mode: Literal["off", "explicit", "derived"] = "off"
+    ttl: Duration = timedelta(hours=24)
+
+
+class BudgetsDocument(_Strict):
+    """``budgets``: what one task (context ``task``) may do, across sessions and proxies."""
+
+    max_writes_per_task: int | None = Field(default=None, ge=1)  # rows written
+    max_statements_per_task: int | None = Field(default=None, ge=1)
+
+
+class AuditDocument(_Strict):
+    """``audit``: what happens when audit events cannot be recorded."""
+
+    on_loss: Literal["count", "fail_closed"] = "count"
 
 
 class SettingsDocument(_Strict):
@@ -117,3 +188,6 @@ class PolicyDocument(_Strict):
     limits: LimitsDocument = Field(default_factory=LimitsDocument)
     settings: SettingsDocument = Field(default_factory=SettingsDocument)
     row_filters: dict[str, Annotated[str, Field(min_length=1)]] = Field(default_factory=dict)
+    idempotency: IdempotencyDocument = Field(default_factory=IdempotencyDocument)
+    budgets: BudgetsDocument = Field(default_factory=BudgetsDocument)
+    audit: AuditDocument = Field(default_factory=AuditDocument)

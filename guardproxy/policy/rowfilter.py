@@ -38,12 +38,13 @@ Rewrite (on the tree the decision was made on):
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import pglast
 from pglast import ast, parser
-from pglast.enums import BoolExprType, SetOperation
+from pglast.enums import BoolExprType, JoinType, SetOperation
+from pglast.stream import RawStream
 from pglast.visitors import Ancestor, Skip
 
 from ..analysis.collector import RelationRecord, strings
@@ -139,6 +140,14 @@ def _parse_predicate(text: str) -> ast.Node:
     return node
 
 
+def conjuncts(template: str) -> list[str]:
+    """The top-level AND terms of a compiled predicate, each as pglast prints it."""
+    node = _parse_predicate(template)
+    if isinstance(node, ast.BoolExpr) and node.boolop == BoolExprType.AND_EXPR:
+        return [RawStream()(arg) for arg in node.args or ()]
+    return [RawStream()(node)]
+
+
 class _Checker(FastVisitor):
     """Load-time checks: only our parameters, unqualified columns outside subqueries."""
 
@@ -202,11 +211,15 @@ def apply_row_filters(
     filters: Mapping[tuple[str, str], RowFilter],
     values: Mapping[str, str | None],
     readable: Mapping[tuple[str, str], tuple[str, ...] | None],
+    pushed: Collection[tuple[str, str]] = (),
 ) -> int:
     """Rewrite the tree the records point into; return how many places were filtered.
 
     `readable` gives, per filtered relation, the columns the wrapped subquery selects
-    (None: ``*``). Raises `RewriteError` for uses that cannot be filtered.
+    (None: ``*``). For the relations in `pushed`, a read is filtered where it is when
+    that means the same (see `push_predicate`), so that the table keeps its name and
+    row type; elsewhere it is wrapped. Raises `RewriteError` for uses that cannot be
+    filtered.
     """
     count = 0
     for record in records:
@@ -219,6 +232,9 @@ def apply_row_filters(
                 raise RewriteError(
                     f"TABLESAMPLE cannot be used on {row_filter.table}", row_filter.table
                 )
+            if record.relation in pushed and push_predicate(record, row_filter.expression(values)):
+                count += 1
+                continue
             wrapped = _wrap(
                 record.node, row_filter.expression(values), readable.get(record.relation)
             )
@@ -253,6 +269,43 @@ def apply_row_filters(
             )
         count += 1
     return count
+
+
+def push_predicate(record: RelationRecord, predicate: ast.Node) -> bool:
+    """Add a filter predicate where a FROM item is read, if that means the same as
+    wrapping it; False (nothing changed) when it would not:
+
+    * an item of a FROM list (SELECT, UPDATE ... FROM, DELETE ... USING): to the WHERE;
+    * a side of an inner join, the inner side of a LEFT / RIGHT join: to its ON.
+
+    Not: the preserved side of an outer join, FULL joins, NATURAL / USING joins, MERGE
+    sources, items with column aliases (the predicate names the table's columns).
+    """
+    rv = record.node
+    alias = rv.alias
+    if alias is not None and alias.colnames:
+        return False
+    owner, attr = record.owner, record.attr
+    refname = alias.aliasname if alias is not None else rv.relname
+    _Qualify(refname or "")(predicate)
+    # FROM positions are SELECT / UPDATE fromClause and DELETE usingClause (collector)
+    if isinstance(owner, ast.SelectStmt | ast.UpdateStmt | ast.DeleteStmt) and attr in (
+        "fromClause",
+        "usingClause",
+    ):
+        owner.whereClause = _and(owner.whereClause, predicate)
+        return True
+    if not isinstance(owner, ast.JoinExpr) or owner.quals is None or owner.isNatural:
+        return False
+    inner = {
+        JoinType.JOIN_INNER: ("larg", "rarg"),
+        JoinType.JOIN_LEFT: ("rarg",),
+        JoinType.JOIN_RIGHT: ("larg",),
+    }.get(owner.jointype or JoinType.JOIN_INNER, ())
+    if attr not in inner:
+        return False
+    owner.quals = _and(owner.quals, predicate)
+    return True
 
 
 def _and(left: ast.Node | None, right: ast.Node) -> ast.Node:

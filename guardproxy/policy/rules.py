@@ -10,7 +10,9 @@ Rules, in order:
 
 1. the analyzer understood the statement (unknown statement / node types: deny);
 2. statement classes: each operation's class, then the statement's own classes;
-3. relations: listed in ``tables`` with the operation; system catalogs readable
+3. relations: nothing in guardproxy's own schema (functions neither); listed in
+   ``tables`` with the operation (append-only tables: no UPDATE, DELETE, TRUNCATE,
+   upsert DO UPDATE, first); system catalogs readable
    except the sensitive ones; columns read / updated / inserted allowed and not
    denied (``*`` and whole-row references count as every column); WHERE present on
    UPDATE / DELETE when ``require_where``; LOCK only with ``allow_locking``;
@@ -34,8 +36,8 @@ from ..analysis.model import (
     StatementInfo,
 )
 from ..analysis.pg_builtins import BUILTIN_FUNCTIONS
-from .agent import AgentPolicy, TableRule
-from .checks import OP_CLASS, key_path
+from .agent import AgentPolicy, TableRule, key_path
+from .checks import GUARD_SCHEMA, OP_CLASS
 from .decision import SQLSTATE_FEATURE_NOT_SUPPORTED, SQLSTATE_INSUFFICIENT_PRIVILEGE
 from .sensitive import SENSITIVE_CATALOGS
 from .side_effects import side_effect
@@ -141,9 +143,20 @@ def _check_relations(
     return None
 
 
+def _guard_schema(policy: AgentPolicy, what: str) -> Violation:
+    return Violation(
+        rule="guardproxy_schema",
+        reason=f"{policy.name} may not use {what}: the {GUARD_SCHEMA} schema is guardproxy's "
+        f"own (audit log, ledgers, deleted rows) {_because(policy, 'guardproxy_schema')}",
+        hint="ask an operator: `guardproxy audit ...` shows what agents did",
+    )
+
+
 def _check_relation(
     policy: AgentPolicy, access: RelationAccess, catalog: Catalog
 ) -> Violation | None:
+    if access.schema == GUARD_SCHEMA:
+        return _guard_schema(policy, access.written)
     rule = policy.table_rule(access.schema, access.name, catalog)
     verb = _VERBS[access.op]
     if rule is None:
@@ -158,7 +171,7 @@ def _check_relation(
                 reason=f"{policy.name} may not read {access.written}: it holds {why} "
                 f"{_because(policy, 'sensitive catalogs')}",
                 hint="other pg_catalog and information_schema relations are readable "
-                "(e.g. pg_roles instead of pg_authid, pg_stats instead of pg_statistic)",
+                "(e.g. pg_roles instead of pg_authid, pg_settings instead of pg_file_settings)",
             )
         return Violation(
             rule="tables",
@@ -177,6 +190,8 @@ def _check_relation(
         )
     if access.op is Op.CREATE:
         return None
+    if rule.append_only and access.op in (Op.UPDATE, Op.DELETE, Op.TRUNCATE):
+        return append_only_violation(policy, rule, verb)
     if access.op not in rule.ops:
         return Violation(
             rule=f"{where}.ops",
@@ -197,6 +212,18 @@ def _check_relation(
             hint=f"add a WHERE clause selecting the rows to {access.op.value}, e.g. WHERE id = ...",
         )
     return None
+
+
+def append_only_violation(policy: AgentPolicy, rule: TableRule, verb: str) -> Violation:
+    """UPDATE, DELETE, TRUNCATE, MERGE or an upsert's DO UPDATE of an append-only table."""
+    where = f"{key_path('tables', rule.key)}.append_only"
+    return Violation(
+        rule=where,
+        reason=f"{policy.name} may not {verb} {rule.key}: it is append-only, its rows are never "
+        f"changed nor deleted {_because(policy, where)}",
+        hint=f"insert a new row into {rule.key} instead (for a correction, a row that records "
+        "it); INSERT ... ON CONFLICT DO NOTHING is fine",
+    )
 
 
 def _column_list(rule: TableRule, catalog: Catalog, schema: str, name: str) -> str:
@@ -300,6 +327,8 @@ def function_violation(policy: AgentPolicy, fn: FunctionRef) -> Violation | None
     rules = policy.functions
     name = fn.name
     shown = f"{fn.qualified}()"
+    if fn.schema == GUARD_SCHEMA:
+        return _guard_schema(policy, shown)
     if any(fnmatchcase(name, pattern) for pattern in rules.deny):
         return Violation(
             rule="functions.deny",

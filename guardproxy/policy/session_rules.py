@@ -46,7 +46,16 @@ _POLICY_KEYS = {
     "idle_in_transaction_session_timeout": "timeouts.idle_in_transaction_timeout",
     "transaction_timeout": "timeouts.transaction_timeout",
 }
-_UTF8 = {"utf8", "utf-8", "unicode"}
+_UTF8 = {"utf8", "unicode"}
+
+
+def _is_utf8(text: str) -> bool:
+    """UTF8 however a client spells it: Postgres ignores case and non-alphanumerics in
+    encoding names, and asyncpg sends ``'utf-8'`` quoted."""
+    name = "".join(ch for ch in text.lower() if ch.isascii() and ch.isalnum())
+    return name in _UTF8
+
+
 _READ_ONLY = {"transaction_read_only", "default_transaction_read_only"}
 _LEXICAL = {"standard_conforming_strings", "client_encoding", "names"}
 
@@ -115,7 +124,7 @@ def setting_violation(policy: AgentPolicy, change: SettingChange) -> Violation |
             f"must be read the way guardproxy parsed them {rule_prefix}.standard_conforming_strings)",
             hint="use E'...' strings for backslash escapes",
         )
-    if name in ("client_encoding", "names") and text.strip().lower() not in _UTF8:
+    if name in ("client_encoding", "names") and not _is_utf8(text):
         return Violation(
             rule="settings.client_encoding",
             reason=f"{policy.name} may not set client_encoding to {text}: guardproxy reads "

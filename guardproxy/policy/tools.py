@@ -1,4 +1,5 @@
-"""Pure functions behind the policy CLI commands (``check``, ``explain``, ``roles``).
+"""Pure functions behind the policy CLI commands (``check``, ``explain``, ``roles``,
+``soft-delete sql``).
 
 The CLI only parses arguments, builds a catalog when asked (``--upstream DSN``:
 `CATALOG_QUERY` as the agent type's role, or ``--schema FILE``:
@@ -16,22 +17,35 @@ The CLI only parses arguments, builds a catalog when asked (``--upstream DSN``:
   tables / columns (privileges it had before in those schemas are revoked), its timeouts and connection limit as role defaults, and read-only
   transactions for read-only types. Column-level grants need a catalog (``deny_columns``
   is "every column but these"); without one such tables are left ungranted and the
-  script says so in a comment: the database then refuses more, never less.
+  script says so in a comment: the database then refuses more, never less. Types
+  whose DELETEs guardproxy rewrites (``soft_delete``, ``capture_deleted_rows``) also get
+  what the rewritten statements need: UPDATE of the soft-delete columns, SELECT of
+  every column of those tables (``RETURNING t.*`` feeds the row image), and in the
+  ``guardproxy`` schema USAGE, INSERT on ``deleted_rows``, USAGE on its sequence and
+  EXECUTE on ``refuse_soft_deleted(timestamptz, text)``. That schema must exist first
+  (``guardproxy db upgrade``); the script grants on it only if it does (a NOTICE says
+  so otherwise: run the script again after the upgrade).
+* `soft_delete_sql(table, columns=SoftDelete(), key=None) -> str`: the ALTER TABLE that
+  adds the soft-delete columns (if missing), an index on ``deleted_at`` and a partial
+  index of the live rows (``WHERE deleted_at IS NULL``) on `key`, by default the
+  table's primary key as the database knows it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..analysis.catalog import Catalog
 from ..analysis.model import Op
-from .agent import AgentPolicy, TableRule
+from .agent import AgentPolicy, SoftDelete, TableRule
+from .checks import GUARD_SCHEMA
 from .context import SessionContext
 from .engine import Judge
 from .errors import PolicyError
 from .loader import PolicySet, load_policy_set
-from .names import quote_ident, quote_literal
+from .names import parse_relation_name, quote_ident, quote_literal
 
 _GRANTS = {
     Op.SELECT: "SELECT",
@@ -120,6 +134,14 @@ def roles_sql(policy_set: PolicySet, catalog: Catalog | None = None) -> str:
         "-- Each role loses its table privileges in the schemas its policy names, then gets",
         "-- exactly what the policy allows.",
     ]
+    if any(policy.uses_guard_schema for policy in policy_set):
+        out.extend(
+            [
+                f"-- Soft deletes and captured deletes write to the {GUARD_SCHEMA} schema: it must",
+                "-- exist first (`guardproxy db upgrade`). Grants on it are skipped with a NOTICE",
+                "-- while it does not; run this script again after the upgrade.",
+            ]
+        )
     for policy in policy_set:
         out.append("")
         out.extend(_role(policy, catalog))
@@ -171,6 +193,64 @@ def _role(policy: AgentPolicy, catalog: Catalog | None) -> list[str]:
             f"-- row_filters of {policy.name} are applied by the proxy; "
             "add row-level security policies for the same limit in the database."
         )
+    lines.extend(_guard_schema_grants(policy))
+    return lines
+
+
+def _guard_schema_grants(policy: AgentPolicy) -> list[str]:
+    """What the judge's rewrites of this type's DELETEs and upserts need in guardproxy's
+    schema (nothing else), granted only when the schema (and each object) exists."""
+    role = quote_ident(policy.upstream_role)
+    schema = quote_ident(GUARD_SCHEMA)
+    revoke = [
+        f"    IF to_regnamespace({quote_literal(GUARD_SCHEMA)}) IS NOT NULL THEN",
+        f"        REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM {role};",
+        f"        REVOKE ALL ON ALL SEQUENCES IN SCHEMA {schema} FROM {role};",
+        f"        REVOKE ALL ON SCHEMA {schema} FROM {role};",
+        "    END IF;",
+    ]
+    if not policy.uses_guard_schema:
+        return [
+            f"-- {policy.name} has nothing to do in the {GUARD_SCHEMA} schema",
+            "DO $guard$ BEGIN",
+            *revoke,
+            "END $guard$;",
+        ]
+    checks = [
+        (
+            f"to_regnamespace({quote_literal(GUARD_SCHEMA)})",
+            f"GRANT USAGE ON SCHEMA {schema} TO {role}",
+        ),
+        (
+            f"to_regclass({quote_literal(GUARD_SCHEMA + '.deleted_rows')})",
+            f"GRANT INSERT ON {schema}.deleted_rows TO {role}",
+        ),
+        (
+            f"to_regclass({quote_literal(GUARD_SCHEMA + '.deleted_rows_id_seq')})",
+            f"GRANT USAGE ON SEQUENCE {schema}.deleted_rows_id_seq TO {role}",
+        ),
+        (
+            f"to_regprocedure({quote_literal(GUARD_SCHEMA + '.refuse_soft_deleted(timestamptz, text)')})",
+            f"GRANT EXECUTE ON FUNCTION {schema}.refuse_soft_deleted(timestamptz, text) TO {role}",
+        ),
+    ]
+    lines = [
+        f"-- {policy.name}: soft deletes / captured deletes are recorded in "
+        f"{GUARD_SCHEMA}.deleted_rows",
+        "DO $guard$ BEGIN",
+        *revoke,
+    ]
+    for exists, grant in checks:
+        lines.extend(
+            [
+                f"    IF {exists} IS NOT NULL THEN",
+                f"        {grant};",
+                "    ELSE",
+                f"        RAISE NOTICE {quote_literal(grant + ': skipped, run `guardproxy db upgrade` first')};",
+                "    END IF;",
+            ]
+        )
+    lines.append("END $guard$;")
     return lines
 
 
@@ -225,4 +305,89 @@ def _grants(
         if names:
             cols = ", ".join(quote_ident(c) for c in names)
             lines.append(f"GRANT {privilege} ({cols}) ON {target} TO {role};")
+    lines.extend(_rewrite_grants(policy, rule, target))
     return lines
+
+
+def _rewrite_grants(policy: AgentPolicy, rule: TableRule, target: str) -> list[str]:
+    """What the statements guardproxy writes for this type's DELETEs of the table need."""
+    if Op.DELETE not in rule.ops or not (rule.soft_delete or rule.capture_deleted_rows):
+        return []
+    role = quote_ident(policy.upstream_role)
+    lines = []
+    if rule.columns is not None or rule.deny_columns:
+        lines.append(
+            f"-- {policy.name} deletes from {rule.key}: guardproxy records the whole row "
+            "(RETURNING *), which needs SELECT on every column"
+        )
+        lines.append(f"GRANT SELECT ON {target} TO {role};")
+    if rule.soft_delete is not None:
+        cols = ", ".join(quote_ident(c) for c in rule.soft_delete.columns)
+        lines.append(
+            f"-- {policy.name}'s DELETEs of {rule.key} are soft deletes: UPDATEs of these columns"
+        )
+        lines.append(f"GRANT UPDATE ({cols}) ON {target} TO {role};")
+    return lines
+
+
+def soft_delete_sql(
+    table: str, columns: SoftDelete | None = None, key: Sequence[str] | None = None
+) -> str:
+    """The DDL that prepares `table` for ``soft_delete`` (see the module docstring).
+
+    Raises ValueError when `table` is not a table name.
+    """
+    schema, name = parse_relation_name(table)
+    soft = columns or SoftDelete()
+    target = f"{quote_ident(schema)}.{quote_ident(name)}" if schema else quote_ident(name)
+    deleted_at = quote_ident(soft.deleted_at)
+    at_index = quote_ident(_index_name(name, soft.deleted_at, "idx"))
+    live_index = quote_ident(_index_name(name, "live", "idx"))
+    lines = [
+        f"-- Soft delete for {table}: guardproxy turns an agent's DELETE into an UPDATE of",
+        f"-- these columns and hides rows with {soft.deleted_at} set from agents.",
+        f"ALTER TABLE {target}",
+        f"    ADD COLUMN IF NOT EXISTS {deleted_at} timestamptz,",
+        f"    ADD COLUMN IF NOT EXISTS {quote_ident(soft.deleted_by)} text,",
+        f"    ADD COLUMN IF NOT EXISTS {quote_ident(soft.reason)} text;",
+        "-- what was deleted when (guardproxy audit deletes, undo)",
+        f"CREATE INDEX IF NOT EXISTS {at_index} ON {target} ({deleted_at});",
+    ]
+    if key:
+        keys = ", ".join(quote_ident(c) for c in key)
+        lines += [
+            "-- the live rows, which is what agents read",
+            f"CREATE INDEX IF NOT EXISTS {live_index} ON {target} ({keys}) WHERE {deleted_at} IS NULL;",
+        ]
+    else:
+        regclass = quote_literal(target)
+        lines += [
+            "-- the live rows, which is what agents read: on the primary key",
+            "DO $guard$",
+            "DECLARE keys text;",
+            "BEGIN",
+            "    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.n) INTO keys",
+            "    FROM pg_catalog.pg_index i,",
+            "         unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY AS k(attnum, n),",
+            "         pg_catalog.pg_attribute a",
+            f"    WHERE i.indrelid = {regclass}::regclass AND i.indisprimary",
+            "      AND a.attrelid = i.indrelid AND a.attnum = k.attnum;",
+            "    IF keys IS NULL THEN",
+            f"        RAISE NOTICE {quote_literal(f'{table} has no primary key: no partial index of its live rows')};",
+            "    ELSE",
+            "        EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s (%s) WHERE %I IS NULL',",
+            f"                       {quote_literal(_index_name(name, 'live', 'idx'))}, {regclass}, keys, "
+            f"{quote_literal(soft.deleted_at)});",
+            "    END IF;",
+            "END $guard$;",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _index_name(table: str, what: str, suffix: str) -> str:
+    """``<table>_<what>_<suffix>``, cut to Postgres' 63 bytes like Postgres would."""
+    name = f"{table}_{what}_{suffix}"
+    while len(name.encode()) > 63:
+        table = table[:-1]
+        name = f"{table}_{what}_{suffix}"
+    return name

@@ -173,7 +173,7 @@ class Proxy:
         pool.release(server)
         path = _pg_array(path_rows[0][0]) if path_rows and path_rows[0][0] else ["public"]
         catalog = Catalog.from_rows(
-            ((str(r[0]), str(r[1]), str(r[2])) for r in rows), search_path=path
+            ((str(r[0]), str(r[1]), str(r[2]), r[3]) for r in rows), search_path=path
         )
         self.judge.set_catalog(catalog)
         log.info("catalog loaded: %d relations", len(catalog.tables))

@@ -12,4 +12,4 @@ def read_catalog(dsn: str) -> Catalog:
         rows = conn.execute(CATALOG_QUERY).fetchall()
         path_row = conn.execute(SEARCH_PATH_QUERY).fetchone()
     path = list(path_row[0]) if path_row and path_row[0] else ["public"]
-    return Catalog.from_rows(((str(s), str(t), str(c)) for s, t, c in rows), search_path=path)
+    return Catalog.from_rows((tuple(row) for row in rows), search_path=path)

@@ -1,20 +1,21 @@
 """The shop database of the example policies, and guardproxy in front of it, for the policy tests.
 
-Import from a test module (``from shop import ...``); the fixtures it defines are
-plain functions decorated with pytest, so a module brings them in with
-``from shop import shop_db`` (and uses them by name) or builds on them.
+Import it from a test module (``import shop``) and bring the fixtures into the
+module's namespace by assignment, ``shop_db = shop.shop_db``, so pytest finds them.
 
 * ``shop_db`` (session): a dedicated database ``shop`` owned by ``app_owner`` with
   ``sql/example_schema.sql`` loaded as ``app_owner``, the roles and grants of
   ``guardproxy roles`` (as computed by ``roles_sql``) applied as superuser, and the
   agent types' roles granted to ``app_owner`` (the proxy logs in as ``app_owner``
-  and sets ``role`` per agent type). Its own database keeps other tests' tables
-  out of the catalog the proxy reads.
+  and sets ``role`` per agent type), plus guardproxy's own schema (``guardproxy db
+  upgrade``). Its own database keeps other tests' tables out of the catalog the
+  proxy reads. ``shop_baseline`` (session): its snapshot right after loading.
 * `snapshot(pg)`: everything an attack could change, read as superuser in one
-  call: the rows of the four tables, sequence positions, and the objects that can
-  be planted (relations, functions, rules, triggers, large objects, schemas,
-  per-role settings). Equal snapshots before and after = no effect.
-* `restore_shop(pg)`: back to the freshly loaded state, whatever happened.
+  call: the rows of the four tables, sequence positions, grants, and the objects
+  that can be planted (relations, functions, rules, triggers, large objects,
+  schemas, per-role settings, roles). Equal snapshots before and after = no effect.
+* `restore_shop(pg)`: back to the freshly loaded state, whatever happened;
+  ``clean_shop``: a fixture that does it after a test that changed anything.
 * `ShopProxy` / `launch_proxy`: ``guardproxy serve`` as a subprocess in front of
   ``shop`` with the example policies (or others), for module-scoped fixtures.
 * `RawAgent`: a tiny synchronous PostgreSQL v3 client that keeps every byte the

@@ -4,11 +4,16 @@ Every test sends something a well-behaved client would not, then checks what
 came back on the wire, that the proxy closed only that client, that nothing
 was left open in Postgres, that other clients keep working, that the proxy
 process is still alive and that its log has one line about the event.
+
+The tests share a few proxies per module (``shared``; ``single`` with one server
+connection), so each fault also proves the same process keeps serving after all
+the faults before it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import uuid
 from collections.abc import Iterator
@@ -22,9 +27,11 @@ from wirekit import (
     Msg,
     WireClient,
     data_rows,
+    deadline_for,
     errors_in,
     eventually,
     fatal_in,
+    launched_proxy,
     log_lines_about,
     startup_packet,
     untyped,
@@ -37,12 +44,48 @@ from guardproxy.protocol.scram import write_verifier
 WAIT = 10.0
 
 
+@pytest.fixture(scope="module")
+def shared(pg, tmp_path_factory):
+    """One proxy for the tests whose fault only concerns their own client."""
+    with launched_proxy(pg, tmp_path_factory.mktemp("shared"), max_message_size=1024) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def single(pg, tmp_path_factory):
+    """pool_size 1: a server left dirty by one test would be the next test's server."""
+    with launched_proxy(
+        pg, tmp_path_factory.mktemp("single"), max_message_size=1024, pool_size=1
+    ) as proxy:
+        yield proxy
+
+
+# where each shared proxy's log stood when the current test began
+LOG_START: dict[int, int] = {}
+
+
+@pytest.fixture(autouse=True)
+def _deadline(request: pytest.FixtureRequest) -> Iterator[None]:
+    names = [n for n in ("shared", "single", "scram_proxy") if n in request.fixturenames]
+    proxies = [request.getfixturevalue(n) for n in names]
+    for proxy in proxies:
+        LOG_START[proxy.port] = len(proxy.log())
+    with deadline_for(proxies, request.node):
+        yield
+
+
+def this_tests_log(proxy) -> str:
+    return proxy.log()[LOG_START.get(proxy.port, 0) :]
+
+
 @pytest.fixture
 def table(pg: PgCluster) -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex[:10]}"
     pg.psql(f"CREATE TABLE {name} (id int PRIMARY KEY, note text)", user="app_owner")
     yield name
-    pg.psql(f"DROP TABLE IF EXISTS {name}", user="app_owner")
+    # A failed test may leave a transaction holding the table until its proxy stops: do not wait.
+    with contextlib.suppress(RuntimeError):
+        pg.psql(f"SET lock_timeout = '1s'; DROP TABLE IF EXISTS {name}", user="app_owner")
 
 
 def count_rows(pg: PgCluster, table: str) -> int:
@@ -69,19 +112,19 @@ def stuck_backends(pg: PgCluster) -> str:
 
 async def assert_one_log_line(proxy, client_port: int) -> None:
     await eventually(
-        lambda: log_lines_about(proxy.log(), client_port),
+        lambda: log_lines_about(this_tests_log(proxy), client_port),
         5,
         f"a log line about client port {client_port}",
     )
     await asyncio.sleep(0.3)  # give a second line the chance to show up, if there is one
-    lines = log_lines_about(proxy.log(), client_port)
+    lines = log_lines_about(this_tests_log(proxy), client_port)
     assert len(lines) == 1, f"expected one log line about the client, got {lines}"
 
 
 def assert_no_warning_about(proxy, client_port: int) -> None:
     noisy = [
         line
-        for line in log_lines_about(proxy.log(), client_port)
+        for line in log_lines_about(this_tests_log(proxy), client_port)
         if " WARNING " in line or " ERROR " in line
     ]
     assert noisy == []
@@ -102,8 +145,8 @@ async def expect_fatal(client: WireClient) -> dict[str, str]:
 # ---------------------------------------------------------------- oversize, malformed
 
 
-async def test_oversize_message_is_fatal_for_that_client_only(start_proxy, pg, table) -> None:
-    proxy = start_proxy(max_message_size=1024)
+async def test_oversize_message_is_fatal_for_that_client_only(shared, pg, table) -> None:
+    proxy = shared
     bystander = psycopg.connect(proxy.dsn("bystander"), connect_timeout=10)
     try:
         bystander.execute(f"INSERT INTO {table} VALUES (1, 'before')")  # transaction stays open
@@ -124,8 +167,8 @@ async def test_oversize_message_is_fatal_for_that_client_only(start_proxy, pg, t
     await assert_one_log_line(proxy, raw.local_port)
 
 
-async def test_oversize_message_inside_a_transaction_rolls_it_back(start_proxy, pg, table) -> None:
-    proxy = start_proxy(max_message_size=1024, pool_size=1)
+async def test_oversize_message_inside_a_transaction_rolls_it_back(single, pg, table) -> None:
+    proxy = single
     async with await WireClient.connect(proxy.port) as raw:
         await raw.login()
         assert not errors_in(await raw.query("BEGIN"))
@@ -141,8 +184,8 @@ async def test_oversize_message_inside_a_transaction_rolls_it_back(start_proxy, 
 
 
 @pytest.mark.parametrize("whole", [True, False], ids=["whole-packet", "header-only"])
-async def test_oversize_startup_packet_is_fatal(start_proxy, whole: bool) -> None:
-    proxy = start_proxy(max_message_size=1024)
+async def test_oversize_startup_packet_is_fatal(shared, whole: bool) -> None:
+    proxy = shared
     packet = startup_packet({"user": "agent-1", "application_name": "z" * 3000})
     async with await WireClient.connect(proxy.port) as raw:
         await raw.send(packet if whole else packet[:8])
@@ -155,8 +198,8 @@ async def test_oversize_startup_packet_is_fatal(start_proxy, whole: bool) -> Non
 
 
 @pytest.mark.parametrize("length", [0, 3])
-async def test_message_length_below_four_is_fatal(start_proxy, length: int) -> None:
-    proxy = start_proxy()
+async def test_message_length_below_four_is_fatal(shared, length: int) -> None:
+    proxy = shared
     async with await WireClient.connect(proxy.port) as raw:
         await raw.login()
         await raw.send(b"Q" + struct.pack("!i", length) + b"select 1\x00")
@@ -179,8 +222,8 @@ async def test_message_length_below_four_is_fatal(start_proxy, length: int) -> N
     ],
     ids=["query-no-nul", "parse-oids", "parse-named", "bind-short", "describe-target"],
 )
-async def test_malformed_message_is_fatal(start_proxy, message: bytes, what: str) -> None:
-    proxy = start_proxy()
+async def test_malformed_message_is_fatal(shared, message: bytes, what: str) -> None:
+    proxy = shared
     async with await WireClient.connect(proxy.port) as raw:
         await raw.login()
         await raw.send(message)
@@ -191,8 +234,8 @@ async def test_malformed_message_is_fatal(start_proxy, message: bytes, what: str
     await assert_one_log_line(proxy, raw.local_port)
 
 
-async def test_unknown_message_type_is_fatal_and_rolls_back(start_proxy, pg, table) -> None:
-    proxy = start_proxy()
+async def test_unknown_message_type_is_fatal_and_rolls_back(shared, pg, table) -> None:
+    proxy = shared
     with psycopg.connect(proxy.dsn("bystander"), autocommit=True, connect_timeout=10) as other:
         other.execute("SELECT 1")
         async with await WireClient.connect(proxy.port) as raw:
@@ -211,6 +254,24 @@ async def test_unknown_message_type_is_fatal_and_rolls_back(start_proxy, pg, tab
     await assert_one_log_line(proxy, raw.local_port)
 
 
+async def test_unknown_message_type_is_fatal_at_once_even_with_no_server_free(
+    single, pg, table
+) -> None:
+    proxy = single
+    async with await WireClient.connect(proxy.port) as raw:
+        await raw.login()
+        with psycopg.connect(proxy.dsn("holder"), connect_timeout=10) as holder:
+            holder.execute(f"INSERT INTO {table} VALUES (1, 'held')")  # the only server, held
+            await raw.send(codec.message(b"z"))
+            fatal = await expect_fatal(raw)  # not queued behind the holder for a server
+            assert fatal["C"] == "08P01"
+            holder.commit()
+    assert count_rows(pg, table) == 1
+    assert_serves(proxy)
+    assert proxy.alive()
+    await assert_one_log_line(proxy, raw.local_port)
+
+
 # ---------------------------------------------------------------- startup packets
 
 
@@ -218,9 +279,9 @@ async def test_unknown_message_type_is_fatal_and_rolls_back(start_proxy, pg, tab
     ("major", "minor"), [(2, 0), (4, 0), (1234, 5681)], ids=["2.0", "4.0", "1234.5681"]
 )
 async def test_unsupported_protocol_version_is_fatal_naming_it(
-    start_proxy, major: int, minor: int
+    shared, major: int, minor: int
 ) -> None:
-    proxy = start_proxy()
+    proxy = shared
     async with await WireClient.connect(proxy.port) as raw:
         if major == 2:
             await raw.send(v2_startup_packet("agent-1", "app"))
@@ -235,9 +296,9 @@ async def test_unsupported_protocol_version_is_fatal_naming_it(
     await assert_one_log_line(proxy, raw.local_port)
 
 
-async def test_startup_with_cancel_code_1234_5678_but_a_startup_body_is_fatal(start_proxy) -> None:
+async def test_startup_with_cancel_code_1234_5678_but_a_startup_body_is_fatal(shared) -> None:
     # 1234.5678 is the CancelRequest code: a longer packet with it is a malformed cancel.
-    proxy = start_proxy()
+    proxy = shared
     async with await WireClient.connect(proxy.port) as raw:
         await raw.send(startup_packet({"user": "agent-1", "database": "app"}, 1234, 5678))
         fatal = await expect_fatal(raw)
@@ -248,8 +309,8 @@ async def test_startup_with_cancel_code_1234_5678_but_a_startup_body_is_fatal(st
     await assert_one_log_line(proxy, raw.local_port)
 
 
-async def test_cancel_request_for_nobody_is_closed_silently(start_proxy) -> None:
-    proxy = start_proxy()
+async def test_cancel_request_for_nobody_is_closed_silently(shared) -> None:
+    proxy = shared
     async with await WireClient.connect(proxy.port) as raw:
         await raw.send(codec.build_cancel(12345, 67890))
         assert await raw.read_until_eof(WAIT) == []  # Postgres never answers a cancel either
@@ -257,8 +318,8 @@ async def test_cancel_request_for_nobody_is_closed_silently(start_proxy) -> None
     assert proxy.alive()
 
 
-async def test_wrong_database_is_fatal_3d000_naming_the_one_to_use(start_proxy) -> None:
-    proxy = start_proxy()
+async def test_wrong_database_is_fatal_3d000_naming_the_one_to_use(shared) -> None:
+    proxy = shared
     async with await WireClient.connect(proxy.port) as raw:
         await raw.send(startup_packet({"user": "agent-1", "database": "nope"}))
         fatal = await expect_fatal(raw)
@@ -275,8 +336,8 @@ async def test_wrong_database_is_fatal_3d000_naming_the_one_to_use(start_proxy) 
     [[codec.SSL_REQUEST], [codec.GSSENC_REQUEST], [codec.GSSENC_REQUEST, codec.SSL_REQUEST]],
     ids=["ssl", "gssenc", "gssenc-then-ssl"],
 )
-async def test_encryption_requests_answered_n_then_login_works(start_proxy, requests) -> None:
-    proxy = start_proxy()
+async def test_encryption_requests_answered_n_then_login_works(shared, requests) -> None:
+    proxy = shared
     async with await WireClient.connect(proxy.port) as raw:
         for code in requests:
             await raw.send(untyped(code))
@@ -288,8 +349,8 @@ async def test_encryption_requests_answered_n_then_login_works(start_proxy, requ
 
 
 @pytest.mark.parametrize("options", [{}, {"_pq_.future_feature": "on"}], ids=["3.2", "3.2+_pq_"])
-async def test_protocol_3_2_is_negotiated_down_to_3_0(start_proxy, options) -> None:
-    proxy = start_proxy()
+async def test_protocol_3_2_is_negotiated_down_to_3_0(shared, options) -> None:
+    proxy = shared
     async with await WireClient.connect(proxy.port) as raw:
         msgs = await raw.login(minor=2, extra=options)
         kinds = [m.kind for m in msgs]
@@ -309,8 +370,8 @@ async def test_protocol_3_2_is_negotiated_down_to_3_0(start_proxy, options) -> N
 
 
 @pytest.mark.parametrize("how", ["close", "reset"])
-async def test_disconnect_mid_message_inside_a_transaction(start_proxy, pg, table, how) -> None:
-    proxy = start_proxy(pool_size=1)
+async def test_disconnect_mid_message_inside_a_transaction(single, pg, table, how) -> None:
+    proxy = single
     with psycopg.connect(proxy.dsn("bystander"), autocommit=True, connect_timeout=10) as other:
         other.execute("SELECT 1")
         async with await WireClient.connect(proxy.port) as raw:
@@ -333,8 +394,8 @@ async def test_disconnect_mid_message_inside_a_transaction(start_proxy, pg, tabl
 
 
 @pytest.mark.parametrize("how", ["close", "reset", "mid-copydata"])
-async def test_disconnect_mid_copy(start_proxy, pg, table, how) -> None:
-    proxy = start_proxy(pool_size=1)
+async def test_disconnect_mid_copy(single, pg, table, how) -> None:
+    proxy = single
     with psycopg.connect(proxy.dsn("bystander"), autocommit=True, connect_timeout=10) as other:
         other.execute("SELECT 1")
         async with await WireClient.connect(proxy.port) as raw:
@@ -360,8 +421,8 @@ async def test_disconnect_mid_copy(start_proxy, pg, table, how) -> None:
     await assert_one_log_line(proxy, raw.local_port)
 
 
-async def test_client_gone_during_login_does_not_disturb_others(start_proxy) -> None:
-    proxy = start_proxy()
+async def test_client_gone_during_login_does_not_disturb_others(shared) -> None:
+    proxy = shared
     with psycopg.connect(proxy.dsn("bystander"), autocommit=True, connect_timeout=10) as other:
         packet = startup_packet({"user": "agent-1", "database": "app"})
         for i in range(5):
@@ -376,15 +437,17 @@ async def test_client_gone_during_login_does_not_disturb_others(start_proxy) -> 
 # ---------------------------------------------------------------- authentication
 
 
-@pytest.fixture
-def scram_proxy(start_proxy, pg, tmp_path):
+@pytest.fixture(scope="module")
+def scram_proxy(pg, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("scram")
     auth_file = tmp_path / "agents.auth"
     write_verifier(auth_file, "agent-1", "agent-pw")
     # A verifier exactly as Postgres stores it in pg_authid must work too.
     rolpassword = pg.psql("SELECT rolpassword FROM pg_authid WHERE rolname = 'app_owner'")
     with auth_file.open("a") as f:
         f.write(f"agent-pg:{rolpassword}\n")
-    return start_proxy(auth_mode="scram", auth_file=auth_file)
+    with launched_proxy(pg, tmp_path, auth_mode="scram", auth_file=auth_file) as proxy:
+        yield proxy
 
 
 async def scram_login(proxy, agent: str, password: str) -> list[Msg]:
@@ -433,9 +496,9 @@ def test_scram_login_with_libpq(scram_proxy) -> None:
         psycopg.connect(scram_proxy.dsn("agent-1", "not-it"), connect_timeout=10)
 
 
-async def test_rows_read_back_through_raw_client(start_proxy, pg, table) -> None:
+async def test_rows_read_back_through_raw_client(shared, pg, table) -> None:
     """The raw client itself is trustworthy: what it inserts, Postgres has."""
-    proxy = start_proxy()
+    proxy = shared
     async with await WireClient.connect(proxy.port) as raw:
         await raw.login()
         assert not errors_in(await raw.query(f"INSERT INTO {table} VALUES (7, 'raw')"))

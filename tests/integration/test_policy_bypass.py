@@ -18,6 +18,15 @@ The agents: ``analytics`` (read-only; customers without email, orders), ``suppor
 (reads orders and customers, updates orders.fulfillment_status, inserts into
 order_state_log, deletes orders) and ``fulfillment`` (reads orders, updates three
 shipping columns). None may touch payments.
+
+Sections follow DESIGN.md section 4: stacked statements; read-only and timeout
+escapes (BEGIN READ WRITE, SET, set_config, startup parameters and ``options``);
+writable CTEs; EXPLAIN ANALYZE; side-effect functions anywhere in the tree; COPY to
+and from programs and files, DO, CALL and user-defined code; lexical tricks; SQL-level
+PREPARE / EXECUTE; the extended protocol across server connections; SET ROLE /
+SESSION AUTHORIZATION / search_path; planting rules, triggers, functions, views;
+locks and resources; identity; then require_where, reads hidden in writes,
+transactions, unparseable SQL and monitor mode.
 """
 
 from __future__ import annotations
@@ -77,10 +86,6 @@ def _each_test(request, proxy, shop_db, shop_baseline) -> Iterator[None]:
     shop.dump_log_on_failure(request, proxy, since)
     if snapshot(shop_db) != shop_baseline:
         shop.restore_shop(shop_db)
-
-
-def agent_type(agent: str) -> str:
-    return agent.split("-")[0]
 
 
 def agent_id(kind: str) -> str:
@@ -393,6 +398,100 @@ def test_startup_parameters_cannot_loosen_the_policy(
         if kind == "analytics":
             assert plain.scalar("show default_transaction_read_only") == "on"
             assert plain.scalar("show statement_timeout") == "5s"
+
+
+# Ways to write several ``-c`` switches in one options string that a reader splitting on
+# ASCII whitespace with shell-like quoting sees as one harmless application_name, and
+# a reader splitting on any whitespace (Postgres' isspace, Python's str.split) does not.
+OPTION_TRICKS = [
+    pytest.param("\x0c", id="form-feed"),
+    pytest.param("\x0b", id="vertical-tab"),
+    pytest.param("\u00a0", id="no-break-space"),
+    pytest.param("quote", id="backslash-quote"),
+]
+
+
+def options_with(trick: str, settings: list[str]) -> str:
+    if trick == "quote":
+        return (
+            "-c application_name=a\\' "
+            + " ".join(f"-c {s}" for s in settings)
+            + (" -c application_name=b\\'")
+        )
+    return trick.join(["-c application_name=report", *(f"-c{trick}{s}" for s in settings)])
+
+
+def login_or_refusal(port: int, agent: str, options: str) -> RawAgent | None:
+    """A session with these startup options, or None if the proxy refused it (FATAL 42501)."""
+    client = RawAgent(port, agent, options=options)
+    if client.login.errors:
+        err = client.login.errors[0]
+        client.close()
+        assert err.get("S") == "FATAL" and err.get("C") == "42501", err
+        return None
+    return client
+
+
+@pytest.mark.parametrize("trick", OPTION_TRICKS)
+def test_startup_options_are_judged_as_they_are_applied(small_pools, shop_db, trick) -> None:
+    """The options string is split once for judging and once for applying: both must
+    agree, whatever the whitespace between the switches."""
+    options = options_with(
+        trick, ["statement_timeout=0", "default_transaction_read_only=off", "role=app_owner"]
+    )
+    limited = ("guard_analytics", "5s", "on")
+    probe = (
+        "select current_user, current_setting('statement_timeout'), "
+        "current_setting('default_transaction_read_only')"
+    )
+    seen = {}
+    client = login_or_refusal(small_pools.port, ANALYTICS, options)
+    if client is not None:
+        with client:
+            seen["the session itself"] = tuple(client.query(probe).rows[0])
+    # analytics has one server connection here: a clean session gets the same one
+    with RawAgent(small_pools.port, "analytics-clean") as clean:
+        seen["the next session on that server"] = tuple(clean.query(probe).rows[0])
+    assert seen == dict.fromkeys(seen, limited)
+
+
+@pytest.mark.parametrize("trick", OPTION_TRICKS)
+def test_client_encoding_cannot_be_changed_to_hide_a_statement(proxy, shop_db, trick) -> None:
+    """In SJIS, 0x95 0x5c is one character: a backslash the proxy reads as escaping a quote
+    would end the string on the server, and what follows would run unjudged."""
+    before = snapshot(shop_db)
+    options = options_with(trick, ["client_encoding=SJIS"])
+    client = login_or_refusal(proxy.port, SUPPORT, options)
+    if client is not None:
+        with client:
+            reply = client.send(
+                b"Q",
+                b"select E'\x95\\'; update orders set fulfillment_status = $$cancelled$$; --'\x00",
+            )
+            assert "UPDATE" not in " ".join(reply.tags), reply
+    assert snapshot(shop_db) == before
+
+
+@pytest.mark.parametrize("trick", OPTION_TRICKS)
+def test_read_only_agent_cannot_reach_payments_through_startup_options(
+    proxy, shop_db, trick
+) -> None:
+    """The two above together: analytics as the tables' owner, in SJIS, read-write."""
+    before = snapshot(shop_db)
+    options = options_with(
+        trick, ["client_encoding=SJIS", "role=app_owner", "default_transaction_read_only=off"]
+    )
+    client = login_or_refusal(proxy.port, ANALYTICS, options)
+    if client is not None:
+        with client:
+            reply = client.send(
+                b"Q",
+                b"set application_name = E'\x95\\'; select card_last4, amount from payments; "
+                b"delete from payments where id = 4; --'\x00",
+            )
+            assert_no_secret(reply.text)
+            assert "DELETE" not in " ".join(reply.tags), reply
+    assert snapshot(shop_db) == before
 
 
 # ---------------------------------------------------------------- writable CTEs

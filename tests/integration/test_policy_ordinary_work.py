@@ -265,11 +265,19 @@ def test_support_rolls_back_and_deletes_an_order(proxy, shop_db) -> None:
         conn.rollback()
         assert conn.execute("delete from orders where id = %s", [5]).rowcount == 1
         conn.commit()
+        # gone for the agent (removed, or marked deleted by a soft-delete policy)
+        assert conn.execute("select count(*) from orders where id = 5").fetchone() == (0,)
+        conn.commit()
     assert (
         shop_db.psql("select fulfillment_status from orders where id = 2", dbname="shop")
         == "shipped"
     )
-    assert shop_db.psql("select count(*) from orders where id = 5", dbname="shop") == "0"
+    assert (
+        shop_db.psql(
+            "select count(*) from orders where id = 5 and deleted_at is null", dbname="shop"
+        )
+        == "0"
+    )
 
 
 def test_support_copies_log_rows_in(proxy, shop_db) -> None:

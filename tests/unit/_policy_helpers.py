@@ -6,6 +6,8 @@ import shutil
 from functools import cache
 from pathlib import Path
 
+import pglast
+
 from guardproxy.analysis import Catalog
 from guardproxy.policy import Decision, Judge, PolicySet, SessionContext, load_policy_set
 
@@ -53,3 +55,22 @@ def write(directory: Path, name: str, text: str) -> Path:
     path = directory / name
     path.write_text(text)
     return path
+
+
+def assert_passes(decision: Decision, sql: str) -> None:
+    """The statement goes through: unchanged, or changed only by write safety (the row
+    cap ``LIMIT n + 1`` of analytics, the soft-delete filters and rewrites of support's
+    orders) into SQL that parses."""
+    assert decision.action in ("allow", "rewrite"), (sql, decision)
+    assert not decision.monitored, (sql, decision)
+    if decision.action == "allow":
+        assert decision.sql == sql, (sql, decision)
+        return
+    assert decision.rule == "limits.max_rows_returned" or decision.rule.endswith(".soft_delete"), (
+        sql,
+        decision,
+    )
+    pglast.parse_sql(decision.sql)
+    if decision.rule == "limits.max_rows_returned" and decision.cacheable:
+        # the cached form of the cap: the agent's text with LIMIT n + 1 appended
+        assert decision.sql.replace("\nLIMIT 1001", "") == sql, (sql, decision.sql)

@@ -6,7 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _policy_helpers import AGENTS, copy_policies, example_catalog, example_policies, judge
+from _policy_helpers import (
+    AGENTS,
+    assert_passes,
+    copy_policies,
+    example_catalog,
+    example_policies,
+    judge,
+)
 
 from guardproxy.policy import Judge, SessionContext, load_policy_set
 
@@ -23,9 +30,7 @@ def denied(agent_type: str, sql: str, rule: str | None = None, **kw: object) -> 
 
 def allowed(agent_type: str, sql: str, **kw: object) -> None:
     decision = judge(agent_type, sql, **kw)  # type: ignore[arg-type]
-    assert decision.action == "allow", (sql, decision)
-    assert decision.sql == sql
-    assert not decision.monitored
+    assert_passes(decision, sql)
 
 
 # -- ordinary work ----------------------------------------------------------------------
@@ -71,8 +76,10 @@ def test_analytics_ordinary_work_passes(sql: str) -> None:
         "VALUES (4, 'pending', 'cancelled', 'support-3', 'customer asked', 'k-1')",
         "DELETE FROM orders WHERE id = 6",
         "BEGIN READ WRITE; UPDATE orders SET fulfillment_status = 'packed' WHERE id = 3; COMMIT",
-        "WITH moved AS (UPDATE orders SET fulfillment_status = 'returned' WHERE id = 1 RETURNING id) "
-        "INSERT INTO order_state_log (order_id, new_status, changed_by) SELECT id, 'returned', 'support-3' FROM moved",
+        # (the same through a writable CTE is refused: support's row caps could not count
+        # the UPDATE's rows, see test_policy_writes.py)
+        "INSERT INTO order_state_log (order_id, new_status, changed_by) "
+        "SELECT id, 'returned', 'support-3' FROM orders WHERE id = 1",
     ],
 )
 def test_support_ordinary_work_passes(sql: str) -> None:
@@ -128,7 +135,11 @@ def test_message_names_agent_type_operation_object_and_rule() -> None:
             "INSERT INTO order_state_log (id, order_id, new_status, changed_by) VALUES (9, 1, 'a', 'b')",
             "tables.order_state_log.insert_columns",
         ),
-        ("support", "DELETE FROM order_state_log WHERE id = 1", "tables.order_state_log.ops"),
+        (
+            "support",
+            "DELETE FROM order_state_log WHERE id = 1",
+            "tables.order_state_log.append_only",
+        ),
         ("support", "DELETE FROM orders", "require_where"),
         ("support", "UPDATE orders SET fulfillment_status = 'x' WHERE true", "require_where"),
         ("fulfillment", "SELECT name FROM customers", "tables"),
@@ -402,7 +413,9 @@ def test_bypass_prepare_then_execute() -> None:
     decision = judge(
         "analytics", "PREPARE p (bigint) AS SELECT id, name FROM customers WHERE id = $1"
     )
-    assert decision.action == "allow"
+    # allowed, with analytics' row cap in the prepared query
+    assert (decision.action, decision.rule) == ("rewrite", "limits.max_rows_returned")
+    assert decision.sql.endswith("WHERE id = $1 LIMIT 1001")
     assert dict(decision.prepared) == {"p": "SELECT id, name FROM customers WHERE id = $1"}
     assert not decision.cacheable
     # EXECUTE of something prepared around the proxy (or never): denied.
@@ -647,8 +660,8 @@ def test_guard_settings_become_context_updates() -> None:
     reset = judge("analytics", "RESET guard.step")
     assert reset.proxy_only and dict(reset.context_updates) == {"guard.step": ""}
     mixed = judge("analytics", "SET guard.step = 's2'; SELECT id FROM orders")
-    assert mixed.action == "allow" and not mixed.proxy_only
-    assert mixed.sql == "SET guard.step = 's2'; SELECT id FROM orders"
+    assert mixed.action == "rewrite" and not mixed.proxy_only  # analytics' row cap
+    assert mixed.sql == "SET guard.step = 's2'; SELECT id FROM orders\nLIMIT 1001"
     assert dict(mixed.context_updates) == {"guard.step": "s2"}
 
 
@@ -676,12 +689,21 @@ def test_cache_hits_by_shape_and_keeps_the_input_sql() -> None:
     first = engine.judge(analytics, "SELECT name FROM customers WHERE id = 1", ctx)
     second = engine.judge(analytics, "SELECT name FROM customers WHERE id = 2 /* task='x' */", ctx)
     assert engine.cache_info()["hits"] == 1
-    assert first.action == second.action == "allow"
-    assert second.sql == "SELECT name FROM customers WHERE id = 2 /* task='x' */"
+    # analytics' row cap is appended to each message's own text, hit or miss
+    assert first.action == second.action == "rewrite"
+    assert first.sql == "SELECT name FROM customers WHERE id = 1\nLIMIT 1001"
+    assert second.sql == "SELECT name FROM customers WHERE id = 2 /* task='x' */\nLIMIT 1001"
+    support = policies.match("fulfillment-1")
+    assert support is not None
+    plain = SessionContext(agent_id="fulfillment-1")
+    engine.judge(support, "SELECT tracking_number FROM orders WHERE id = 1", plain)
+    kept = engine.judge(support, "SELECT tracking_number FROM orders WHERE id = 2", plain)
+    assert engine.cache_info()["hits"] == 2
+    assert (kept.action, kept.sql) == ("allow", "SELECT tracking_number FROM orders WHERE id = 2")
     denied_a = engine.judge(analytics, "SELECT email FROM customers WHERE id = 1", ctx)
     denied_b = engine.judge(analytics, "SELECT email FROM customers WHERE id = 3", ctx)
     assert denied_a.action == denied_b.action == "deny"
-    assert engine.cache_info()["hits"] == 2
+    assert engine.cache_info()["hits"] == 3
 
 
 def test_cache_is_never_used_for_literal_dependent_decisions() -> None:
@@ -750,3 +772,22 @@ def test_unexpected_errors_fail_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("guardproxy.policy.engine.analyze_tree", boom)
     decision = judge("analytics", "SELECT 1")
     assert (decision.action, decision.rule, decision.sqlstate) == ("deny", "internal", "XX000")
+
+
+@pytest.mark.parametrize("value", ["UTF8", "utf-8", "'utf-8'", "Unicode", "utf_8"])
+def test_client_encoding_utf8_however_spelled(value: str) -> None:
+    policies = example_policies()
+    analytics = policies.get("analytics")
+    assert analytics is not None
+    engine = Judge(policies, example_catalog())
+    assert engine.judge_startup(analytics, {"client_encoding": value}).action == "allow"
+    assert engine.judge_startup(analytics, {"client_encoding": "SJIS"}).action == "deny"
+
+
+def test_the_catalog_hint_names_only_readable_catalogs() -> None:
+    decision = judge("analytics", "SELECT * FROM pg_catalog.pg_stats")
+    assert decision.action == "deny" and decision.rule == "catalogs"
+    for suggested in ("pg_roles", "pg_settings"):
+        assert suggested in decision.hint
+        assert judge("analytics", f"SELECT * FROM {suggested}").action in ("allow", "rewrite")
+    assert "pg_stats " not in decision.hint

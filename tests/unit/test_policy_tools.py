@@ -41,9 +41,12 @@ def test_explain_keys_and_values() -> None:
     assert result["decision"] == "deny" and result["sql"] is None
     assert result["rule"] == "tables.customers.deny_columns"
     json.dumps(result)  # the CLI prints it with --json
-    ok = explain(policies, "analytics-1", "SELECT name FROM customers WHERE id = 1")
-    assert (ok["decision"], ok["sql"]) == ("allow", "SELECT name FROM customers WHERE id = 1")
+    ok = explain(policies, "fulfillment-1", "SELECT id FROM orders WHERE id = 1")
+    assert (ok["decision"], ok["sql"]) == ("allow", "SELECT id FROM orders WHERE id = 1")
     assert "decision: allow" in explain_text(ok)
+    capped = explain(policies, "analytics-1", "SELECT name FROM customers WHERE id = 1")
+    assert (capped["decision"], capped["rule"]) == ("rewrite", "limits.max_rows_returned")
+    assert capped["sql"] == "SELECT name FROM customers WHERE id = 1\nLIMIT 1001"
     nobody = explain(policies, "intruder", "SELECT 1")
     assert (nobody["decision"], nobody["rule"], nobody["agent_type"]) == ("deny", "agents", None)
 
