@@ -72,6 +72,23 @@ class WriteOutcome:
     reason: str | None = None
 
 
+class Ledger:
+    """Runs guardproxy's own statements inside the managed transaction as the proxy's login
+    role (which owns the ledger), not as the agent's role, which has no rights on it."""
+
+    def __init__(self, server: ServerConn, owner: str, agent_role: str) -> None:
+        self.server = server
+        self._enter = f"SET LOCAL ROLE {_ident(owner)}; " if owner != agent_role else ""
+        self._leave = f"; SET LOCAL ROLE {_ident(agent_role)}" if owner != agent_role else ""
+
+    async def query(self, sql: str) -> list[list[str | None]]:
+        return await self.server.query(self._enter + sql + self._leave)
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 def rows_of(tag: bytes) -> int | None:
     count = tag.rpartition(b" ")[2]
     return int(count) if count.isdigit() else None
@@ -87,7 +104,10 @@ async def run(
 ) -> WriteOutcome:
     """Runs one managed write; ``hidden`` leading Parse/CloseComplete answers are the proxy's own."""
     outside = server.status == b"I"
-    await server.query("BEGIN" if outside else f"SAVEPOINT {SAVEPOINT}")
+    roles = await server.query(
+        ("BEGIN" if outside else f"SAVEPOINT {SAVEPOINT}") + "; SELECT session_user, current_user"
+    )
+    ledger = Ledger(server, str(roles[0][0]), str(roles[0][1]))
 
     async def undo() -> None:
         await server.query(
@@ -96,7 +116,7 @@ async def run(
 
     request_hash = plan.request_hash(parameters)
     if plan.idempotency_key:
-        replay = await _claim(server, plan, agent_id, request_hash)
+        replay = await _claim(ledger, plan, agent_id, request_hash)
         if replay is not None:
             await undo()
             return (
@@ -118,7 +138,7 @@ async def run(
         return WriteOutcome(b"".join(raw for _, raw in answers), "allowed")
     tag = next((raw[5:-1] for kind, raw in answers if kind == 67), b"")
     rows = rows_of(tag)
-    refusal = _over_cap(plan, rows) or await _over_budget(server, plan, rows)
+    refusal = _over_cap(plan, rows) or await _over_budget(ledger, plan, rows)
     if refusal is not None:
         await undo()
         return await _finish_refusal(server, refusal, outside, rows)
@@ -132,7 +152,7 @@ async def run(
         body = [deleted if raw[:1] == b"C" else raw for raw in body]
     if plan.idempotency_key:
         stored = b"".join(raw for raw in body if raw[:1] in (b"T", b"D", b"C"))
-        await server.query(
+        await ledger.query(
             "UPDATE guardproxy.idempotency_keys SET command_tag = "
             f"{literal(tag.decode())}, response = decode({literal(stored.hex())}, 'hex') "
             f"WHERE key = {literal(plan.idempotency_key)}"
@@ -146,7 +166,7 @@ async def run(
 
 
 async def _claim(
-    server: ServerConn, plan: WritePlan, agent_id: str, request_hash: str
+    server: Ledger, plan: WritePlan, agent_id: str, request_hash: str
 ) -> bytes | GuardError | None:
     """Claims the key; returns None (go on), the stored answer (replay) or a refusal."""
     key = plan.idempotency_key
@@ -195,7 +215,7 @@ def _over_cap(plan: WritePlan, rows: int | None) -> GuardError | None:
     )
 
 
-async def _over_budget(server: ServerConn, plan: WritePlan, rows: int | None) -> GuardError | None:
+async def _over_budget(server: Ledger, plan: WritePlan, rows: int | None) -> GuardError | None:
     if not plan.task or not (plan.max_writes_per_task or plan.max_statements_per_task):
         return None
     spent = await server.query(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -244,7 +245,8 @@ class Pool:
             except OSError as exc:
                 self.connect_errors_total += 1
                 raise UpstreamError(
-                    f"cannot connect to upstream {up.host}:{up.port}: {exc.strerror or exc}",
+                    f"cannot connect to upstream {up.host}:{up.port}: "
+                    f"{os.strerror(exc.errno) if exc.errno else exc}",
                     hint="Check that Postgres is up; guardproxy reconnects by itself when it is back.",
                 ) from None
             except UpstreamError:

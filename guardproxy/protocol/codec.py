@@ -275,6 +275,7 @@ AUTH_OK = auth_request(0)
 PARSE_COMPLETE = message(b"1")
 CLOSE_COMPLETE = message(b"3")
 SYNC = message(b"S")
+FLUSH = message(b"H")
 TERMINATE = message(b"X")
 NO_SSL = b"N"
 SSL_REQUEST_PACKET = struct.pack("!ii", 8, SSL_REQUEST)

@@ -152,7 +152,11 @@ class SessionWrites:
             if server is None:
                 server = await session.pool.acquire()
                 session.attach(server)
-            while server.pending:  # earlier answers (and a settings replay) go out first
+            if server.pending:
+                # earlier answers (a settings replay, the statement's ParseComplete) go out
+                # first; Postgres holds extended-protocol answers until a Flush or Sync
+                server.send(codec.FLUSH)
+            while server.pending:
                 await asyncio.sleep(0.0005)
                 if server.closed:
                     raise UpstreamError("server connection lost before the write could run")

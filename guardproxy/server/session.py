@@ -547,8 +547,9 @@ class ClientSession(asyncio.Protocol):
                 server.to_close.discard(sname)
             server.prepared[sname] = generation
             return out + codec.build_parse(sname, query, types), count + 1
-        if self.unnamed_on is server or self.unnamed is None:
+        if self.unnamed is None:
             return b"", 0
+        # always: the managed write's own BEGIN (a simple Query) drops the unnamed statement
         self.unnamed_on = server
         return codec.build_parse(b"", *self.unnamed), 1
 
