@@ -28,7 +28,12 @@ Rewrite (on the tree the decision was made on):
 * a read of the table in any FROM (joins, subqueries, CTEs, UPDATE ... FROM, DELETE
   ... USING, MERGE ... USING) becomes ``(SELECT cols FROM table WHERE predicate) AS
   alias``, which keeps outer joins right; `cols` are the readable columns when the
-  catalog knows them (so column-level GRANTs keep working), ``*`` otherwise;
+  catalog knows them (so column-level GRANTs keep working), ``*`` otherwise. The
+  soft-delete filter (``deleted_at IS NULL``, `apply_row_filters(pushed=...)`) is
+  added where the table is read instead whenever that means the same (to the WHERE
+  of a FROM list, to the ON of an inner join or of the inner side of an outer join):
+  the table keeps its name and row type (``SELECT o FROM orders o`` still returns
+  ``orders`` rows);
 * UPDATE and DELETE of the table get ``AND (predicate)`` in their WHERE;
 * COPY table TO STDOUT becomes ``COPY (SELECT ... WHERE predicate) TO STDOUT``;
 * INSERT, MERGE, TRUNCATE, COPY FROM and TABLESAMPLE on a filtered table are denied:

@@ -23,7 +23,6 @@ them into context updates before these rules run.
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Mapping
 
 from ..analysis.model import SettingChange
@@ -157,7 +156,7 @@ def startup_changes(
     """Setting changes, guard.* context and problems from startup parameters.
 
     ``user`` and ``database`` are the proxy's business; ``options`` is split like
-    libpq does (``-c name=value`` and ``--name=value``); ``replication`` must be off.
+    the server does (`split_options`); ``replication`` must be off.
     """
     changes: list[SettingChange] = []
     context: dict[str, str] = {}
@@ -172,7 +171,7 @@ def startup_changes(
                 problems.append("replication connections are not allowed")
             continue
         if lowered == "options":
-            parsed = _split_options(value)
+            parsed = split_options(value)
             if parsed is None:
                 problems.append(f"cannot read the options parameter {value!r}")
             else:
@@ -187,24 +186,54 @@ def startup_changes(
     return changes, context, problems
 
 
-def _split_options(value: str) -> list[tuple[str, str]] | None:
-    # libpq: whitespace separates arguments, backslash escapes the next character.
-    try:
-        words = shlex.split(value.replace("'", "\\'").replace('"', '\\"'), posix=True)
-    except ValueError:
-        return None
+#: What the server's isspace() (C locale) sees as whitespace in ``options``.
+_OPTION_SPACE = frozenset(" \t\n\v\f\r")
+
+
+def split_option_words(value: str) -> list[str]:
+    """The words of a startup ``options`` string exactly as Postgres splits them
+    (``pg_split_opts``): ASCII whitespace separates, a backslash makes the next
+    character literal (a space, a backslash), quotes are ordinary characters, and
+    non-ASCII spaces (U+00A0...) belong to the word."""
+    words: list[str] = []
+    word: list[str] = []
+    escaped = in_word = False
+    for ch in value:
+        if ch in _OPTION_SPACE and not escaped:
+            if in_word:
+                words.append("".join(word))
+                word, in_word = [], False
+            continue
+        in_word = True
+        if not escaped and ch == "\\":
+            escaped = True
+        else:
+            escaped = False
+            word.append(ch)
+    if in_word:
+        words.append("".join(word))
+    return words
+
+
+def split_options(value: str) -> list[tuple[str, str]] | None:
+    """The settings of a startup ``options`` string as the server applies them:
+    ``-c name=value``, ``-cname=value`` and ``--name=value`` (name lower-cased, ``-``
+    as ``_``); None when it holds anything else (other backend switches, a switch
+    without a value). The proxy must apply exactly these, or judge and server would
+    read two different sets of settings."""
+    words = split_option_words(value)
     out: list[tuple[str, str]] = []
     i = 0
     while i < len(words):
         word = words[i]
         if word == "-c" and i + 1 < len(words):
             assignment, i = words[i + 1], i + 2
-        elif (word.startswith("-c") and len(word) > 2) or word.startswith("--"):
+        elif (word.startswith("-c") and len(word) > 2) or (word.startswith("--") and len(word) > 2):
             assignment, i = word[2:], i + 1
         else:
             return None  # other backend switches (-d, -o, ...) have no business here
         name, sep, setting = assignment.partition("=")
-        if not sep:
+        if not sep or not name:
             return None
-        out.append((name.strip().lower().replace("-", "_"), setting))
+        out.append((name.lower().replace("-", "_"), setting))
     return out

@@ -4,8 +4,9 @@
   session limits for 1,000 clients, short timeouts, ``audit.on_loss``), written to a
   temporary directory; the agent roles of the shop database stay valid because the
   tables and operations are the example ones.
-* `launch` / `launch_with_env`: ``guardproxy serve`` in front of the shop database
-  (shop.launch_proxy), optionally with extra environment variables (the crash hook).
+* `launch`: ``guardproxy serve`` in front of the shop database (shop.launch_proxy),
+  optionally with extra environment variables (the crash hook); prints the proxy's log
+  when the body fails, and fails if the log shows an unhandled exception.
 * `AgentConn`: one psycopg async connection of an agent that remembers the NOTICEs of
   its last statement, so a replayed write can be told from an executed one.
 * `Outcomes`: what clients saw (statements, executions, replays, errors by SQLSTATE)
@@ -22,7 +23,6 @@ import copy
 import os
 import re
 import shutil
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -217,6 +217,8 @@ class Outcomes:
     unacked: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (agent, sql)
 
     def error(self, exc: psycopg.Error) -> str:
+        """Counts an error by SQLSTATE. A connection that broke under the client (no
+        ErrorResponse, so no SQLSTATE) counts as 08006 connection_failure, as libpq says."""
         code = exc.sqlstate or ("08006" if isinstance(exc, psycopg.OperationalError) else "?")
         self.errors[code] += 1
         self.samples.setdefault(code, str(exc).strip().splitlines()[0][:200] if str(exc) else "")
@@ -303,11 +305,3 @@ def assert_ledger_matches(pg: PgCluster, prefix: str, outcomes: Outcomes) -> tup
     strangers = {k: v[1] for k, v in ledger.items() if not v[1].startswith("support-")}
     assert not strangers, f"ledger entries of agents that sent nothing: {strangers}"
     return len(ledger), sum(rows.values())
-
-
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

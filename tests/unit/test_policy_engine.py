@@ -791,3 +791,47 @@ def test_the_catalog_hint_names_only_readable_catalogs() -> None:
         assert suggested in decision.hint
         assert judge("analytics", f"SELECT * FROM {suggested}").action in ("allow", "rewrite")
     assert "pg_stats " not in decision.hint
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        # exactly the server's pg_split_opts: ASCII whitespace, backslash escapes
+        (
+            "-c application_name=a\\' -c statement_timeout=0 -c application_name=b\\'",
+            [("application_name", "a'"), ("statement_timeout", "0"), ("application_name", "b'")],
+        ),
+        ("-c a=1\x0c-c\x0bb=2\t--c-d=3", [("a", "1"), ("b", "2"), ("c_d", "3")]),
+        (
+            "-c application_name=x\u00a0-c\u00a0role=y",
+            [("application_name", "x\u00a0-c\u00a0role=y")],
+        ),
+        (
+            "-c application_name=x\\ y -cWork_Mem=5MB",
+            [("application_name", "x y"), ("work_mem", "5MB")],
+        ),
+        ("-c 'a=1'", [("'a", "1'")]),
+        ("-d 5", None),
+        ("-c", None),
+        ("-c novalue", None),
+    ],
+)
+def test_startup_options_are_split_like_the_server(
+    options: str, expected: list[tuple[str, str]] | None
+) -> None:
+    from guardproxy.policy.session_rules import split_options
+
+    assert split_options(options) == expected
+
+
+@pytest.mark.parametrize("space", ["\x0c", "\x0b", "\\'"])
+def test_startup_options_hidden_behind_odd_whitespace_are_judged(space: str) -> None:
+    policies = example_policies()
+    analytics = policies.get("analytics")
+    assert analytics is not None
+    if space == "\\'":
+        options = "-c application_name=a\\' -c role=app_owner -c application_name=b\\'"
+    else:
+        options = space.join(["-c application_name=x", f"-c{space}role=app_owner"])
+    decision = Judge(policies).judge_startup(analytics, {"options": options})
+    assert decision.action == "deny" and decision.rule == "settings.role", decision
