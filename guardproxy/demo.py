@@ -157,7 +157,9 @@ def report(port: int, upstream: str, say: Say) -> None:
     ) as admin:
         for agent_row in admin.execute("SHOW AGENTS").fetchall():
             _, agent_type, _, statements, db_time, denials, _ = agent_row
-            say(f"  {agent_type:12} statements={statements:>4} db_time={db_time}s denials={denials}")
+            say(
+                f"  {agent_type:12} statements={statements:>4} db_time={db_time}s denials={denials}"
+            )
 
 
 def run(upstream: str, policies: Path, say: Say) -> None:

@@ -21,6 +21,7 @@ until the outcome is known.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class WritePlan:
     max_rows_affected: int | None = None
     cap_rule: str = ""
     idempotency_key: str | None = None
+    derived: bool = False  # the key was derived: the Bind parameters are part of it
     key_ttl_seconds: int = 86400
     task: str | None = None
     max_writes_per_task: int | None = None
@@ -115,6 +117,9 @@ async def run(
         )
 
     request_hash = plan.request_hash(parameters)
+    if plan.derived and parameters:
+        key = f"{plan.idempotency_key}:{hashlib.sha256(parameters).hexdigest()[:32]}"
+        plan = dataclasses.replace(plan, idempotency_key=key)
     if plan.idempotency_key:
         replay = await _claim(ledger, plan, agent_id, request_hash)
         if replay is not None:

@@ -34,10 +34,7 @@ class Pool:
         self.upstream = upstream
         # settings every server connection starts with (role, policy timeouts): startup
         # parameters, so RESET and DISCARD ALL return to them rather than drop them
-        self.startup_options = " ".join(
-            f"-c {k}={v.replace(chr(92), chr(92) * 2).replace(' ', chr(92) + ' ')}"
-            for k, v in (startup or {}).items()
-        )
+        self.startup_options = _options(startup)
         self.idle: deque[ServerConn] = deque()
         self.servers: set[ServerConn] = set()
         self.opening = 0
@@ -53,6 +50,7 @@ class Pool:
         self.tls_context = upstream_context(upstream.sslmode, upstream.sslrootcert)
         self.pinned = 0  # sessions pinned to a server now
         self.paused = False
+        self.generation = 0  # bumped when the startup settings change
         self._resumed = asyncio.Event()
 
     @property
@@ -166,7 +164,8 @@ class Pool:
     def release(self, server: ServerConn) -> None:
         """Takes a server back. Only a clean one is reused."""
         server.client = None
-        if server.closed or not server.idle or server.pending or self.closing:
+        stale = server.generation != self.generation
+        if server.closed or not server.idle or server.pending or self.closing or stale:
             self._close(server)
             self._open_for_waiter()
             return
@@ -179,6 +178,16 @@ class Pool:
                 waiter.set_result(server)
                 return
         self.idle.append(server)
+
+    def set_startup(self, startup: dict[str, str]) -> None:
+        """New startup settings (a reload changed the policy): servers made with the old ones go."""
+        options = _options(startup)
+        if options == self.startup_options:
+            return
+        self.startup_options = options
+        self.generation += 1
+        for server in list(self.idle):
+            self._close(server)
 
     def mark_stale(self, name: bytes) -> None:
         """A prepared statement's plan went stale: every server re-prepares it on next use."""
@@ -255,6 +264,7 @@ class Pool:
         finally:
             self.opening -= 1
         server.on_stale = self.mark_stale
+        server.generation = self.generation
         self.servers.add(server)
         log.debug("opened server connection %d (backend pid %d)", serial, server.backend_pid)
         return server
@@ -331,3 +341,11 @@ class Pool:
         for waiter in self.waiters:
             if not waiter.done():
                 waiter.set_exception(UpstreamError("guardproxy is shutting down", sqlstate="57P01"))
+
+
+def _options(startup: dict[str, str] | None) -> str:
+    """Settings as a startup ``options`` string (spaces and backslashes escaped)."""
+    return " ".join(
+        f"-c {k}={v.replace(chr(92), chr(92) * 2).replace(' ', chr(92) + ' ')}"
+        for k, v in (startup or {}).items()
+    )

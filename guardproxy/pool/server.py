@@ -74,7 +74,10 @@ class ServerConn(asyncio.Protocol):
         self.prepared: dict[
             bytes, int
         ] = {}  # server statement name -> generation it was prepared at
-        self.to_close: set[bytes] = set()  # stale: close before preparing again
+        self.to_close: set[bytes] = set()
+        self.generation = (
+            0  # the pool's startup settings it was made with  # stale: close before preparing again
+        )
         self.on_stale: Callable[[bytes], None] | None = None  # set by the pool
         self.settings_key: tuple[tuple[str, str], ...] | None = None
         self.app_name: str | None = None  # application_name the proxy set on it

@@ -24,7 +24,7 @@ from guardproxy.analysis.catalog import CATALOG_QUERY, SEARCH_PATH_QUERY
 from guardproxy.config import Settings, Upstream
 from guardproxy.guard.audit import AuditLog
 from guardproxy.metrics import GuardproxyCollector, PoolView, StatsRegistry
-from guardproxy.policy import Catalog, Judge, PolicyError, PolicySet, load_policy_set
+from guardproxy.policy import AgentPolicy, Catalog, Judge, PolicyError, PolicySet, load_policy_set
 from guardproxy.pool.pool import Pool
 from guardproxy.protocol.errors import AuthFailed, ConfigError, GuardError
 from guardproxy.protocol.scram import Verifier, load_verifiers
@@ -111,11 +111,11 @@ class Proxy:
         """One pool per agent type: its upstream role, its timeouts, its connection cap."""
         for policy in policies:
             if policy.name in self.pools:
+                self.pools[policy.name].set_startup(self._startup_for(policy))
                 continue
             settings = self.settings
             if policy.max_server_connections:
                 settings = settings.model_copy(update={"pool_size": policy.max_server_connections})
-            startup = dict(policy.upstream_settings())
             upstream = self.upstream
             password = role_password(policy.upstream_role, self.settings.upstream_credentials_dir)
             if password is not None:
@@ -123,9 +123,16 @@ class Proxy:
                 upstream = upstream.model_copy(
                     update={"user": policy.upstream_role, "password": password}
                 )
-            elif policy.upstream_role and policy.upstream_role != upstream.user:
-                startup["role"] = policy.upstream_role
-            self.pools[policy.name] = Pool(settings, upstream, startup)
+            self.pools[policy.name] = Pool(settings, upstream, self._startup_for(policy))
+
+    def _startup_for(self, policy: AgentPolicy) -> dict[str, str]:
+        """Startup settings of the type's server connections: its timeouts, and its role."""
+        startup = dict(policy.upstream_settings())
+        if role_password(policy.upstream_role, self.settings.upstream_credentials_dir) is None and (
+            policy.upstream_role and policy.upstream_role != self.upstream.user
+        ):
+            startup["role"] = policy.upstream_role
+        return startup
 
     async def check_schema(self) -> None:
         """Refuses to start when guardproxy's own schema is missing or older than this version."""

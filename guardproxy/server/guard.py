@@ -8,7 +8,6 @@ proxy answers by itself (``SET guard.task = ...``). It keeps the agent's context
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -18,6 +17,8 @@ import pglast
 
 from guardproxy.guard.writes import WritePlan
 from guardproxy.policy import AgentPolicy, Decision, Judge, SessionContext, parse_context_comment
+from guardproxy.policy.idempotency import TAG as IDEMPOTENCY_TAG
+from guardproxy.policy.idempotency import idempotency_key
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import GuardError
 
@@ -63,6 +64,8 @@ class SessionGuard:
         self.last_decision = "allowed"
         self.last_sql = ""  # what was sent upstream, for the audit log
         self.last_rule: str | None = None
+        self.statement_key: str | None = None
+        self.last_statements = 1
         self.last_write: WritePlan | None = None  # set when the judged message writes rows
         self.last_row_cap: tuple[int, bool] | None = (
             None  # (max rows returned, error rather than cut)
@@ -79,8 +82,13 @@ class SessionGuard:
             sql_bytes = parsed.query
         sql = sql_bytes.decode(errors="replace")
         self.last_sql, self.last_rule = sql, None
+        statement_key = None
         if "/*" in sql:
-            self.context = self.context.with_updates(parse_context_comment(sql))
+            comment = parse_context_comment(sql)
+            # an idempotency key in a comment belongs to this statement alone
+            statement_key = comment.pop(IDEMPOTENCY_TAG, None)
+            self.context = self.context.with_updates(comment)
+        self.statement_key = statement_key
         self._check_task_duration()
         engine = self.judge_engine
         hits = engine.hits
@@ -112,6 +120,7 @@ class SessionGuard:
             sql_bytes = decision.sql.encode()
         self.last_sql = sql_bytes.decode(errors="replace")
         self.last_write = self._write_plan(decision) if decision.write is not None else None
+        self.last_statements = len(decision.writes) or 1
         cap = decision.max_rows_returned
         self.last_row_cap = (cap, decision.rows_over_cap == "error") if cap else None
         tagged = sql_bytes + (b"\n" if b"--" in sql_bytes else b" ") + self.tag()
@@ -123,17 +132,14 @@ class SessionGuard:
         write = decision.write
         assert write is not None
         policy, ctx = self.policy, self.context
-        key = ctx.tags.get("idempotency_key")
-        if key is None and policy.idempotency_mode == "derived" and ctx.task:
-            # a retry of the same statement at the same step of the same task is the same write
-            key = (
-                "derived:"
-                + hashlib.sha256(
-                    "\x00".join((policy.name, ctx.task, ctx.step or "", self.last_sql)).encode()
-                ).hexdigest()
-            )
-        if policy.idempotency_mode == "off":
-            key = None
+        tags = dict(ctx.tags)
+        if self.statement_key:
+            tags[IDEMPOTENCY_TAG] = self.statement_key
+        explicit = bool(tags.get(IDEMPOTENCY_TAG))
+        # derived keys need a task: without one, two equal writes are two writes
+        key = None
+        if explicit or ctx.task:
+            key = idempotency_key(policy, tags, ctx.task, ctx.step, self.last_sql)
         return WritePlan(
             agent_type=policy.name,
             statement=self.last_sql,
@@ -142,6 +148,7 @@ class SessionGuard:
             max_rows_affected=write.max_rows_affected,
             cap_rule=write.cap_rule,
             idempotency_key=key,
+            derived=key is not None and not explicit,
             key_ttl_seconds=int(policy.idempotency_ttl.total_seconds()),
             task=ctx.task,
             max_writes_per_task=policy.max_writes_per_task,

@@ -97,6 +97,19 @@ class SessionWrites:
         if not plan.needs_management:
             self.audit(guard, plan.statement, guard.last_decision)
             return False
+        if guard.last_statements > 1:
+            # one row count, one ledger entry, one transaction of the proxy's own: one statement
+            self.session.deny(
+                kind,
+                GuardError(
+                    f"{guard.policy.name} must send a bounded write (row cap, idempotency key, task "
+                    "budget or soft delete) as a statement of its own, not inside a multi-statement "
+                    f"message (policy {guard.policy.name}, write safety)",
+                    hint="send BEGIN, each write and COMMIT as separate statements",
+                    sqlstate="0A000",
+                ),
+            )
+            return True
         self._start(raw, plan, b"", b"")
         return True
 

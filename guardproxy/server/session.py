@@ -30,6 +30,7 @@ import pglast
 from guardproxy.guard.sqltext import literal, raise_sql
 from guardproxy.metrics import AgentStats
 from guardproxy.policy import SessionContext
+from guardproxy.policy.session_rules import split_options
 from guardproxy.pool.server import (
     BIND,
     CLOSE,
@@ -126,21 +127,11 @@ def syntax_error(query: bytes) -> GuardError | None:
 
 
 def parse_options(options: str) -> dict[str, str]:
-    """``options=-c a=b --c=d`` from a startup packet, as settings."""
-    out: dict[str, str] = {}
-    words = re.split(r"(?<!\\)\s+", options.strip())
-    i = 0
-    while i < len(words):
-        word = words[i].replace("\\ ", " ")
-        if word == "-c" and i + 1 < len(words):
-            word, i = "--" + words[i + 1].replace("\\ ", " "), i + 1
-        if word.startswith("--") and "=" in word:
-            name, value = word[2:].split("=", 1)
-            out[name.replace("-", "_")] = value
-        elif word:
-            raise ProtocolViolation(f"startup option {word!r} is not supported; use -c name=value")
-        i += 1
-    return out
+    """``options=-c a=b --c=d`` from a startup packet, split exactly as Postgres (and the judge) do."""
+    settings = split_options(options)
+    if settings is None:
+        raise ProtocolViolation(f"startup options {options!r} are not supported; use -c name=value")
+    return dict(settings)
 
 
 class ClientSession(asyncio.Protocol):
