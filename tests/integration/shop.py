@@ -83,19 +83,15 @@ def roles_script() -> str:
 
 
 def _load_schema(pg: PgCluster) -> None:
+    """Tables and sample data as app_owner, then the roles and grants of the policies
+    (after guardproxy's schema exists: soft deletes need grants there too)."""
     pg.psql(schema_sql(), user="app_owner", dbname=SHOP_DB)
     pg.psql(roles_script(), dbname=SHOP_DB)
     pg.psql(f"GRANT {', '.join(AGENT_ROLES)} TO app_owner", dbname=SHOP_DB)
 
 
-@pytest.fixture(scope="session")
-def shop_db(pg: PgCluster) -> PgCluster:
-    """The shop database, loaded once per session (see the module docstring)."""
-    pg.psql(f"DROP DATABASE IF EXISTS {SHOP_DB} WITH (FORCE)", dbname="postgres")
-    pg.psql(f"CREATE DATABASE {SHOP_DB} OWNER app_owner", dbname="postgres")
-    pg.psql("GRANT ALL ON SCHEMA public TO app_owner", dbname=SHOP_DB)
-    _load_schema(pg)
-    # guardproxy's own schema (audit log, ledgers): the proxy refuses to start without it
+def _upgrade_guardproxy_schema(pg: PgCluster) -> None:
+    """guardproxy's own schema (audit log, ledgers): the proxy refuses to start without it."""
     out = subprocess.run(
         [sys.executable, "-m", "guardproxy", "db", "upgrade", "--upstream", pg.dsn(dbname=SHOP_DB)],
         capture_output=True,
@@ -105,6 +101,16 @@ def shop_db(pg: PgCluster) -> PgCluster:
         check=False,
     )
     assert out.returncode == 0, f"guardproxy db upgrade failed:\n{out.stdout}\n{out.stderr}"
+
+
+@pytest.fixture(scope="session")
+def shop_db(pg: PgCluster) -> PgCluster:
+    """The shop database, loaded once per session (see the module docstring)."""
+    pg.psql(f"DROP DATABASE IF EXISTS {SHOP_DB} WITH (FORCE)", dbname="postgres")
+    pg.psql(f"CREATE DATABASE {SHOP_DB} OWNER app_owner", dbname="postgres")
+    pg.psql("GRANT ALL ON SCHEMA public TO app_owner", dbname=SHOP_DB)
+    _upgrade_guardproxy_schema(pg)
+    _load_schema(pg)
     return pg
 
 

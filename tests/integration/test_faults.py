@@ -77,8 +77,13 @@ def rows_with_key(pg: PgCluster, key: str) -> int:
 
 
 def ledger_has(pg: PgCluster, key: str) -> int:
+    """Ledger entries of ``key`` (stored as is, or under the proxy's namespace ``...:key``)."""
     return int(
-        psql_shop(pg, f"SELECT count(*) FROM guardproxy.idempotency_keys WHERE key = '{key}'")
+        psql_shop(
+            pg,
+            "SELECT count(*) FROM guardproxy.idempotency_keys "
+            f"WHERE key = '{key}' OR key LIKE '%:{key}'",
+        )
     )
 
 
@@ -509,6 +514,38 @@ async def test_proxy_crash_between_commit_and_reply_then_the_retry_after_restart
         finally:
             await agent.close()
     assert (rows_with_key(pg, key), ledger_has(pg, key)) == (1, 1)
+
+
+async def test_a_retry_sent_as_a_prepared_statement_is_replayed_like_the_first_attempt(
+    clean_shop: PgCluster, tmp_path: Path
+) -> None:
+    """Client libraries change protocol on their own: psycopg prepares a statement it has
+    run five times, asyncpg prepares every one. A retry is the same write whether it comes
+    as a simple Query or as Parse/Bind/Execute (no parameters either way)."""
+    pg = clean_shop
+    policies = policies_with(tmp_path)
+    require_idempotency(policies)
+    with launch(pg, tmp_path / "guardproxy.log", policies) as proxy:
+        agent = await AgentConn.open(proxy.dsn(shop.SUPPORT), shop.SUPPORT)
+        agent.conn.prepare_threshold = 5  # psycopg's default: prepare=True works again
+        try:
+            for first, retry in (("simple", "prepared"), ("prepared", "simple")):
+                key = new_key(f"{first}-then-{retry}")
+                sql = keyed_insert(key, shop.SUPPORT, 2)
+                for attempt, protocol in enumerate((first, retry)):
+                    agent.notices.clear()
+                    try:
+                        cur = await agent.conn.execute(sql, prepare=protocol == "prepared")
+                    except psycopg.Error as exc:
+                        raise AssertionError(
+                            f"{protocol} retry of a {first} write with the same key and text "
+                            f"was refused: {exc.sqlstate} {exc}"
+                        ) from None
+                    assert cur.statusmessage == "INSERT 0 1"
+                    assert agent.replayed == (attempt == 1), (protocol, agent.notices)
+                assert (rows_with_key(pg, key), ledger_has(pg, key)) == (1, 1)
+        finally:
+            await agent.close()
 
 
 @pytest.mark.slow
