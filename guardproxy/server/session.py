@@ -86,6 +86,7 @@ ADMIN_PARAMS = {
     "application_name": "",
 }
 NO_SUCH_STATEMENT = b"guardproxy_no_unnamed_statement"
+NOT_PREPARED_BY_CLIENT = b"guardproxy_not_prepared_by_this_client"
 
 
 _generations = itertools.count(1)
@@ -677,8 +678,8 @@ class ClientSession(asyncio.Protocol):
             return True
         if kind == 67:
             target, name = codec.describe_or_close_target(raw)
-            if target == b"S" and name in self.statements:
-                del self.statements[name]
+            if target == b"S" and name:
+                self.statements.pop(name, None)
                 self.write(codec.CLOSE_COMPLETE)
                 return True
         return False
@@ -790,9 +791,10 @@ class ClientSession(asyncio.Protocol):
             server.expect(DESCRIBE)
         elif kind == 67:  # Close
             target, name = codec.describe_or_close_target(raw)
-            if target == b"S" and name in self.statements:
+            if target == b"S" and name:
                 # The server-side statement stays cached for reuse; the client's name goes.
-                del self.statements[name]
+                # Closing a name it never prepared closes nothing, as in Postgres.
+                self.statements.pop(name, None)
                 server.expect(SYNTH, data=codec.CLOSE_COMPLETE)
             else:
                 server.send(raw)
@@ -825,7 +827,9 @@ class ClientSession(asyncio.Protocol):
         """
         known = self.statements.get(name)
         if known is None:
-            return None  # unknown: the server reports it as Postgres would
+            # never the client's: a name another client's statement has on this server
+            # must not reach it. The server answers "does not exist" (26000), in order.
+            return NOT_PREPARED_BY_CLIENT
         sname, query, types, generation = known
         if server.prepared.get(sname, -1) < generation:
             self._prepare_on(server, sname, query, types, generation, swallow=True)

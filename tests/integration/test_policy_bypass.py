@@ -1359,6 +1359,34 @@ def test_denied_parse_stays_denied_on_a_shared_server(small_pools, shop_db) -> N
     assert snapshot(shop_db) == before
 
 
+def test_an_agent_cannot_run_a_statement_another_agent_prepared(small_pools, shop_db) -> None:
+    """On a shared server connection, a client runs only the statements it prepared
+    itself, as with Postgres directly: a statement judged for another agent's session
+    (its context, its row filters) is not reachable by its server-side name."""
+    with (
+        small_pools.connect("analytics-a", autocommit=True) as a,
+        small_pools.connect("analytics-b", autocommit=True) as b,
+    ):
+        a.execute(
+            "/* task='T-a',principals='42' */ select id, name from customers where id = %s",
+            [1],
+            prepare=True,
+        )
+        names = [
+            r[0] for r in b.execute("select name from pg_prepared_statements where not from_sql")
+        ]
+        assert names, "a's statement is not on the shared server connection"
+        for name in names:
+            res = b.pgconn.exec_prepared(name.encode(), [b"2"])
+            assert res.status == ExecStatus.FATAL_ERROR, (name, res.status, res.ntuples)
+            assert res.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"26000"
+        assert a.execute(
+            "/* task='T-a',principals='42' */ select id, name from customers where id = %s",
+            [3],
+            prepare=True,
+        ).fetchall() == [(3, "Edsger Dijkstra")]
+
+
 def test_prepared_statements_follow_the_client_to_every_server(small_pools, shop_db) -> None:
     """support has two server connections; its prepared statements (allowed and denied)
     behave the same on both."""
