@@ -47,6 +47,9 @@ class WritePlan:
     cap_rule: str = ""
     idempotency_key: str | None = None
     derived: bool = False  # the key was derived: the Bind parameters are part of it
+    # audit.on_loss fail_closed: the audit event is written in the write's own transaction
+    # as (agent id, agent type, task, step), so no write is acknowledged without its record
+    audit_inline: tuple[str, str, str | None, str | None] | None = None
     key_ttl_seconds: int = 86400
     task: str | None = None
     max_writes_per_task: int | None = None
@@ -61,6 +64,7 @@ class WritePlan:
             self.soft_delete
             or self.max_rows_affected is not None
             or self.idempotency_key
+            or self.audit_inline is not None
             or (self.task and (self.max_writes_per_task or self.max_statements_per_task))
         )
 
@@ -161,6 +165,16 @@ async def run(
             "UPDATE guardproxy.idempotency_keys SET command_tag = "
             f"{literal(tag.decode())}, response = decode({literal(stored.hex())}, 'hex') "
             f"WHERE key = {literal(plan.idempotency_key)}"
+        )
+    if plan.audit_inline is not None:
+        agent, agent_type, task, step = plan.audit_inline
+        values = ", ".join(
+            literal(v) if v is not None else "NULL" for v in (agent, agent_type, task, step)
+        )
+        decision = "rewritten" if plan.soft_delete else "allowed"
+        await ledger.query(
+            "INSERT INTO guardproxy.audit_events (agent_id, agent_type, task, step, statement, decision, rows) "
+            f"VALUES ({values}, {literal(plan.statement)}, {literal(decision)}, {rows if rows is not None else 'NULL'})"
         )
     await server.query("COMMIT" if outside else f"RELEASE {SAVEPOINT}")
     if CRASH_AFTER_COMMIT:

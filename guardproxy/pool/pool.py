@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import time
 from collections import deque
 
@@ -254,8 +255,7 @@ class Pool:
             except OSError as exc:
                 self.connect_errors_total += 1
                 raise UpstreamError(
-                    f"cannot connect to upstream {up.host}:{up.port}: "
-                    f"{os.strerror(exc.errno) if exc.errno else exc}",
+                    f"cannot connect to upstream {up.host}:{up.port}: {_reason(exc)}",
                     hint="Check that Postgres is up; guardproxy reconnects by itself when it is back.",
                 ) from None
             except UpstreamError:
@@ -349,3 +349,10 @@ def _options(startup: dict[str, str] | None) -> str:
         f"-c {k}={v.replace(chr(92), chr(92) * 2).replace(' ', chr(92) + ' ')}"
         for k, v in (startup or {}).items()
     )
+
+
+def _reason(exc: OSError) -> str:
+    """What went wrong, in words: TLS errors as they are, socket errors by their errno."""
+    if isinstance(exc, ssl.SSLError) or not exc.errno:
+        return str(exc)
+    return os.strerror(exc.errno)

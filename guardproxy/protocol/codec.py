@@ -181,6 +181,22 @@ def bind_statement(raw: bytes) -> tuple[bytes, int, int]:
     return name, pos, end - 1
 
 
+def bind_values(raw: bytes) -> bytes:
+    """The parameter values of a Bind, length-prefixed, without format codes or names:
+    what makes two executions of one statement the same request."""
+    _, _, end = bind_statement(raw)
+    pos = end + 1
+    (formats,) = _U16.unpack_from(raw, pos)
+    pos += 2 + 2 * formats
+    (count,) = _U16.unpack_from(raw, pos)
+    pos += 2
+    start = pos
+    for _ in range(count):
+        (length,) = _I32.unpack_from(raw, pos)
+        pos += 4 + max(length, 0)
+    return raw[start:pos]
+
+
 def replace_field(raw: bytes, start: int, end: int, value: bytes) -> bytes:
     """Returns ``raw`` with bytes [start:end) replaced and the length fixed."""
     body = raw[5:start] + value + raw[end:]

@@ -233,7 +233,13 @@ class Proxy:
             now = time.perf_counter()
             idle_limit = self.settings.client_idle_timeout
             for session in list(self.sessions.values()):
-                if idle_limit and now - session.last_activity > idle_limit and not session.admin:
+                waiting = session.server is not None or session.blocked or session.reader.pending()
+                if (
+                    idle_limit
+                    and not waiting
+                    and now - session.last_activity > idle_limit
+                    and not session.admin
+                ):
                     session.kill(f"client idle for more than client_idle_timeout ({idle_limit:g}s)")
                     continue
                 guard, server = session.guard, session.server

@@ -149,6 +149,9 @@ class SessionGuard:
             cap_rule=write.cap_rule,
             idempotency_key=key,
             derived=key is not None and not explicit,
+            audit_inline=(ctx.agent_id, policy.name, ctx.task, ctx.step)
+            if policy.audit_fail_closed
+            else None,
             key_ttl_seconds=int(policy.idempotency_ttl.total_seconds()),
             task=ctx.task,
             max_writes_per_task=policy.max_writes_per_task,

@@ -136,7 +136,7 @@ class SessionWrites:
             plan, self.collect_plan = self.collect_plan, None
             assert plan is not None
             # what the retry must repeat: the parameters, not the client's statement name
-            parameters = bind[codec.bind_statement(bind)[2] + 1 :]
+            parameters = codec.bind_values(bind)
             self._start(request, plan, self.collect_name, parameters)
         return True
 
@@ -212,15 +212,16 @@ class SessionWrites:
             stats.replays += 1
         if outcome.decision == "denied":
             stats.denials[plan.cap_rule or "write_safety"] += 1
-        self.audit(
-            guard,
-            plan.statement,
-            outcome.decision,
-            rule=outcome.rule,
-            reason=outcome.reason,
-            rows=outcome.rows,
-            duration_ms=elapsed * 1000,
-        )
+        if plan.audit_inline is None or outcome.decision not in ("allowed", "rewritten"):
+            self.audit(
+                guard,
+                plan.statement,
+                outcome.decision,
+                rule=outcome.rule,
+                reason=outcome.reason,
+                rows=outcome.rows,
+                duration_ms=elapsed * 1000,
+            )
         session.write(outcome.response)
         server.client = session
         self.running = False

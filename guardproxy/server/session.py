@@ -486,6 +486,10 @@ class ClientSession(asyncio.Protocol):
                 if self.admin:
                     self._admin_message(kind, raw)
                     continue
+                if kind == 81:
+                    self._inspect(codec.parse_query(raw))  # the agent's own text, before our tag
+                elif kind == 80:
+                    self._inspect(codec.parse_parse(raw).query)
                 if guard is not None and (kind == 81 or kind == 80):
                     started = time.perf_counter()
                     try:
@@ -666,7 +670,6 @@ class ClientSession(asyncio.Protocol):
             if error is not None:
                 self._fail_request(kind, error)
                 return True
-            self._inspect(parsed.query)
             sname = server_statement_name(parsed.query, parsed.tail, self.search_path)
             self.statements[parsed.name] = (sname, parsed.query, parsed.tail, next(_generations))
             self.write(codec.PARSE_COMPLETE)
@@ -755,7 +758,6 @@ class ClientSession(asyncio.Protocol):
             self.unnamed = None  # a simple Query drops the unnamed statement, as in Postgres
             self.stats.statements[self.last_kind, self.last_decision] += 1
             server.row_cap, server.row_cap_error = self.row_cap or (0, False)
-            self._inspect(codec.parse_query(raw))
             server.send(raw)
             server.expect(QUERY)
         elif kind == 80:  # Parse
@@ -806,7 +808,6 @@ class ClientSession(asyncio.Protocol):
 
     def _relay_parse(self, server: ServerConn, raw: bytes) -> None:
         parsed = codec.parse_parse(raw)
-        self._inspect(parsed.query)
         if not parsed.name:
             self.unnamed = (parsed.query, parsed.tail)
             self.unnamed_on = server
@@ -941,7 +942,8 @@ class ClientSession(asyncio.Protocol):
             return
         server = self.server
         assert server is not None
-        self.stats.transaction_time.observe(time.perf_counter() - self.attached_at)
+        self.last_activity = now = time.perf_counter()  # an answer just went out: idle from here
+        self.stats.transaction_time.observe(now - self.attached_at)
         if self.settings_dirty:
             self.settings_dirty = False
             self.server = None

@@ -219,13 +219,15 @@ class Outcomes:
     acked: dict[str, str] = field(default_factory=dict)  # key -> agent
     executions: Counter[str] = field(default_factory=Counter)  # key -> times run (not replayed)
     unacked: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (agent, sql)
+    last_message: str = ""  # of the last error
 
     def error(self, exc: psycopg.Error) -> str:
         """Counts an error by SQLSTATE. A connection that broke under the client (no
         ErrorResponse, so no SQLSTATE) counts as 08006 connection_failure, as libpq says."""
         code = exc.sqlstate or ("08006" if isinstance(exc, psycopg.OperationalError) else "?")
         self.errors[code] += 1
-        self.samples.setdefault(code, str(exc).strip().splitlines()[0][:200] if str(exc) else "")
+        self.last_message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        self.samples.setdefault(code, self.last_message)
         return code
 
     async def write(self, agent: AgentConn, key: str, sql: str) -> str | None:

@@ -40,7 +40,7 @@ from proofkit import (
     superuser,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 shop_db = shop.shop_db
 shop_baseline = shop.shop_baseline
@@ -207,6 +207,7 @@ def audit_counts(pg: PgCluster, prefix: str) -> dict[str, int]:
         }
 
 
+@pytest.mark.slow
 async def test_1000_clients_over_20_servers_lose_and_double_no_idempotent_write(
     clean_shop: PgCluster, tmp_path: Path
 ) -> None:
