@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from guardproxy.guard.sqltext import literal, raise_sql
 from guardproxy.pool.server import ServerConn, data_row
 from guardproxy.protocol import codec
-from guardproxy.protocol.errors import GuardError
+from guardproxy.protocol.errors import GuardError, UpstreamError
 
 SAVEPOINT = "guardproxy_write"
 CRASH_AFTER_COMMIT = os.environ.get("GUARDPROXY_TEST_CRASH_AFTER_COMMIT") == "1"
@@ -172,10 +172,20 @@ async def run(
             literal(v) if v is not None else "NULL" for v in (agent, agent_type, task, step)
         )
         decision = "rewritten" if plan.soft_delete else "allowed"
-        await ledger.query(
-            "INSERT INTO guardproxy.audit_events (agent_id, agent_type, task, step, statement, decision, rows) "
-            f"VALUES ({values}, {literal(plan.statement)}, {literal(decision)}, {rows if rows is not None else 'NULL'})"
-        )
+        try:
+            await ledger.query(
+                "INSERT INTO guardproxy.audit_events (agent_id, agent_type, task, step, statement, decision, rows) "
+                f"VALUES ({values}, {literal(plan.statement)}, {literal(decision)}, {rows if rows is not None else 'NULL'})"
+            )
+        except UpstreamError as exc:
+            await undo()
+            refusal = GuardError(
+                f"{plan.agent_type} may not write while the audit log cannot record it ({exc.message}); "
+                f"the write was rolled back (policy {plan.agent_type}, audit.on_loss: fail_closed)",
+                hint="retry shortly; an operator must bring the audit store back",
+                sqlstate="53400",
+            )
+            return await _finish_refusal(server, refusal, outside, rows)
     await server.query("COMMIT" if outside else f"RELEASE {SAVEPOINT}")
     if CRASH_AFTER_COMMIT:
         # a fault-injection hook for the tests: die between the commit and the reply

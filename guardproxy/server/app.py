@@ -233,7 +233,9 @@ class Proxy:
             now = time.perf_counter()
             idle_limit = self.settings.client_idle_timeout
             for session in list(self.sessions.values()):
-                waiting = session.server is not None or session.blocked or session.reader.pending()
+                server = session.server
+                # waiting for its answer (or for a server) is not idle; half a message is
+                waiting = bool(server and server.pending) or session.blocked
                 if (
                     idle_limit
                     and not waiting
