@@ -65,6 +65,7 @@ class WritePlan:
             or self.max_rows_affected is not None
             or self.idempotency_key
             or self.audit_inline is not None
+            or self.strip_rows  # a captured hard delete answers as the agent's DELETE
             or (self.task and (self.max_writes_per_task or self.max_statements_per_task))
         )
 
