@@ -532,6 +532,10 @@ def prepare_database(pg: Any, workdir: Path, policies: bool) -> None:
     )
     if not policies:
         return
+    # A proxy with policies needs guardproxy's own schema (audit log, ledger).
+    from guardproxy.store import migrate
+
+    migrate.upgrade(pg.dsn(dbname=DBNAME))
     # With policies each agent type's pool runs as its upstream_role: create the
     # roles and grants `guardproxy roles` derives from the policies, and let the
     # proxy's login role switch to them.
