@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from guardproxy.store.models import SCHEMA, Base
 
@@ -14,6 +14,13 @@ assert url, "guardproxy db: no database URL configured"
 
 def run_migrations_online() -> None:
     engine = create_engine(url)
+    try:
+        _run(engine)
+    finally:
+        engine.dispose()  # no pooled connection left behind for the garbage collector
+
+
+def _run(engine: Engine) -> None:
     with engine.connect() as connection:
         connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
         connection.commit()

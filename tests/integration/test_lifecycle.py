@@ -49,9 +49,6 @@ def test_sighup_reload_keeps_every_client_connected(start_proxy, tmp_path) -> No
         "agents: ['reader-*']\nupstream_role: app_owner\nmode: enforce\nstatements: [read]\n"
         "tables:\n  pg_class_copy: {ops: [select]}\nfunctions: {default: allow}\n"
     )
-    from pgcluster import PgCluster  # noqa: F401  (the pg fixture's type)
-
-    from guardproxy.store import migrate
 
     proxy = start_proxy(policies=policies)
     clients = [
