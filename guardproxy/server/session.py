@@ -154,6 +154,8 @@ class ClientSession(asyncio.Protocol):
         self.statement_caps: dict[bytes, tuple[int, bool] | None] = {}
         self.portal_cap: tuple[int, bool] | None = None
         self.admin = False
+        self._app_for: Settings | None = None
+        self._app = ""
         self.last_activity = time.perf_counter()
         self.tls = False
         self.ended_by_proxy = False
@@ -386,8 +388,14 @@ class ClientSession(asyncio.Protocol):
     @property
     def server_app_name(self) -> str:
         """application_name on the server while this client holds it: the agent, then the client's own."""
-        own = dict(self.settings).get("application_name", "")
-        return f"{self.agent_id}/{own}" if own else self.agent_id
+        settings = self.settings
+        if (
+            settings is not self._app_for
+        ):  # computed once per change of settings, not per transaction
+            own = dict(settings).get("application_name", "")
+            self._app = f"{self.agent_id}/{own}" if own else self.agent_id
+            self._app_for = settings
+        return self._app
 
     def _bind_policy(self, params: dict[str, str]) -> None:
         """Finds the agent's type; refuses agents no policy names, over their limits, or with bad parameters."""
