@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 
 from guardproxy.guard.sqltext import literal, raise_sql
-from guardproxy.pool.server import ServerConn, data_row
+from guardproxy.pool.server import ServerConn
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import GuardError, UpstreamError
 
@@ -285,4 +285,4 @@ async def _finish_refusal(
     return WriteOutcome(response, "denied", rows, reason=error.message)
 
 
-__all__ = ["WriteOutcome", "WritePlan", "data_row", "rows_of", "run"]
+__all__ = ["WriteOutcome", "WritePlan", "rows_of", "run"]

@@ -472,10 +472,6 @@ class ServerConn(asyncio.Protocol):
                 return answers
 
 
-def data_row(raw: bytes) -> list[str | None]:
-    return _data_row(raw)
-
-
 def _data_row(raw: bytes) -> list[str | None]:
     (count,) = struct.unpack_from("!h", raw, 5)
     pos = 7

@@ -178,8 +178,8 @@ class ClientSession(asyncio.Protocol):
         self.stats = AgentStats("none", "none")  # unregistered; replaced at login
         self.stmt_started = 0.0
         self.attached_at = 0.0
-        self.portal_kind = "statement"
-        self.last_kind = "query"  # set by the guard when it judges
+        self.last_kind = "query"  # read or write once the guard judged it; "query" without policies
+        self.portal_kind = "query"  # the same, for the statement the last Bind named
         self.last_decision = "allowed"
         self.queries = 0
 
@@ -509,6 +509,7 @@ class ClientSession(asyncio.Protocol):
                         self._answer(kind, answer.response)
                         continue
                     self.last_decision = guard.last_decision
+                    self.last_kind = "write" if guard.last_write is not None else "read"
                     self.proxy.stats.proxy_latency.observe(time.perf_counter() - started)
                     self.row_cap = guard.last_row_cap
                     if kind == 80:
@@ -776,6 +777,8 @@ class ClientSession(asyncio.Protocol):
             if sname is not None:
                 raw = codec.replace_field(raw, start, end, sname)
             self.portal_cap = self.statement_caps.get(name)
+            if self.guard is not None:
+                self.portal_kind = "write" if name in self.writes.plans else "read"
             server.send(raw)
             server.expect(BIND, data=sname)
         elif kind == 69:  # Execute
@@ -1020,6 +1023,3 @@ class ClientSession(asyncio.Protocol):
         # Re-checked after the await inside pool.cancel cannot help; check right before.
         if self.server is server and server.pending:
             await self.pool.cancel(server)
-
-    def auth_failed(self, exc: AuthFailed) -> None:
-        self.fatal(exc)
