@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import pgcluster  # noqa: E402  (tests/pgcluster.py, found through sys.path above)
 
-from bench import pgbench, report  # noqa: E402
+from bench import pgbench, profiling, report  # noqa: E402
 from bench.procs import Processes, cpu_seconds, raise_on_termination  # noqa: E402
 from bench.targets import (  # noqa: E402
     UPSTREAM_DB,
@@ -164,6 +164,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--guardproxy-cmd",
         default=default_guardproxy_cmd(),
         help="how to run guardproxy (default: .venv/bin/guardproxy, else PYTHON -m guardproxy)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="record guardproxy with py-spy during each of its runs; collapsed stacks and a "
+        "summary of the hottest functions go to OUT_DIR/profiles/",
     )
     p.add_argument(
         "--out-dir",
@@ -304,11 +310,16 @@ def workloads(args: argparse.Namespace) -> list[pgbench.Workload]:
     ]
 
 
-def measure(target: Target, load: pgbench.Workload) -> report.Row:
+def measure(target: Target, load: pgbench.Workload, profile_dir: Path | None = None) -> report.Row:
     pid = target.proc.pid if target.proc else None
     before = cpu_seconds(pid) if pid else None
+    recorder = None
+    if profile_dir is not None and pid and target.name == "guardproxy":
+        recorder = profiling.start(pid, profile_dir / f"{load.script}-{load.protocol}-c{load.clients}")
     result = pgbench.run(pgcluster.PG_BINDIR, endpoint_for(target, load.script), load)
     cpu = cpu_seconds(pid) - before if pid and before is not None else None
+    if recorder is not None:
+        profiling.finish(recorder)
     return report.row(target.name, load, result, cpu)
 
 
@@ -336,7 +347,7 @@ def run_matrix(
             reset_tpcb(cluster)
         if load.protocol == "prepared" and target.reconnect_before_prepared:
             reconnect_pgbouncer(target)
-        row = measure(target, load)
+        row = measure(target, load, args.out_dir / "profiles" if args.profile else None)
         runs.setdefault((target.name, load), []).append(row)
         say(
             f"[{i:3}/{len(steps)}] {target.name:10} {load.script:11} -M {load.protocol:8} "

@@ -31,7 +31,7 @@ from guardproxy.protocol.scram import Verifier, load_verifiers
 from guardproxy.server.http import OpsServer
 from guardproxy.server.session import ClientSession
 from guardproxy.server.tls import ServerTLS
-from guardproxy.server.workers import CancelRelay, worker_of
+from guardproxy.server.workers import CancelRelay, new_cancel_key, worker_of
 from guardproxy.store import migrate
 
 log = logging.getLogger("guardproxy")
@@ -83,6 +83,10 @@ class Proxy:
 
     def at_client_limit(self) -> bool:
         return self.clients > self.settings.max_client_conn
+
+    def new_cancel_key(self) -> tuple[int, int]:
+        """The BackendKeyData a new client session gets: it says where a cancel must go."""
+        return new_cancel_key(self.worker)
 
     def register(self, session: ClientSession) -> None:
         self.sessions[session.cancel_key] = session

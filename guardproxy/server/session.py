@@ -49,7 +49,6 @@ from guardproxy.server.guard import LocalAnswer, SessionGuard
 from guardproxy.server.login import login_exchange
 from guardproxy.server.managed import SessionWrites
 from guardproxy.server.tls import peer_common_name
-from guardproxy.server.workers import new_cancel_key
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -169,7 +168,7 @@ class ClientSession(asyncio.Protocol):
         self.settings_dirty = False
         # client name -> (server name, query, parameter types, generation of the client's Parse)
         self.statements: dict[bytes, tuple[bytes, bytes, bytes, int]] = {}
-        self.cancel_key = new_cancel_key(proxy.worker)
+        self.cancel_key = proxy.new_cancel_key()
         self._startup_buf = b""
         self._login_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
