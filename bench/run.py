@@ -315,7 +315,9 @@ def measure(target: Target, load: pgbench.Workload, profile_dir: Path | None = N
     before = cpu_seconds(pid) if pid else None
     recorder = None
     if profile_dir is not None and pid and target.name == "guardproxy":
-        recorder = profiling.start(pid, profile_dir / f"{load.script}-{load.protocol}-c{load.clients}")
+        recorder = profiling.start(
+            pid, profile_dir / f"{load.script}-{load.protocol}-c{load.clients}"
+        )
     result = pgbench.run(pgcluster.PG_BINDIR, endpoint_for(target, load.script), load)
     cpu = cpu_seconds(pid) - before if pid and before is not None else None
     if recorder is not None:

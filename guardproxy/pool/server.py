@@ -94,6 +94,7 @@ class ServerConn(asyncio.Protocol):
         self._inbox: deque[tuple[int, bytes]] = deque()
         self._inbox_waiter: asyncio.Future[None] | None = None
         self._lost: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------ transport
 
@@ -101,6 +102,8 @@ class ServerConn(asyncio.Protocol):
         self.transport = cast(
             asyncio.Transport, transport
         )  # uvloop's transports are not subclasses
+        # kept: asyncio.get_running_loop() costs a getpid() system call on every send
+        self._loop = asyncio.get_running_loop()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
@@ -154,7 +157,7 @@ class ServerConn(asyncio.Protocol):
         self._wbuf.append(data)
         if not self._flush_pending:
             self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_pending = False

@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import pglast
 
 from guardproxy.guard.writes import WritePlan
-from guardproxy.policy import AgentPolicy, Decision, Judge, SessionContext, parse_context_comment
+from guardproxy.policy import (
+    AgentPolicy,
+    Catalog,
+    Decision,
+    Judge,
+    SessionContext,
+    parse_context_comment,
+)
 from guardproxy.policy.idempotency import TAG as IDEMPOTENCY_TAG
 from guardproxy.policy.idempotency import idempotency_key
 from guardproxy.protocol import codec
@@ -36,6 +44,22 @@ def sqlcomment(fields: dict[str, str | None]) -> bytes:
     """
     pairs = [f"{quote(k, safe='')}='{quote(v, safe='')}'" for k, v in sorted(fields.items()) if v]
     return ("/*" + ",".join(pairs) + "*/").encode()
+
+
+RECENT_MESSAGES = 64  # judged messages remembered per session
+
+
+@dataclass(frozen=True, slots=True)
+class _Judged:
+    context: SessionContext
+    policy: AgentPolicy
+    catalog: Catalog
+    message: bytes  # as forwarded: rewritten and tagged
+    sql: str
+    decision: str
+    write: WritePlan | None
+    statements: int
+    row_cap: tuple[int, bool] | None
 
 
 class LocalAnswer(Exception):
@@ -70,10 +94,48 @@ class SessionGuard:
         self.last_row_cap: tuple[int, bool] | None = (
             None  # (max rows returned, error rather than cut)
         )
+        self._repeatable = False
         self._tag_for: SessionContext | None = None
         self._tag = b""
+        # message -> what judging it produced, for texts a session sends again and again
+        # (an ORM's statements, a driver's unnamed Parse): valid while context and policy are
+        self._recent: dict[bytes, _Judged] = {}
 
     def judge(self, kind: int, raw: bytes) -> bytes:
+        recent = self._recent.get(raw)
+        if (
+            recent is not None
+            and recent.context is self.context
+            and recent.policy is self.policy
+            and recent.catalog is self.judge_engine.catalog  # DDL or a reload: judge again
+        ):
+            self._check_task_duration()
+            self.last_sql, self.last_rule, self.statement_key = recent.sql, None, None
+            self.last_decision = recent.decision
+            self.last_write = recent.write
+            self.last_statements = recent.statements
+            self.last_row_cap = recent.row_cap
+            self.registry.cache_hits += 1
+            return recent.message
+        message = self._judge(kind, raw)
+        if self._repeatable:
+            if len(self._recent) >= RECENT_MESSAGES:
+                del self._recent[next(iter(self._recent))]
+            self._recent[raw] = _Judged(
+                self.context,
+                self.policy,
+                self.judge_engine.catalog,
+                message,
+                self.last_sql,
+                self.last_decision,
+                self.last_write,
+                self.last_statements,
+                self.last_row_cap,
+            )
+        return message
+
+    def _judge(self, kind: int, raw: bytes) -> bytes:
+        self._repeatable = False
         if kind == 81:
             sql_bytes = codec.parse_query(raw)
             parsed = None
@@ -123,6 +185,16 @@ class SessionGuard:
         self.last_statements = len(decision.writes) or 1
         cap = decision.max_rows_returned
         self.last_row_cap = (cap, decision.rows_over_cap == "error") if cap else None
+        # the same message judged again would come out the same: no comment to change the
+        # context, nothing that depends on the moment, nothing the proxy answers itself
+        self._repeatable = (
+            decision.cacheable
+            and not decision.monitored
+            and statement_key is None
+            and "/*" not in sql
+            and not decision.context_updates
+            and not decision.prepared
+        )
         tagged = sql_bytes + (b"\n" if b"--" in sql_bytes else b" ") + self.tag()
         if parsed is None:
             return codec.build_query(tagged)

@@ -59,11 +59,11 @@ log = logging.getLogger("guardproxy.session")
 
 # Statements whose effect outlives the transaction in one backend. False
 # positives only cost pooling efficiency, never correctness.
+# Searched in lower-cased text: a case-sensitive pattern lets the regex engine skip
+# ahead by first character, several times faster than (?i) on every statement.
 _PIN_RE = re.compile(
-    rb"(?i)\b(listen|temp|temporary|pg_advisory_lock|pg_advisory_lock_shared|pg_try_advisory_lock"
-    rb"|pg_try_advisory_lock_shared|hold|prepare|load)\b"
+    rb"\b(?:listen|temp(?:orary)?|pg_(?:try_)?advisory_lock(?:_shared)?|hold|prepare|load)\b"
 )
-_SET_CONFIG_RE = re.compile(rb"(?i)set_config")
 _ROW_RETURNING = frozenset((b"SELECT", b"FETCH", b"COPY", b"MOVE"))
 _SETTINGS_TAGS = frozenset((b"SET", b"RESET", b"DISCARD ALL"))
 _PIN_TAGS = frozenset((b"LISTEN",))
@@ -888,9 +888,10 @@ class ClientSession(asyncio.Protocol):
         return None
 
     def _inspect(self, sql: bytes) -> None:
-        if not self.pinned and _PIN_RE.search(sql):
+        lowered = sql.lower()
+        if not self.pinned and _PIN_RE.search(lowered):
             self.pin("statement keeps state in its backend")
-        if _SET_CONFIG_RE.search(sql):
+        if b"set_config" in lowered:
             self.settings_dirty = True
 
     def pin(self, why: str) -> None:
@@ -906,6 +907,9 @@ class ClientSession(asyncio.Protocol):
         stats = self.stats
         stats.statement_time.observe(now - self.stmt_started)
         self.stmt_started = now
+        if tag[:7] == b"SELECT ":  # most statements: nothing to look for but the row count
+            stats.rows_returned += int(tag[7:])
+            return
         verb, _, count = tag.rpartition(b" ")
         if count.isdigit():
             if verb in _ROW_RETURNING:
