@@ -53,6 +53,9 @@ Write safety (docs/policies.md, "Write safety"; what the runtime does with each)
   and the message holds a read to estimate (SELECT, DECLARE CURSOR, EXECUTE of a
   read): see `guardproxy.policy.plans` for the EXPLAIN and the check, before the
   message runs. False in monitor mode.
+* `cursor`: with a row cap, a message that is one ``FETCH`` (``("fetch", name)``) or one
+  ``DECLARE`` (``("declare", name)``): the runtime counts the rows a cursor delivered
+  over all its FETCHes and cuts at N in total, not per FETCH.
 * `shape`: the normalized text of the message (literals as ``$n``, edge comments
   removed), the cache key; "" when it does not parse. For caching plan estimates by
   shape. Derived idempotency keys must not be built from it alone (two statements
@@ -138,6 +141,7 @@ class Decision:
     rows_over_cap: RowsOverCap = "truncate"
     shape: str = ""
     plan_check: bool = False
+    cursor: tuple[str, str] | None = None  # ("fetch" | "declare", name) of a capped cursor
 
     @property
     def allowed(self) -> bool:

@@ -349,6 +349,11 @@ class Judge:
             any(rowcap.returns_rows(s.raw) for s in statements)
             or any(inner.max_rows_returned is not None for inner in executed_reads)
         )
+        cursor = (
+            rowcap.cursor_of(statements[0].raw)
+            if max_rows is not None and len(statements) == 1
+            else None
+        )
         plan_check = (
             enforce
             and (policy.max_plan_cost is not None or policy.max_plan_rows is not None)
@@ -385,6 +390,7 @@ class Judge:
                 rows_over_cap=policy.on_rows_returned_over,
                 shape=key,
                 plan_check=plan_check,
+                cursor=cursor,
             )
 
         table_filters = self._filters_for(policy)

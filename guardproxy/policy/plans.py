@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pglast
+import pglast.visitors
 from pglast import ast, parser
 
 from .agent import AgentPolicy
@@ -52,6 +53,19 @@ def explain_statements(sql: str) -> tuple[str, ...]:
         if isinstance(stmt, _EXPLAINABLE):
             out.append(f"EXPLAIN (FORMAT JSON) {sql[where].strip()}\n")
     return tuple(out)
+
+
+def parameter_count(sql: str) -> int:
+    """The highest ``$n`` of `sql`: how many parameters a generic plan of it needs."""
+    highest = 0
+
+    class _Params(pglast.visitors.Visitor):
+        def visit_ParamRef(self, ancestors: Any, node: ast.ParamRef) -> None:
+            nonlocal highest
+            highest = max(highest, node.number or 0)
+
+    _Params()(pglast.parse_sql(sql))
+    return highest
 
 
 def plan_estimate(answer: str | bytes | list[Any] | dict[str, Any]) -> PlanEstimate:

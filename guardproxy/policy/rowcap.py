@@ -54,6 +54,17 @@ def returns_rows(raw: ast.RawStmt) -> bool:
 _WRITES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
 
 
+def cursor_of(raw: ast.RawStmt) -> tuple[str, str] | None:
+    """("fetch", name) for a FETCH, ("declare", name) for a DECLARE: the runtime counts
+    the rows each cursor delivered, so the cap holds across all its FETCHes."""
+    stmt = raw.stmt
+    if isinstance(stmt, ast.FetchStmt) and not stmt.ismove and stmt.portalname:
+        return "fetch", stmt.portalname
+    if isinstance(stmt, ast.DeclareCursorStmt) and stmt.portalname:
+        return "declare", stmt.portalname
+    return None
+
+
 def explainable(raw: ast.RawStmt) -> bool:
     """A read whose plan the runtime can estimate (SELECT without INTO, DECLARE CURSOR)."""
     stmt = raw.stmt

@@ -17,12 +17,17 @@ import socket
 import ssl
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from guardproxy.config import Settings, Upstream
 from guardproxy.pool.server import ServerConn
 from guardproxy.pool.upstream_tls import upstream_context
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import PoolTimeout, UpstreamError
+
+if TYPE_CHECKING:
+    from guardproxy.analysis.catalog import Catalog
+    from guardproxy.policy.plans import PlanEstimate
 
 log = logging.getLogger("guardproxy.pool")
 
@@ -41,6 +46,8 @@ class Pool:
         self.opening = 0
         self.waiters: deque[asyncio.Future[ServerConn]] = deque()
         self.params_cache: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+        # (agent type, statement shape) -> (catalog, plan estimates): see server.plancheck
+        self.plan_estimates: dict[tuple[str, str], tuple[Catalog, tuple[PlanEstimate, ...]]] = {}
         self.serial = 0
         self.closing = False
         # counters, read by metrics and the admin console

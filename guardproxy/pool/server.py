@@ -41,6 +41,13 @@ _ENDS_ROUND = (SYNC, QUERY)
 # data of a QUERY entry whose error goes to the client but whose ReadyForQuery does
 # not: a denial raised by the server in the middle of an extended-protocol round.
 KEEP_ERROR_ONLY = b"keep-error"
+# data of a swallowed QUERY entry the proxy sends to abort the client's transaction
+# after refusing a result (limits.max_rows_returned with on_rows_returned_over: error)
+ABORTS_TRANSACTION = b"abort"
+ABORT_SQL = (
+    "DO $guardproxy$BEGIN RAISE EXCEPTION 'guardproxy aborted this transaction: a result "
+    "passed limits.max_rows_returned' USING ERRCODE = '54000'; END$guardproxy$"
+)
 
 _I32 = struct.Struct("!i")
 _MAX_SERVER_MESSAGE = 1 << 30
@@ -84,6 +91,8 @@ class ServerConn(asyncio.Protocol):
         self.row_cap = 0  # max_rows_returned of the statements now running (0: none)
         self.row_cap_error = False  # refuse rather than truncate
         self.rows_seen = 0
+        self.rows_offset = 0  # rows a cursor delivered before this FETCH (counted into the cap)
+        self.abort_round = False  # a result was refused: the transaction must end aborted
         self.created_at = time.monotonic()
         self.last_used = self.created_at
         self.closed = False
@@ -217,10 +226,21 @@ class ServerConn(asyncio.Protocol):
                 if start < pos:
                     out.append(buf[start:pos])
                 start = end
-                out.append(self._cap_message())
+                out.append(self._cap_message(buf[pos + 5 : end - 1]))
             if kind in (67, 69):
-                self.rows_seen = 0
+                self.rows_seen = self.rows_offset = 0
             forward = self._on_message(kind, buf, pos, end, swallow)
+            if kind == 90 and self.abort_round and forward:
+                self.abort_round = False
+                if self.status == b"T":
+                    # As after any error, the client's transaction is aborted: the next
+                    # statement gets 25P02, and only a ROLLBACK ends it.
+                    if start < pos:
+                        out.append(buf[start:pos])
+                    start = end
+                    out.append(codec.ready_for_query(b"E"))
+                    self.send(codec.build_query(ABORT_SQL))
+                    self.expect(QUERY, swallow=True, data=ABORTS_TRANSACTION)
             if not forward:
                 if start < pos:
                     out.append(buf[start:pos])
@@ -244,11 +264,12 @@ class ServerConn(asyncio.Protocol):
         if released and self.client is client:
             client.server_idle()
 
-    def _cap_message(self) -> bytes:
+    def _cap_message(self, tag: bytes) -> bytes:
         cap = self.row_cap
         if self.client is not None:
             self.client.rows_truncated(cap)
         if self.row_cap_error:
+            self.abort_round = True
             return codec.build_error(
                 "54000",
                 f"the result has more than {cap} rows, the most this agent may read at once "
@@ -261,6 +282,9 @@ class ServerConn(asyncio.Protocol):
             severity="WARNING",
             hint=f"add a LIMIT of at most {cap}, aggregate, or page through the rows",
         )
+        if tag.startswith(b"FETCH"):
+            # the cap holds for the cursor: what earlier FETCHes delivered counts
+            return notice + codec.build_command_complete(f"FETCH {max(cap - self.rows_offset, 0)}")
         return notice + codec.build_command_complete(f"SELECT {cap}")
 
     def _on_message(self, kind: int, buf: bytes, pos: int, end: int, swallow: bool) -> bool:
@@ -314,7 +338,7 @@ class ServerConn(asyncio.Protocol):
                 if not pending:
                     self.skip_until_sync = True
                 return True
-            if swallow:
+            if swallow and not (pending and pending[0][2] is ABORTS_TRANSACTION):
                 log.warning("replaying session state failed: %s", fields.get("M"))
             return not swallow
         if kind == 83:  # ParameterStatus

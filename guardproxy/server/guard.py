@@ -60,6 +60,8 @@ class _Judged:
     write: WritePlan | None
     statements: int
     row_cap: tuple[int, bool] | None
+    plan_check: str | None
+    cursor: tuple[str, str] | None
 
 
 class LocalAnswer(Exception):
@@ -95,6 +97,8 @@ class SessionGuard:
             None  # (max rows returned, error rather than cut)
         )
         self._repeatable = False
+        self.last_plan_check: str | None = None  # the shape of a read whose plan must be checked
+        self.last_cursor: tuple[str, str] | None = None  # a capped FETCH or DECLARE
         self._tag_for: SessionContext | None = None
         self._tag = b""
         # message -> what judging it produced, for texts a session sends again and again
@@ -115,6 +119,8 @@ class SessionGuard:
             self.last_write = recent.write
             self.last_statements = recent.statements
             self.last_row_cap = recent.row_cap
+            self.last_plan_check = recent.plan_check
+            self.last_cursor = recent.cursor
             self.registry.cache_hits += 1
             return recent.message
         message = self._judge(kind, raw)
@@ -131,6 +137,8 @@ class SessionGuard:
                 self.last_write,
                 self.last_statements,
                 self.last_row_cap,
+                self.last_plan_check,
+                self.last_cursor,
             )
         return message
 
@@ -185,6 +193,10 @@ class SessionGuard:
         self.last_statements = len(decision.writes) or 1
         cap = decision.max_rows_returned
         self.last_row_cap = (cap, decision.rows_over_cap == "error") if cap else None
+        self.last_plan_check = (
+            decision.shape if decision.plan_check and not decision.monitored else None
+        )
+        self.last_cursor = decision.cursor
         # the same message judged again would come out the same: no comment to change the
         # context, nothing that depends on the moment, nothing the proxy answers itself
         self._repeatable = (

@@ -48,6 +48,7 @@ from guardproxy.protocol.errors import AuthFailed, GuardError, ProtocolViolation
 from guardproxy.server.guard import LocalAnswer, SessionGuard
 from guardproxy.server.login import login_exchange
 from guardproxy.server.managed import SessionWrites
+from guardproxy.server.plancheck import PlanChecks
 from guardproxy.server.tls import peer_common_name
 
 if TYPE_CHECKING:
@@ -149,7 +150,13 @@ class ClientSession(asyncio.Protocol):
         self.held: tuple[int, bytes] | None = None  # judged, waiting for a server
         self.guard: SessionGuard | None = None
         self.writes = SessionWrites(self)
+        self.plans = PlanChecks(self)
         self.row_cap: tuple[int, bool] | None = None  # of the last judged Query
+        self.cursor: tuple[str, str] | None = None  # the capped FETCH / DECLARE it is
+        self.statement_cursors: dict[bytes, tuple[str, str] | None] = {}
+        self.portal_cursor: tuple[str, str] | None = None
+        self.cursor_rows: dict[str, int] = {}  # rows each capped cursor delivered so far
+        self.fetching: str | None = None  # the cursor of the FETCH now running
         self.statement_caps: dict[bytes, tuple[int, bool] | None] = {}
         self.portal_cap: tuple[int, bool] | None = None
         self.admin = False
@@ -510,10 +517,14 @@ class ClientSession(asyncio.Protocol):
                     self.last_decision = guard.last_decision
                     self.last_kind = "write" if guard.last_write is not None else "read"
                     self.proxy.stats.proxy_latency.observe(time.perf_counter() - started)
-                    self.row_cap = guard.last_row_cap
+                    self.row_cap, self.cursor = guard.last_row_cap, guard.last_cursor
                     if kind == 80:
-                        self.statement_caps[codec.parse_parse(raw).name] = guard.last_row_cap
-                    if guard.last_write is not None and self.writes.judged(kind, raw, guard):
+                        name = codec.parse_parse(raw).name
+                        self.statement_caps[name] = guard.last_row_cap
+                        self.statement_cursors[name] = guard.last_cursor
+                    if guard.last_plan_check is not None and self.plans.judged(kind, raw, guard):
+                        continue
+                    if self.after_judge(kind, raw):
                         continue
                 elif (kind == 66 or self.writes.collecting is not None) and self.writes.collect(
                     kind, raw
@@ -530,6 +541,12 @@ class ClientSession(asyncio.Protocol):
                     return
                 self.attach(server)
             self._relay(server, kind, raw)
+
+    def after_judge(self, kind: int, raw: bytes) -> bool:
+        """A judged, allowed message's last stop before its server; True when taken."""
+        guard = self.guard
+        assert guard is not None
+        return guard.last_write is not None and self.writes.judged(kind, raw, guard)
 
     # ------------------------------------------------------------ managed writes' needs
 
@@ -766,6 +783,8 @@ class ClientSession(asyncio.Protocol):
             self.unnamed = None  # a simple Query drops the unnamed statement, as in Postgres
             self.stats.statements[self.last_kind, self.last_decision] += 1
             server.row_cap, server.row_cap_error = self.row_cap or (0, False)
+            if self.cursor is not None:
+                self._count_cursor(server, self.cursor)
             server.send(raw)
             server.expect(QUERY)
         elif kind == 80:  # Parse
@@ -776,6 +795,7 @@ class ClientSession(asyncio.Protocol):
             if sname is not None:
                 raw = codec.replace_field(raw, start, end, sname)
             self.portal_cap = self.statement_caps.get(name)
+            self.portal_cursor = self.statement_cursors.get(name)
             if self.guard is not None:
                 self.portal_kind = "write" if name in self.writes.plans else "read"
             server.send(raw)
@@ -784,6 +804,8 @@ class ClientSession(asyncio.Protocol):
             self.queries += 1
             self.stats.statements[self.portal_kind, "allowed"] += 1
             server.row_cap, server.row_cap_error = self.portal_cap or (0, False)
+            if self.portal_cursor is not None:
+                self._count_cursor(server, self.portal_cursor)
             if not server.pending:
                 self.stmt_started = time.perf_counter()
             server.send(raw)
@@ -815,6 +837,15 @@ class ClientSession(asyncio.Protocol):
             server.send(raw)
         else:
             raise ProtocolViolation(f"unknown or unexpected message type {chr(kind)!r} from client")
+
+    def _count_cursor(self, server: ServerConn, cursor: tuple[str, str]) -> None:
+        """Makes a row cap hold per cursor: a FETCH starts counting where the last one ended."""
+        verb, name = cursor
+        if verb == "declare":
+            self.cursor_rows[name] = 0
+            return
+        self.fetching = name
+        server.rows_seen = server.rows_offset = self.cursor_rows.get(name, 0)
 
     def _relay_parse(self, server: ServerConn, raw: bytes) -> None:
         parsed = codec.parse_parse(raw)
@@ -910,6 +941,9 @@ class ClientSession(asyncio.Protocol):
         if tag[:7] == b"SELECT ":  # most statements: nothing to look for but the row count
             stats.rows_returned += int(tag[7:])
             return
+        if self.fetching is not None and tag[:6] == b"FETCH ":
+            self.cursor_rows[self.fetching] = self.cursor_rows.get(self.fetching, 0) + int(tag[6:])
+            self.fetching = None
         verb, _, count = tag.rpartition(b" ")
         if count.isdigit():
             if verb in _ROW_RETURNING:

@@ -1,0 +1,112 @@
+"""limits.max_plan_rows / max_plan_cost through the real proxy: a read whose EXPLAIN
+estimate passes the policy is refused before it starts, in the simple and the
+extended protocol, with the estimate in the message; reads under the limit run."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+import shop
+from pgcluster import PgCluster
+from shop import POLICIES, SHOP_DB, ShopProxy, launch_proxy
+
+shop_db = shop.shop_db
+shop_baseline = shop.shop_baseline
+clean_shop = shop.clean_shop
+
+# Two series of 100,000 rows joined on nothing: 10^10 rows estimated. Run, it would
+# outlast the analytics statement_timeout (5 s) by far; refused, it answers at once.
+RUNAWAY = (
+    "SELECT a.x, b.y FROM generate_series(1, 100000) a(x), generate_series(1, 100000) b(y) "
+    "WHERE a.x > 0"
+)
+
+
+@pytest.fixture
+def proxy(clean_shop: PgCluster, tmp_path: Path) -> Iterator[ShopProxy]:
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    analytics = policies / "analytics.yaml"
+    analytics.write_text(
+        analytics.read_text().replace(
+            "  max_rows_returned: 1000",
+            "  max_plan_rows: 50000\n  max_plan_cost: 100000000\n  max_rows_returned: 1000",
+        )
+    )
+    with launch_proxy(clean_shop, tmp_path / "guardproxy.log", policies=policies) as handle:
+        yield handle
+
+
+def test_a_read_estimated_past_max_plan_rows_is_refused_before_it_runs(proxy) -> None:
+    with proxy.connect("analytics-1", autocommit=True) as a:
+        with pytest.raises(psycopg.Error) as exc:
+            a.execute(RUNAWAY)
+        # 54000, not the 57014 of a statement that ran into statement_timeout
+        assert exc.value.sqlstate == "54000", exc.value
+        message = str(exc.value)
+        assert "max_plan_rows = 50000" in message and "estimated to produce" in message
+        assert "policy analytics" in message
+        # the same shape again is refused from the cache of estimates, and the session works
+        with pytest.raises(psycopg.Error) as again:
+            a.execute(RUNAWAY.replace("100000", "200000"))
+        assert again.value.sqlstate == "54000"
+        assert a.execute("SELECT id FROM customers WHERE id = 1").fetchall() == [(1,)]
+
+
+def test_a_parameterized_read_is_judged_by_its_generic_plan(proxy) -> None:
+    with proxy.connect("analytics-2", autocommit=True) as a:
+        with pytest.raises(psycopg.Error) as exc:
+            a.execute(
+                "SELECT a.x FROM generate_series(1, 100000) a(x), "
+                "generate_series(1, 100000) b(y) WHERE a.x > %s",
+                (5,),
+                prepare=True,
+            )
+        assert exc.value.sqlstate == "54000", exc.value
+        # a bounded parameterized read still runs, and its rows come back
+        rows = a.execute("SELECT id FROM customers WHERE id = %s", (1,)).fetchall()
+        assert rows == [(1,)]
+
+
+def test_a_refused_read_aborts_the_agents_transaction_as_postgres_would(proxy) -> None:
+    with proxy.connect("analytics-3") as a:
+        assert a.execute("SELECT count(*) FROM customers WHERE id > 0").fetchone() is not None
+        with pytest.raises(psycopg.Error) as exc:
+            a.execute(RUNAWAY)
+        assert exc.value.sqlstate == "54000"
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            a.execute("SELECT 1 FROM customers WHERE id = 1")
+        a.rollback()
+        assert a.execute("SELECT id FROM customers WHERE id = 1").fetchall() == [(1,)]
+
+
+async def test_asyncpg_reads_under_the_limits_run_and_runaway_ones_do_not(proxy) -> None:
+    conn = await asyncpg.connect(proxy.dsn("analytics-4"), timeout=10)
+    try:
+        assert await conn.fetchval("SELECT name FROM customers WHERE id = $1", 1) is not None
+        with pytest.raises(asyncpg.PostgresError) as exc:
+            await conn.fetch(RUNAWAY)
+        assert exc.value.sqlstate == "54000"
+        assert await conn.fetchval("SELECT count(*) FROM orders WHERE id > $1", 0) >= 0
+    finally:
+        await conn.close()
+
+
+def test_the_plan_check_leaves_no_prepared_statement_or_setting_behind(proxy, clean_shop) -> None:
+    with proxy.connect("analytics-5", autocommit=True) as a:
+        a.execute("SELECT a.x FROM generate_series(1, 10) a(x) WHERE a.x > %s", (1,), prepare=False)
+        with pytest.raises(psycopg.Error):
+            a.execute(RUNAWAY)
+        # the same server connection (pool of 4, nothing else running) answers these
+        assert a.execute("SHOW plan_cache_mode").fetchone() == ("auto",)
+    left = clean_shop.psql(
+        "select count(*) from pg_stat_activity where query like '%guardproxy_plan%' "
+        "and state = 'idle in transaction'",
+        dbname=SHOP_DB,
+    )
+    assert left == "0"
