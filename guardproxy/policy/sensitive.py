@@ -5,7 +5,10 @@ Introspection must work (Text-to-SQL agents and the drivers themselves read
 by default, except these: they hold password hashes and connection strings, the
 server's authentication and configuration files, per-role settings, column
 statistics (most common values and histograms are table *data*, a way around
-``deny_columns``), and large object contents.
+``deny_columns``), large object contents, and the text of other sessions'
+statements: agents of one type share an upstream role and, through the pool, server
+connections, so ``pg_stat_activity`` and ``pg_prepared_statements`` would show one
+agent the statements (literals, task and principals in the tag) of another.
 A policy that really needs one lists it under ``tables`` (e.g.
 ``pg_catalog.pg_statistic: {ops: [select]}``).
 """
@@ -30,4 +33,6 @@ SENSITIVE_CATALOGS: dict[str, str] = {
     "pg_file_settings": "the server's configuration files",
     "pg_db_role_setting": "per-role and per-database settings",
     "pg_config": "the server's build and file locations",
+    "pg_stat_activity": "other sessions' statements, with their literals and agent tags",
+    "pg_prepared_statements": "statements other clients prepared on a shared server connection",
 }

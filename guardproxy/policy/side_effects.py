@@ -26,6 +26,7 @@ SLEEP = "holds the connection idle (sleep)"
 NOTIFY = "sends notifications"
 DYNAMIC_SQL = "runs SQL held in a string, which the proxy cannot judge"
 STATS = "resets or overwrites statistics"
+OTHERS_STATEMENTS = "reveals the text of other sessions' statements"
 
 SIDE_EFFECT_FUNCTIONS: dict[str, str] = {
     # server files
@@ -36,6 +37,9 @@ SIDE_EFFECT_FUNCTIONS: dict[str, str] = {
     "loread": LARGE_OBJECTS,
     "lowrite": LARGE_OBJECTS,
     # server and backends
+    "pg_stat_get_activity": OTHERS_STATEMENTS,
+    "pg_stat_get_backend_activity": OTHERS_STATEMENTS,
+    "pg_prepared_statement": OTHERS_STATEMENTS,
     "pg_terminate_backend": SERVER,
     "pg_cancel_backend": SERVER,
     "pg_reload_conf": SERVER,

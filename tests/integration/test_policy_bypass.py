@@ -652,7 +652,7 @@ FUNCTIONS = [
     ),
     case(
         "analytics",
-        "select pg_terminate_backend(pid) from pg_stat_activity where usename = 'app_owner'",
+        "select pg_terminate_backend(pid) from pg_locks where pid <> pg_backend_pid()",
         "functions",
         "pg_terminate_backend",
         "terminate-backends",
@@ -1255,8 +1255,9 @@ def test_execute_of_a_statement_prepared_by_another_session(proxy, shop_db) -> N
     assert snapshot(shop_db) == before
 
 
-def test_a_support_statement_cannot_be_bound_by_analytics(proxy, shop_db) -> None:
+def test_a_support_statement_cannot_be_bound_by_analytics(small_pools, shop_db) -> None:
     """Statements prepared on the servers of one agent type are out of reach of another."""
+    proxy = small_pools
     before = snapshot(shop_db)
     with proxy.connect(SUPPORT, autocommit=True) as support:
         with support.transaction():
@@ -1290,11 +1291,14 @@ def test_a_support_statement_cannot_be_bound_by_analytics(proxy, shop_db) -> Non
 
 @pytest.fixture(scope="module")
 def small_pools(shop_db, tmp_path_factory) -> Iterator[ShopProxy]:
-    """The example policies with one server connection for analytics and two for support."""
+    """The example policies with one server connection for analytics and two for support,
+    and pg_prepared_statements readable (it is not by default) so that the tests can
+    find the server-side names of other agents' statements, as an attacker would try to."""
     directory = tmp_path_factory.mktemp("small-pools") / "policies"
     directory.mkdir()
     for source in POLICIES.glob("*.yaml"):
         doc = yaml.safe_load(source.read_text())
+        doc["tables"]["pg_catalog.pg_prepared_statements"] = {"ops": ["select"]}
         if doc["upstream_role"] == "guard_analytics":
             doc["limits"]["max_server_connections"] = 1
         elif doc["upstream_role"] == "guard_support":
@@ -2095,3 +2099,44 @@ def test_monitor_mode_forwards_and_logs_what_would_be_denied(shop_db, tmp_path) 
             check_denial(
                 agent.query("select pg_sleep(0)"), "42501", "support", "functions", "pg_sleep"
             )
+
+
+# --- other agents' statements (agents of a type share a role and server connections) ---
+
+
+@pytest.mark.parametrize(
+    ("sql", "rule", "obj"),
+    [
+        (
+            "select query from pg_stat_activity where usename = current_user",
+            "sensitive catalogs",
+            "pg_stat_activity",
+        ),
+        (
+            "select statement from pg_prepared_statements",
+            "sensitive catalogs",
+            "pg_prepared_statements",
+        ),
+        (
+            "select statement from pg_catalog.pg_prepared_statement()",
+            "functions",
+            "pg_prepared_statement",
+        ),
+        ("select pg_stat_get_activity(null)", "functions", "pg_stat_get_activity"),
+    ],
+)
+def test_an_agent_cannot_read_another_agents_statements(proxy, shop_db, sql, rule, obj) -> None:
+    secret = "literal-of-the-other-agent"
+    with proxy.connect("support-41") as other:
+        # in an open transaction: its statement stays in pg_stat_activity meanwhile
+        other.execute(f"select id from customers where name = '{secret}'").fetchall()
+        role = shop_db.psql(
+            f"select usename from pg_stat_activity where query like '%{secret}%' "
+            "and query not like '%pg_stat_activity%' limit 1",
+            dbname=shop.SHOP_DB,
+        )
+        assert role, "the other agent's statement is visible to its role (what the rule hides)"
+        with RawAgent(proxy.port, agent_id("support")) as agent:
+            reply = agent.query(sql)
+        check_denial(reply, "42501", "support", rule, obj)
+        assert reply.rows == [] and secret not in reply.text

@@ -115,8 +115,27 @@ def test_psycopg_type_info_queries_pass(agent_type: str) -> None:
         "SELECT obj_description('orders'::regclass, 'pg_class')",
         "SELECT current_database(), current_user, session_user, version(), inet_server_port()",
         "SELECT name, setting FROM pg_settings WHERE name LIKE 'statement%'",
-        "SELECT pid, state, query FROM pg_stat_activity WHERE usename = current_user",
     ],
 )
 def test_schema_introspection_passes(agent_type: str, sql: str) -> None:
     assert_passes(judge(agent_type, sql), sql)
+
+
+@pytest.mark.parametrize("agent_type", sorted(AGENTS))
+@pytest.mark.parametrize(
+    ("sql", "rule"),
+    [
+        # agents of a type share a role and server connections: these show one agent
+        # the statements (literals, task, principals) of another
+        ("SELECT pid, state, query FROM pg_stat_activity WHERE usename = current_user", "catalogs"),
+        ("SELECT name, statement FROM pg_prepared_statements", "catalogs"),
+        ("SELECT * FROM pg_catalog.pg_prepared_statement()", "functions"),
+        ("SELECT pg_stat_get_backend_activity(1)", "functions"),
+    ],
+)
+def test_other_sessions_statement_text_is_not_readable(
+    agent_type: str, sql: str, rule: str
+) -> None:
+    decision = judge(agent_type, sql)
+    assert not decision.allowed and decision.rule == rule, (sql, decision)
+    assert "other" in decision.reason and agent_type in decision.reason
