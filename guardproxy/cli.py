@@ -7,12 +7,15 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from guardproxy.config import Settings, load_settings, parse_dsn
 from guardproxy.protocol.errors import ConfigError
+
+if TYPE_CHECKING:
+    from guardproxy.server.instances import SlotCell
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -68,6 +71,16 @@ def serve(
     ] = None,
     workers: Annotated[int | None, Opt(help="worker processes sharing the port [1]")] = None,
     shutdown_timeout: Annotated[float | None, Opt()] = None,
+    advertise_address: Annotated[
+        str | None,
+        Opt(help="host:port other instances forward cancel requests to [listen address]"),
+    ] = None,
+    instance_heartbeat_interval: Annotated[
+        float | None, Opt(help="seconds between instance registry heartbeats [10]")
+    ] = None,
+    instance_stale_after: Annotated[
+        float | None, Opt(help="seconds before a silent instance's slot is reclaimed [60]")
+    ] = None,
     policies: Annotated[
         Path | None, Opt(help="directory of policy YAML files (one per agent type)")
     ] = None,
@@ -124,16 +137,20 @@ def _run(settings: Settings, embedded: bool) -> None:
     host = settings.listen_host
     where = "the embedded Postgres" if embedded else f"{upstream.host}:{upstream.port}"
     if settings.workers == 1:
-        _run_worker(settings, 0, where)
+        _run_worker(settings, 0, where, None)
         return
     if settings.listen_port == 0:
         _fail("--workers needs a fixed --listen-port (they share it)")
     import multiprocessing
     import signal
 
+    from guardproxy.server.instances import SlotCell
+
+    # the instance's registry slot: worker 0 claims it, every worker puts it in its keys
+    slot_cell = SlotCell(shared=True)
     ctx = multiprocessing.get_context("fork")
     children = [
-        ctx.Process(target=_run_worker, args=(settings, i, where), daemon=False)
+        ctx.Process(target=_run_worker, args=(settings, i, where, slot_cell), daemon=False)
         for i in range(settings.workers)
     ]
     for child in children:
@@ -151,7 +168,7 @@ def _run(settings: Settings, embedded: bool) -> None:
         child.join()
 
 
-def _run_worker(settings: Settings, worker: int, where: str) -> None:
+def _run_worker(settings: Settings, worker: int, where: str, slot_cell: SlotCell | None) -> None:
     import uvloop
 
     from guardproxy.server.app import Proxy
@@ -160,7 +177,7 @@ def _run_worker(settings: Settings, worker: int, where: str) -> None:
     upstream = parse_dsn(settings.upstream)
 
     async def main() -> None:
-        proxy = Proxy(settings, upstream, worker)
+        proxy = Proxy(settings, upstream, worker, slot_cell)
         try:
             await proxy.start()
         except OSError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlparse
@@ -78,6 +79,17 @@ class Settings(BaseModel):
     shutdown_timeout: float = Field(
         30.0, ge=0, description="seconds SIGTERM waits for transactions"
     )
+    advertise_address: str | None = Field(
+        None,
+        description="host:port where other guardproxy instances reach this one with cancel "
+        "requests; unset = listen_host:port, or this machine's address on a wildcard listen_host",
+    )
+    instance_heartbeat_interval: float = Field(
+        10.0, gt=0, le=3600, description="seconds between heartbeats of the instance registry"
+    )
+    instance_stale_after: float = Field(
+        60.0, gt=0, description="seconds without a heartbeat before a registry slot is reclaimed"
+    )
     upstream_credentials_dir: Path | None = Field(
         None, description="files named after upstream roles holding their passwords (secrets)"
     )
@@ -102,8 +114,22 @@ class Settings(BaseModel):
             [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
         )
 
+    @field_validator("advertise_address")
+    @classmethod
+    def _check_address(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        host, port = parse_address(value.strip())
+        return join_address(host, port)
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.instance_stale_after < 2 * self.instance_heartbeat_interval:
+            raise ValueError(
+                f"instance_stale_after ({self.instance_stale_after:g}s) must be at least twice "
+                f"instance_heartbeat_interval ({self.instance_heartbeat_interval:g}s), or a live "
+                "instance's slot could be taken between two of its heartbeats"
+            )
         if self.auth_mode == "trust" and not _is_loopback(self.listen_host):
             raise ValueError(
                 f"auth_mode 'trust' is refused on listen_host {self.listen_host!r}: "
@@ -124,6 +150,33 @@ class Settings(BaseModel):
         if self.upstream is not None:
             parse_dsn(self.upstream)
         return self
+
+
+_HOST_CHARS = re.compile(r"^[A-Za-z0-9._:%-]+$")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or a bare IPv6 address with a port after its last colon.
+
+    Raises ValueError saying what is expected. The host is letters, digits and ``.-_:%``
+    only (a DNS name or an IP address), so it can be stored and quoted safely.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"{text!r} is not host:port (for example 10.0.3.7:6432)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is outside 1..65535")
+    if not _HOST_CHARS.match(host):
+        raise ValueError(f"{text!r}: {host!r} is not a host name or an IP address")
+    return host, port
+
+
+def join_address(host: str, port: int) -> str:
+    """The inverse of parse_address (IPv6 addresses in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _is_loopback(host: str) -> bool:

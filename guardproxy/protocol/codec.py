@@ -17,6 +17,12 @@ PROTOCOL_V3 = 196608
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
 CANCEL_REQUEST = 80877102
+# A cancel request one guardproxy instance forwards to another (1234.5690, a code no
+# Postgres client sends): the same 16 bytes as a CancelRequest, but the receiver handles
+# it itself or relays it to its own worker, never to another instance, so a stale
+# instance registry can never make a cancel request go round in circles.
+RELAYED_CANCEL_REQUEST = (1234 << 16) | 5690
+CANCEL_CODES = frozenset((CANCEL_REQUEST, RELAYED_CANCEL_REQUEST))
 
 _I32 = struct.Struct("!i")
 _HDR = struct.Struct("!ci")
@@ -115,9 +121,10 @@ class Startup:
 
 def parse_startup(body: bytes) -> Startup:
     (code,) = _I32.unpack_from(body, 0)
-    if code == CANCEL_REQUEST:
+    if code in CANCEL_CODES:
         if len(body) != 12:
-            raise ProtocolViolation("CancelRequest must be 16 bytes long")
+            kind = "CancelRequest" if code == CANCEL_REQUEST else "relayed CancelRequest"
+            raise ProtocolViolation(f"{kind} must be 16 bytes long")
         pid, secret = struct.unpack_from("!ii", body, 4)
         return Startup(code, {}, pid, secret)
     if code in (SSL_REQUEST, GSSENC_REQUEST):
@@ -243,8 +250,8 @@ def build_startup(params: dict[str, str]) -> bytes:
     return _I32.pack(len(body) + 4) + body
 
 
-def build_cancel(pid: int, secret: int) -> bytes:
-    return struct.pack("!iiii", 16, CANCEL_REQUEST, pid, secret)
+def build_cancel(pid: int, secret: int, code: int = CANCEL_REQUEST) -> bytes:
+    return struct.pack("!iiii", 16, code, pid, secret)
 
 
 def build_error(

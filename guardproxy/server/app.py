@@ -16,7 +16,9 @@ import socket
 import tempfile
 import time
 from collections import deque
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 
@@ -26,22 +28,45 @@ from guardproxy.guard.audit import AuditLog
 from guardproxy.metrics import GuardproxyCollector, PoolView, StatsRegistry
 from guardproxy.policy import AgentPolicy, Catalog, Judge, PolicyError, PolicySet, load_policy_set
 from guardproxy.pool.pool import Pool
+from guardproxy.protocol import codec
 from guardproxy.protocol.errors import AuthFailed, ConfigError, GuardError
 from guardproxy.protocol.scram import Verifier, load_verifiers
+from guardproxy.server.cancel import NO_SLOT, new_cancel_key, send_cancel, slot_of, worker_of
 from guardproxy.server.http import OpsServer
+from guardproxy.server.instances import (
+    InstanceRegistry,
+    SlotCell,
+    advertised_address,
+    is_loopback_address,
+)
 from guardproxy.server.session import ClientSession
 from guardproxy.server.tls import ServerTLS
-from guardproxy.server.workers import CancelRelay, new_cancel_key, worker_of
+from guardproxy.server.workers import CancelRelay
 from guardproxy.store import migrate
 
 log = logging.getLogger("guardproxy")
 
+FORWARD_TIMEOUT = 2.0  # seconds to connect to another instance and hand it a cancel request
+MAX_FORWARDS = 256  # cancel requests being forwarded to other instances at once, at most
+# Where a cancel request came from: a client, another instance (the relayed code), a worker.
+CancelOrigin = Literal["client", "peer", "worker"]
+
 
 class Proxy:
-    def __init__(self, settings: Settings, upstream: Upstream, worker: int = 0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        upstream: Upstream,
+        worker: int = 0,
+        slot_cell: SlotCell | None = None,
+    ) -> None:
         self.settings = settings
         self.worker = worker
         self.relay: CancelRelay | None = None
+        # this instance's registry slot, shared by its workers (worker 0 claims it)
+        self.slot_cell = slot_cell if slot_cell is not None else SlotCell()
+        self._forwards: set[asyncio.Task[None]] = set()
+        self._registry_task: asyncio.Task[None] | None = None
         self.upstream = upstream
         self.pools: dict[str, Pool] = {"default": Pool(settings, upstream)}
         self.policies: PolicySet | None = None
@@ -70,6 +95,7 @@ class Proxy:
         self.stats = StatsRegistry()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GuardproxyCollector(self.stats, self.pool_views))
+        self.instances = InstanceRegistry(self.pools["default"], settings, self.slot_cell)
         self.ops: OpsServer | None = None
         self._server: asyncio.AbstractServer | None = None
         self._stopping: asyncio.Event | None = None
@@ -85,8 +111,9 @@ class Proxy:
         return self.clients > self.settings.max_client_conn
 
     def new_cancel_key(self) -> tuple[int, int]:
-        """The BackendKeyData a new client session gets: it says where a cancel must go."""
-        return new_cancel_key(self.worker)
+        """The BackendKeyData a new client session gets: it says where a cancel must go
+        (this instance's registry slot and this worker, see cancel.py)."""
+        return new_cancel_key(self.slot_cell.slot, self.worker)
 
     def register(self, session: ClientSession) -> None:
         self.sessions[session.cancel_key] = session
@@ -96,16 +123,56 @@ class Proxy:
         if self.sessions.get(session.cancel_key) is session:
             del self.sessions[session.cancel_key]
 
-    def cancel(self, pid: int, secret: int) -> None:
+    def cancel(self, pid: int, secret: int, origin: CancelOrigin = "client") -> None:
+        """A cancel request: for a session of this worker, or routed to where the key says.
+
+        A key of another instance's slot goes to that instance's registered address
+        (with the relayed code); a key of another worker of this instance goes to that
+        worker. What came from another instance is never sent to a third, and what came
+        from a worker is never sent anywhere, so no registry state can make a loop.
+        Unknown slots and sessions are ignored, as Postgres does.
+        """
         session = self.sessions.get((pid, secret))
+        if session is not None:
+            session.cancel()
+            return
+        slot, mine = slot_of(pid), self.slot_cell.slot
+        if slot not in (NO_SLOT, mine):
+            if origin != "client":
+                log.info(
+                    "cancel request for instance slot %d relayed to this instance (slot %d) "
+                    "dropped: a relayed cancel request is never forwarded again",
+                    slot,
+                    mine,
+                )
+                return
+            self._in_background(self._forward_to_instance(slot, pid, secret))
+            return
         owner = worker_of(pid)
-        if session is None and owner != self.worker and self.relay is not None:
-            asyncio.get_running_loop().create_task(self.relay.forward(owner, pid, secret))
+        if owner != self.worker and self.relay is not None and origin != "worker":
+            self._in_background(self.relay.forward(owner, pid, secret))
             return
-        if session is None:
-            log.info("cancel request for an unknown session ignored")
+        log.info("cancel request for an unknown session ignored")
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        if len(self._forwards) >= MAX_FORWARDS:
+            work.close()
+            log.info("cancel request dropped: %d are being forwarded already", MAX_FORWARDS)
             return
-        session.cancel()
+        task = asyncio.get_running_loop().create_task(work)
+        self._forwards.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(self._forwards.discard)
+
+    async def _forward_to_instance(self, slot: int, pid: int, secret: int) -> None:
+        address = await self.instances.address_of(slot)
+        if address is None:
+            log.info("cancel request for instance slot %d ignored: no live instance holds it", slot)
+            return
+        code = codec.RELAYED_CANCEL_REQUEST
+        if await send_cancel(address, pid, secret, code, FORWARD_TIMEOUT):
+            log.info("cancel request for instance slot %d forwarded to %s", slot, address)
+        else:
+            self.instances.forget(slot)
 
     def agent_label(self, agent_id: str) -> str:
         """Agent ids become a metric label only when the auth file bounds them."""
@@ -332,12 +399,19 @@ class Proxy:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.settings.workers > 1:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((self.settings.listen_host, self.settings.listen_port))
+        try:
+            sock.bind((self.settings.listen_host, self.settings.listen_port))
+        except OSError:
+            sock.close()
+            raise
         sock.setblocking(False)
-        self._server = await loop.create_server(self.new_session, sock=sock, backlog=1024)
         self.bound_port = sock.getsockname()[1]
         if self.policies is not None:
             await self.check_schema()
+        # the slot goes into every cancel key: decided before the first client is accepted
+        await self._join_registry()
+        self._server = await loop.create_server(self.new_session, sock=sock, backlog=1024)
+        if self.policies is not None:
             assert self.settings.upstream is not None
             self.audit = AuditLog(
                 self.settings.upstream, self.stats, self.settings.audit_queue_size
@@ -346,7 +420,10 @@ class Proxy:
         await self.load_catalog()
         if self.settings.workers > 1:
             self.relay = CancelRelay(
-                Path(tempfile.gettempdir()), self.bound_port, self.worker, self.cancel
+                Path(tempfile.gettempdir()),
+                self.bound_port,
+                self.worker,
+                lambda pid, secret: self.cancel(pid, secret, "worker"),
             )
             await self.relay.start()
         self._timeouts = loop.create_task(self._enforce_transaction_timeouts())
@@ -366,6 +443,28 @@ class Proxy:
             self.upstream.database,
             self.settings.pool_mode,
         )
+
+    async def _join_registry(self) -> None:
+        """Worker 0 claims the instance's slot and keeps it; the other workers wait for it."""
+        if self.worker != 0:
+            # bounded: the pool bounds connecting and waiting, each statement takes <= 5 s
+            s = self.settings
+            await self.slot_cell.wait_decided(2 * s.server_connect_timeout + 30.0)
+            return
+        address = await asyncio.to_thread(advertised_address, self.settings, self.bound_port)
+        if is_loopback_address(address) and self.settings.listen_host not in (
+            "127.0.0.1",
+            "::1",
+            "localhost",
+        ):
+            log.warning(
+                "advertise address %s is a loopback address: instances on other hosts cannot "
+                "forward cancel requests here; set advertise_address (GUARDPROXY_ADVERTISE_ADDRESS)",
+                address,
+            )
+        self.instances.address = address
+        await self.instances.start()
+        self._registry_task = asyncio.get_running_loop().create_task(self.instances.keep_alive())
 
     async def serve_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
@@ -398,6 +497,10 @@ class Proxy:
         for session in list(self.sessions.values()):
             if session.transport is not None:
                 session.transport.close()
+        if self._registry_task is not None:
+            self._registry_task.cancel()
+            # the sessions are gone: no cancel can be meant for this instance any more
+            await self.instances.release()
         for pool in self.pools.values():
             pool.close_all()
         for janitor in self._janitors:

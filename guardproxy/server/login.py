@@ -30,8 +30,10 @@ async def login_exchange(session: ClientSession) -> codec.Startup | None:
         if startup.code in (codec.SSL_REQUEST, codec.GSSENC_REQUEST):
             session.write(codec.NO_SSL)
             continue
-        if startup.code == codec.CANCEL_REQUEST:
-            proxy.cancel(startup.cancel_pid, startup.cancel_secret)
+        if startup.code in codec.CANCEL_CODES:
+            # a relayed cancel came from another guardproxy instance: never forwarded again
+            relayed = startup.code == codec.RELAYED_CANCEL_REQUEST
+            proxy.cancel(startup.cancel_pid, startup.cancel_secret, "peer" if relayed else "client")
             if session.transport is not None:
                 session.transport.close()
             return None

@@ -2,10 +2,12 @@
 
 The kernel spreads new connections over the workers. A cancel request arrives
 on a new connection, so it may land on a worker that does not own the session:
-each session's backend key carries its worker's index in the top bits of the
-pid, and each worker listens on a private Unix socket where the others forward
-cancel requests meant for it. State that must be shared between workers
-(idempotency, task budgets) lives in Postgres, never in a worker's memory.
+each session's backend key carries its worker's index in the pid (see
+cancel.py for the layout), and each worker listens on a private Unix socket
+where the others forward cancel requests meant for it. A worker that gets a
+cancel request this way handles it itself and never forwards it again. State
+that must be shared between workers (idempotency, task budgets, the instance's
+registry slot) lives in Postgres, never in a worker's memory.
 """
 
 from __future__ import annotations
@@ -14,23 +16,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("guardproxy.workers")
-
-WORKER_BITS = 7  # up to 128 workers; the pid stays a positive int32
-_PID_BITS = 31 - WORKER_BITS
-
-
-def new_cancel_key(worker: int) -> tuple[int, int]:
-    return (worker << _PID_BITS) | secrets.randbits(_PID_BITS), secrets.randbits(31)
-
-
-def worker_of(pid: int) -> int:
-    return pid >> _PID_BITS
 
 
 class CancelRelay:

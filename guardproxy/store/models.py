@@ -1,13 +1,25 @@
 """SQLAlchemy models of guardproxy's own schema: the audit log, deleted-row images,
-the idempotency ledger and task budgets. Alembic migrations in ``migrations/``
-create them; the proxy writes to them with asyncpg.
+the idempotency ledger, task budgets and the instance registry. Alembic migrations
+in ``migrations/`` create them; the proxy writes to them with asyncpg (and to the
+instance registry through its own server connection).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Double, Index, LargeBinary, MetaData, Text, func
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Double,
+    Index,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    Text,
+    func,
+)
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -90,3 +102,17 @@ class TaskBudget(Base):
     statements: Mapped[int] = mapped_column(BigInteger, default=0)
     rows_written: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ProxyInstance(Base):
+    """A running guardproxy instance: its slot in the cancel keys and where it takes cancels."""
+
+    __tablename__ = "proxy_instances"
+    slot: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    address: Mapped[str] = mapped_column(Text)  # host:port, advertise_address
+    owner: Mapped[str] = mapped_column(Text)  # host/pid/random of the process holding it
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    heartbeat_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    __table_args__ = (CheckConstraint("slot BETWEEN 1 AND 255", name="proxy_instances_slot_range"),)

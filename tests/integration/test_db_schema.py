@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from pgcluster import PgCluster
 
 
@@ -31,7 +32,9 @@ def test_upgrade_creates_schema_downgrade_removes_it_current_tells_which(pg: PgC
             "select string_agg(tablename, ',' order by tablename) from pg_tables where schemaname = 'guardproxy'",
             dbname="schema_test",
         )
-        assert tables == "alembic_version,audit_events,deleted_rows,idempotency_keys,task_budgets"
+        assert tables == (
+            "alembic_version,audit_events,deleted_rows,idempotency_keys,proxy_instances,task_budgets"
+        )
         assert (
             pg.psql(
                 "select count(*) from pg_proc where proname = 'refuse_soft_deleted'",
@@ -41,6 +44,35 @@ def test_upgrade_creates_schema_downgrade_removes_it_current_tells_which(pg: PgC
         )
         now = gp("db", "current", "--upstream", dsn)
         assert now.returncode == 0 and "up to date" in now.stdout
+
+        # 0003, the instance registry: down removes only it, up brings it back
+        back = gp("db", "downgrade", "0002", "--upstream", dsn)
+        assert back.returncode == 0, back.stderr
+        assert (
+            pg.psql("select to_regclass('guardproxy.proxy_instances')", dbname="schema_test") == ""
+        )
+        assert pg.psql("select to_regclass('guardproxy.task_budgets')", dbname="schema_test") != ""
+        behind = gp("db", "current", "--upstream", dsn)
+        assert behind.returncode == 1 and "0002" in behind.stdout and "0003" in behind.stdout
+        again = gp("db", "upgrade", "--upstream", dsn)
+        assert again.returncode == 0, again.stderr
+        pg.psql(
+            "INSERT INTO guardproxy.proxy_instances (slot, address, owner) VALUES (1, 'a:1', 'o')",
+            dbname="schema_test",
+        )
+        assert (
+            pg.psql(
+                "select slot || ' ' || (heartbeat_at > now() - interval '1 minute') "
+                "from guardproxy.proxy_instances",
+                dbname="schema_test",
+            )
+            == "1 true"
+        )
+        with pytest.raises(RuntimeError, match="proxy_instances_slot_range"):
+            pg.psql(
+                "INSERT INTO guardproxy.proxy_instances (slot, address, owner) VALUES (256, 'a:1', 'o')",
+                dbname="schema_test",
+            )
 
         down = gp("db", "downgrade", "base", "--upstream", dsn)
         assert down.returncode == 0, down.stderr

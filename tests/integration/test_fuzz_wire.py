@@ -61,6 +61,7 @@ PROBE_WITHIN = 5.0  # a connection left open must answer Sync + Query within thi
 RSS_SLACK_KB = 40 * 1024
 BACKEND_KINDS = frozenset(b"RSKZENTDCI123nstGHWdcAvV")
 CANCEL = struct.pack("!i", codec.CANCEL_REQUEST)
+RELAYED_CANCEL = struct.pack("!i", codec.RELAYED_CANCEL_REQUEST)  # between instances
 
 
 def fuzz_settings(examples: int) -> settings:
@@ -372,6 +373,7 @@ codes = st.sampled_from(
         codec.SSL_REQUEST,
         codec.GSSENC_REQUEST,
         codec.CANCEL_REQUEST,
+        codec.RELAYED_CANCEL_REQUEST,
         1234 << 16 | 5680,
     ]
 ) | st.integers(0, 2**32 - 1)
@@ -554,7 +556,8 @@ def one_startup_input(proxy: ShopProxy, data: bytes) -> None:
         conn.finish()
     finally:
         conn.sock.close()
-    verdict(proxy, conn, "startup", silent_close_ok=CANCEL in data, logged_in=False)
+    silent_ok = CANCEL in data or RELAYED_CANCEL in data
+    verdict(proxy, conn, "startup", silent_close_ok=silent_ok, logged_in=False)
 
 
 def one_scram_exchange(proxy: ShopProxy, user: str, data: st.DataObject) -> None:

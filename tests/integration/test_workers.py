@@ -9,6 +9,8 @@ import psycopg
 import pytest
 from pgcluster import free_port
 
+from guardproxy.server.cancel import worker_of
+
 
 @pytest.fixture
 def two_workers(start_proxy):
@@ -23,8 +25,8 @@ def test_connections_spread_over_both_worker_processes(two_workers, pg) -> None:
         try:
             for c in conns:
                 assert c.execute("select 1").fetchone() == (1,)
-            # the worker index is in the top bits of the backend key the proxy hands out
-            workers |= {c.info.backend_pid >> 24 for c in conns}
+            # the worker index is in the backend key the proxy hands out (see cancel.py)
+            workers |= {worker_of(c.info.backend_pid) for c in conns}
         finally:
             for c in conns:
                 c.close()

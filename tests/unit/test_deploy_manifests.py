@@ -326,6 +326,30 @@ def test_validator_rejects_a_broken_deployment(breakage: Callable[[dict[str, Any
 # ---------------------------------------------- the Deployment and its peers
 
 
+# What the downward API gives a pod, for the env vars taken from it (fieldRef).
+POD_FIELDS = {"status.podIP": "10.244.3.17", "metadata.name": "guardproxy-7d9c-abcde"}
+
+
+def container_env() -> dict[str, str]:
+    """The container's env as the kubelet sets it: values with $(VAR) references to
+    earlier variables expanded, Secret refs and downward-API fields resolved."""
+    out: dict[str, str] = {}
+    for env in container().get("env", []):
+        if "value" in env:
+            value = re.sub(
+                r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                lambda m: out.get(m.group(1), m.group(0)),
+                str(env["value"]),
+            )
+        elif "fieldRef" in env["valueFrom"]:
+            value = POD_FIELDS[env["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            ref = env["valueFrom"]["secretKeyRef"]
+            value = the("Secret", ref["name"])["stringData"][ref["key"]]
+        out[env["name"]] = value
+    return out
+
+
 def deployment_settings() -> dict[str, Any]:
     """config file (ConfigMap) < env (values and Secret refs) < args, as the pod would run."""
     c = container()
@@ -335,15 +359,7 @@ def deployment_settings() -> dict[str, Any]:
     if config_path:
         key = mounted_key(config_path, "ConfigMap")
         values.update(yaml.safe_load(the("ConfigMap", key[0])["data"][key[1]]) or {})
-    for env in c.get("env", []):
-        if not env["name"].startswith(ENV_PREFIX):
-            continue
-        if "value" in env:
-            value = env["value"]
-        else:
-            ref = env["valueFrom"]["secretKeyRef"]
-            value = the("Secret", ref["name"])["stringData"][ref["key"]]
-        values[env["name"].removeprefix(ENV_PREFIX).lower()] = value
+    values.update(settings_env(container_env()))
     values.update({k: v for k, v in args.items() if k not in CLI_ONLY_FLAGS})
     return values
 
@@ -400,6 +416,22 @@ def test_deployment_settings_are_valid_and_wired_to_the_mounts() -> None:
         "postgres": "postgres",
         "metrics": "metrics",
     }
+
+
+def test_deployment_advertises_the_pod_ip_for_cancel_requests_between_replicas() -> None:
+    # Replicas forward cancel requests to each other at the address each one registered:
+    # the pod's own IP (downward API) and the port agents connect to, never the Service.
+    env = {e["name"]: e for e in container()["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    names = list(env)
+    assert names.index("POD_IP") < names.index("GUARDPROXY_ADVERTISE_ADDRESS"), (
+        "$(POD_IP) expands only when POD_IP is defined earlier in the list"
+    )
+    s = effective_settings(deployment_settings(), "the Deployment")
+    assert s.advertise_address == f"{POD_FIELDS['status.podIP']}:{s.listen_port}"
+    ports = {p["name"]: p["containerPort"] for p in container()["ports"]}
+    assert ports["postgres"] == s.listen_port
+    assert s.instance_stale_after >= 2 * s.instance_heartbeat_interval
 
 
 def test_deployment_probes_use_the_ops_port_paths() -> None:
