@@ -127,7 +127,7 @@ async def measure(rounds: int, protocol: str, policies: Path | None) -> float:
         statement = b""
     else:
         prefix = b""
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: other work on the machine does not count
     for i in range(rounds):
         aid = 1 + i % 100000
         request = (
@@ -139,7 +139,7 @@ async def measure(rounds: int, protocol: str, policies: Path | None) -> float:
         assert session.server is None, "the server was not given back after the transaction"
         if i % 1000 == 999:
             await asyncio.sleep(0)  # let the queued flush callbacks run, as the loop would
-    return (time.perf_counter() - started) / rounds
+    return (time.process_time() - started) / rounds
 
 
 def main() -> None:

@@ -52,6 +52,28 @@ ABORT_SQL = (
 _I32 = struct.Struct("!i")
 _MAX_SERVER_MESSAGE = 1 << 30
 
+# Servers sent to during the event-loop callback now running, when that callback is a
+# batch (a client's or a server's data_received): each gets one write at its end,
+# with no call_soon per server. Outside a batch, send() schedules the write itself.
+_batch: list[ServerConn] | None = None
+
+
+def begin_batch() -> bool:
+    """Starts collecting writes; True when this call opened the batch (and must end it)."""
+    global _batch
+    if _batch is not None:
+        return False
+    _batch = []
+    return True
+
+
+def end_batch() -> None:
+    """Writes what the batch collected, one write per server."""
+    global _batch
+    servers, _batch = _batch, None
+    for server in servers or ():
+        server._flush()
+
 
 class Client(Protocol):
     """What a server connection needs from the client session it is lent to."""
@@ -166,7 +188,10 @@ class ServerConn(asyncio.Protocol):
         self._wbuf.append(data)
         if not self._flush_pending:
             self._flush_pending = True
-            (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
+            if _batch is not None:
+                _batch.append(self)
+            else:
+                (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_pending = False
@@ -197,8 +222,17 @@ class ServerConn(asyncio.Protocol):
         if self.client is None:
             self._receive_internal(data)
             return
-        buf = self._buf + data if self._buf else data
+        opened = begin_batch()  # a client released here may send on to another server
+        try:
+            self._relay_to_client(data)
+        finally:
+            if opened:
+                end_batch()
+
+    def _relay_to_client(self, data: bytes) -> None:
         client = self.client
+        assert client is not None
+        buf = self._buf + data if self._buf else data
         pending = self.pending
         unpack = _I32.unpack_from
         n = len(buf)

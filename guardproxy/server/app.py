@@ -42,7 +42,7 @@ from guardproxy.server.instances import (
 from guardproxy.server.session import ClientSession
 from guardproxy.server.tls import ServerTLS
 from guardproxy.server.workers import CancelRelay
-from guardproxy.store import migrate
+from guardproxy.store.schema_version import SCHEMA_HEAD
 
 log = logging.getLogger("guardproxy")
 
@@ -207,7 +207,7 @@ class Proxy:
 
     async def check_schema(self) -> None:
         """Refuses to start when guardproxy's own schema is missing or older than this version."""
-        head = await asyncio.to_thread(migrate.head_revision)
+        head = SCHEMA_HEAD
         pool = self.pools["default"]
         server = await pool.acquire()
         try:

@@ -188,7 +188,7 @@ class SessionGuard:
         if decision.action == "rewrite" and not decision.monitored:
             self.last_decision = "rewritten"
             sql_bytes = decision.sql.encode()
-        self.last_sql = sql_bytes.decode(errors="replace")
+            self.last_sql = decision.sql
         self.last_write = self._write_plan(decision) if decision.write is not None else None
         self.last_statements = len(decision.writes) or 1
         cap = decision.max_rows_returned

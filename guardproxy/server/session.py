@@ -42,6 +42,8 @@ from guardproxy.pool.server import (
     SYNC,
     SYNTH,
     ServerConn,
+    begin_batch,
+    end_batch,
 )
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import AuthFailed, GuardError, ProtocolViolation, UpstreamError
@@ -157,6 +159,7 @@ class ClientSession(asyncio.Protocol):
         self.portal_cursor: tuple[str, str] | None = None
         self.cursor_rows: dict[str, int] = {}  # rows each capped cursor delivered so far
         self.fetching: str | None = None  # the cursor of the FETCH now running
+        self._parse_memo: tuple[bytes, codec.ParseMessage] | None = None
         self.statement_caps: dict[bytes, tuple[int, bool] | None] = {}
         self.portal_cap: tuple[int, bool] | None = None
         self.admin = False
@@ -210,12 +213,16 @@ class ClientSession(asyncio.Protocol):
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
             return
+        opened = begin_batch()  # what this sends to a server leaves in one write, at the end
         try:
             self.reader.feed(data)
             if not self.blocked:
                 self._process()
         except ProtocolViolation as exc:
             self.fatal(exc)
+        finally:
+            if opened:
+                end_batch()
 
     def eof_received(self) -> bool | None:
         return None
@@ -503,7 +510,7 @@ class ClientSession(asyncio.Protocol):
                 if kind == 81:
                     self._inspect(codec.parse_query(raw))  # the agent's own text, before our tag
                 elif kind == 80:
-                    self._inspect(codec.parse_parse(raw).query)
+                    self._inspect(self._parse_of(raw).query)
                 if guard is not None and (kind == 81 or kind == 80):
                     started = time.perf_counter()
                     try:
@@ -519,7 +526,7 @@ class ClientSession(asyncio.Protocol):
                     self.proxy.stats.proxy_latency.observe(time.perf_counter() - started)
                     self.row_cap, self.cursor = guard.last_row_cap, guard.last_cursor
                     if kind == 80:
-                        name = codec.parse_parse(raw).name
+                        name = self._parse_of(raw).name
                         self.statement_caps[name] = guard.last_row_cap
                         self.statement_cursors[name] = guard.last_cursor
                     if guard.last_plan_check is not None and self.plans.judged(kind, raw, guard):
@@ -688,7 +695,7 @@ class ClientSession(asyncio.Protocol):
         connections holds the last server (pgbench -M prepared) never deadlock.
         """
         if kind == 80:
-            parsed = codec.parse_parse(raw)
+            parsed = self._parse_of(raw)
             if not parsed.name:
                 return False
             error = syntax_error(parsed.query)
@@ -838,6 +845,15 @@ class ClientSession(asyncio.Protocol):
         else:
             raise ProtocolViolation(f"unknown or unexpected message type {chr(kind)!r} from client")
 
+    def _parse_of(self, raw: bytes) -> codec.ParseMessage:
+        """A Parse message's fields, parsed once however many steps look at them."""
+        memo = self._parse_memo
+        if memo is not None and memo[0] is raw:
+            return memo[1]
+        parsed = codec.parse_parse(raw)
+        self._parse_memo = (raw, parsed)
+        return parsed
+
     def _count_cursor(self, server: ServerConn, cursor: tuple[str, str]) -> None:
         """Makes a row cap hold per cursor: a FETCH starts counting where the last one ended."""
         verb, name = cursor
@@ -848,7 +864,7 @@ class ClientSession(asyncio.Protocol):
         server.rows_seen = server.rows_offset = self.cursor_rows.get(name, 0)
 
     def _relay_parse(self, server: ServerConn, raw: bytes) -> None:
-        parsed = codec.parse_parse(raw)
+        parsed = self._parse_of(raw)
         if not parsed.name:
             self.unnamed = (parsed.query, parsed.tail)
             self.unnamed_on = server
