@@ -51,6 +51,9 @@ ABORT_SQL = (
 
 _I32 = struct.Struct("!i")
 _MAX_SERVER_MESSAGE = 1 << 30
+# A DataRow or CopyData larger than this is streamed to the client as it arrives
+# rather than buffered whole: a 500 MB row costs no 500 MB here.
+_STREAM_ABOVE = 1 << 16
 
 # Servers sent to during the event-loop callback now running, when that callback is a
 # batch (a client's or a server's data_received): each gets one write at its end,
@@ -120,6 +123,8 @@ class ServerConn(asyncio.Protocol):
         self.closed = False
         self.fatal: dict[str, str] | None = None
         self._buf = b""
+        self._through = 0  # bytes still to come of a large message being streamed
+        self._through_forward = True  # forwarded (or dropped: a row past the cap)
         self._wbuf: list[bytes] = []
         self._flush_pending = False
         self._inbox: deque[tuple[int, bytes]] = deque()
@@ -232,6 +237,14 @@ class ServerConn(asyncio.Protocol):
     def _relay_to_client(self, data: bytes) -> None:
         client = self.client
         assert client is not None
+        if self._through:
+            take = min(self._through, len(data))
+            self._through -= take
+            if self._through_forward:
+                client.write(data[:take] if take < len(data) else data)
+            if take == len(data):
+                return
+            data = data[take:]
         buf = self._buf + data if self._buf else data
         pending = self.pending
         unpack = _I32.unpack_from
@@ -244,6 +257,17 @@ class ServerConn(asyncio.Protocol):
             kind = buf[pos]
             end = pos + 1 + unpack(buf, pos + 1)[0]
             if end > n:
+                if end - pos > _STREAM_ABOVE and kind in (68, 100) and not self._swallowing():
+                    keep = True
+                    if kind == 68 and row_cap:
+                        self.rows_seen += 1
+                        keep = self.rows_seen <= row_cap
+                    if not keep:
+                        if start < pos:
+                            out.append(buf[start:pos])
+                        start = n
+                    pos = n
+                    self._through, self._through_forward = end - n, keep
                 break
             swallow = bool(pending) and pending[0][1]
             if kind == 68 and not swallow:  # DataRow: the hot path, forwarded as is
@@ -297,6 +321,9 @@ class ServerConn(asyncio.Protocol):
             client.writelines(out)
         if released and self.client is client:
             client.server_idle()
+
+    def _swallowing(self) -> bool:
+        return bool(self.pending) and self.pending[0][1]
 
     def _cap_message(self, tag: bytes) -> bytes:
         cap = self.row_cap

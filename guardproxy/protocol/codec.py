@@ -54,16 +54,30 @@ class MessageReader:
     whole message including its header, or ``None`` when a message is
     incomplete. Lengths outside ``4..max_size`` raise ProtocolViolation before any
     buffering of the body, so a hostile length cannot make us allocate.
+
+    A large message arriving in many reads is collected as a list of chunks and
+    joined once, when complete: appending to one bytes object per read would copy
+    it again on every read.
     """
 
-    __slots__ = ("_buf", "_pos", "max_size")
+    __slots__ = ("_buf", "_need", "_parts", "_parts_len", "_pos", "max_size")
 
     def __init__(self, max_size: int) -> None:
         self._buf = b""
         self._pos = 0
         self.max_size = max_size
+        self._parts: list[bytes] | None = None  # chunks of a large incomplete message
+        self._parts_len = 0
+        self._need = 0
 
     def feed(self, data: bytes) -> None:
+        parts = self._parts
+        if parts is not None:
+            parts.append(data)
+            self._parts_len += len(data)
+            if self._parts_len >= self._need:
+                self._buf, self._pos, self._parts = b"".join(parts), 0, None
+            return
         if self._pos:
             self._buf = self._buf[self._pos :] + data
             self._pos = 0
@@ -73,6 +87,8 @@ class MessageReader:
             self._buf = data
 
     def next(self) -> tuple[int, bytes] | None:
+        if self._parts is not None:
+            return None
         buf, pos = self._buf, self._pos
         if len(buf) - pos < 5:
             return None
@@ -85,17 +101,30 @@ class MessageReader:
             )
         end = pos + 1 + length
         if len(buf) < end:
+            if length > _COLLECT_ABOVE:
+                rest = buf[pos:]
+                self._parts, self._parts_len, self._need = [rest], len(rest), end - pos
+                self._buf, self._pos = b"", 0
             return None
         self._pos = end
         return kind, buf[pos:end]
 
     def pending(self) -> int:
+        if self._parts is not None:
+            return self._parts_len
         return len(self._buf) - self._pos
 
     def take_rest(self) -> bytes:
-        rest = self._buf[self._pos :]
+        if self._parts is not None:
+            rest = b"".join(self._parts)
+            self._parts = None
+        else:
+            rest = self._buf[self._pos :]
         self._buf, self._pos = b"", 0
         return rest
+
+
+_COLLECT_ABOVE = 1 << 16  # messages larger than this are collected in chunks
 
 
 def read_startup(buf: bytes, max_size: int) -> tuple[int, bytes] | None:

@@ -77,6 +77,32 @@ def test_reader_accepts_empty_payload_and_exactly_max_size() -> None:
     assert drain(reader) == [(ord("H"), codec.message(b"H")), (ord("d"), biggest)]
 
 
+def test_reader_reassembles_a_large_message_fed_in_many_small_reads() -> None:
+    big = codec.message(b"d", bytes(range(256)) * 4096)  # 1 MiB of COPY data
+    after = codec.build_query("select 2")
+    stream = codec.SYNC + big + after
+    reader = codec.MessageReader(4 << 20)
+    got: list[tuple[int, bytes]] = []
+    for start in range(0, len(stream), 4096):
+        reader.feed(stream[start : start + 4096])
+        got += drain(reader)
+        if len(got) == 1:  # inside the big message: counted, not yet returned
+            assert reader.pending() == min(start + 4096, len(stream)) - len(codec.SYNC)
+    assert got == [(ord("S"), codec.SYNC), (ord("d"), big), (ord("Q"), after)]
+    assert reader.pending() == 0
+
+
+def test_reader_hands_over_a_partly_collected_large_message_intact() -> None:
+    big = codec.message(b"d", b"y" * 200_000)
+    reader = codec.MessageReader(1 << 20)
+    reader.feed(big[:70_000])
+    assert reader.next() is None
+    reader.feed(big[70_000:150_000])
+    assert reader.pending() == 150_000
+    assert reader.take_rest() == big[:150_000]
+    assert reader.pending() == 0
+
+
 @pytest.mark.parametrize("length", [-1, 0, 3, 65, 2**31 - 1])
 def test_reader_rejects_lengths_outside_4_to_max_size(length: int) -> None:
     reader = codec.MessageReader(64)
