@@ -52,6 +52,23 @@ MAX_FORWARDS = 256  # cancel requests being forwarded to other instances at once
 CancelOrigin = Literal["client", "peer", "worker"]
 
 
+def worker_share(limit: int, workers: int, worker: int) -> int:
+    """This worker's part of a per-instance connection limit: the parts add up to the
+    limit (the role's CONNECTION LIMIT holds), and no worker gets none."""
+    if workers <= 1:
+        return limit
+    if limit < workers:
+        log.warning(
+            "a limit of %d server connections cannot be split over %d workers; each worker "
+            "gets 1, so up to %d may be open",
+            limit,
+            workers,
+            workers,
+        )
+        return 1
+    return limit // workers + (1 if worker < limit % workers else 0)
+
+
 class Proxy:
     def __init__(
         self,
@@ -186,7 +203,8 @@ class Proxy:
                 continue
             settings = self.settings
             if policy.max_server_connections:
-                settings = settings.model_copy(update={"pool_size": policy.max_server_connections})
+                share = worker_share(policy.max_server_connections, settings.workers, self.worker)
+                settings = settings.model_copy(update={"pool_size": share})
             upstream = self.upstream
             password = role_password(policy.upstream_role, self.settings.upstream_credentials_dir)
             if password is not None:
