@@ -16,10 +16,9 @@ from guardproxy.guard import writes
 from guardproxy.guard.audit import AuditEvent
 from guardproxy.guard.writes import WritePlan
 from guardproxy.protocol import codec
-from guardproxy.protocol.errors import GuardError, UpstreamError
+from guardproxy.protocol.errors import GuardError
 
 if TYPE_CHECKING:
-    from guardproxy.pool.server import ServerConn
     from guardproxy.server.guard import SessionGuard
     from guardproxy.server.session import ClientSession
 
@@ -159,21 +158,9 @@ class SessionWrites:
         guard = session.guard
         assert guard is not None
         started = time.perf_counter()
-        server: ServerConn | None = None
         try:
-            server = session.server
-            if server is None:
-                server = await session.pool.acquire()
-                session.attach(server)
-            if server.pending:
-                # earlier answers (a settings replay, the statement's ParseComplete) go out
-                # first; Postgres holds extended-protocol answers until a Flush or Sync
-                server.send(codec.FLUSH)
-            while server.pending:
-                await asyncio.sleep(0.0005)
-                if server.closed:
-                    raise UpstreamError("server connection lost before the write could run")
-            server.client = None  # internal mode: nothing reaches the client until decided
+            # internal mode: nothing reaches the client until the outcome is decided
+            server = await session.server_for_internal_use("the write could run")
             prefix, hidden = (
                 session.prepare_prefix(server, statement) if statement is not None else (b"", 0)
             )
@@ -183,24 +170,11 @@ class SessionWrites:
                 server, prefix + request, plan, session.agent_id, parameters, hidden
             )
         except (GuardError, ConnectionError, OSError) as exc:
-            error = (
-                exc
-                if isinstance(exc, GuardError)
-                else UpstreamError(f"server connection lost: {exc}")
-            )
-            if server is not None:
-                session.pool.discard(server)
-            session.server = None
-            session.write(
-                codec.build_error(error.sqlstate, error.message, hint=error.hint)
-                + codec.ready_for_query(b"I")
-            )
+            session.internal_use_failed(exc)
             self._done()
             return
-        except asyncio.CancelledError:
-            if server is not None:
-                session.pool.discard(server)  # mid-write: never reuse it
-            session.server = None
+        except asyncio.CancelledError as exc:
+            session.internal_use_failed(exc)  # mid-write: never reuse its server
             raise
         elapsed = time.perf_counter() - started
         stats = session.stats

@@ -28,7 +28,6 @@ from guardproxy.policy.plans import (
     plan_estimate,
     plan_violation,
 )
-from guardproxy.protocol import codec
 from guardproxy.protocol.errors import GuardError, UpstreamError
 
 if TYPE_CHECKING:
@@ -80,37 +79,18 @@ class PlanChecks:
 
     async def _run(self, kind: int, raw: bytes, guard: SessionGuard, shape: str, sql: str) -> None:
         session = self.session
-        server: ServerConn | None = None
         try:
-            server = session.server
-            if server is None:
-                server = await session.pool.acquire()
-                session.attach(server)
-            if server.pending:
-                server.send(codec.FLUSH)  # earlier answers go out first
-            while server.pending:
-                await asyncio.sleep(0.0005)
-                if server.closed:
-                    raise UpstreamError("server connection lost before the plan check")
-            server.client = None  # internal mode: the client sees none of this
+            # internal mode: the client sees none of this
+            server = await session.server_for_internal_use("the plan check")
             estimates = await estimate(server, sql)
             server.client = session
             session.unnamed_on = None  # our simple queries dropped the server's unnamed statement
         except (GuardError, ConnectionError, OSError) as exc:
-            error = exc if isinstance(exc, GuardError) else UpstreamError(f"{exc}")
-            if server is not None:
-                session.pool.discard(server)
-            session.server = None
-            session.write(
-                codec.build_error(error.sqlstate, error.message, hint=error.hint)
-                + codec.ready_for_query(b"I")
-            )
+            session.internal_use_failed(exc)
             self._resume()
             return
-        except asyncio.CancelledError:
-            if server is not None:
-                session.pool.discard(server)
-            session.server = None
+        except asyncio.CancelledError as exc:
+            session.internal_use_failed(exc)
             raise
         if estimates is not None:
             cache = session.pool.plan_estimates

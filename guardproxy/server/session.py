@@ -557,6 +557,39 @@ class ClientSession(asyncio.Protocol):
 
     # ------------------------------------------------------------ managed writes' needs
 
+    async def server_for_internal_use(self, purpose: str) -> ServerConn:
+        """The session's server (acquired if it has none) in internal mode, once every
+        earlier answer has gone out: what the proxy runs on it now reaches no client."""
+        server = self.server
+        if server is None:
+            server = await self.pool.acquire()
+            self.attach(server)
+        if server.pending:
+            # earlier answers (a settings replay, a ParseComplete) go out first; Postgres
+            # holds extended-protocol answers until a Flush or Sync
+            server.send(codec.FLUSH)
+        while server.pending:
+            await asyncio.sleep(0.0005)
+            if server.closed:
+                raise UpstreamError(f"server connection lost before {purpose}")
+        server.client = None
+        return server
+
+    def internal_use_failed(self, exc: BaseException) -> None:
+        """The server of an internal exchange is never reused; the client gets the error."""
+        server, self.server = self.server, None
+        if server is not None:
+            self.pool.discard(server)
+        if isinstance(exc, asyncio.CancelledError):
+            return
+        error = (
+            exc if isinstance(exc, GuardError) else UpstreamError(f"server connection lost: {exc}")
+        )
+        self.write(
+            codec.build_error(error.sqlstate, error.message, hint=error.hint)
+            + codec.ready_for_query(b"I")
+        )
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._task = asyncio.get_running_loop().create_task(coro)
 

@@ -4,7 +4,6 @@ stay exact: content, order, the row cap and the session afterwards."""
 from __future__ import annotations
 
 import hashlib
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import psycopg
 import pytest
 import shop
 from pgcluster import PgCluster
-from shop import POLICIES, SHOP_DB, ShopProxy, launch_proxy
+from shop import SHOP_DB, ShopProxy, edited_policies, launch_proxy
 
 shop_db = shop.shop_db
 shop_baseline = shop.shop_baseline
@@ -42,11 +41,8 @@ def _expected(pg: PgCluster, ident: int) -> str:
 
 @pytest.fixture
 def capped_proxy(clean_shop: PgCluster, tmp_path: Path) -> Iterator[ShopProxy]:
-    policies = tmp_path / "policies"
-    shutil.copytree(POLICIES, policies)
-    analytics = policies / "analytics.yaml"
-    analytics.write_text(
-        analytics.read_text().replace("max_rows_returned: 1000", "max_rows_returned: 2")
+    policies = edited_policies(
+        tmp_path, "analytics.yaml", "max_rows_returned: 1000", "max_rows_returned: 2"
     )
     with launch_proxy(clean_shop, tmp_path / "guardproxy.log", policies=policies) as handle:
         yield handle

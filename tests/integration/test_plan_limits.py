@@ -4,7 +4,6 @@ extended protocol, with the estimate in the message; reads under the limit run."
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import psycopg
 import pytest
 import shop
 from pgcluster import PgCluster
-from shop import POLICIES, SHOP_DB, ShopProxy, launch_proxy
+from shop import SHOP_DB, ShopProxy, edited_policies, launch_proxy
 
 shop_db = shop.shop_db
 shop_baseline = shop.shop_baseline
@@ -29,14 +28,11 @@ RUNAWAY = (
 
 @pytest.fixture
 def proxy(clean_shop: PgCluster, tmp_path: Path) -> Iterator[ShopProxy]:
-    policies = tmp_path / "policies"
-    shutil.copytree(POLICIES, policies)
-    analytics = policies / "analytics.yaml"
-    analytics.write_text(
-        analytics.read_text().replace(
-            "  max_rows_returned: 1000",
-            "  max_plan_rows: 50000\n  max_plan_cost: 100000000\n  max_rows_returned: 1000",
-        )
+    policies = edited_policies(
+        tmp_path,
+        "analytics.yaml",
+        "  max_rows_returned: 1000",
+        "  max_plan_rows: 50000\n  max_plan_cost: 100000000\n  max_rows_returned: 1000",
     )
     with launch_proxy(clean_shop, tmp_path / "guardproxy.log", policies=policies) as handle:
         yield handle

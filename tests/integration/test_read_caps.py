@@ -3,7 +3,6 @@ whole story: cursors read in several FETCHes, and the error mode inside a transa
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import psycopg
 import pytest
 import shop
 from pgcluster import PgCluster
-from shop import POLICIES, SHOP_DB, ShopProxy, launch_proxy
+from shop import SHOP_DB, ShopProxy, edited_policies, launch_proxy
 
 shop_db = shop.shop_db
 shop_baseline = shop.shop_baseline
@@ -39,13 +38,11 @@ def proxy(clean_shop: PgCluster, tmp_path: Path) -> Iterator[ShopProxy]:
 @pytest.fixture
 def erroring_proxy(clean_shop: PgCluster, tmp_path: Path) -> Iterator[ShopProxy]:
     _add_customers(clean_shop, 1500)
-    policies = tmp_path / "policies"
-    shutil.copytree(POLICIES, policies)
-    analytics = policies / "analytics.yaml"
-    text = analytics.read_text()
-    assert "on_rows_returned_over: truncate" in text
-    analytics.write_text(
-        text.replace("on_rows_returned_over: truncate", "on_rows_returned_over: error")
+    policies = edited_policies(
+        tmp_path,
+        "analytics.yaml",
+        "on_rows_returned_over: truncate",
+        "on_rows_returned_over: error",
     )
     with launch_proxy(clean_shop, tmp_path / "guardproxy.log", policies=policies) as handle:
         yield handle
