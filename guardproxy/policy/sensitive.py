@@ -35,4 +35,5 @@ SENSITIVE_CATALOGS: dict[str, str] = {
     "pg_config": "the server's build and file locations",
     "pg_stat_activity": "other sessions' statements, with their literals and agent tags",
     "pg_prepared_statements": "statements other clients prepared on a shared server connection",
+    "pg_stat_statements": "every session's statements, with their agent tags",
 }

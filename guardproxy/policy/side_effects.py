@@ -40,6 +40,7 @@ SIDE_EFFECT_FUNCTIONS: dict[str, str] = {
     "pg_stat_get_activity": OTHERS_STATEMENTS,
     "pg_stat_get_backend_activity": OTHERS_STATEMENTS,
     "pg_prepared_statement": OTHERS_STATEMENTS,
+    "pg_stat_statements": OTHERS_STATEMENTS,
     "pg_terminate_backend": SERVER,
     "pg_cancel_backend": SERVER,
     "pg_reload_conf": SERVER,

@@ -75,7 +75,11 @@ def end_batch() -> None:
     global _batch
     servers, _batch = _batch, None
     for server in servers or ():
-        server._flush()
+        try:
+            server._flush()
+        except Exception:  # one broken transport must not keep the others from writing
+            server._flush_pending = False
+            log.exception("writing to server %s failed", server.serial)
 
 
 class Client(Protocol):
@@ -321,6 +325,11 @@ class ServerConn(asyncio.Protocol):
             client.writelines(out)
         if released and self.client is client:
             client.server_idle()
+
+    @property
+    def mid_message(self) -> bool:
+        """Part of a large message has been streamed to the client, the rest not yet."""
+        return self._through > 0
 
     def _swallowing(self) -> bool:
         return bool(self.pending) and self.pending[0][1]

@@ -206,6 +206,12 @@ def parse_parse(raw: bytes) -> ParseMessage:
     return ParseMessage(name, query, tail)
 
 
+def parameter_types(tail: bytes) -> tuple[int, ...]:
+    """The parameter type OIDs a Parse message declares (0: let the server infer)."""
+    count = _U16.unpack_from(tail, 0)[0]
+    return struct.unpack_from(f"!{count}I", tail, 2)
+
+
 def build_parse(name: bytes, query: bytes, tail: bytes) -> bytes:
     return message(b"P", name + b"\x00" + query + b"\x00" + tail)
 

@@ -159,6 +159,7 @@ class ClientSession(asyncio.Protocol):
         self.portal_cursor: tuple[str, str] | None = None
         self.cursor_rows: dict[str, int] = {}  # rows each capped cursor delivered so far
         self.fetching: str | None = None  # the cursor of the FETCH now running
+        self.in_round = False  # extended-protocol messages sent to the server since a Sync
         self._parse_memo: tuple[bytes, codec.ParseMessage] | None = None
         self.statement_caps: dict[bytes, tuple[int, bool] | None] = {}
         self.portal_cap: tuple[int, bool] | None = None
@@ -570,13 +571,14 @@ class ClientSession(asyncio.Protocol):
             server.send(codec.FLUSH)
         while server.pending:
             await asyncio.sleep(0.0005)
-            if server.closed:
+            if server.closed or self.server is not server:
                 raise UpstreamError(f"server connection lost before {purpose}")
         server.client = None
         return server
 
-    def internal_use_failed(self, exc: BaseException) -> None:
-        """The server of an internal exchange is never reused; the client gets the error."""
+    def internal_use_failed(self, exc: BaseException, kind: int = 81) -> None:
+        """The server of an internal exchange is never reused; the client gets the error
+        (with ReadyForQuery for a whole request, else discarding up to its Sync)."""
         server, self.server = self.server, None
         if server is not None:
             self.pool.discard(server)
@@ -585,10 +587,7 @@ class ClientSession(asyncio.Protocol):
         error = (
             exc if isinstance(exc, GuardError) else UpstreamError(f"server connection lost: {exc}")
         )
-        self.write(
-            codec.build_error(error.sqlstate, error.message, hint=error.hint)
-            + codec.ready_for_query(b"I")
-        )
+        self._fail_request(kind, error)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._task = asyncio.get_running_loop().create_task(coro)
@@ -816,6 +815,8 @@ class ClientSession(asyncio.Protocol):
             server.app_name = app
 
     def _relay(self, server: ServerConn, kind: int, raw: bytes) -> None:
+        if kind != 81 and kind != 72:
+            self.in_round = kind != 83
         if kind == 81:  # Query
             self.queries += 1
             if not server.pending:
@@ -1035,7 +1036,7 @@ class ClientSession(asyncio.Protocol):
             self.stats.timeouts += 1
 
     def server_idle(self) -> None:
-        if self.pinned or self.writes.running:
+        if self.pinned or self.writes.running or self.plans.running:
             return
         server = self.server
         assert server is not None
@@ -1081,6 +1082,19 @@ class ClientSession(asyncio.Protocol):
         server, self.server = self.server, None
         if server is not None:
             self.pool.discard(server)
+            if server.mid_message:
+                # part of a large row already went out: any error now would land inside
+                # it, so the client can only be disconnected
+                log.warning(
+                    "client %s (%s): %s in the middle of a row; closing the client",
+                    self.peer,
+                    self.agent_id,
+                    reason.message,
+                )
+                self.ended_by_proxy = True
+                if self.transport is not None:
+                    self.transport.abort()
+                return
         if self.pinned:
             # What the session kept in that backend is gone: the client must know.
             self.fatal(UpstreamError(reason.message, sqlstate=reason.sqlstate, hint=reason.hint))

@@ -4,6 +4,7 @@ extended protocol, with the estimate in the message; reads under the limit run."
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,3 +107,48 @@ def test_the_plan_check_leaves_no_prepared_statement_or_setting_behind(proxy, cl
         dbname=SHOP_DB,
     )
     assert left == "0"
+
+
+def test_a_cheap_variant_of_a_statement_does_not_vouch_for_an_expensive_one(proxy) -> None:
+    cheap = RUNAWAY.replace("100000", "10")  # the same shape: only its constants differ
+    with proxy.connect("analytics-6", autocommit=True) as a:
+        assert len(a.execute(cheap).fetchall()) == 100
+        with pytest.raises(psycopg.Error) as exc:
+            a.execute(RUNAWAY)
+        assert exc.value.sqlstate == "54000" and "max_plan_rows" in str(exc.value)
+
+
+def test_a_read_postgres_cannot_plan_is_refused_with_what_postgres_said(proxy) -> None:
+    with proxy.connect("analytics-7", autocommit=True) as a:
+        with pytest.raises(psycopg.Error) as exc:
+            a.execute("SELECT x FROM generate_series(1, 3) g(x) WHERE x > 'abc'::int")
+        assert exc.value.sqlstate == "22P02", exc.value  # Postgres's own code
+        assert "could not plan it" in str(exc.value) and "max_plan" in str(exc.value)
+        assert a.execute("SELECT id FROM customers WHERE id = 1").fetchall() == [(1,)]
+
+
+def test_a_read_pipelined_after_another_is_checked_and_the_pool_stays_sound(proxy) -> None:
+    """Two Query messages in one write: both are answered, in order, the second checked
+    on the server the first just used, and the session and the pool go on working."""
+    first, second = (
+        shop._cstr("SELECT id FROM customers WHERE id = 1"),
+        shop._cstr(RUNAWAY),
+    )
+    for round_ in range(3):
+        with shop.RawAgent(proxy.port, f"analytics-8{round_}") as agent:
+            agent.sock.sendall(
+                b"Q"
+                + struct.pack("!i", 4 + len(first))
+                + first
+                + b"Q"
+                + struct.pack("!i", 4 + len(second))
+                + second
+            )
+            one = agent._read_until_ready()
+            two = agent._read_until_ready()
+            assert one.rows == [["1"]] and not one.errors, one
+            assert two.error["C"] == "54000" and two.status == "I", two.errors
+            # meanwhile other sessions of the type work on the same small pool
+            with proxy.connect(f"analytics-9{round_}", autocommit=True) as b:
+                assert b.execute("SELECT id FROM customers WHERE id = 2").fetchall() == [(2,)]
+            assert agent.query("SELECT id FROM customers WHERE id = 3").rows == [["3"]]

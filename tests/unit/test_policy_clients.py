@@ -129,6 +129,7 @@ def test_schema_introspection_passes(agent_type: str, sql: str) -> None:
         # the statements (literals, task, principals) of another
         ("SELECT pid, state, query FROM pg_stat_activity WHERE usename = current_user", "catalogs"),
         ("SELECT name, statement FROM pg_prepared_statements", "catalogs"),
+        ("SELECT query FROM pg_stat_statements", "tables"),  # an extension, in public
         ("SELECT * FROM pg_catalog.pg_prepared_statement()", "functions"),
         ("SELECT pg_stat_get_backend_activity(1)", "functions"),
     ],
@@ -138,4 +139,5 @@ def test_other_sessions_statement_text_is_not_readable(
 ) -> None:
     decision = judge(agent_type, sql)
     assert not decision.allowed and decision.rule == rule, (sql, decision)
-    assert "other" in decision.reason and agent_type in decision.reason
+    assert agent_type in decision.reason
+    assert rule == "tables" or "other" in decision.reason, decision.reason
