@@ -92,6 +92,7 @@ class Client(Protocol):
     def server_tag(self, tag: bytes) -> None: ...
     def server_error(self, fields: dict[str, str]) -> None: ...
     def rows_truncated(self, cap: int) -> None: ...
+    def round_finished(self) -> None: ...
     def pause_client_reading(self, pause: bool) -> None: ...
 
 
@@ -122,6 +123,7 @@ class ServerConn(asyncio.Protocol):
         self.rows_seen = 0
         self.rows_offset = 0  # rows a cursor delivered before this FETCH (counted into the cap)
         self.abort_round = False  # a result was refused: the transaction must end aborted
+        self.hold_rounds = 0  # rounds to answer before the held client may send again
         self.created_at = time.monotonic()
         self.last_used = self.created_at
         self.closed = False
@@ -256,7 +258,7 @@ class ServerConn(asyncio.Protocol):
         pos = start = 0
         out: list[bytes] = []
         row_cap = self.row_cap
-        released = False
+        released = finished = False
         while n - pos >= 5:
             kind = buf[pos]
             end = pos + 1 + unpack(buf, pos + 1)[0]
@@ -316,8 +318,12 @@ class ServerConn(asyncio.Protocol):
                     synth = pending.popleft()[2]
                     if synth:
                         out.append(synth)
-            if kind == 90 and not pending and self.status == b"I":
-                released = True
+            if kind == 90:
+                if self.hold_rounds:
+                    self.hold_rounds -= 1
+                    finished = not self.hold_rounds
+                if not pending and self.status == b"I":
+                    released = True
         self._buf = buf[pos:] if pos < n else b""
         if start < pos:
             out.append(buf[start:pos])
@@ -325,6 +331,8 @@ class ServerConn(asyncio.Protocol):
             client.writelines(out)
         if released and self.client is client:
             client.server_idle()
+        if finished:
+            client.round_finished()
 
     @property
     def mid_message(self) -> bool:

@@ -193,6 +193,8 @@ class SessionGuard:
         self.last_statements = len(decision.writes) or 1
         cap = decision.max_rows_returned
         self.last_row_cap = (cap, decision.rows_over_cap == "error") if cap else None
+        if cap and decision.rows_over_cap == "error" and parsed is None:
+            self._refuse_stacked_capped_read(sql)
         self.last_plan_check = (
             decision.shape if decision.plan_check and not decision.monitored else None
         )
@@ -241,6 +243,19 @@ class SessionGuard:
             max_writes_per_task=policy.max_writes_per_task,
             max_statements_per_task=policy.max_statements_per_task,
         )
+
+    def _refuse_stacked_capped_read(self, sql: str) -> None:
+        """In error mode a capped read is refused after it ran: statements stacked after it
+        in one message would already have run too, which Postgres would not have done."""
+        if len(pglast.parser.split(sql)) > 1:
+            name = self.policy.name
+            raise GuardError(
+                f"{name} must send a read with a row cap as a statement of its own: with "
+                f"on_rows_returned_over: error, statements after it in the same message would "
+                f"run even when it is refused (policy {name}, limits.max_rows_returned)",
+                hint="send each statement in a message of its own",
+                sqlstate="0A000",
+            )
 
     def tag(self) -> bytes:
         """The sqlcommenter comment naming who runs the statement, built once per context."""

@@ -160,6 +160,9 @@ class ClientSession(asyncio.Protocol):
         self.cursor_rows: dict[str, int] = {}  # rows each capped cursor delivered so far
         self.fetching: str | None = None  # the cursor of the FETCH now running
         self.in_round = False  # extended-protocol messages sent to the server since a Sync
+        self.hold_at_sync = False  # an error-mode capped Execute: hold at the next Sync
+        self.holding = False  # waiting for the answer of such a request (see _hold_until_answered)
+        self.capturing = False  # reading session settings back from a server
         self._parse_memo: tuple[bytes, codec.ParseMessage] | None = None
         self.statement_caps: dict[bytes, tuple[int, bool] | None] = {}
         self.portal_cap: tuple[int, bool] | None = None
@@ -828,6 +831,8 @@ class ClientSession(asyncio.Protocol):
                 self._count_cursor(server, self.cursor)
             server.send(raw)
             server.expect(QUERY)
+            if server.row_cap_error:
+                self._hold_until_answered(server)
         elif kind == 80:  # Parse
             self._relay_parse(server, raw)
         elif kind == 66:  # Bind
@@ -851,9 +856,13 @@ class ClientSession(asyncio.Protocol):
                 self.stmt_started = time.perf_counter()
             server.send(raw)
             server.expect(EXECUTE)
+            self.hold_at_sync = server.row_cap_error
         elif kind == 83:  # Sync
             server.send(raw)
             server.expect(SYNC)
+            if self.hold_at_sync:
+                self.hold_at_sync = False
+                self._hold_until_answered(server)
         elif kind == 68:  # Describe
             target, name = codec.describe_or_close_target(raw)
             if target == b"S":
@@ -887,6 +896,26 @@ class ClientSession(asyncio.Protocol):
         parsed = codec.parse_parse(raw)
         self._parse_memo = (raw, parsed)
         return parsed
+
+    def _hold_until_answered(self, server: ServerConn) -> None:
+        """Reads nothing more from the client until this request is answered.
+
+        With ``on_rows_returned_over: error`` the proxy may turn the answer into an
+        error and then abort the transaction on the server: what the client sent
+        after it (a COMMIT) must reach the server only after that, as Postgres would
+        have refused it.
+        """
+        server.hold_rounds = sum(1 for entry in server.pending if entry[0] in (SYNC, QUERY))
+        self.holding = self.blocked = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def round_finished(self) -> None:
+        if self.holding:
+            self.holding = False
+            if not self.capturing:  # else reading settings back unblocks when done
+                self.blocked = False
+                self.resume()
 
     def _count_cursor(self, server: ServerConn, cursor: tuple[str, str]) -> None:
         """Makes a row cap hold per cursor: a FETCH starts counting where the last one ended."""
@@ -1046,7 +1075,7 @@ class ClientSession(asyncio.Protocol):
             self.settings_dirty = False
             self.server = None
             server.client = None
-            self.blocked = True
+            self.blocked = self.capturing = True
             self._task = asyncio.get_running_loop().create_task(self._capture_settings(server))
             return
         self.server = None
@@ -1075,10 +1104,15 @@ class ClientSession(asyncio.Protocol):
             self.settings = tuple(sorted(captured.items()))
             server.settings_key = self.settings
             self.pool.release(server)
-        self.blocked = False
-        self.resume()
+        self.capturing = False
+        if not self.holding:
+            self.blocked = False
+            self.resume()
 
     def server_lost(self, reason: UpstreamError) -> None:
+        if self.holding:
+            self.holding = self.blocked = False
+            asyncio.get_running_loop().call_soon(self.resume)
         server, self.server = self.server, None
         if server is not None:
             self.pool.discard(server)

@@ -3,6 +3,7 @@ whole story: cursors read in several FETCHes, and the error mode inside a transa
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,3 +94,36 @@ def test_over_the_cap_in_error_mode_aborts_the_transaction_like_any_error(
         with pytest.raises(psycopg.Error):
             a.execute("SELECT id FROM customers WHERE id > 0").fetchall()
         assert a.execute("SELECT id FROM customers WHERE id = 2").fetchall() == [(2,)]
+
+
+def test_in_error_mode_a_commit_sent_right_after_a_refused_read_does_not_commit(
+    erroring_proxy,
+) -> None:
+    """A capped read the proxy refuses and a COMMIT pipelined right behind it: as after
+    any error in Postgres, the COMMIT finds the transaction aborted and rolls back."""
+    with shop.RawAgent(erroring_proxy.port, "analytics-6") as agent:
+        assert not agent.query("BEGIN").errors
+        read, commit = (
+            shop._cstr("SELECT id FROM customers WHERE id > 0"),
+            shop._cstr("COMMIT"),
+        )
+        agent.sock.sendall(
+            b"Q"
+            + struct.pack("!i", 4 + len(read))
+            + read
+            + b"Q"
+            + struct.pack("!i", 4 + len(commit))
+            + commit
+        )
+        first = agent._read_until_ready()
+        second = agent._read_until_ready()
+        assert first.error["C"] == "54000" and first.status == "E", first.errors
+        assert second.tags == ["ROLLBACK"], (second.tags, second.errors)
+        assert agent.query("SELECT 1 FROM customers WHERE id = 1").rows == [["1"]]
+
+
+def test_in_error_mode_a_capped_read_cannot_hide_statements_behind_it(erroring_proxy) -> None:
+    with shop.RawAgent(erroring_proxy.port, "analytics-7") as agent:
+        reply = agent.query("SELECT id FROM customers WHERE id > 0; SELECT 1")
+        assert reply.error["C"] == "0A000" and reply.rows == [], reply.errors
+        assert "statement of its own" in reply.error["M"]
