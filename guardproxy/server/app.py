@@ -52,6 +52,10 @@ MAX_FORWARDS = 256  # cancel requests being forwarded to other instances at once
 CancelOrigin = Literal["client", "peer", "worker"]
 
 
+AUTH_PRUNE_FROM = 10_000  # failed-login keys (sources, agent ids) before pruning starts
+AUTH_FAILURE_KEYS_MAX = 100_000  # at most this many kept, whatever the flood
+
+
 def worker_share(limit: int, workers: int, worker: int) -> int:
     """This worker's part of a per-instance connection limit: the parts add up to the
     limit (the role's CONNECTION LIMIT holds), and no worker gets none."""
@@ -104,6 +108,7 @@ class Proxy:
             )
             self.tls.context()  # fail at start, not at the first client, if the files are wrong
         self._auth_failures: dict[str, deque[float]] = {}
+        self._auth_prune_at = AUTH_PRUNE_FROM
         self.verifiers: dict[str, Verifier] = (
             load_verifiers(settings.auth_file) if settings.auth_file is not None else {}
         )
@@ -355,8 +360,22 @@ class Proxy:
     def auth_failed(self, source: str, agent_id: str) -> None:
         self.stats.auth_failures += 1
         now = time.monotonic()
+        failures = self._auth_failures
         for key in (f"source:{source}", f"agent:{agent_id}"):
-            self._auth_failures.setdefault(key, deque(maxlen=64)).append(now)
+            failures.setdefault(key, deque(maxlen=64)).append(now)
+        if len(failures) >= self._auth_prune_at:
+            self._prune_auth_failures(now)
+
+    def _prune_auth_failures(self, now: float) -> None:
+        """Forgets sources and agent ids with no failure in the last minute, so that
+        logins with ever new made-up agent ids cannot grow the table without bound.
+        Pruning again only once the table doubled keeps the cost per failure constant."""
+        failures = self._auth_failures
+        for key in [k for k, times in failures.items() if not times or now - times[-1] >= 60]:
+            del failures[key]
+        while len(failures) > AUTH_FAILURE_KEYS_MAX:  # a flood within one minute: oldest go
+            del failures[next(iter(failures))]
+        self._auth_prune_at = max(AUTH_PRUNE_FROM, 2 * len(failures))
 
     def check_auth_rate(self, source: str, agent_id: str) -> None:
         """Refuses logins from a source or for an agent id with too many recent failures.
