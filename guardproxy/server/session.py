@@ -1067,6 +1067,8 @@ class ClientSession(asyncio.Protocol):
     def server_idle(self) -> None:
         if self.pinned or self.writes.running or self.plans.running:
             return
+        if self.cursor_rows:
+            self.cursor_rows.clear()  # its cursors ended with the transaction
         server = self.server
         assert server is not None
         self.last_activity = now = time.perf_counter()  # an answer just went out: idle from here

@@ -127,3 +127,19 @@ def test_in_error_mode_a_capped_read_cannot_hide_statements_behind_it(erroring_p
         reply = agent.query("SELECT id FROM customers WHERE id > 0; SELECT 1")
         assert reply.error["C"] == "0A000" and reply.rows == [], reply.errors
         assert "statement of its own" in reply.error["M"]
+
+
+def test_a_cursor_name_used_again_in_a_later_transaction_counts_from_zero(proxy) -> None:
+    with proxy.connect("analytics-8") as a:
+        a.execute("DECLARE c CURSOR FOR SELECT id FROM customers WHERE id > 0 ORDER BY id")
+        assert len(a.execute("FETCH 900 FROM c").fetchall()) == 900
+        a.commit()
+        # declared in the same message as BEGIN: the proxy does not see it as its own
+        # statement, and the count of the old cursor must not carry over
+        with a.cursor() as cur:
+            cur.execute(
+                "DECLARE c CURSOR FOR SELECT id FROM customers WHERE id > 0 ORDER BY id; "
+                "SELECT 1 FROM customers WHERE id = 1",
+                prepare=False,
+            )
+        assert len(a.execute("FETCH 500 FROM c").fetchall()) == 500
