@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import socket
 import struct
 import subprocess
@@ -266,17 +265,6 @@ class ShopProxy:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-
-
-def edited_policies(directory: Path, name: str, old: str, new: str) -> Path:
-    """A copy of the example policies in ``directory/policies`` with one text edit in
-    ``name``; the edit must apply (a test must not run on unchanged policies by mistake)."""
-    out = directory / "policies"
-    shutil.copytree(POLICIES, out)
-    text = (out / name).read_text()
-    assert old in text, f"{old!r} is not in {name}"
-    (out / name).write_text(text.replace(old, new))
-    return out
 
 
 @contextlib.contextmanager

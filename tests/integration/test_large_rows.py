@@ -11,7 +11,8 @@ import psycopg
 import pytest
 import shop
 from pgcluster import PgCluster
-from shop import SHOP_DB, ShopProxy, edited_policies, launch_proxy
+from proofkit import policies_with
+from shop import SHOP_DB, ShopProxy, launch_proxy
 
 shop_db = shop.shop_db
 shop_baseline = shop.shop_baseline
@@ -41,9 +42,7 @@ def _expected(pg: PgCluster, ident: int) -> str:
 
 @pytest.fixture
 def capped_proxy(clean_shop: PgCluster, tmp_path: Path) -> Iterator[ShopProxy]:
-    policies = edited_policies(
-        tmp_path, "analytics.yaml", "max_rows_returned: 1000", "max_rows_returned: 2"
-    )
+    policies = policies_with(tmp_path, analytics={"limits": {"max_rows_returned": 2}})
     with launch_proxy(clean_shop, tmp_path / "guardproxy.log", policies=policies) as handle:
         yield handle
 

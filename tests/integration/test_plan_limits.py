@@ -13,7 +13,8 @@ import psycopg
 import pytest
 import shop
 from pgcluster import PgCluster
-from shop import SHOP_DB, ShopProxy, edited_policies, launch_proxy
+from proofkit import policies_with
+from shop import SHOP_DB, ShopProxy, launch_proxy
 
 shop_db = shop.shop_db
 shop_baseline = shop.shop_baseline
@@ -29,11 +30,8 @@ RUNAWAY = (
 
 @pytest.fixture
 def proxy(clean_shop: PgCluster, tmp_path: Path) -> Iterator[ShopProxy]:
-    policies = edited_policies(
-        tmp_path,
-        "analytics.yaml",
-        "  max_rows_returned: 1000",
-        "  max_plan_rows: 50000\n  max_plan_cost: 100000000\n  max_rows_returned: 1000",
+    policies = policies_with(
+        tmp_path, analytics={"limits": {"max_plan_rows": 50000, "max_plan_cost": 100000000}}
     )
     with launch_proxy(clean_shop, tmp_path / "guardproxy.log", policies=policies) as handle:
         yield handle

@@ -12,7 +12,8 @@ import psycopg
 import pytest
 import shop
 from pgcluster import PgCluster
-from shop import SHOP_DB, ShopProxy, edited_policies, launch_proxy
+from proofkit import policies_with
+from shop import SHOP_DB, ShopProxy, launch_proxy
 
 shop_db = shop.shop_db
 shop_baseline = shop.shop_baseline
@@ -39,12 +40,7 @@ def proxy(clean_shop: PgCluster, tmp_path: Path) -> Iterator[ShopProxy]:
 @pytest.fixture
 def erroring_proxy(clean_shop: PgCluster, tmp_path: Path) -> Iterator[ShopProxy]:
     _add_customers(clean_shop, 1500)
-    policies = edited_policies(
-        tmp_path,
-        "analytics.yaml",
-        "on_rows_returned_over: truncate",
-        "on_rows_returned_over: error",
-    )
+    policies = policies_with(tmp_path, analytics={"limits": {"on_rows_returned_over": "error"}})
     with launch_proxy(clean_shop, tmp_path / "guardproxy.log", policies=policies) as handle:
         yield handle
 
