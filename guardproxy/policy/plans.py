@@ -1,10 +1,9 @@
 """Plan estimates of reads (``limits.max_plan_cost``, ``limits.max_plan_rows``): the pure
 parts. The runtime, before it runs a message whose `Decision.plan_check` is set:
 
-1. for each text of `explain_statements(decision.sql)`, runs it (the extended protocol
-   with the message's own Bind parameters when the statement has ``$n``), caching the
-   answer by `Decision.shape` (and the parameters' absence: a plan with parameters is
-   cached by shape only when it is generic);
+1. for each text of `explain_statements(decision.sql)`, asks for its plan (a statement
+   with ``$n`` for its generic plan: `parameter_count` says how many NULLs to pass),
+   caching the answer by exact statement text (see guardproxy.server.plancheck);
 2. `plan_estimate(answer)` reads the estimate from the ``EXPLAIN (FORMAT JSON)``
    output (the JSON text, or the value a driver decoded);
 3. `plan_violation(policy, estimate)` says whether to refuse the message, before any

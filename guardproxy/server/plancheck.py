@@ -125,7 +125,7 @@ class PlanChecks:
         self.running = False
         session.blocked = False
         if estimates is None:
-            self._deny(kind, guard, "limits.max_plan_cost", refusal)
+            self._deny(kind, guard, "limits.plan_check", refusal)
         else:
             if not any(text.startswith(_PREFIX + "EXECUTE") for text in explain_statements(sql)):
                 # EXECUTE runs what the name means now: asked again every time

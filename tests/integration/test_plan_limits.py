@@ -97,6 +97,12 @@ def test_the_plan_check_leaves_no_prepared_statement_or_setting_behind(proxy, cl
         a.execute("SELECT a.x FROM generate_series(1, 10) a(x) WHERE a.x > %s", (1,), prepare=False)
         with pytest.raises(psycopg.Error):
             a.execute(RUNAWAY)
+        # a second parameterized text is prepared under the same name on the same server:
+        # had the first check left its statement behind, this one could not be estimated
+        got = a.execute(
+            "SELECT a.x FROM generate_series(1, 10) a(x) WHERE a.x < %s", (3,), prepare=False
+        ).fetchall()
+        assert got == [(1,), (2,)]
         # the same server connection (pool of 4, nothing else running) answers these
         assert a.execute("SHOW plan_cache_mode").fetchone() == ("auto",)
     left = clean_shop.psql(
