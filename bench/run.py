@@ -89,6 +89,9 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+NATIVE_ENV = "GUARDPROXY_NATIVE"  # guardproxy/native.py
+
+
 def default_guardproxy_cmd() -> str:
     script = REPO / ".venv/bin/guardproxy"
     return (
@@ -164,6 +167,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--guardproxy-cmd",
         default=default_guardproxy_cmd(),
         help="how to run guardproxy (default: .venv/bin/guardproxy, else PYTHON -m guardproxy)",
+    )
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help="run guardproxy's hot path compiled with mypyc, as the container image does: "
+        "build/native/ is (re)built with scripts/compile when missing or stale",
     )
     p.add_argument(
         "--profile",
@@ -387,6 +396,7 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         "proxy_args": args.proxy_args,
         "policies": str(args.policies) if args.policies else None,
         "guardproxy_cmd": args.guardproxy_cmd,
+        "hot_path": "compiled (mypyc)" if args.native else "as installed",
         "client_auth": "trust",
         "pool_mode": "transaction",
     }
@@ -423,6 +433,20 @@ def benchmark(
     return 0
 
 
+def native_build() -> Path:
+    """build/native/, compiled by scripts/compile unless it matches the sources already."""
+    where = REPO / "build" / "native"
+    os.environ.pop(NATIVE_ENV, None)  # importing guardproxy must not load a stale build
+    from guardproxy.native import NativeBuildError, read_build
+
+    try:
+        read_build(where)
+    except NativeBuildError as why:
+        say(f"compiling the hot path ({why})")
+        subprocess.run([str(REPO / "scripts" / "compile"), str(where)], check=True)
+    return where
+
+
 def _python_of(command: list[str]) -> Path:
     """The interpreter that runs guardproxy: the command's own, the one next to it, or ours."""
     first = Path(command[0])
@@ -443,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.policies is not None:
         POLICIES.append(args.policies)
     raise_on_termination()
+    if args.native:
+        os.environ[NATIVE_ENV] = str(native_build())
     processes = Processes()
     workdir = _private_workdir()
     try:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 
+from guardproxy import native
 from guardproxy.analysis.catalog import CATALOG_QUERY, SEARCH_PATH_QUERY
 from guardproxy.config import Settings, Upstream
 from guardproxy.guard.audit import AuditLog
@@ -471,7 +472,7 @@ class Proxy:
             port = self.settings.metrics_port + self.worker if self.settings.metrics_port else 0
             await self.ops.start(self.settings.metrics_host, port)
         log.info(
-            "guardproxy listening on %s:%d, upstream %s@%s:%d/%s, pool_mode %s",
+            "guardproxy listening on %s:%d, upstream %s@%s:%d/%s, pool_mode %s, hot path %s",
             self.settings.listen_host,
             self.bound_port,
             self.upstream.user,
@@ -479,6 +480,7 @@ class Proxy:
             self.upstream.port,
             self.upstream.database,
             self.settings.pool_mode,
+            native.hot_path(),
         )
 
     async def _join_registry(self) -> None:
