@@ -18,8 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 
@@ -43,20 +42,38 @@ COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
 class AuditEvent:
-    agent_id: str
-    agent_type: str
-    statement: str
-    decision: str  # allowed (a write), denied, rewritten, replayed, truncated, undo
-    task: str | None = None
-    step: str | None = None
-    principals: tuple[str, ...] = ()
-    rule: str | None = None
-    reason: str | None = None
-    rows: int | None = None
-    duration_ms: float | None = None
-    tags: dict[str, str] = field(default_factory=dict)
+    """One row of guardproxy.audit_events. A plain class, built for every audited
+    statement (see WritePlan for why not a frozen dataclass)."""
+
+    def __init__(
+        self,
+        agent_id: str,
+        agent_type: str,
+        statement: str,
+        decision: str,  # allowed (a write), denied, rewritten, replayed, truncated, undo
+        *,
+        task: str | None = None,
+        step: str | None = None,
+        principals: tuple[str, ...] = (),
+        rule: str | None = None,
+        reason: str | None = None,
+        rows: int | None = None,
+        duration_ms: float | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        self.agent_id: Final = agent_id
+        self.agent_type: Final = agent_type
+        self.statement: Final = statement
+        self.decision: Final = decision
+        self.task: Final = task
+        self.step: Final = step
+        self.principals: Final = principals
+        self.rule: Final = rule
+        self.reason: Final = reason
+        self.rows: Final = rows
+        self.duration_ms: Final = duration_ms
+        self.tags: Final[dict[str, str]] = tags or {}
 
     def record(self) -> tuple[Any, ...]:
         return (

@@ -21,10 +21,10 @@ until the outcome is known.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Final
 
 from guardproxy.guard.sqltext import literal, raise_sql
 from guardproxy.pool.server import ServerConn
@@ -35,25 +35,67 @@ SAVEPOINT = "guardproxy_write"
 CRASH_AFTER_COMMIT = os.environ.get("GUARDPROXY_TEST_CRASH_AFTER_COMMIT") == "1"
 
 
-@dataclass(frozen=True)
 class WritePlan:
-    """What the runtime must enforce for one write, from the policy and the decision."""
+    """What the runtime must enforce for one write, from the policy and the decision.
 
-    agent_type: str
-    statement: str  # as sent upstream (after rewrites)
-    soft_delete: bool = False  # a DELETE the judge rewrote: shown to the client as DELETE n
-    strip_rows: bool = False  # the rewrite returns rows the agent's statement did not ask for
-    max_rows_affected: int | None = None
-    cap_rule: str = ""
-    idempotency_key: str | None = None
-    derived: bool = False  # the key was derived: the Bind parameters are part of it
-    # audit.on_loss fail_closed: the audit event is written in the write's own transaction
-    # as (agent id, agent type, task, step), so no write is acknowledged without its record
-    audit_inline: tuple[str, str, str | None, str | None] | None = None
-    key_ttl_seconds: int = 86400
-    task: str | None = None
-    max_writes_per_task: int | None = None
-    max_statements_per_task: int | None = None
+    Built for every write statement: a plain class with its own ``__init__`` (a
+    dataclass's generated one runs interpreted even when this module is compiled,
+    and a frozen one sets each field through ``object.__setattr__``). ``Final``
+    keeps it immutable for the type checker; ``with_key`` makes a changed copy.
+    """
+
+    def __init__(
+        self,
+        agent_type: str,
+        statement: str,  # as sent upstream (after rewrites)
+        *,
+        soft_delete: bool = False,  # a DELETE the judge rewrote: shown to the client as DELETE n
+        strip_rows: bool = False,  # the rewrite returns rows the agent's statement did not ask for
+        max_rows_affected: int | None = None,
+        cap_rule: str = "",
+        idempotency_key: str | None = None,
+        derived: bool = False,  # the key was derived: the Bind parameters are part of it
+        # audit.on_loss fail_closed: the audit event is written in the write's own transaction
+        # as (agent id, agent type, task, step), so no write is acknowledged without its record
+        audit_inline: tuple[str, str, str | None, str | None] | None = None,
+        key_ttl_seconds: int = 86400,
+        task: str | None = None,
+        max_writes_per_task: int | None = None,
+        max_statements_per_task: int | None = None,
+    ) -> None:
+        self.agent_type: Final = agent_type
+        self.statement: Final = statement
+        self.soft_delete: Final = soft_delete
+        self.strip_rows: Final = strip_rows
+        self.max_rows_affected: Final = max_rows_affected
+        self.cap_rule: Final = cap_rule
+        self.idempotency_key: Final = idempotency_key
+        self.derived: Final = derived
+        self.audit_inline: Final = audit_inline
+        self.key_ttl_seconds: Final = key_ttl_seconds
+        self.task: Final = task
+        self.max_writes_per_task: Final = max_writes_per_task
+        self.max_statements_per_task: Final = max_statements_per_task
+
+    def with_key(self, key: str) -> WritePlan:
+        return WritePlan(
+            self.agent_type,
+            self.statement,
+            soft_delete=self.soft_delete,
+            strip_rows=self.strip_rows,
+            max_rows_affected=self.max_rows_affected,
+            cap_rule=self.cap_rule,
+            idempotency_key=key,
+            derived=self.derived,
+            audit_inline=self.audit_inline,
+            key_ttl_seconds=self.key_ttl_seconds,
+            task=self.task,
+            max_writes_per_task=self.max_writes_per_task,
+            max_statements_per_task=self.max_statements_per_task,
+        )
+
+    def __repr__(self) -> str:
+        return f"WritePlan({self.agent_type!r}, {self.statement!r}, key={self.idempotency_key!r})"
 
     def request_hash(self, parameters: bytes = b"") -> str:
         return hashlib.sha256(self.statement.encode() + b"\x00" + parameters).hexdigest()
@@ -124,7 +166,7 @@ async def run(
     request_hash = plan.request_hash(parameters)
     if plan.derived and parameters:
         key = f"{plan.idempotency_key}:{hashlib.sha256(parameters).hexdigest()[:32]}"
-        plan = dataclasses.replace(plan, idempotency_key=key)
+        plan = plan.with_key(key)
     if plan.idempotency_key:
         replay = await _claim(ledger, plan, agent_id, request_hash)
         if replay is not None:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 from urllib.parse import quote
 
 import pglast
@@ -49,19 +48,35 @@ def sqlcomment(fields: dict[str, str | None]) -> bytes:
 RECENT_MESSAGES = 64  # judged messages remembered per session
 
 
-@dataclass(frozen=True, slots=True)
 class _Judged:
-    context: SessionContext
-    policy: AgentPolicy
-    catalog: Catalog
-    message: bytes  # as forwarded: rewritten and tagged
-    sql: str
-    decision: str
-    write: WritePlan | None
-    statements: int
-    row_cap: tuple[int, bool] | None
-    plan_check: str | None
-    cursor: tuple[str, str] | None
+    """What judging one message produced, kept to forward it again unjudged.
+    Plain, not a dataclass: one is built per judged message (see WritePlan)."""
+
+    def __init__(
+        self,
+        context: SessionContext,
+        policy: AgentPolicy,
+        catalog: Catalog,
+        message: bytes,  # as forwarded: rewritten and tagged
+        sql: str,
+        decision: str,
+        write: WritePlan | None,
+        statements: int,
+        row_cap: tuple[int, bool] | None,
+        plan_check: str | None,
+        cursor: tuple[str, str] | None,
+    ) -> None:
+        self.context: Final = context
+        self.policy: Final = policy
+        self.catalog: Final = catalog
+        self.message: Final = message
+        self.sql: Final = sql
+        self.decision: Final = decision
+        self.write: Final = write
+        self.statements: Final = statements
+        self.row_cap: Final = row_cap
+        self.plan_check: Final = plan_check
+        self.cursor: Final = cursor
 
 
 class LocalAnswer(Exception):

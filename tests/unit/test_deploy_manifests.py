@@ -635,6 +635,11 @@ def test_dockerfile_builds_a_non_root_guardproxy_image() -> None:
         assert resolved == "python:3.11-slim"
     runs = " ".join(rest for kw, rest in dockerfile_instructions() if kw == "RUN")
     assert re.search(r"pip install \.(\s|$)", runs), "the image pip-installs the project"
+    # the hot path compiled (guardproxy/native.py), with a compiler in the build stage only
+    assert re.search(r"GUARDPROXY_COMPILE=1 \S*pip install \.(\s|$)", runs), "compiled hot path"
+    assert "gcc" in runs and "gcc" not in " ".join(
+        r for kw, r in dockerfile_final_stage() if kw == "RUN"
+    )
     final = dict(dockerfile_final_stage())
     user = final["USER"].split(":")[0]
     assert user.isdigit() and int(user) != 0, "USER must be a numeric non-root uid"
@@ -655,7 +660,7 @@ def test_dockerfile_copies_everything_the_package_build_needs() -> None:
     """pyproject's readme, package directories and package-dir mappings are in the build context."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     setuptools = project.get("tool", {}).get("setuptools", {})
-    needed = {"pyproject.toml", project["project"]["readme"]}
+    needed = {"pyproject.toml", "setup.py", project["project"]["readme"]}
     package_dirs = setuptools.get("package-dir", {})
     for package in setuptools.get("packages", ["guardproxy"]):
         top = package.split(".")[0]
