@@ -7,6 +7,9 @@ Not part of the pass/fail suite (testpaths is tests/). Run from the repository r
 `hit`: the proxy's usual case, a statement whose shape was judged before (only the
 constants differ): one `pglast.parser.normalize` call and a dict lookup.
 `miss`: a new shape: full pglast parse into Python objects, analysis and rules.
+`rewrite`: a DELETE the support policy turns into a soft delete (an UPDATE printed
+from the parse tree); a rewrite depends on the statement's text, so it is never
+served from the cache.
 `normalize` and `parse_sql` are the pglast calls alone, for comparison.
 """
 
@@ -83,3 +86,17 @@ def test_pglast_normalize(benchmark: Any, template: str) -> None:
 @pytest.mark.parametrize("template", [SHORT, LONG], ids=["short", "long"])
 def test_pglast_parse_sql(benchmark: Any, template: str) -> None:
     benchmark(pglast.parse_sql, template.format(n=1))
+
+
+def test_judge_soft_delete_rewrite(
+    benchmark: Any, setup: tuple[Judge, Any, SessionContext]
+) -> None:
+    judge, policy, ctx = setup
+    counter = itertools.count()
+    texts = [f"DELETE FROM orders WHERE id = {i}" for i in range(1000)]
+
+    def run() -> None:
+        decision = judge.judge(policy, texts[next(counter) % 1000], ctx)
+        assert decision.action == "rewrite" and decision.sql.startswith("UPDATE")
+
+    benchmark(run)

@@ -114,20 +114,27 @@ def read_build(where: Path) -> dict[str, Path]:
     fix = f"run scripts/compile again, or unset {ENV} to run the sources as they are"
     try:
         manifest = json.loads((where / MANIFEST).read_text())
-    except (OSError, ValueError) as exc:
-        raise NativeBuildError(f"{ENV}={where} is not a guardproxy build ({exc}); {fix}") from None
-    if manifest.get("python") != sys.implementation.cache_tag:
+        python, sources = manifest["python"], dict(manifest["sources"])
+        extensions = {str(k): str(v) for k, v in manifest["extensions"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise NativeBuildError(
-            f"{ENV}={where} was built for {manifest.get('python')}, this is "
-            f"{sys.implementation.cache_tag}; {fix}"
+            f"{ENV}={where} is not a guardproxy build ({type(exc).__name__}: {exc}); {fix}"
+        ) from None
+    if python != sys.implementation.cache_tag:
+        raise NativeBuildError(
+            f"{ENV}={where} was built for {python}, this is {sys.implementation.cache_tag}; {fix}"
         )
-    for module, digest in manifest["sources"].items():
+    if set(sources) != set(COMPILED):
+        raise NativeBuildError(
+            f"{ENV}={where} compiled other modules than guardproxy/native.py lists now; {fix}"
+        )
+    for module, digest in sources.items():
         source = source_of(module)
         if not source.exists() or _digest(source) != digest:
             raise NativeBuildError(
                 f"{ENV}={where} was compiled from other sources: {source} changed since; {fix}"
             )
-    return {name: where / relative for name, relative in manifest["extensions"].items()}
+    return {name: where / relative for name, relative in extensions.items()}
 
 
 def install_from_env() -> None:

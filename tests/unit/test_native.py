@@ -50,6 +50,16 @@ def test_a_build_for_another_python_or_no_build_is_refused(tmp_path: Path) -> No
         native.read_build(tmp_path)
     with pytest.raises(native.NativeBuildError, match="is not a guardproxy build"):
         native.read_build(tmp_path / "nothing-here")
+    (tmp_path / native.MANIFEST).write_text('{"python": "x"}')  # cut short
+    with pytest.raises(native.NativeBuildError, match="is not a guardproxy build"):
+        native.read_build(tmp_path)
+
+
+def test_a_build_of_another_module_list_is_refused(tmp_path: Path) -> None:
+    sources = {m: native._digest(native.source_of(m)) for m in native.COMPILED[1:]}
+    _manifest(tmp_path, sources=sources)
+    with pytest.raises(native.NativeBuildError, match="other modules"):
+        native.read_build(tmp_path)
 
 
 def test_a_stale_build_stops_the_import_with_the_reason(tmp_path: Path) -> None:
