@@ -325,7 +325,9 @@ def measure(target: Target, load: pgbench.Workload, profile_dir: Path | None = N
     recorder = None
     if profile_dir is not None and pid and target.name == "guardproxy":
         recorder = profiling.start(
-            pid, profile_dir / f"{load.script}-{load.protocol}-c{load.clients}"
+            pid,
+            profile_dir / f"{load.script}-{load.protocol}-c{load.clients}",
+            native=bool(os.environ.get(NATIVE_ENV)),  # compiled code leaves no Python frames
         )
     result = pgbench.run(pgcluster.PG_BINDIR, endpoint_for(target, load.script), load)
     cpu = cpu_seconds(pid) - before if pid and before is not None else None
