@@ -3,12 +3,17 @@
 One client session and one server connection are wired to in-memory transports;
 each round feeds the session a client request (a simple Query, or an extended
 Parse/Bind/Describe/Execute/Sync batch) and the server connection its answer,
-exactly the bytes pgbench's select-only transaction exchanges. What is left is
+exactly the bytes pgbench's select-only transaction exchanges (or, with
+``--script tpcb``, its TPC-B-like transaction: BEGIN, three UPDATEs, a SELECT, an
+INSERT and END as simple Queries, judged as the support agent). What is left is
 guardproxy's per-transaction Python: framing, response tracking, pooling,
 stats and (with ``--policies``) judging and tagging. System calls and the event
 loop's wake-ups are not in it, so the figure is a floor for the proxy's user CPU.
 
     .venv/bin/python -m bench.relay_loop [--rounds 200000] [--policies bench/policies]
+                                         [--script tpcb]
+
+With GUARDPROXY_NATIVE set (scripts/compile) it measures the compiled hot path.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ def _query_messages(aid: int) -> bytes:
     return codec.build_query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};")
 
 
-def _answer() -> bytes:
+def _answer(status: bytes = b"I") -> bytes:
     row_description = codec.message(
         b"T",
         (1).to_bytes(2, "big")
@@ -73,8 +78,40 @@ def _answer() -> bytes:
         row_description
         + data_row
         + codec.build_command_complete("SELECT 1")
-        + codec.ready_for_query(b"I")
+        + codec.ready_for_query(status)
     )
+
+
+def _done(tag: str, status: bytes = b"T") -> bytes:
+    return codec.build_command_complete(tag) + codec.ready_for_query(status)
+
+
+def _tpcb(i: int, select_answer: bytes) -> list[tuple[bytes, bytes]]:
+    """pgbench's TPC-B-like transaction as (request, answer) pairs."""
+    aid, tid, bid, delta = 1 + i % 100000, 1 + i % 100, 1 + i % 10, i % 5000 - 2500
+    steps = [
+        ("BEGIN;", _done("BEGIN")),
+        (
+            f"UPDATE pgbench_accounts SET abalance = abalance + {delta} WHERE aid = {aid};",
+            _done("UPDATE 1"),
+        ),
+        (f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};", select_answer),
+        (
+            f"UPDATE pgbench_tellers SET tbalance = tbalance + {delta} WHERE tid = {tid};",
+            _done("UPDATE 1"),
+        ),
+        (
+            f"UPDATE pgbench_branches SET bbalance = bbalance + {delta} WHERE bid = {bid};",
+            _done("UPDATE 1"),
+        ),
+        (
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) "
+            f"VALUES ({tid}, {bid}, {aid}, {delta}, CURRENT_TIMESTAMP);",
+            _done("INSERT 0 1"),
+        ),
+        ("END;", _done("COMMIT", b"I")),
+    ]
+    return [(codec.build_query(sql), answer) for sql, answer in steps]
 
 
 def _extended(statement: bytes, aid: int) -> bytes:
@@ -106,9 +143,9 @@ async def measure(rounds: int, protocol: str, policies: Path | None) -> float:
     session.connection_made(MemoryTransport())  # type: ignore[arg-type]
     if session._task is not None:
         session._task.cancel()
-    session.agent_id = "analytics-bench"
+    session.agent_id = "support-bench" if protocol == "tpcb" else "analytics-bench"
     if policies is not None:
-        session._bind_policy({"user": "analytics-bench"})
+        session._bind_policy({"user": session.agent_id})
     session.logged_in = True
     server = ServerConn(upstream, 1)
     server.connection_made(MemoryTransport())  # type: ignore[arg-type]
@@ -117,6 +154,7 @@ async def measure(rounds: int, protocol: str, policies: Path | None) -> float:
     session.pool.idle.append(server)
     session.pool.servers.add(server)
     answer = _answer()
+    in_transaction = _answer(b"T")
     statement = b"P0_1"
     if protocol == "extended":
         parse = codec.build_parse(
@@ -129,6 +167,15 @@ async def measure(rounds: int, protocol: str, policies: Path | None) -> float:
         prefix = b""
     started = time.process_time()  # CPU time: other work on the machine does not count
     for i in range(rounds):
+        if protocol == "tpcb":  # the transaction's statements, each answered in turn
+            for request, reply in _tpcb(i, in_transaction):
+                session.data_received(request)
+                server._flush()
+                server.data_received(reply)
+            assert session.server is None, "the server was not given back after the transaction"
+            if i % 1000 == 999:
+                await asyncio.sleep(0)
+            continue
         aid = 1 + i % 100000
         request = (
             prefix + _extended(statement, aid) if protocol == "extended" else _query_messages(aid)
@@ -146,8 +193,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=200_000)
     parser.add_argument("--policies", type=Path)
+    parser.add_argument(
+        "--script",
+        choices=("select-only", "tpcb"),
+        default="select-only",
+        help="default: %(default)s",
+    )
     args = parser.parse_args()
-    for protocol in ("simple", "extended"):
+    if args.script == "tpcb":
+        args.rounds //= 7  # seven statements per transaction
+    for protocol in ("simple", "extended") if args.script == "select-only" else ("tpcb",):
         # the best of three: other work on the machine only ever adds time
         per = min(uvloop.run(measure(args.rounds, protocol, args.policies)) for _ in range(3))
         print(f"{protocol:9} {per * 1e6:6.2f} µs of guardproxy Python per transaction")
