@@ -8,8 +8,9 @@ Not part of the pass/fail suite (testpaths is tests/). Run from the repository r
 constants differ): one `pglast.parser.normalize` call and a dict lookup.
 `miss`: a new shape: full pglast parse into Python objects, analysis and rules.
 `rewrite`: a DELETE the support policy turns into a soft delete (an UPDATE printed
-from the parse tree); a rewrite depends on the statement's text, so it is never
-served from the cache.
+from the parse tree), and a read of a table with soft deletes, which gets their
+filter added; a rewrite depends on the statement's text, so it is never served
+from the cache.
 `normalize` and `parse_sql` are the pglast calls alone, for comparison.
 """
 
@@ -29,11 +30,16 @@ from guardproxy.policy import Judge, SessionContext, load_policy_set
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = "SELECT id, name FROM customers WHERE id = {n}"
 LONG = (
-    "SELECT o.id, o.fulfillment_status, o.shipped_at, c.name, count(l.id) AS changes "
-    "FROM orders o JOIN customers c ON c.id = o.customer_id "
-    "LEFT JOIN order_state_log l ON l.order_id = o.id "
-    "WHERE o.last_modified_at > now() - interval '1 day' AND o.customer_id = {n} "
-    "GROUP BY o.id, c.name ORDER BY o.id LIMIT 50 /* task='T-{n}' */"
+    "SELECT l.order_id, l.new_status, l.changed_at, c.name, count(l.id) AS changes "
+    "FROM order_state_log l JOIN customers c ON c.name = l.changed_by "
+    "WHERE l.changed_at > now() - interval '1 day' AND l.order_id = {n} "
+    "GROUP BY l.order_id, l.new_status, l.changed_at, c.name ORDER BY l.changed_at "
+    "LIMIT 50 /* task='T-{n}' */"
+)
+# a read of a table with soft deletes: the judge adds "deleted rows are not there" to it
+SOFT_DELETED_READ = (
+    "SELECT o.id, o.fulfillment_status, o.shipped_at, c.name FROM orders o "
+    "JOIN customers c ON c.id = o.customer_id WHERE o.customer_id = {n}"
 )
 
 
@@ -88,15 +94,23 @@ def test_pglast_parse_sql(benchmark: Any, template: str) -> None:
     benchmark(pglast.parse_sql, template.format(n=1))
 
 
-def test_judge_soft_delete_rewrite(
-    benchmark: Any, setup: tuple[Judge, Any, SessionContext]
+@pytest.mark.parametrize(
+    "template, rewritten",
+    [
+        ("DELETE FROM orders WHERE id = {n}", "WITH guardproxy_deleted"),
+        (SOFT_DELETED_READ, "SELECT"),
+    ],
+    ids=["soft-delete", "soft-deleted-read"],
+)
+def test_judge_rewrite(
+    benchmark: Any, setup: tuple[Judge, Any, SessionContext], template: str, rewritten: str
 ) -> None:
     judge, policy, ctx = setup
     counter = itertools.count()
-    texts = [f"DELETE FROM orders WHERE id = {i}" for i in range(1000)]
+    texts = [template.format(n=i) for i in range(1000)]
 
     def run() -> None:
         decision = judge.judge(policy, texts[next(counter) % 1000], ctx)
-        assert decision.action == "rewrite" and decision.sql.startswith("UPDATE")
+        assert decision.action == "rewrite" and decision.sql.startswith(rewritten)
 
     benchmark(run)
