@@ -30,6 +30,7 @@ from guardproxy.config import Settings, Upstream
 from guardproxy.pool.server import ServerConn
 from guardproxy.protocol import codec
 from guardproxy.server.app import Proxy
+from guardproxy.server.login import bind_policy
 from guardproxy.server.session import ClientSession
 
 
@@ -145,7 +146,7 @@ async def measure(rounds: int, protocol: str, policies: Path | None) -> float:
         session._task.cancel()
     session.agent_id = "support-bench" if protocol == "tpcb" else "analytics-bench"
     if policies is not None:
-        session._bind_policy({"user": session.agent_id})
+        bind_policy(session, {"user": session.agent_id})
     session.logged_in = True
     server = ServerConn(upstream, 1)
     server.connection_made(MemoryTransport())  # type: ignore[arg-type]

@@ -16,3 +16,16 @@ def raise_sql(error: GuardError) -> str:
     if error.hint:
         using += f", HINT = {literal(error.hint)}"
     return f"DO $guardproxy$ BEGIN RAISE EXCEPTION USING {using}; END $guardproxy$"
+
+
+def replay_sql(settings: tuple[tuple[str, str], ...], app_name: str) -> str:
+    """Resets a server's session and applies a client's settings, application_name as the proxy names it."""
+    pairs = [(k, v) for k, v in settings if k != "application_name"] + [
+        ("application_name", app_name)
+    ]
+    calls = ", ".join(f"pg_catalog.set_config({literal(k)}, {literal(v)}, false)" for k, v in pairs)
+    return f"RESET ALL; SELECT {calls}"
+
+
+def app_name_sql(app_name: str) -> str:
+    return f"SELECT pg_catalog.set_config('application_name', {literal(app_name)}, false)"

@@ -20,17 +20,14 @@ import hashlib
 import itertools
 import logging
 import re
-import ssl
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 import pglast
 
-from guardproxy.guard.sqltext import literal, raise_sql
+from guardproxy.guard.sqltext import app_name_sql, raise_sql, replay_sql
 from guardproxy.metrics import AgentStats
-from guardproxy.policy import SessionContext
-from guardproxy.policy.session_rules import split_options
 from guardproxy.pool.server import (
     BIND,
     CLOSE,
@@ -46,9 +43,9 @@ from guardproxy.pool.server import (
     end_batch,
 )
 from guardproxy.protocol import codec
-from guardproxy.protocol.errors import AuthFailed, GuardError, ProtocolViolation, UpstreamError
+from guardproxy.protocol.errors import GuardError, ProtocolViolation, UpstreamError
 from guardproxy.server.guard import LocalAnswer, SessionGuard
-from guardproxy.server.login import login_exchange
+from guardproxy.server.login import run_login
 from guardproxy.server.managed import SessionWrites
 from guardproxy.server.plancheck import PlanChecks
 from guardproxy.server.tls import peer_common_name
@@ -74,19 +71,8 @@ _FORGET_PREPARED_TAGS = frozenset((b"DISCARD ALL", b"DEALLOCATE ALL"))
 CAPTURE_SETTINGS = (
     "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' ORDER BY name"
 )
-# startup parameters that are not settings to carry to the server
-_NOT_SETTINGS = frozenset(("user", "database", "options", "replication"))
 
 Settings = tuple[tuple[str, str], ...]
-ADMIN_PARAMS = {
-    "server_version": "15.0 (guardproxy admin console)",
-    "server_encoding": "UTF8",
-    "client_encoding": "UTF8",
-    "DateStyle": "ISO, MDY",
-    "integer_datetimes": "on",
-    "standard_conforming_strings": "on",
-    "application_name": "",
-}
 NO_SUCH_STATEMENT = b"guardproxy_no_unnamed_statement"
 NOT_PREPARED_BY_CLIENT = b"guardproxy_not_prepared_by_this_client"
 
@@ -107,19 +93,6 @@ def server_statement_name(query: bytes, param_types: bytes, search_path: str = "
     )
 
 
-def replay_sql(settings: Settings, app_name: str) -> str:
-    """Resets a server's session and applies a client's settings, application_name as the proxy names it."""
-    pairs = [(k, v) for k, v in settings if k != "application_name"] + [
-        ("application_name", app_name)
-    ]
-    calls = ", ".join(f"pg_catalog.set_config({literal(k)}, {literal(v)}, false)" for k, v in pairs)
-    return f"RESET ALL; SELECT {calls}"
-
-
-def app_name_sql(app_name: str) -> str:
-    return f"SELECT pg_catalog.set_config('application_name', {literal(app_name)}, false)"
-
-
 def syntax_error(query: bytes) -> GuardError | None:
     """The Postgres parser's verdict on ``query`` (pglast wraps the server's own parser)."""
     try:
@@ -127,14 +100,6 @@ def syntax_error(query: bytes) -> GuardError | None:
     except pglast.parser.ParseError as exc:
         return GuardError(f"{exc.args[0]}", sqlstate="42601")
     return None
-
-
-def parse_options(options: str) -> dict[str, str]:
-    """``options=-c a=b --c=d`` from a startup packet, split exactly as Postgres (and the judge) do."""
-    settings = split_options(options)
-    if settings is None:
-        raise ProtocolViolation(f"startup options {options!r} are not supported; use -c name=value")
-    return dict(settings)
 
 
 class ClientSession(asyncio.Protocol):
@@ -204,7 +169,7 @@ class ClientSession(asyncio.Protocol):
         )  # uvloop's transports are not subclasses
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self._task = asyncio.get_running_loop().create_task(self._login())
+        self._task = asyncio.get_running_loop().create_task(run_login(self))
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.perf_counter()
@@ -326,62 +291,6 @@ class ClientSession(asyncio.Protocol):
             finally:
                 self._login_waiter = None
 
-    async def _login(self) -> None:
-        try:
-            async with asyncio.timeout(self.proxy.settings.client_login_timeout):
-                startup = await login_exchange(self)
-                if startup is None:
-                    return
-                if self.proxy.policies is not None and not self.admin:
-                    self._bind_policy(startup.params)
-                params = ADMIN_PARAMS if self.admin else await self._server_params()
-        except GuardError as exc:
-            self.fatal(exc)
-            return
-        except TimeoutError:
-            self.fatal(
-                ProtocolViolation(
-                    "login did not finish within client_login_timeout", sqlstate="08006"
-                )
-            )
-            return
-        except (ConnectionError, asyncio.CancelledError):
-            return
-        if self.closed:
-            return
-        assert self.transport is not None
-        out = [codec.AUTH_OK]
-        out += [codec.build_parameter_status(k, v) for k, v in params.items()]
-        out.append(codec.build_backend_key(*self.cancel_key))
-        out.append(codec.ready_for_query(b"I"))
-        self.transport.writelines(out)
-        self.logged_in = True
-        self.proxy.register(self)
-        if not self.admin:
-            label = self.proxy.agent_label(self.agent_id)
-            self.stats = self.proxy.stats.for_agent(self.agent_type, label)
-            if self.guard is not None:
-                self.guard.stats = self.stats
-        self.stats.sessions += 1
-        self.stats.sessions_total += 1
-        log.debug("client %s logged in as agent %s", self.peer, self.agent_id)
-        rest, self._startup_buf = self._startup_buf, b""
-        if rest:
-            self.data_received(rest)
-
-    async def start_tls(self, context: ssl.SSLContext) -> None:
-        """Answers an SSLRequest with 'S' and continues the connection over TLS."""
-        assert self.transport is not None
-        self.transport.write(b"S")
-        loop = asyncio.get_running_loop()
-        new = await loop.start_tls(
-            self.transport, self, context, server_side=True, ssl_handshake_timeout=10
-        )
-        if new is None:
-            raise ConnectionResetError("TLS handshake failed")
-        self.transport = new
-        self.tls = True
-
     @property
     def peer_host(self) -> str:
         return self.peer.rpartition(":")[0]
@@ -390,17 +299,6 @@ class ClientSession(asyncio.Protocol):
         if not self.tls or self.transport is None:
             return None
         return peer_common_name(self.transport.get_extra_info("ssl_object"))
-
-    def apply_startup(self, params: dict[str, str]) -> None:
-        settings = {
-            k: v for k, v in params.items() if k not in _NOT_SETTINGS and not k.startswith("_pq_.")
-        }
-        if "options" in params:
-            settings.update(parse_options(params["options"]))
-        # guard.* keys are the agent's context for the proxy, not settings for Postgres
-        self.settings = tuple(
-            sorted((k, v) for k, v in settings.items() if not k.startswith("guard."))
-        )
 
     @property
     def server_app_name(self) -> str:
@@ -414,36 +312,6 @@ class ClientSession(asyncio.Protocol):
             self._app_for = settings
         return self._app
 
-    def _bind_policy(self, params: dict[str, str]) -> None:
-        """Finds the agent's type; refuses agents no policy names, over their limits, or with bad parameters."""
-        proxy = self.proxy
-        assert proxy.policies is not None and proxy.judge is not None
-        policy = proxy.policies.match(self.agent_id)
-        if policy is None:
-            patterns = ", ".join(p for pol in proxy.policies for p in pol.agents)
-            raise AuthFailed(
-                f'agent "{self.agent_id}" matches no agent type in the policies',
-                hint=f"log in with an agent id matching one of: {patterns}",
-                sqlstate="28000",
-            )
-        limit = policy.max_client_sessions
-        if limit is not None and proxy.sessions_of_type(policy.name) >= limit:
-            raise GuardError(
-                f"{policy.name} already has {limit} client sessions (policy {policy.name}, "
-                "limits.max_client_sessions)",
-                hint="close idle sessions or share them, then retry",
-                sqlstate="53300",
-            )
-        decision = proxy.judge.judge_startup(policy, params)
-        if not decision.allowed:
-            raise GuardError(
-                decision.reason, hint=decision.hint, sqlstate=decision.sqlstate or "42501"
-            )
-        self.agent_type = policy.name
-        self.pool = proxy.pool_for(policy.name)
-        context = SessionContext(agent_id=self.agent_id).with_updates(decision.context_updates)
-        self.guard = SessionGuard(proxy.judge, policy, context, self.stats, proxy.stats)
-
     def policies_reloaded(self) -> None:
         """After RELOAD or SIGHUP: judge with the new policy of this agent's type from now on."""
         guard, proxy = self.guard, self.proxy
@@ -456,32 +324,6 @@ class ClientSession(asyncio.Protocol):
             )
             return
         guard.policy, guard.judge_engine = policy, proxy.judge
-
-    async def _server_params(self) -> dict[str, str]:
-        """ParameterStatus values for this client, as a server with its settings reports them."""
-        cached = self.pool.params_cache.get(self.settings)
-        if cached is not None:
-            return cached
-        server = await self.pool.acquire()
-        try:
-            await server.query(replay_sql(self.settings, self.server_app_name))
-        except GuardError:
-            self.pool.discard(server)
-            raise
-        except BaseException:
-            self.pool.discard(server)
-            raise
-        server.settings_key = self.settings
-        server.app_name = self.server_app_name
-        params = dict(server.params)
-        params.pop("application_name", None)
-        if "application_name" in dict(self.settings):
-            params["application_name"] = dict(self.settings)["application_name"]
-        else:
-            params["application_name"] = ""
-        self.pool.params_cache[self.settings] = params
-        self.pool.release(server)
-        return params
 
     # ------------------------------------------------------------ relaying
 
