@@ -49,6 +49,7 @@ COMPILED = (
     "guardproxy.metrics",
     "guardproxy.analysis.shape",
     "guardproxy.policy.engine",
+    "guardproxy.policy.templates",
     "guardproxy.policy.idempotency",
     "guardproxy.guard.writes",
     "guardproxy.guard.audit",

@@ -52,7 +52,7 @@ from ..analysis.catalog import EMPTY_CATALOG, Catalog
 from ..analysis.collector import RelationRecord
 from ..analysis.model import StatementInfo
 from ..analysis.shape import shape
-from . import rowcap
+from . import rowcap, templates
 from .agent import AgentPolicy, key_path
 from .context import FrozenMap, SessionContext
 from .decision import (
@@ -83,6 +83,54 @@ class _Entry:
     appends: tuple[int, ...] = ()
 
 
+class _Templated:
+    """A rewritten read's shape: its decision and the template of its text."""
+
+    __slots__ = ("decision", "normalized", "policy", "template", "values")
+
+    def __init__(
+        self,
+        policy: AgentPolicy,
+        decision: Decision,
+        template: templates.Template,
+        normalized: templates.Tokens,
+        values: tuple[str | None, ...],
+    ) -> None:
+        self.policy = policy
+        self.decision = decision
+        self.template = template
+        self.normalized = normalized
+        self.values = values  # the row filters' values it was printed with; () for none
+
+    def fill(self, sql: str, ctx: SessionContext) -> str | None:
+        """``sql`` rewritten from the template; None when it cannot be (judge it in full)."""
+        if self.values and self.values != filter_values(ctx):
+            return None
+        statement = templates.tokens(sql)
+        if statement is None:
+            return None
+        template = self.template
+        constants = templates.constants(statement, self.normalized, template.first_new)
+        if constants is None or len(constants) < template.needs:
+            return None
+        return template.fill(constants)
+
+
+def filter_values(ctx: SessionContext) -> tuple[str | None, ...]:
+    """What row filters may put in a rewrite from the session context."""
+    values = ctx.placeholder_values()
+    return (*(f"{k}={v}" for k, v in sorted(values.items())), principals_literal(ctx.principals))
+
+
+def _with_sql(decision: Decision, sql: str) -> Decision:
+    # Same decision, this message's text: a shallow copy costs well under a
+    # microsecond this way (dataclasses.replace costs several).
+    copy: Decision = object.__new__(Decision)
+    copy.__dict__.update(decision.__dict__)
+    copy.__dict__["sql"] = sql
+    return copy
+
+
 @dataclass(frozen=True, slots=True)
 class _Filters:
     """Per policy and catalog: the row filter of each table (soft delete included)."""
@@ -106,6 +154,9 @@ class Judge:
         self.policies = policies
         self._catalog = catalog or EMPTY_CATALOG
         self._cache: dict[tuple[str, str], _Entry] = {}
+        # rewritten reads: (agent type, shape, filter values) -> template, None if none
+        self._templates: dict[tuple[str, str, tuple[str | None, ...]], _Templated | None] = {}
+        self._valued: set[tuple[str, str]] = set()  # shapes whose filters use the context
         self._filters: dict[str, _Filters] = {}
         self._cache_size = cache_size
         self.hits = 0
@@ -124,6 +175,8 @@ class Judge:
             self._catalog = new
             self._cache.clear()
             self._filters.clear()
+            self._templates.clear()
+            self._valued.clear()
 
     def cache_info(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "size": len(self._cache)}
@@ -142,15 +195,18 @@ class Judge:
                 out = sql
                 if entry.appends and policy.max_rows_returned is not None:
                     out = rowcap.append_limits(sql, entry.appends, policy.max_rows_returned)
-                # Same decision, this message's text: a shallow copy costs well under a
-                # microsecond this way (dataclasses.replace costs several).
-                decision: Decision = object.__new__(Decision)
-                decision.__dict__.update(cached.__dict__)
-                decision.__dict__["sql"] = out
-                return decision
+                return _with_sql(cached, out)
+            shape_key = (policy.name, key)
+            values = filter_values(ctx) if shape_key in self._valued else ()
+            known = self._templates.get((policy.name, key, values))
+            if known is not None and known.policy is policy:
+                filled = known.fill(sql, ctx)
+                if filled is not None:
+                    self.hits += 1
+                    return _with_sql(known.decision, filled)
         self.misses += 1
         try:
-            decision, appends = self._judge(policy, sql, ctx, 0, key or "")
+            decision, appends, template_values = self._judge(policy, sql, ctx, 0, key or "")
         except Exception as exc:  # fail closed on anything unforeseen (RecursionError...)
             problem = Violation(
                 rule="internal",
@@ -164,7 +220,63 @@ class Judge:
             if len(self._cache) >= self._cache_size:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[(policy.name, key)] = _Entry(policy, decision, appends)
+        elif key is not None and template_values is not None:
+            self._remember_template(policy, sql, key, ctx, decision, template_values)
         return decision
+
+    def _remember_template(
+        self,
+        policy: AgentPolicy,
+        sql: str,
+        key: str,
+        ctx: SessionContext,
+        decision: Decision,
+        values: tuple[str | None, ...],
+    ) -> None:
+        template_key = (policy.name, key, values)
+        if template_key in self._templates:
+            return  # learned before; None: this shape has no template
+        if len(self._templates) >= self._cache_size:
+            self._templates.pop(next(iter(self._templates)))
+        if len(self._valued) >= self._cache_size:
+            self._valued.clear()
+        if values:  # its rewrite depends on the session context: looked up with it
+            self._valued.add((policy.name, key))
+        self._templates[template_key] = self._learn(policy, sql, key, ctx, decision, values)
+
+    def _learn(
+        self,
+        policy: AgentPolicy,
+        sql: str,
+        key: str,
+        ctx: SessionContext,
+        decision: Decision,
+        values: tuple[str | None, ...],
+    ) -> _Templated | None:
+        """The template of a rewritten read's shape, or None (judge every statement):
+        the normalized text is rewritten once, and the template filled with this
+        statement's constants must have the structure of its own full rewrite."""
+        statement, normalized = templates.tokens(sql), templates.tokens(key)
+        if statement is None or normalized is None:
+            return None
+        first_new = templates.first_new_parameter(statement)
+        constants = templates.constants(statement, normalized, first_new)
+        if constants is None:
+            return None
+        try:
+            general, _, general_values = self._judge(policy, key, ctx, 0, key)
+            template = templates.Template(general.sql, first_new)
+        except Exception:  # the normalized text does not parse (interval $1) or rewrite
+            return None
+        if (
+            general.action != "rewrite"
+            or general.rule != decision.rule
+            or general_values != values
+            or template.needs > len(constants)
+            or shape(template.fill(constants)) != shape(decision.sql)
+        ):
+            return None
+        return _Templated(policy, decision, template, normalized, values)
 
     def judge_startup(self, policy: AgentPolicy, params: Mapping[str, str]) -> Decision:
         """Judge a client's startup parameters (see the module docstring)."""
@@ -194,7 +306,7 @@ class Judge:
 
     def _judge(
         self, policy: AgentPolicy, sql: str, ctx: SessionContext, depth: int, key: str
-    ) -> tuple[Decision, tuple[int, ...]]:
+    ) -> tuple[Decision, tuple[int, ...], tuple[str | None, ...] | None]:
         try:
             statements = analyze_tree(sql, self._catalog)
         except SqlSyntaxError as exc:
@@ -204,19 +316,19 @@ class Judge:
                 hint="fix the SQL syntax; guardproxy parses statements like PostgreSQL does",
                 sqlstate=SQLSTATE_SYNTAX_ERROR,
             )
-            return self._deny(policy, syntax, sql, cacheable=False, shape=key), ()
+            return self._deny(policy, syntax, sql, cacheable=False, shape=key), (), None
         state = _MessageState()
         for statement in statements:
             violation = self._statement(policy, statement.info, ctx, state, depth)
             if violation is not None:
-                return self._deny(policy, violation, sql, state.cacheable, key), ()
+                return self._deny(policy, violation, sql, state.cacheable, key), (), None
         analyses: list[WriteAnalysis] = []
         for statement in statements:
             analysis = analyze_writes(
                 policy, self._catalog, statement, state.executed.get(id(statement.info))
             )
             if analysis.violation is not None:
-                return self._deny(policy, analysis.violation, sql, state.cacheable, key), ()
+                return self._deny(policy, analysis.violation, sql, state.cacheable, key), (), None
             analyses.append(analysis)
         return self._finish(policy, sql, ctx, statements, analyses, state, key)
 
@@ -279,7 +391,7 @@ class Judge:
                 hint=f"PREPARE {name} AS ... through guardproxy first",
                 sqlstate=SQLSTATE_INVALID_STATEMENT_NAME,
             )
-        inner, _ = self._judge(policy, stored, ctx, depth + 1, "")
+        inner, _, _ = self._judge(policy, stored, ctx, depth + 1, "")
         if inner.action == "deny" or inner.monitored:
             return Violation(
                 rule=inner.rule,
@@ -328,7 +440,7 @@ class Judge:
         analyses: list[WriteAnalysis],
         state: _MessageState,
         key: str,
-    ) -> tuple[Decision, tuple[int, ...]]:
+    ) -> tuple[Decision, tuple[int, ...], tuple[str | None, ...] | None]:
         proxy_only = bool(statements) and state.guard_only
         context = FrozenMap(state.context)
         prepared = MappingProxyType(dict(state.prepared))
@@ -420,18 +532,20 @@ class Judge:
                 f"{policy.name} would have this statement rewritten (policy {policy.name}, "
                 f"{rule}; mode monitor)"
             )
-            return make("allow", rule, reason, sql, cacheable=False, monitored=True), ()
+            return make("allow", rule, reason, sql, cacheable=False, monitored=True), (), None
         constant = "kept" in plans  # the decision depends on a LIMIT constant
         if not tree and "tree" not in plans:
             appends = tuple(i for i, plan in enumerate(plans) if plan == "append")
             cacheable = state.cacheable and not state.context and not constant
             if not appends:
-                return make("allow", "", "", "" if proxy_only else sql, cacheable), ()
+                return make("allow", "", "", "" if proxy_only else sql, cacheable), (), None
             assert max_rows is not None
             out = rowcap.append_limits(sql, appends, max_rows)
-            return make(
-                "rewrite", "limits.max_rows_returned", _cap_reason(policy), out, cacheable
-            ), (appends)
+            return (
+                make("rewrite", "limits.max_rows_returned", _cap_reason(policy), out, cacheable),
+                appends,
+                None,
+            )
         values = ctx.placeholder_values()
         values["principals"] = principals_literal(ctx.principals)
         deleter = DeleteContext.of(ctx.agent_id, ctx.task, ctx.step, ctx.tags)
@@ -451,7 +565,7 @@ class Judge:
                 hint="rows of this table are filtered for this agent type: read them with SELECT, "
                 "change them with UPDATE / DELETE ... WHERE",
             )
-            return self._deny(policy, violation, sql, cacheable=False, shape=key), ()
+            return self._deny(policy, violation, sql, cacheable=False, shape=key), (), None
         if max_rows is not None:
             for statement in statements:
                 rowcap.cap_tree(statement.raw, max_rows)
@@ -469,7 +583,22 @@ class Judge:
             )
         else:
             reason = _cap_reason(policy)
-        return make("rewrite", rule, reason, rewritten, cacheable=False), ()
+        decision = make("rewrite", rule, reason, rewritten, cacheable=False)
+        # a read rewritten only by row filters depends on the statement's structure (and
+        # the filters' values): later statements of this shape can take it from a template
+        templatable = (
+            state.cacheable
+            and not state.context
+            and not state.prepared
+            and not constant
+            and max_rows is None
+            and not write_rule
+            and all(w is None for w in writes)
+        )
+        if not templatable:
+            return decision, (), None
+        soft_only = all(r.relation in table_filters.soft_only for _, r in touched)
+        return decision, (), () if soft_only else filter_values(ctx)
 
     @staticmethod
     def _deny(
