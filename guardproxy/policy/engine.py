@@ -34,8 +34,11 @@ A hit costs one normalize() C call and a dict lookup. Only decisions that do not
 depend on a constant, on the session context or on session state are stored
 (`Decision.cacheable`). One rewrite is cached: the row cap appended to a SELECT
 without LIMIT (``\nLIMIT n``) depends on the shape alone, so a hit appends it to the
-new message's text (one split() C call more). The cache is per Judge and is cleared
-when the catalog changes (`set_catalog`); build a new Judge for a new policy set.
+new message's text (one split() C call more). Reads rewritten only by row filters
+are served from a template per shape and filter values (`templates`): the rewrite
+of the normalized text, filled with each statement's constants. The caches are
+per Judge and are cleared when the catalog changes (`set_catalog`); build a new
+Judge for a new policy set.
 """
 
 from __future__ import annotations
