@@ -74,6 +74,8 @@ from .session_rules import setting_violation, startup_changes
 from .writes import DeleteContext, WriteAnalysis, analyze_writes, rewrite_writes, soft_delete_filter
 
 DEFAULT_CACHE_SIZE = 20_000
+# templates hold the token list of their normalized text (kilobytes for a long one)
+TEMPLATE_CACHE_SIZE = 2_000
 _MAX_EXECUTE_DEPTH = 4
 
 
@@ -239,9 +241,9 @@ class Judge:
         template_key = (policy.name, key, values)
         if template_key in self._templates:
             return  # learned before; None: this shape has no template
-        if len(self._templates) >= self._cache_size:
+        if len(self._templates) >= TEMPLATE_CACHE_SIZE:
             self._templates.pop(next(iter(self._templates)))
-        if len(self._valued) >= self._cache_size:
+        if len(self._valued) >= TEMPLATE_CACHE_SIZE:
             self._valued.clear()
         if values:  # its rewrite depends on the session context: looked up with it
             self._valued.add((policy.name, key))
