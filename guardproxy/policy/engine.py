@@ -238,15 +238,15 @@ class Judge:
         decision: Decision,
         values: tuple[str | None, ...],
     ) -> None:
+        if values:  # its rewrite depends on the session context: looked up with it
+            if len(self._valued) >= TEMPLATE_CACHE_SIZE:
+                self._valued.clear()
+            self._valued.add((policy.name, key))
         template_key = (policy.name, key, values)
         if template_key in self._templates:
             return  # learned before; None: this shape has no template
         if len(self._templates) >= TEMPLATE_CACHE_SIZE:
             self._templates.pop(next(iter(self._templates)))
-        if len(self._valued) >= TEMPLATE_CACHE_SIZE:
-            self._valued.clear()
-        if values:  # its rewrite depends on the session context: looked up with it
-            self._valued.add((policy.name, key))
         self._templates[template_key] = self._learn(policy, sql, key, ctx, decision, values)
 
     def _learn(
