@@ -238,50 +238,42 @@ class Judge:
         decision: Decision,
         values: tuple[str | None, ...],
     ) -> None:
+        """Learns the template of a rewritten read's shape, or that it has none (None:
+        judge every statement). The normalized text is rewritten once, and the template
+        filled with this statement's constants must have the structure of its own full
+        rewrite."""
         if values:  # its rewrite depends on the session context: looked up with it
             if len(self._valued) >= TEMPLATE_CACHE_SIZE:
                 self._valued.clear()
             self._valued.add((policy.name, key))
         template_key = (policy.name, key, values)
         if template_key in self._templates:
-            return  # learned before; None: this shape has no template
+            return  # learned before
         if len(self._templates) >= TEMPLATE_CACHE_SIZE:
             self._templates.pop(next(iter(self._templates)))
-        self._templates[template_key] = self._learn(policy, sql, key, ctx, decision, values)
-
-    def _learn(
-        self,
-        policy: AgentPolicy,
-        sql: str,
-        key: str,
-        ctx: SessionContext,
-        decision: Decision,
-        values: tuple[str | None, ...],
-    ) -> _Templated | None:
-        """The template of a rewritten read's shape, or None (judge every statement):
-        the normalized text is rewritten once, and the template filled with this
-        statement's constants must have the structure of its own full rewrite."""
+        self._templates[template_key] = None
         statement, normalized = templates.tokens(sql), templates.tokens(key)
         if statement is None or normalized is None:
-            return None
+            return
         first_new = templates.first_new_parameter(statement)
         constants = templates.constants(statement, normalized, first_new)
         if constants is None:
-            return None
+            return
         try:
             general, _, general_values = self._judge(policy, key, ctx, 0, key)
             template = templates.Template(general.sql, first_new)
         except Exception:  # the normalized text does not parse (interval $1) or rewrite
-            return None
+            return
         if (
-            general.action != "rewrite"
-            or general.rule != decision.rule
-            or general_values != values
-            or template.needs > len(constants)
-            or shape(template.fill(constants)) != shape(decision.sql)
+            general.action == "rewrite"
+            and general.rule == decision.rule
+            and general_values == values
+            and template.needs <= len(constants)
+            and shape(template.fill(constants)) == shape(decision.sql)
         ):
-            return None
-        return _Templated(policy, decision, template, normalized, values)
+            self._templates[template_key] = _Templated(
+                policy, decision, template, normalized, values
+            )
 
     def judge_startup(self, policy: AgentPolicy, params: Mapping[str, str]) -> Decision:
         """Judge a client's startup parameters (see the module docstring)."""
