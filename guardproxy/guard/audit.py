@@ -161,21 +161,17 @@ class AuditLog:
                 self.in_flight = 0
 
     async def _gather(self, events: list[AuditEvent]) -> None:
-        """Adds to the batch what arrives within ``linger`` of its first event."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.linger
-        while len(events) < self.batch:
-            while len(events) < self.batch and not self.queue.empty():
-                events.append(self.queue.get_nowait())
-            self.in_flight = len(events)
-            left = deadline - loop.time()
-            if left <= 0 or len(events) >= self.batch:
-                return
-            try:
-                async with asyncio.timeout(left):
-                    events.append(await self.queue.get())
-            except TimeoutError:
-                return
+        """Adds to the batch what arrives within ``linger`` of its first event.
+
+        One sleep per batch, not a wake-up per event: the writer is not woken for each
+        write an agent makes (it was a task step and a timer each). A backlog of a
+        whole batch is taken at once, without waiting."""
+        self.in_flight = len(events)
+        if self.queue.qsize() + len(events) < self.batch:
+            await asyncio.sleep(self.linger)
+        while len(events) < self.batch and not self.queue.empty():
+            events.append(self.queue.get_nowait())
+        self.in_flight = len(events)
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Waits (bounded) until queued events are written; used at shutdown and by tests."""
