@@ -74,6 +74,7 @@ from .session_rules import setting_violation, startup_changes
 from .writes import DeleteContext, WriteAnalysis, analyze_writes, rewrite_writes, soft_delete_filter
 
 DEFAULT_CACHE_SIZE = 20_000
+FilterValues = tuple[tuple[str, str | None], ...]  # row-filter placeholder -> its value
 # templates hold the token list of their normalized text (kilobytes for a long one)
 TEMPLATE_CACHE_SIZE = 2_000
 _MAX_EXECUTE_DEPTH = 4
@@ -99,7 +100,7 @@ class _Templated:
         decision: Decision,
         template: templates.Template,
         normalized: templates.Tokens,
-        values: tuple[str | None, ...],
+        values: FilterValues,
     ) -> None:
         self.policy = policy
         self.decision = decision
@@ -109,7 +110,7 @@ class _Templated:
 
     def fill(self, sql: str, ctx: SessionContext) -> str | None:
         """``sql`` rewritten from the template; None when it cannot be (judge it in full)."""
-        if self.values and self.values != filter_values(ctx):
+        if self.values and self.values != filter_values(ctx, [n for n, _ in self.values]):
             return None
         statement = templates.tokens(sql)
         if statement is None:
@@ -121,10 +122,12 @@ class _Templated:
         return template.fill(constants)
 
 
-def filter_values(ctx: SessionContext) -> tuple[str | None, ...]:
-    """What row filters may put in a rewrite from the session context."""
+def filter_values(ctx: SessionContext, names: Sequence[str]) -> FilterValues:
+    """The values of the named row-filter placeholders in this context (None kept
+    apart from the text 'None': a template is only ever shared by equal values)."""
     values = ctx.placeholder_values()
-    return (*(f"{k}={v}" for k, v in sorted(values.items())), principals_literal(ctx.principals))
+    values["principals"] = principals_literal(ctx.principals)
+    return tuple((name, values.get(name)) for name in names)
 
 
 def _with_sql(decision: Decision, sql: str) -> Decision:
@@ -160,8 +163,9 @@ class Judge:
         self._catalog = catalog or EMPTY_CATALOG
         self._cache: dict[tuple[str, str], _Entry] = {}
         # rewritten reads: (agent type, shape, filter values) -> template, None if none
-        self._templates: dict[tuple[str, str, tuple[str | None, ...]], _Templated | None] = {}
-        self._valued: set[tuple[str, str]] = set()  # shapes whose filters use the context
+        self._templates: dict[tuple[str, str, FilterValues], _Templated | None] = {}
+        # shapes whose filters use the context -> the placeholders they use
+        self._valued: dict[tuple[str, str], tuple[str, ...]] = {}
         self._filters: dict[str, _Filters] = {}
         self._cache_size = cache_size
         self.hits = 0
@@ -202,10 +206,14 @@ class Judge:
                     out = rowcap.append_limits(sql, entry.appends, policy.max_rows_returned)
                 return _with_sql(cached, out)
             shape_key = (policy.name, key)
-            values = filter_values(ctx) if shape_key in self._valued else ()
+            used = self._valued.get(shape_key)
+            values = filter_values(ctx, used) if used else ()
             known = self._templates.get((policy.name, key, values))
             if known is not None and known.policy is policy:
-                filled = known.fill(sql, ctx)
+                try:
+                    filled = known.fill(sql, ctx)
+                except Exception:  # unforeseen: judge it in full below
+                    filled = None
                 if filled is not None:
                     self.hits += 1
                     return _with_sql(known.decision, filled)
@@ -226,7 +234,10 @@ class Judge:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[(policy.name, key)] = _Entry(policy, decision, appends)
         elif key is not None and template_values is not None:
-            self._remember_template(policy, sql, key, ctx, decision, template_values)
+            try:
+                self._remember_template(policy, sql, key, ctx, decision, template_values)
+            except Exception:  # unforeseen: no template, the decision stands
+                self._templates[(policy.name, key, template_values)] = None
         return decision
 
     def _remember_template(
@@ -236,7 +247,7 @@ class Judge:
         key: str,
         ctx: SessionContext,
         decision: Decision,
-        values: tuple[str | None, ...],
+        values: FilterValues,
     ) -> None:
         """Learns the template of a rewritten read's shape, or that it has none (None:
         judge every statement). The normalized text is rewritten once, and the template
@@ -245,7 +256,7 @@ class Judge:
         if values:  # its rewrite depends on the session context: looked up with it
             if len(self._valued) >= TEMPLATE_CACHE_SIZE:
                 self._valued.clear()
-            self._valued.add((policy.name, key))
+            self._valued[(policy.name, key)] = tuple(name for name, _ in values)
         template_key = (policy.name, key, values)
         if template_key in self._templates:
             return  # learned before
@@ -303,7 +314,7 @@ class Judge:
 
     def _judge(
         self, policy: AgentPolicy, sql: str, ctx: SessionContext, depth: int, key: str
-    ) -> tuple[Decision, tuple[int, ...], tuple[str | None, ...] | None]:
+    ) -> tuple[Decision, tuple[int, ...], FilterValues | None]:
         try:
             statements = analyze_tree(sql, self._catalog)
         except SqlSyntaxError as exc:
@@ -437,7 +448,7 @@ class Judge:
         analyses: list[WriteAnalysis],
         state: _MessageState,
         key: str,
-    ) -> tuple[Decision, tuple[int, ...], tuple[str | None, ...] | None]:
+    ) -> tuple[Decision, tuple[int, ...], FilterValues | None]:
         proxy_only = bool(statements) and state.guard_only
         context = FrozenMap(state.context)
         prepared = MappingProxyType(dict(state.prepared))
@@ -594,8 +605,9 @@ class Judge:
         )
         if not templatable:
             return decision, (), None
-        soft_only = all(r.relation in table_filters.soft_only for _, r in touched)
-        return decision, (), () if soft_only else filter_values(ctx)
+        # keyed by the values of the placeholders its filters use (none: soft deletes)
+        used = sorted({name for _, r in touched for name in filters[r.relation].placeholders})
+        return decision, (), tuple((name, values.get(name)) for name in used)
 
     @staticmethod
     def _deny(

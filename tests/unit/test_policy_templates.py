@@ -13,9 +13,10 @@ from _policy_helpers import copy_policies, example_catalog, example_policies
 from guardproxy.policy import Decision, Judge, PolicySet, SessionContext, load_policy_set
 from guardproxy.policy.templates import Template, constants, first_new_parameter, tokens
 
-_POSITIONS = frozenset(("location", "stmt_location", "stmt_len"))
+_POSITIONS = frozenset(("location", "stmt_location", "stmt_len"))  # and any *_start, *_end
 ROW_FILTERS = """row_filters:
   customers: "id = ANY({principals})"
+  order_state_log: "changed_by = {task} OR reason = {tag.mail}"
 """
 
 
@@ -35,7 +36,11 @@ def _tree(sql: str) -> object:
 
     def strip(node: object) -> object:
         if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if k not in _POSITIONS}
+            return {
+                k: strip(v)
+                for k, v in node.items()
+                if k not in _POSITIONS and not k.endswith(("_start", "_end"))
+            }
         if isinstance(node, list):
             return [strip(v) for v in node]
         return node
@@ -97,6 +102,31 @@ def test_row_filters_hold_for_each_context_not_the_first_one(filtered: PolicySet
             assert _tree(decision.sql) == _tree(expected.sql), (principals, decision.sql)
             wanted = "{" + ",".join(f'"{p}"' for p in principals) + "}"
             assert f"ANY('{wanted}')" in decision.sql, decision.sql
+
+
+@pytest.mark.parametrize(
+    "first, then",
+    [
+        ({"task": "None"}, {}),  # no task is not the task named 'None'
+        ({"step": "None"}, {"task": "None"}),
+        ({"tags": {"mail": "x=y"}}, {"tags": {"mail=x": "y"}}),  # '=' in a tag's key
+        ({"task": "T-1"}, {"task": "T-2"}),
+    ],
+)
+def test_contexts_never_share_a_template_with_other_filter_values(
+    filtered: PolicySet, first: dict[str, object], then: dict[str, object]
+) -> None:
+    """A template carries the filter values it was printed with: only a context with
+    the very same values may take it (a leak of the first context's rows otherwise)."""
+    cached, full, policy = _judges(filtered, "support-3")
+    for n, fields in enumerate((first, then, first, then)):
+        ctx = SessionContext(agent_id="support-3", **fields)  # type: ignore[arg-type]
+        sql = f"SELECT new_status FROM order_state_log WHERE id > {n}"
+        decision = cached.judge(policy, sql, ctx)  # type: ignore[arg-type]
+        expected = _full(full, policy, sql, ctx)
+        assert decision.rule == "row_filters.order_state_log"
+        assert _tree(decision.sql) == _tree(expected.sql), (fields, decision.sql, expected.sql)
+    assert [t for t in cached._templates.values() if t is not None], "templates were used"
 
 
 def test_reads_capped_by_max_rows_returned_are_never_templated() -> None:
