@@ -41,10 +41,14 @@ COPY guardproxy/ guardproxy/
 # The alembic migrations ship inside the package as guardproxy.migrations
 # (pyproject: package-dir), for `guardproxy db upgrade`.
 COPY migrations/ migrations/
-# GUARDPROXY_COMPILE=1: setup.py compiles the hot-path modules; the image then
-# logs "hot path compiled (mypyc)" at start.
-RUN GUARDPROXY_COMPILE=1 /opt/guardproxy/bin/pip install . \
- && /opt/guardproxy/bin/pip uninstall --yes pip
+# First the project and its dependencies, then the hot path compiled in place of
+# its sources (GUARDPROXY_COMPILE=1, setup.py): mypyc needs the dependencies' types,
+# so it builds in this environment (--no-build-isolation), as scripts/compile does
+# for the tests. The image then logs "hot path compiled (mypyc)" at start.
+RUN /opt/guardproxy/bin/pip install . "setuptools>=77" wheel "mypy>=1.10,<3" \
+ && GUARDPROXY_COMPILE=1 /opt/guardproxy/bin/pip install \
+        --no-build-isolation --no-deps --force-reinstall . \
+ && /opt/guardproxy/bin/pip uninstall --yes mypy pathspec ast-serialize setuptools wheel pip
 
 # -------------------------------------------------------------- runtime stage
 FROM ${PYTHON_IMAGE}

@@ -398,7 +398,8 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         "proxy_args": args.proxy_args,
         "policies": str(args.policies) if args.policies else None,
         "guardproxy_cmd": args.guardproxy_cmd,
-        "hot_path": "compiled (mypyc)" if args.native else "as installed",
+        # --native sets GUARDPROXY_NATIVE; so may the caller's environment
+        "hot_path": "compiled (mypyc)" if os.environ.get(NATIVE_ENV) else "as installed",
         "client_auth": "trust",
         "pool_mode": "transaction",
     }

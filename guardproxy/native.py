@@ -10,7 +10,10 @@ into C extensions that run the same code with much less interpreter overhead
 * A source checkout: ``scripts/compile`` builds them into ``build/native/`` and
   ``GUARDPROXY_NATIVE=<that directory>`` loads them from there. Without it the
   checkout runs its sources, so an edit is never shadowed by an old build; with it,
-  a build whose sources have changed since is refused at import, naming the file.
+  a build made from other sources (any module of the package: compiled code has
+  the types of what it imports built in) is refused at import, naming the file.
+  Never ``GUARDPROXY_COMPILE=1 pip install -e``: that puts the extensions beside the
+  sources of the checkout, where they would shadow every later edit.
 
 Only the standard library is used here: ``setup.py`` reads ``COMPILED`` from this
 file before anything is installed. Keep this module out of ``COMPILED``.
@@ -75,6 +78,14 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def package_sources() -> dict[str, str]:
+    """The digest of every module of the package, by path relative to it."""
+    return {
+        path.relative_to(PACKAGE_DIR).as_posix(): _digest(path)
+        for path in sorted(PACKAGE_DIR.rglob("*.py"))
+    }
+
+
 def hot_path() -> str:
     """How this process runs the hot path: "compiled (mypyc)" or "pure Python"."""
     origins = []
@@ -115,7 +126,8 @@ def read_build(where: Path) -> dict[str, Path]:
     fix = f"run scripts/compile again, or unset {ENV} to run the sources as they are"
     try:
         manifest = json.loads((where / MANIFEST).read_text())
-        python, sources = manifest["python"], dict(manifest["sources"])
+        python, compiled = manifest["python"], list(manifest["compiled"])
+        sources = {str(k): str(v) for k, v in manifest["sources"].items()}
         extensions = {str(k): str(v) for k, v in manifest["extensions"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise NativeBuildError(
@@ -125,15 +137,18 @@ def read_build(where: Path) -> dict[str, Path]:
         raise NativeBuildError(
             f"{ENV}={where} was built for {python}, this is {sys.implementation.cache_tag}; {fix}"
         )
-    if set(sources) != set(COMPILED):
+    if set(compiled) != set(COMPILED):
         raise NativeBuildError(
             f"{ENV}={where} compiled other modules than guardproxy/native.py lists now; {fix}"
         )
-    for module, digest in sources.items():
-        source = source_of(module)
-        if not source.exists() or _digest(source) != digest:
+    # every module, not only the compiled ones: compiled code has the types, signatures
+    # and Final constants of the modules it imports built in
+    now = package_sources()
+    for name in sorted(set(now) | set(sources)):
+        if now.get(name) != sources.get(name):
             raise NativeBuildError(
-                f"{ENV}={where} was compiled from other sources: {source} changed since; {fix}"
+                f"{ENV}={where} was compiled from other sources: {PACKAGE_DIR / name} "
+                f"changed since; {fix}"
             )
     return {name: where / relative for name, relative in extensions.items()}
 
@@ -172,7 +187,8 @@ def build(where: Path) -> None:
         raise SystemExit(f"the build in {where} lacks {', '.join(missing)}")
     manifest = {
         "python": sys.implementation.cache_tag,
-        "sources": {m: _digest(source_of(m)) for m in COMPILED},
+        "compiled": list(COMPILED),
+        "sources": package_sources(),
         "extensions": extensions,
     }
     (where / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -52,6 +52,20 @@ class _Judged:
     """What judging one message produced, kept to forward it again unjudged.
     Plain, not a dataclass: one is built per judged message (see WritePlan)."""
 
+    __slots__ = (
+        "catalog",
+        "context",
+        "cursor",
+        "decision",
+        "message",
+        "plan_check",
+        "policy",
+        "row_cap",
+        "sql",
+        "statements",
+        "write",
+    )
+
     def __init__(
         self,
         context: SessionContext,

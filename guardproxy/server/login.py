@@ -142,10 +142,7 @@ async def server_params(session: ClientSession) -> dict[str, str]:
     server = await session.pool.acquire()
     try:
         await server.query(replay_sql(session.settings, session.server_app_name))
-    except GuardError:
-        session.pool.discard(server)
-        raise
-    except BaseException:
+    except BaseException:  # an error, a lost connection, a cancel: never reused
         session.pool.discard(server)
         raise
     server.settings_key = session.settings

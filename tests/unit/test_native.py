@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def _manifest(where: Path, **changes: object) -> None:
     manifest: dict[str, object] = {
         "python": sys.implementation.cache_tag,
-        "sources": {m: native._digest(native.source_of(m)) for m in native.COMPILED},
+        "compiled": list(native.COMPILED),
+        "sources": native.package_sources(),
         "extensions": {"guardproxy.metrics": "guardproxy/metrics.cpython-311-x86_64-linux-gnu.so"},
     }
     manifest.update(changes)
@@ -33,15 +34,30 @@ def test_a_build_of_these_sources_is_accepted(tmp_path: Path) -> None:
     }
 
 
-def test_a_build_of_other_sources_is_refused_naming_the_file(tmp_path: Path) -> None:
-    sources = {m: native._digest(native.source_of(m)) for m in native.COMPILED}
-    sources["guardproxy.pool.server"] = "0" * 64  # as if server.py changed after the build
+@pytest.mark.parametrize(
+    "changed",
+    [
+        "pool/server.py",  # a compiled module
+        "policy/decision.py",  # a module compiled code imports: its types are built in
+    ],
+)
+def test_a_build_of_other_sources_is_refused_naming_the_file(tmp_path: Path, changed: str) -> None:
+    sources = native.package_sources()
+    sources[changed] = "0" * 64  # as if the file changed after the build
     _manifest(tmp_path, sources=sources)
     with pytest.raises(native.NativeBuildError) as refused:
         native.read_build(tmp_path)
     message = str(refused.value)
-    assert "guardproxy/pool/server.py changed since" in message
+    assert f"guardproxy/{changed} changed since" in message
     assert "scripts/compile" in message and "unset GUARDPROXY_NATIVE" in message
+
+
+def test_a_module_added_since_the_build_is_noticed(tmp_path: Path) -> None:
+    sources = native.package_sources()
+    del sources["top.py"]  # the build did not know it
+    _manifest(tmp_path, sources=sources)
+    with pytest.raises(native.NativeBuildError, match=r"top\.py changed since"):
+        native.read_build(tmp_path)
 
 
 def test_a_build_for_another_python_or_no_build_is_refused(tmp_path: Path) -> None:
@@ -56,14 +72,13 @@ def test_a_build_for_another_python_or_no_build_is_refused(tmp_path: Path) -> No
 
 
 def test_a_build_of_another_module_list_is_refused(tmp_path: Path) -> None:
-    sources = {m: native._digest(native.source_of(m)) for m in native.COMPILED[1:]}
-    _manifest(tmp_path, sources=sources)
+    _manifest(tmp_path, compiled=list(native.COMPILED[1:]))
     with pytest.raises(native.NativeBuildError, match="other modules"):
         native.read_build(tmp_path)
 
 
 def test_a_stale_build_stops_the_import_with_the_reason(tmp_path: Path) -> None:
-    sources = {m: "0" * 64 for m in native.COMPILED}
+    sources = dict.fromkeys(native.package_sources(), "0" * 64)
     _manifest(tmp_path, sources=sources)
     env = dict(os.environ, GUARDPROXY_NATIVE=str(tmp_path))
     run = subprocess.run(
