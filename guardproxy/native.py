@@ -5,8 +5,9 @@ judging and tagging, metrics) are plain, fully typed Python. mypyc compiles them
 into C extensions that run the same code with much less interpreter overhead
 (docs/performance.md). There are two ways to run them:
 
-* An installed build: ``GUARDPROXY_COMPILE=1 pip install .`` (the container image
-  does this) puts the extensions beside the sources, and Python prefers them.
+* An installed build: ``GUARDPROXY_COMPILE=1 pip install --no-build-isolation .``
+  once the dependencies are installed (mypyc needs their types; the container
+  image does this) puts the extensions beside the sources, and Python prefers them.
 * A source checkout: ``scripts/compile`` builds them into ``build/native/`` and
   ``GUARDPROXY_NATIVE=<that directory>`` loads them from there. Without it the
   checkout runs its sources, so an edit is never shadowed by an old build; with it,
