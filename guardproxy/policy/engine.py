@@ -92,7 +92,7 @@ class _Entry:
 class _Templated:
     """A rewritten read's shape: its decision and the template of its text."""
 
-    __slots__ = ("decision", "normalized", "policy", "template", "values")
+    __slots__ = ("decision", "normalized", "policy", "template")
 
     def __init__(
         self,
@@ -100,18 +100,15 @@ class _Templated:
         decision: Decision,
         template: templates.Template,
         normalized: templates.Tokens,
-        values: FilterValues,
     ) -> None:
         self.policy = policy
         self.decision = decision
         self.template = template
         self.normalized = normalized
-        self.values = values  # the row filters' values it was printed with; () for none
 
-    def fill(self, sql: str, ctx: SessionContext) -> str | None:
-        """``sql`` rewritten from the template; None when it cannot be (judge it in full)."""
-        if self.values and self.values != filter_values(ctx, [n for n, _ in self.values]):
-            return None
+    def fill(self, sql: str) -> str | None:
+        """``sql`` rewritten from the template; None when it cannot be (judge it in full).
+        The filter values it was printed with are part of the key it is found by."""
         statement = templates.tokens(sql)
         if statement is None:
             return None
@@ -122,11 +119,17 @@ class _Templated:
         return template.fill(constants)
 
 
+def placeholder_values(ctx: SessionContext) -> dict[str, str | None]:
+    """What row-filter placeholders stand for in this context."""
+    values = ctx.placeholder_values()
+    values["principals"] = principals_literal(ctx.principals)
+    return values
+
+
 def filter_values(ctx: SessionContext, names: Sequence[str]) -> FilterValues:
     """The values of the named row-filter placeholders in this context (None kept
     apart from the text 'None': a template is only ever shared by equal values)."""
-    values = ctx.placeholder_values()
-    values["principals"] = principals_literal(ctx.principals)
+    values = placeholder_values(ctx)
     return tuple((name, values.get(name)) for name in names)
 
 
@@ -211,7 +214,7 @@ class Judge:
             known = self._templates.get((policy.name, key, values))
             if known is not None and known.policy is policy:
                 try:
-                    filled = known.fill(sql, ctx)
+                    filled = known.fill(sql)
                 except Exception:  # unforeseen: judge it in full below
                     filled = None
                 if filled is not None:
@@ -282,9 +285,7 @@ class Judge:
             and template.needs <= len(constants)
             and shape(template.fill(constants)) == shape(decision.sql)
         ):
-            self._templates[template_key] = _Templated(
-                policy, decision, template, normalized, values
-            )
+            self._templates[template_key] = _Templated(policy, decision, template, normalized)
 
     def judge_startup(self, policy: AgentPolicy, params: Mapping[str, str]) -> Decision:
         """Judge a client's startup parameters (see the module docstring)."""
@@ -554,8 +555,7 @@ class Judge:
                 appends,
                 None,
             )
-        values = ctx.placeholder_values()
-        values["principals"] = principals_literal(ctx.principals)
+        values = placeholder_values(ctx)
         deleter = DeleteContext.of(ctx.agent_id, ctx.task, ctx.step, ctx.tags)
         try:
             for statement in statements:
