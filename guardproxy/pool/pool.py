@@ -20,7 +20,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from guardproxy.config import Settings, Upstream
-from guardproxy.pool.server import ServerConn
+from guardproxy.pool.backend import Backend
 from guardproxy.pool.upstream_tls import upstream_context
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import PoolTimeout, UpstreamError
@@ -34,17 +34,24 @@ log = logging.getLogger("guardproxy.pool")
 
 class Pool:
     def __init__(
-        self, settings: Settings, upstream: Upstream, startup: dict[str, str] | None = None
+        self,
+        settings: Settings,
+        upstream: Upstream,
+        startup: dict[str, str] | None = None,
+        size_limit: str = "",
     ) -> None:
         self.settings = settings
+        # what bounds pool_size, named in the error of a client that waited too long
+        self.size_limit = size_limit or "pool_size (guardproxy settings)"
         self.upstream = upstream
         # settings every server connection starts with (role, policy timeouts): startup
         # parameters, so RESET and DISCARD ALL return to them rather than drop them
         self.startup_options = _options(startup)
-        self.idle: deque[ServerConn] = deque()
-        self.servers: set[ServerConn] = set()
+        self.agent_role = (startup or {}).get("role")
+        self.idle: deque[Backend] = deque()
+        self.servers: set[Backend] = set()
         self.opening = 0
-        self.waiters: deque[asyncio.Future[ServerConn]] = deque()
+        self.waiters: deque[asyncio.Future[Backend]] = deque()
         self.params_cache: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
         # (agent type, statement shape) -> (catalog, plan estimates): see server.plancheck
         self.plan_estimates: dict[tuple[str, str], tuple[Catalog, tuple[PlanEstimate, ...]]] = {}
@@ -85,7 +92,7 @@ class Pool:
 
     # ------------------------------------------------------------ lending
 
-    def try_acquire(self) -> ServerConn | None:
+    def try_acquire(self) -> Backend | None:
         """Fast path with no await: an idle, healthy server if there is one."""
         if self.paused:
             return None
@@ -103,7 +110,7 @@ class Pool:
             return server
         return None
 
-    async def acquire(self) -> ServerConn:
+    async def acquire(self) -> Backend:
         if self.paused:
             try:
                 await asyncio.wait_for(self._resumed.wait(), self.settings.pool_acquire_timeout)
@@ -125,11 +132,11 @@ class Pool:
             return server
         return await self._wait()
 
-    async def _wait(self) -> ServerConn:
+    async def _wait(self) -> Backend:
         s = self.settings
         loop = asyncio.get_running_loop()
         started = loop.time()
-        waiter: asyncio.Future[ServerConn] = loop.create_future()
+        waiter: asyncio.Future[Backend] = loop.create_future()
         self.waiters.append(waiter)
         handed = False
         try:
@@ -152,9 +159,10 @@ class Pool:
                 raise PoolTimeout(
                     f"no server connection became free within {s.pool_acquire_timeout:g}s: "
                     f"all {self.size} connections to {self.upstream.user}@{self.upstream.database} "
-                    f"are busy and {len(self.waiters)} clients are waiting",
+                    f"are busy ({s.pool_size} is the limit, set by {self.size_limit}) and "
+                    f"{len(self.waiters)} clients are waiting",
                     hint="Retry after a short pause; keep transactions short and do not hold them "
-                    "open while thinking; an operator can raise pool_size.",
+                    f"open while thinking; an operator can raise {self.size_limit.split(' ')[0]}.",
                 ) from None
             self.acquired_total += 1
             handed = True
@@ -169,11 +177,11 @@ class Pool:
                 # A server arrived just as we gave up (timeout or cancel): give it back.
                 self.release(waiter.result())
 
-    def release(self, server: ServerConn) -> None:
+    def release(self, server: Backend) -> None:
         """Takes a server back. Only a clean one is reused."""
         server.client = None
-        stale = server.generation != self.generation
-        if server.closed or not server.idle or server.pending or self.closing or stale:
+        stale = server.pool_generation != self.generation
+        if server.closed or server.status != b"I" or self.closing or stale:
             self._close(server)
             self._open_for_waiter()
             return
@@ -193,6 +201,7 @@ class Pool:
         if options == self.startup_options:
             return
         self.startup_options = options
+        self.agent_role = startup.get("role")
         self.generation += 1
         for server in list(self.idle):
             self._close(server)
@@ -214,13 +223,13 @@ class Pool:
             server = self.idle.pop()
             self.release(server)
 
-    def discard(self, server: ServerConn) -> None:
+    def discard(self, server: Backend) -> None:
         """A server that is broken or dirty: close it and let a waiter open a fresh one."""
         server.client = None
         self._close(server)
         self._open_for_waiter()
 
-    def _close(self, server: ServerConn) -> None:
+    def _close(self, server: Backend) -> None:
         self.servers.discard(server)
         with contextlib.suppress(ValueError):
             self.idle.remove(server)
@@ -240,7 +249,7 @@ class Pool:
 
     # ------------------------------------------------------------ opening
 
-    async def _open(self) -> ServerConn:
+    async def _open(self) -> Backend:
         up = self.upstream
         self.opening += 1
         self.serial += 1
@@ -270,21 +279,19 @@ class Pool:
                 raise
         finally:
             self.opening -= 1
-        server.on_stale = self.mark_stale
-        server.generation = self.generation
+        server.pool_generation = self.generation
+        server.agent_role = self.agent_role
         self.servers.add(server)
         log.debug("opened server connection %d (backend pid %d)", serial, server.backend_pid)
         return server
 
-    async def _connect(self, serial: int) -> ServerConn:
+    async def _connect(self, serial: int) -> Backend:
         """A TCP connection to the upstream, over TLS when its sslmode asks (SSLRequest first)."""
         up = self.upstream
         loop = asyncio.get_running_loop()
         context = self.tls_context
         if context is None:
-            _, server = await loop.create_connection(
-                lambda: ServerConn(up, serial), up.host, up.port
-            )
+            _, server = await loop.create_connection(lambda: Backend(up, serial), up.host, up.port)
             return server
         infos = await loop.getaddrinfo(up.host, up.port, type=socket.SOCK_STREAM)
         family, type_, proto, _, address = infos[0]
@@ -299,11 +306,11 @@ class Pool:
             raise
         if answer == b"S":
             _, server = await loop.create_connection(
-                lambda: ServerConn(up, serial), sock=sock, ssl=context, server_hostname=up.host
+                lambda: Backend(up, serial), sock=sock, ssl=context, server_hostname=up.host
             )
             return server
         if up.sslmode in ("allow", "prefer"):
-            _, server = await loop.create_connection(lambda: ServerConn(up, serial), sock=sock)
+            _, server = await loop.create_connection(lambda: Backend(up, serial), sock=sock)
             return server
         sock.close()
         raise UpstreamError(
@@ -313,7 +320,7 @@ class Pool:
 
     # ------------------------------------------------------------ upkeep
 
-    async def cancel(self, server: ServerConn) -> None:
+    async def cancel(self, server: Backend) -> None:
         """Asks Postgres to cancel what ``server`` runs now (a separate connection, as the protocol says)."""
         up = self.upstream
         try:

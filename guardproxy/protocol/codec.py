@@ -223,6 +223,20 @@ def bind_statement(raw: bytes) -> tuple[bytes, int, int]:
     return name, pos, end - 1
 
 
+def bind_portal(raw: bytes) -> bytes:
+    """The portal name of a Bind."""
+    name, _ = _cstring_at(raw, 5)
+    return name
+
+
+def execute_target(raw: bytes) -> tuple[bytes, int]:
+    """For an Execute: (portal name, row limit; 0 for none)."""
+    name, pos = _cstring_at(raw, 5)
+    if len(raw) != pos + 4:
+        raise ProtocolViolation("Execute message has a malformed row limit")
+    return name, _I32.unpack_from(raw, pos)[0]
+
+
 def bind_values(raw: bytes) -> bytes:
     """The parameter values of a Bind, length-prefixed, without format codes or names:
     what makes two executions of one statement the same request."""
@@ -304,6 +318,12 @@ def build_error(
     if hint:
         parts.append(b"H" + cstr(hint))
     return message(kind, b"".join(parts) + b"\x00")
+
+
+def build_error_fields(fields: dict[str, str], kind: bytes = b"E") -> bytes:
+    """An ErrorResponse (or NoticeResponse) with exactly these fields, in this order."""
+    body = b"".join(code.encode() + cstr(value) for code, value in fields.items())
+    return message(kind, body + b"\x00")
 
 
 def build_notice(

@@ -19,6 +19,19 @@ class GuardError(Exception):
             self.sqlstate = sqlstate
 
 
+class Denied(GuardError):
+    """The policy (or a limit the proxy enforces) refuses a statement; ``rule`` names the
+    rule, for the audit log and the metrics."""
+
+    sqlstate = "42501"
+
+    def __init__(
+        self, message: str, *, rule: str, hint: str | None = None, sqlstate: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint, sqlstate=sqlstate)
+        self.rule = rule
+
+
 class ProtocolViolation(GuardError):
     """The peer broke the wire protocol; the connection cannot go on."""
 

@@ -146,6 +146,15 @@ class Proxy:
         if self.sessions.get(session.cancel_key) is session:
             del self.sessions[session.cancel_key]
 
+    def client_pid_of_backend(self, backend_pid: int) -> int:
+        """The process id a client of this proxy knows for the server with ``backend_pid``
+        (the last client it was lent to), or ``backend_pid`` itself for any other."""
+        for pool in self.pools.values():
+            for server in pool.servers:
+                if server.backend_pid == backend_pid and server.last_client_pid:
+                    return server.last_client_pid
+        return backend_pid
+
     def cancel(self, pid: int, secret: int, origin: CancelOrigin = "client") -> None:
         """A cancel request: for a session of this worker, or routed to where the key says.
 
@@ -208,9 +217,11 @@ class Proxy:
                 self.pools[policy.name].set_startup(self._startup_for(policy))
                 continue
             settings = self.settings
+            size_limit = ""
             if policy.max_server_connections:
                 share = worker_share(policy.max_server_connections, settings.workers, self.worker)
                 settings = settings.model_copy(update={"pool_size": share})
+                size_limit = f"limits.max_server_connections of agent type {policy.name}"
             upstream = self.upstream
             password = role_password(policy.upstream_role, self.settings.upstream_credentials_dir)
             if password is not None:
@@ -218,7 +229,9 @@ class Proxy:
                 upstream = upstream.model_copy(
                     update={"user": policy.upstream_role, "password": password}
                 )
-            self.pools[policy.name] = Pool(settings, upstream, self._startup_for(policy))
+            self.pools[policy.name] = Pool(
+                settings, upstream, self._startup_for(policy), size_limit=size_limit
+            )
 
     def _startup_for(self, policy: AgentPolicy) -> dict[str, str]:
         """Startup settings of the type's server connections: its timeouts, and its role."""
@@ -328,27 +341,22 @@ class Proxy:
             now = time.perf_counter()
             idle_limit = self.settings.client_idle_timeout
             for session in list(self.sessions.values()):
-                server = session.server
-                # waiting for its answer (or for a server) is not idle; half a message is
-                waiting = bool(server and server.pending) or session.blocked
                 if (
                     idle_limit
-                    and not waiting
+                    and not session.busy
                     and now - session.last_activity > idle_limit
                     and not session.admin
                 ):
                     session.kill(f"client idle for more than client_idle_timeout ({idle_limit:g}s)")
                     continue
-                guard, server = session.guard, session.server
-                if (
-                    guard is None
-                    or server is None
-                    or (server.status == b"I" and not server.pending)
-                ):
+                relay = session.relay
+                judging = relay.judging if relay is not None else None
+                if judging is None:
                     continue
-                limit = guard.policy.transaction_timeout
-                if limit is not None and now - session.attached_at > limit.total_seconds():
-                    name = guard.policy.name
+                limit = judging.policy.transaction_timeout
+                age = session.transaction_age(now)
+                if limit is not None and age is not None and age > limit.total_seconds():
+                    name = judging.policy.name
                     session.end_transaction(
                         GuardError(
                             f"transaction of {name} ran longer than transaction_timeout ({limit}) and was "

@@ -457,7 +457,7 @@ async def test_client_killed_mid_copy_is_rolled_back_and_the_next_client_gets_a_
         copy_pid = int(
             psql_shop(
                 pg,
-                "SELECT pid FROM pg_stat_activity WHERE datname = 'shop' AND query LIKE 'COPY order_state_log%'",
+                "SELECT pid FROM pg_stat_activity WHERE datname = 'shop' AND query LIKE '%COPY order_state_log%' AND pid <> pg_backend_pid()",
             )
         )
         for n in range(3):

@@ -1,0 +1,373 @@
+"""What the lent server still owes its client session, and the relay of its answers.
+
+Every message the relay sends that gets an answer is recorded as an *expected
+answer* (``Pending`` kind, visible or hidden, and a payload), in order. Answers
+arrive in the same order: Postgres answers messages as it processes them, and
+after an error in the extended protocol skips everything up to the next Sync.
+``Inflight.feed`` reads the server's bytes, forwards what the client must see
+(as raw spans of the server's own bytes wherever nothing changes), swallows the
+answers to what the proxy sent for itself, and tells the relay about results,
+errors and ReadyForQuery through ``Events``.
+
+Results are counted per request, never per server: an ``Execution`` belongs to
+one Query or one Execute of a portal, with its row cap, what the portal or
+cursor delivered before, and an audit record to complete when it ends.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from guardproxy.protocol import codec
+from guardproxy.protocol import messages as m
+from guardproxy.protocol.errors import ProtocolViolation
+
+if TYPE_CHECKING:
+    from guardproxy.pool.backend import BackendState
+
+_I32 = struct.Struct("!i")
+_MAX_SERVER_MESSAGE: Final = 1 << 30
+# A DataRow or CopyData larger than this is streamed to the client as it arrives
+# rather than buffered whole: a 500 MB row costs no 500 MB here.
+STREAM_ABOVE: Final = 1 << 16
+
+
+class Pending(IntEnum):
+    PARSE = 1  # payload: the server statement name it prepares (forgotten if it fails)
+    BIND = 2  # payload: the server statement name (a stale plan marks it stale)
+    DESCRIBE = 3  # payload: True when a RowDescription must be answered as NoData
+    EXECUTE = 4  # payload: Execution or None
+    CLOSE = 5
+    SYNC = 6
+    # payload: Execution or None; ends at ReadyForQuery. Bytes: the proxy answers this
+    # Query itself and sent an empty one in its place; its EmptyQueryResponse becomes them
+    QUERY = 7
+    SYNTH = 8  # payload: bytes the proxy answers itself, in order
+    ABORT = 9  # the proxy's failing Parse; payload: the error the client sees instead
+
+
+Expected = tuple[Pending, bool, Any]  # kind, visible, payload
+_ENDS_ROUND = (Pending.SYNC, Pending.QUERY)
+
+
+class Execution:
+    """One request whose result the relay watches: a Query or an Execute."""
+
+    __slots__ = (
+        "audit",
+        "cap",
+        "cap_error",
+        "cut",
+        "extended",
+        "failed",
+        "offset",
+        "refused",
+        "rows",
+        "shift",
+        "source",
+        "written",
+    )
+
+    def __init__(
+        self,
+        shift: int = 0,
+        cap: int = 0,
+        cap_error: bool = False,
+        source: Any = None,
+        audit: Any = None,
+        extended: bool = False,
+    ) -> None:
+        self.shift = shift  # the tag prefix: error positions move back by this much
+        self.cap = cap  # limits.max_rows_returned, 0 for none
+        self.cap_error = cap_error
+        self.source = source  # a Portal or cursor record whose ``rows`` carry over
+        self.offset = self.rows = source.rows if source is not None else 0
+        self.cut = False  # rows past the cap were dropped
+        self.refused = False  # a statement of it was refused past its cap (error mode)
+        self.audit = audit  # the relay's record of an unmanaged write, completed at the end
+        self.extended = extended  # an Execute (else a Query)
+        self.failed = False
+        self.written = 0  # rows its statements changed
+
+
+class Events(Protocol):
+    def on_complete(self, tag: bytes, execution: Execution | None) -> None: ...
+    def on_error(self, fields: dict[str, str], kind: Pending, payload: Any) -> None: ...
+    def on_cut(self, execution: Execution) -> bytes: ...
+    def on_ready(self, status: bytes) -> None: ...
+    def on_query_done(self, execution: Execution) -> None: ...
+    def notification_pid(self, pid: int) -> int: ...
+
+
+class Inflight:
+    """The expected answers of one session's lent server, and the loop over its bytes."""
+
+    __slots__ = (
+        "_buf",
+        "_through",
+        "_through_forward",
+        "backend",
+        "events",
+        "out",
+        "pending",
+        "skipping",
+    )
+
+    def __init__(self, events: Events, out: list[bytes]) -> None:
+        self.events = events
+        self.out = out  # bytes for the client
+        self.pending: deque[Expected] = deque()
+        self.skipping = False  # the server skips everything up to the next Sync
+        self.backend: BackendState | None = None
+        self._buf = b""
+        self._through = 0  # bytes still to come of a large message being streamed
+        self._through_forward = True  # forwarded (or dropped: a row past the cap)
+
+    # ------------------------------------------------------------ recording
+
+    def expect(self, kind: Pending, visible: bool = True, payload: Any = None) -> None:
+        """Records that a message just sent (or a synthetic answer) awaits its turn."""
+        if self.skipping:
+            # the server discards everything after an error until Sync: no answers come
+            if kind != Pending.SYNC:
+                return
+            self.skipping = False
+        if kind == Pending.SYNTH and not self.pending:
+            if visible and payload:
+                self.out.append(payload)
+            return
+        self.pending.append((kind, visible, payload))
+
+    def rounds(self) -> int:
+        """ReadyForQuery messages still owed (one per Sync and per Query)."""
+        return sum(1 for entry in self.pending if entry[0] in _ENDS_ROUND)
+
+    @property
+    def mid_message(self) -> bool:
+        """Part of a large message has been streamed to the client, the rest not yet."""
+        return self._through > 0
+
+    def reset(self) -> None:
+        """The server is gone: nothing more will come."""
+        self.pending.clear()
+        self.skipping = False
+        self._buf = b""
+        self._through = 0
+
+    # ------------------------------------------------------------ receiving
+
+    def feed(self, data: bytes) -> None:
+        """Relays the server's bytes: forwards, counts, swallows, and tells the relay."""
+        out = self.out
+        if self._through:
+            take = min(self._through, len(data))
+            self._through -= take
+            if self._through_forward:
+                out.append(data[:take] if take < len(data) else data)
+            if take == len(data):
+                return
+            data = data[take:]
+        buf = self._buf + data if self._buf else data
+        pending = self.pending
+        unpack = _I32.unpack_from
+        n = len(buf)
+        pos = start = 0
+        while n - pos >= 5:
+            kind = buf[pos]
+            length = unpack(buf, pos + 1)[0]
+            if length < 4 or length > _MAX_SERVER_MESSAGE:
+                raise ProtocolViolation(f"server sent a message with length {length}")
+            end = pos + 1 + length
+            head = pending[0] if pending else None
+            if end > n:
+                if (
+                    end - pos > STREAM_ABOVE
+                    and (kind == m.BE_DATA_ROW or kind == m.BE_COPY_DATA)
+                    and (head is None or head[1])
+                ):
+                    keep = self._count_row(head)
+                    if not keep:
+                        if start < pos:
+                            out.append(buf[start:pos])
+                        start = n
+                    pos = n
+                    self._through, self._through_forward = end - n, keep
+                break
+            visible = head is None or head[1]
+            if kind == m.BE_DATA_ROW and visible:  # the hot path: forwarded as is
+                if head is not None and head[2] is not None and not self._count_row(head):
+                    if start < pos:  # past the policy's cap: cut here
+                        out.append(buf[start:pos])
+                    start = end
+                pos = end
+                continue
+            replacement = self._on_message(kind, buf, pos, end, head)
+            if replacement is not None:
+                if start < pos:
+                    out.append(buf[start:pos])
+                if replacement:
+                    out.append(replacement)
+                start = end
+            pos = end
+            # synthetic answers waiting at the front go out right after this message
+            if pending and pending[0][0] == Pending.SYNTH:
+                if start < pos:
+                    out.append(buf[start:pos])
+                start = pos
+                while pending and pending[0][0] == Pending.SYNTH:
+                    synth = pending.popleft()
+                    if synth[1] and synth[2]:
+                        out.append(synth[2])
+        self._buf = buf[pos:] if pos < n else b""
+        if start < pos:
+            out.append(buf[start:pos])
+
+    def _count_row(self, head: Expected | None) -> bool:
+        """Counts one row of the running result; False when it passes the cap (drop it)."""
+        if head is None:
+            return True
+        execution = head[2]
+        if not isinstance(execution, Execution) or not execution.cap:
+            return True
+        execution.rows += 1
+        if execution.rows > execution.cap:
+            execution.cut = True
+            return False
+        return True
+
+    def _on_message(
+        self, kind: int, buf: bytes, pos: int, end: int, head: Expected | None
+    ) -> bytes | None:
+        """Tracks one server message. Returns None to forward it as is, b"" to drop it,
+        or the bytes to send the client instead."""
+        pending = self.pending
+        visible = head is None or head[1]
+        keep: bytes | None = None if visible else b""
+        if kind == m.BE_READY:
+            status = buf[pos + 5 : pos + 6]
+            backend = self.backend
+            if backend is not None:
+                backend.status = status
+            while pending:
+                entry = pending.popleft()
+                if entry[0] in _ENDS_ROUND:
+                    keep = None if entry[1] else b""
+                    execution = entry[2]
+                    if entry[0] == Pending.QUERY and isinstance(execution, Execution):
+                        if execution.refused:
+                            keep = self._cut_ready(execution, status, keep)
+                        if execution.audit is not None:
+                            self.events.on_query_done(execution)
+                    break
+            else:
+                keep = None
+            self.events.on_ready(status)
+            return keep
+        if kind == m.BE_COMMAND_COMPLETE:
+            execution = (
+                head[2]
+                if head is not None and head[0] in (Pending.EXECUTE, Pending.QUERY)
+                else None
+            )
+            if head is not None and head[0] == Pending.EXECUTE:
+                pending.popleft()
+            tag = buf[pos + 5 : end - 1]
+            if isinstance(execution, Execution):
+                if execution.cut and visible:
+                    execution.refused = execution.cap_error
+                    keep = self.events.on_cut(execution)
+                if execution.source is not None:
+                    execution.source.rows = execution.rows
+                if not execution.extended:
+                    # the next statement of the message counts anew
+                    execution.rows = execution.offset = 0
+                    execution.cut = False
+            if visible:
+                self.events.on_complete(tag, execution)
+            return keep
+        if kind == m.BE_ERROR:
+            return self._on_error(buf[pos:end], head)
+        if kind in (m.BE_PARSE_COMPLETE, m.BE_BIND_COMPLETE, m.BE_CLOSE_COMPLETE, m.BE_NO_DATA):
+            if head is not None:
+                pending.popleft()
+            return keep
+        if kind == m.BE_PORTAL_SUSPENDED or kind == m.BE_EMPTY_QUERY:
+            if head is not None and head[0] == Pending.QUERY and isinstance(head[2], bytes):
+                return head[2]  # the proxy's own answer to a Query it answered itself
+            if head is not None and head[0] == Pending.EXECUTE:
+                pending.popleft()
+                execution = head[2]
+                if isinstance(execution, Execution) and execution.source is not None:
+                    execution.source.rows = execution.rows
+            return keep
+        if kind == m.BE_ROW_DESCRIPTION:
+            if head is not None and head[0] == Pending.DESCRIBE:
+                pending.popleft()
+                if head[2] and visible:
+                    return codec.message(b"n")  # the agent's statement returns no rows
+            return keep
+        if kind == m.BE_COPY_DATA:
+            if visible and head is not None and head[2] is not None and not self._count_row(head):
+                return b""
+            return keep
+        if kind == m.BE_PARAMETER_STATUS:
+            name, value = codec.parameter_status(buf[pos:end])
+            if self.backend is not None:
+                self.backend.params[name] = value
+            return keep
+        if kind == m.BE_NOTIFICATION:
+            (pid,) = _I32.unpack_from(buf, pos + 5)
+            mapped = self.events.notification_pid(pid)
+            if mapped == pid:
+                return None
+            return buf[pos : pos + 5] + _I32.pack(mapped) + buf[pos + 9 : end]
+        return keep
+
+    def _on_error(self, raw: bytes, head: Expected | None) -> bytes | None:
+        fields = codec.error_fields(raw)
+        if fields.get("S") in ("FATAL", "PANIC"):
+            if self.backend is not None:
+                self.backend.fatal = fields
+            return b""  # reported to the client when the connection drops
+        pending = self.pending
+        if head is None:
+            self.events.on_error(fields, Pending.SYNC, None)
+            return None
+        kind, visible, payload = head
+        out: bytes | None = None
+        if kind == Pending.ABORT:
+            out = payload  # the proxy's own error, in place of the server's syntax error
+        elif not visible and kind == Pending.QUERY:
+            out = b""  # the proxy's own statement failed: logged by the relay
+        elif isinstance(payload, Execution) and payload.shift and "P" in fields:
+            out = _shift_position(fields, payload.shift)
+        self.events.on_error(fields, kind, payload)
+        if kind != Pending.QUERY:
+            # extended protocol: the server skips everything up to the next Sync
+            while pending and pending[0][0] not in _ENDS_ROUND:
+                pending.popleft()
+            if not pending:
+                self.skipping = True
+        return out
+
+    def _cut_ready(self, execution: Execution, status: bytes, keep: bytes | None) -> bytes | None:
+        """A capped Query refused in error mode: the client's transaction ends aborted."""
+        if status != b"T" or keep == b"":
+            return keep
+        return codec.ready_for_query(b"E")
+
+
+def _shift_position(fields: dict[str, str], shift: int) -> bytes:
+    """The error with its position moved back past the proxy's tag prefix."""
+    try:
+        position = int(fields["P"]) - shift
+    except ValueError:
+        return codec.build_error_fields(fields)
+    if position > 0:
+        fields["P"] = str(position)
+    else:
+        del fields["P"]
+    return codec.build_error_fields(fields)

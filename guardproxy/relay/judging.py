@@ -1,0 +1,375 @@
+"""The policy engine as one client session uses it: judge the SQL of a Query or Parse.
+
+``Judging.judge`` returns a ``Judgement``: everything the relay needs to run the
+statement (the text to send, tagged; its read cap; its write plan; whether it
+pins the session...), or raises ``Denied`` with the error the client must see,
+or ``LocalAnswer`` when the proxy answers by itself (``SET guard.task = ...``).
+It keeps the agent's context (task, step, principals, tags, SQL-level prepared
+statements) current. ``Judgement.current`` says whether a judgement still holds:
+a statement prepared earlier is judged again when the policy, the catalog or, for
+a context-dependent rewrite, the context changed since.
+
+Pure: no sockets, no database.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Final
+from urllib.parse import quote
+
+import pglast
+
+from guardproxy.jobs.write_plan import WritePlan, WriteRun
+from guardproxy.policy import (
+    AgentPolicy,
+    Catalog,
+    Decision,
+    Judge,
+    SessionContext,
+    parse_context_comment,
+)
+from guardproxy.policy.idempotency import TAG as IDEMPOTENCY_TAG
+from guardproxy.policy.idempotency import idempotency_key
+from guardproxy.protocol import codec
+from guardproxy.protocol.errors import Denied
+from guardproxy.relay.pinning import pin_reason
+
+if TYPE_CHECKING:
+    from guardproxy.metrics import AgentStats, StatsRegistry
+
+log = logging.getLogger("guardproxy.policy")
+
+RECENT_MESSAGES = 64  # judged texts remembered per session
+
+
+class LocalAnswer(Exception):
+    """The proxy answers this Query itself; ``response`` is what goes back (no ReadyForQuery)."""
+
+    def __init__(self, response: bytes) -> None:
+        super().__init__("answered by the proxy")
+        self.response = response
+
+
+def sqlcomment(fields: dict[str, str | None]) -> bytes:
+    """A sqlcommenter comment: keys sorted, values URL-encoded then quoted.
+
+    URL-encoding leaves no ``*/`` or quote in a value, so an agent-chosen task
+    name cannot end the comment or change the statement.
+    """
+    pairs = [f"{quote(k, safe='')}='{quote(v, safe='')}'" for k, v in sorted(fields.items()) if v]
+    return ("/*" + ",".join(pairs) + "*/").encode()
+
+
+class Judgement:
+    """What judging one text produced. Plain, not a dataclass: one per judged text."""
+
+    __slots__ = (
+        "cap_error",
+        "catalog",
+        "context",
+        "cursor",
+        "decision",
+        "kind",
+        "pins",
+        "plan_check",
+        "policy",
+        "row_cap",
+        "sensitive",
+        "sent",
+        "settings",
+        "shift",
+        "sql",
+        "statements",
+        "write",
+    )
+
+    def __init__(
+        self,
+        sent: bytes,  # the text to send upstream: the proxy's tag, then the (rewritten) SQL
+        sql: str,  # the (rewritten) SQL without the tag, for the audit log
+        *,
+        shift: int = 0,  # length of the tag prefix: error positions move by this much
+        decision: str = "allowed",  # allowed, rewritten or monitored
+        kind: str = "query",  # read or write once judged; query without policies
+        write: WritePlan | None = None,
+        statements: int = 1,
+        row_cap: int = 0,  # limits.max_rows_returned (0: none)
+        cap_error: bool = False,  # refuse rather than truncate past the cap
+        cursor: tuple[str, str] | None = None,  # a capped FETCH or DECLARE
+        plan_check: str | None = None,  # the shape of a read whose plan must be checked
+        pins: str | None = None,  # why running it ties the session to its server
+        settings: bool = False,  # it may change session settings (set_config)
+        sensitive: bool = False,  # the decision depends on the context: judge it again
+        context: SessionContext | None = None,
+        policy: AgentPolicy | None = None,
+        catalog: Catalog | None = None,
+    ) -> None:
+        self.sent: Final = sent
+        self.sql: Final = sql
+        self.shift: Final = shift
+        self.decision: Final = decision
+        self.kind: Final = kind
+        self.write: Final = write
+        self.statements: Final = statements
+        self.row_cap: Final = row_cap
+        self.cap_error: Final = cap_error
+        self.cursor: Final = cursor
+        self.plan_check: Final = plan_check
+        self.pins: Final = pins
+        self.settings: Final = settings
+        self.sensitive: Final = sensitive
+        self.context: Final = context
+        self.policy: Final = policy
+        self.catalog: Final = catalog
+
+
+def plain(text: bytes) -> Judgement:
+    """The judgement of a text when no policies are configured: sent as it is."""
+    lowered = text.lower()
+    return Judgement(
+        text,
+        "",
+        pins=pin_reason(text),
+        settings=b"set_config" in lowered,
+    )
+
+
+class Judging:
+    def __init__(
+        self,
+        judge: Judge,
+        policy: AgentPolicy,
+        context: SessionContext,
+        stats: AgentStats,
+        registry: StatsRegistry,
+    ) -> None:
+        self.judge_engine = judge
+        self.policy = policy
+        self.context = context
+        self.stats = stats
+        self.registry = registry
+        self.task_started: dict[str, float] = {}
+        self._tag_for: SessionContext | None = None
+        self._tag = b""
+        # text -> what judging it produced, for texts a session sends again and again
+        # (an ORM's statements, a driver's unnamed Parse): valid while context, policy
+        # and catalog are those it was judged under
+        self._recent: dict[tuple[bytes, bool], Judgement] = {}
+
+    # ------------------------------------------------------------ judging
+
+    def judge(self, text: bytes, query: bool) -> Judgement:
+        """Judges the SQL of a Query (``query``) or Parse message; the session context
+        takes what its comments and ``SET guard.*`` statements say."""
+        recent = self._recent.get((text, query))
+        if recent is not None and self.current(recent, exact=True):
+            self._check_task_duration(self.context)
+            self.registry.cache_hits += 1
+            return recent
+        sql = text.decode(errors="replace")
+        context = self.context
+        if "/*" in sql:
+            context = context.with_updates(_without_key(parse_context_comment(sql)))
+            self.context = context
+        judgement, decision = self._judge(sql, context, query)
+        if decision.context_updates:
+            self.context = self.context.with_updates(decision.context_updates)
+        for name, prepared_sql in decision.prepared.items():
+            self.context = self.context.with_prepared(name, prepared_sql)
+        if decision.proxy_only and query:
+            count = len(pglast.parser.split(sql)) or 1
+            raise LocalAnswer(codec.build_command_complete("SET") * count)
+        # the same text judged again would come out the same: no comment to change the
+        # context, nothing that depends on the moment, nothing the proxy answers itself
+        if (
+            decision.cacheable
+            and not decision.monitored
+            and "/*" not in sql
+            and not decision.context_updates
+            and not decision.prepared
+        ):
+            if len(self._recent) >= RECENT_MESSAGES:
+                del self._recent[next(iter(self._recent))]
+            self._recent[(text, query)] = judgement
+        return judgement
+
+    def rejudge(self, text: bytes) -> Judgement:
+        """A prepared statement judged again under the session's context now (its own
+        comments apply to it, not to the session)."""
+        sql = text.decode(errors="replace")
+        context = self.context
+        if "/*" in sql:
+            context = context.with_updates(_without_key(parse_context_comment(sql)))
+        return self._judge(sql, context, False)[0]
+
+    def current(self, judgement: Judgement, exact: bool = False) -> bool:
+        """Whether ``judgement`` still holds: same policy and catalog, and (for a decision
+        that depends on it, or for the exact text and tag with ``exact``) same context."""
+        if (
+            judgement.policy is not self.policy
+            or judgement.catalog is not self.judge_engine.catalog
+        ):
+            return False
+        context = judgement.context
+        if context is self.context or context is None:
+            return True
+        if not (exact or judgement.sensitive) and _same_tag(context, self.context):
+            return True
+        return context == self.context
+
+    def _judge(self, sql: str, context: SessionContext, query: bool) -> tuple[Judgement, Decision]:
+        self._check_task_duration(context)
+        engine = self.judge_engine
+        hits = engine.hits
+        policy = self.policy
+        decision = engine.judge(policy, sql, context)
+        if engine.hits != hits:
+            self.registry.cache_hits += 1
+        else:
+            self.registry.cache_misses += 1
+        if not decision.allowed:
+            log.info("denied %s (%s): %s", context.agent_id, decision.rule, decision.reason)
+            raise Denied(
+                decision.reason,
+                rule=decision.rule,
+                hint=decision.hint,
+                sqlstate=decision.sqlstate or "42501",
+            )
+        label = "allowed"
+        if decision.monitored:
+            self.stats.denials[decision.rule] += 1
+            log.warning("monitor mode let through %s: %s", context.agent_id, decision.reason)
+            label = "monitored"
+        out = sql
+        if decision.action == "rewrite" and not decision.monitored:
+            label, out = "rewritten", decision.sql
+        cap = decision.max_rows_returned or 0
+        cap_error = bool(cap) and decision.rows_over_cap == "error"
+        if cap_error and query:
+            self._refuse_stacked_capped_read(sql)
+        tag = self.tag(context)
+        sent = tag + b" " + out.encode()
+        write = self._write_plan(decision, out, context, sql) if decision.write else None
+        judgement = Judgement(
+            sent,
+            out,
+            shift=len(tag) + 1,
+            decision=label,
+            kind="write" if write is not None else "read",
+            write=write,
+            statements=len(decision.writes) or 1,
+            row_cap=cap,
+            cap_error=cap_error,
+            cursor=decision.cursor,
+            plan_check=decision.shape if decision.plan_check and not decision.monitored else None,
+            pins=pin_reason(sent),
+            settings=b"set_config" in sent.lower(),
+            sensitive=not decision.cacheable,
+            context=context,
+            policy=policy,
+            catalog=engine.catalog,
+        )
+        return judgement, decision
+
+    def _write_plan(
+        self, decision: Decision, statement: str, context: SessionContext, sql: str
+    ) -> WritePlan:
+        write = decision.write
+        assert write is not None
+        key = parse_context_comment(sql).get(IDEMPOTENCY_TAG) if "/*" in sql else None
+        return WritePlan(
+            self.policy.name,
+            statement,
+            soft_delete=write.soft_delete,
+            strip_rows=(write.soft_delete or write.captured) and not write.soft_delete_returning,
+            max_rows_affected=write.max_rows_affected,
+            cap_rule=write.cap_rule,
+            statement_key=key or None,
+        )
+
+    def write_run(self, plan: WritePlan, parameters: bytes = b"") -> WriteRun:
+        """One execution of ``plan`` under the session's context now."""
+        policy, ctx = self.policy, self.context
+        tags = dict(ctx.tags)
+        if plan.statement_key:
+            tags[IDEMPOTENCY_TAG] = plan.statement_key
+        explicit = bool(tags.get(IDEMPOTENCY_TAG))
+        key = None
+        if explicit or ctx.task:  # derived keys need a task: else two equal writes are two writes
+            key = idempotency_key(policy, tags, ctx.task, ctx.step, plan.statement)
+        return WriteRun(
+            plan,
+            agent_id=ctx.agent_id,
+            idempotency_key=key,
+            derived=key is not None and not explicit,
+            parameters=parameters,
+            audit_inline=(ctx.agent_id, policy.name, ctx.task, ctx.step)
+            if policy.audit_fail_closed
+            else None,
+            key_ttl_seconds=int(policy.idempotency_ttl.total_seconds()),
+            task=ctx.task,
+            max_writes_per_task=policy.max_writes_per_task,
+            max_statements_per_task=policy.max_statements_per_task,
+        )
+
+    def _refuse_stacked_capped_read(self, sql: str) -> None:
+        """In error mode a capped read is refused after it ran: statements stacked after it
+        in one message would already have run too, which Postgres would not have done."""
+        if len(pglast.parser.split(sql)) > 1:
+            name = self.policy.name
+            raise Denied(
+                f"{name} must send a read with a row cap as a statement of its own: with "
+                f"on_rows_returned_over: error, statements after it in the same message would "
+                f"run even when it is refused (policy {name}, limits.max_rows_returned)",
+                rule="limits.max_rows_returned",
+                hint="send each statement in a message of its own",
+                sqlstate="0A000",
+            )
+
+    def tag(self, ctx: SessionContext) -> bytes:
+        """The sqlcommenter comment naming who runs the statement, built once per context."""
+        if ctx is not self._tag_for:
+            self._tag = sqlcomment(
+                {
+                    "agent": ctx.agent_id,
+                    "agent_type": self.policy.name,
+                    "task": ctx.task,
+                    "step": ctx.step,
+                    "principals": ",".join(ctx.principals) or None,
+                }
+            )
+            self._tag_for = ctx
+        return self._tag
+
+    def _check_task_duration(self, context: SessionContext) -> None:
+        limit = self.policy.max_task_duration
+        task = context.task
+        if limit is None or task is None:
+            return
+        now = time.monotonic()
+        started = self.task_started.setdefault(task, now)
+        if now - started > limit.total_seconds():
+            raise Denied(
+                f"task {task} of {self.policy.name} ran longer than max_task_duration "
+                f"({limit}) (policy {self.policy.name}, timeouts.max_task_duration)",
+                rule="timeouts.max_task_duration",
+                hint="start a new task (SET guard.task = '...') or ask an operator for more time",
+                sqlstate="57014",
+            )
+
+
+def _without_key(comment: dict[str, str]) -> dict[str, str]:
+    """A comment's context keys; its idempotency key belongs to the statement alone."""
+    comment.pop(IDEMPOTENCY_TAG, None)
+    return comment
+
+
+def _same_tag(a: SessionContext, b: SessionContext) -> bool:
+    return (
+        a.agent_id == b.agent_id
+        and a.task == b.task
+        and a.step == b.step
+        and a.principals == b.principals
+    )

@@ -1,0 +1,124 @@
+"""Every prepared statement and portal of one client session, and what was decided about each.
+
+A ``Statement`` is one client statement (named, or the unnamed one): its text,
+the parameter types it declared, the judgement it runs under (the text to send,
+its caps, its write plan...) and the name it has on the servers. A ``Portal`` is
+bound from one statement record and keeps that record: a later Parse of the same
+name makes a new record and cannot change what an open portal runs.
+
+The rules follow Postgres: a Parse of the unnamed statement replaces it, a named
+one must not exist yet; Close, ``DEALLOCATE`` and ``DISCARD ALL`` drop; a simple
+Query drops the unnamed statement and the unnamed portal; the end of a
+transaction drops every portal. Pure: no sockets.
+
+On the servers a named statement is prepared under ``gp_<hash>`` of its sent
+text, parameter types and search_path, on each server the first time it is used
+there, and only if the copy there is at least as new as the client's Parse (the
+*generation*): a client that prepares again must never get a copy made before.
+The unnamed statement stays unnamed on the server: the record says which server
+has it current, and it is parsed again anywhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from guardproxy.relay.judging import Judgement
+
+_generations = itertools.count(1)
+
+
+def server_statement_name(sent: bytes, types: bytes, search_path: str = "") -> bytes:
+    # search_path is part of what the text means: the same text under another
+    # path is another statement (schema-per-tenant), so it gets another name.
+    digest = hashlib.blake2b(
+        sent + b"\x00" + types + b"\x00" + search_path.encode(), digest_size=20
+    ).hexdigest()
+    return b"gp_" + digest.encode()
+
+
+class Statement:
+    """One client statement and what was decided about it."""
+
+    __slots__ = ("generation", "judgement", "name", "on_backend", "server_name", "text", "types")
+
+    def __init__(self, name: bytes, text: bytes, types: bytes, judgement: Judgement) -> None:
+        self.name: Final = name
+        self.text: Final = text  # the client's own SQL, judged again when its judgement expires
+        self.types: Final = types  # parameter type count and OIDs, as the Parse carried them
+        self.judgement = judgement
+        self.server_name = b""  # set by the registry for named statements
+        self.generation = next(_generations)
+        self.on_backend = 0  # serial of the server where the unnamed statement is current
+
+    def rejudged(self, judgement: Judgement, search_path: str) -> None:
+        """The statement runs under a new judgement from now on: another text, another name."""
+        self.judgement = judgement
+        self.generation = next(_generations)
+        self.on_backend = 0
+        if self.name:
+            self.server_name = server_statement_name(judgement.sent, self.types, search_path)
+
+
+class Portal:
+    """One portal: the statement record it was bound from, and what it delivered so far."""
+
+    __slots__ = ("bind", "name", "parameters", "rows", "statement")
+
+    def __init__(self, name: bytes, statement: Statement, bind: bytes, parameters: bytes) -> None:
+        self.name: Final = name
+        self.statement: Final = statement
+        self.bind: Final = bind  # the Bind as sent to the server (statement name translated)
+        self.parameters: Final = parameters  # the Bind's values, for idempotency
+        self.rows = 0  # rows delivered over its Executes (a row cap holds per portal)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.statements: dict[bytes, Statement] = {}
+        self.portals: dict[bytes, Portal] = {}
+
+    def parse(self, statement: Statement, search_path: str) -> None:
+        """Records a Parse; the caller has checked that a named one does not exist yet."""
+        if statement.name:
+            statement.server_name = server_statement_name(
+                statement.judgement.sent, statement.types, search_path
+            )
+        self.statements[statement.name] = statement
+
+    def statement(self, name: bytes) -> Statement | None:
+        return self.statements.get(name)
+
+    def close_statement(self, name: bytes) -> None:
+        self.statements.pop(name, None)
+
+    def bind(self, portal: Portal) -> None:
+        self.portals[portal.name] = portal
+
+    def portal(self, name: bytes) -> Portal | None:
+        return self.portals.get(name)
+
+    def close_portal(self, name: bytes) -> None:
+        self.portals.pop(name, None)
+
+    def simple_query(self) -> None:
+        """A simple Query drops the unnamed statement and the unnamed portal."""
+        self.statements.pop(b"", None)
+        self.portals.pop(b"", None)
+
+    def end_transaction(self) -> None:
+        """Portals live until the end of their transaction."""
+        if self.portals:
+            self.portals.clear()
+
+    def deallocate_all(self) -> None:
+        """DEALLOCATE ALL: every statement goes; open portals keep running."""
+        self.statements.clear()
+
+    def discard_all(self) -> None:
+        """DISCARD ALL: statements and portals go."""
+        self.statements.clear()
+        self.portals.clear()

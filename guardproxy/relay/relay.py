@@ -1,0 +1,1052 @@
+"""The relay of one client session, without I/O: client messages in, bytes and requests out.
+
+The session (``guardproxy.server.session``) owns the sockets. It feeds the relay
+every client message (``on_client``) and every byte of the lent server
+(``on_backend``); the relay judges, translates and tracks, and leaves behind:
+
+* ``to_backend`` / ``to_client``: bytes to write, in order;
+* ``phase``: what the session is doing (one ``Phase``; the only place it changes
+  is ``_enter``); while it is not IDLE or ACTIVE no client message is taken;
+* ``held``: a message waiting for a server (the session acquires one, calls
+  ``attach`` and ``run_held``);
+* ``job``: an internal job to run on the server (phase JOB; the outcome comes back
+  through ``job_done``);
+* ``wants_release``: the server may go back to the pool.
+
+Everything decided about a statement lives in its ``registry.Statement`` record;
+every executed request gets its own ``inflight.Execution``. Nothing about a
+client's statements is kept on the server connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Final
+
+from guardproxy.guard.audit import AuditEvent
+from guardproxy.protocol import codec
+from guardproxy.protocol import messages as m
+from guardproxy.protocol.errors import Denied, GuardError, ProtocolViolation, UpstreamError
+from guardproxy.relay.inflight import Execution, Inflight, Pending
+from guardproxy.relay.jobs import CaptureSettings, Job, ManagedWrite, PlanCheck
+from guardproxy.relay.judging import Judgement, Judging, LocalAnswer, plain
+from guardproxy.relay.registry import Portal, Registry, Statement
+
+if TYPE_CHECKING:
+    from guardproxy.jobs.managed_write import WriteOutcome
+    from guardproxy.jobs.write_plan import WriteRun
+    from guardproxy.metrics import AgentStats
+    from guardproxy.pool.backend import BackendState
+
+log = logging.getLogger("guardproxy.relay")
+
+Settings = tuple[tuple[str, str], ...]
+
+# A Parse that cannot succeed: the server answers with an error, which aborts the
+# transaction in order (and makes it skip to the next Sync); the client sees the
+# proxy's own error in its place. A named statement, so the client's unnamed one stays.
+ABORT_PARSE: Final = codec.build_parse(
+    b"guardproxy_abort",
+    b"guardproxy refused a statement: this error aborts the transaction",
+    b"\x00\x00",
+)
+_SETTINGS_TAGS: Final = frozenset((b"SET", b"RESET", b"DISCARD ALL"))
+_DDL_PREFIXES: Final = (b"CREATE", b"ALTER", b"DROP", b"COMMENT", b"GRANT", b"REVOKE")
+_ROW_RETURNING: Final = frozenset((b"SELECT", b"FETCH", b"COPY", b"MOVE"))
+
+
+class Phase(Enum):
+    LOGIN = "logging in"
+    IDLE = "idle"  # logged in, no server lent
+    ACTIVE = "active"  # a server is lent: a transaction, a round, or a pinned session
+    WAITING = "waiting for a server"
+    HOLDING = "holding"  # takes no client message until the server answered what it owes
+    JOB = "running an internal job"
+    ADMIN = "admin console"
+    CLOSED = "closed"
+
+
+class CursorRows:
+    """Rows a capped SQL cursor delivered over its FETCHes (a row cap holds per cursor)."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+
+class Hooks:
+    """What the relay tells the world outside it; the session fills these in."""
+
+    def __init__(self) -> None:
+        self.audit: Callable[[AuditEvent], bool] | None = None
+        self.audit_accepting: Callable[[], bool] = lambda: True
+        self.catalog_changed: Callable[[], None] = lambda: None
+        self.pinned: Callable[[str], None] = lambda reason: None
+        self.stale_statement: Callable[[bytes], None] = lambda name: None
+        self.client_pid: Callable[[int], int] = lambda pid: pid
+
+
+class Relay:
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        stats: AgentStats,
+        judging: Judging | None = None,
+        settings: Settings = (),
+        pinned: bool = False,
+        hooks: Hooks | None = None,
+        syntax_check: Callable[[bytes], GuardError | None] | None = None,
+    ) -> None:
+        self.agent_id = agent_id
+        self.stats = stats
+        self.judging = judging
+        self.settings = settings
+        self.hooks = hooks or Hooks()
+        self.syntax_check = syntax_check
+        self.phase = Phase.IDLE
+        self.to_backend: list[bytes] = []
+        self.to_client: list[bytes] = []
+        self.inflight = Inflight(self, self.to_client)
+        self.registry = Registry()
+        self.backend: BackendState | None = None
+        self.pinned = pinned  # session pooling, or a statement that keeps backend state
+        self.settings_dirty = False
+        # a message waiting for a server: the step that goes on with it, its arguments,
+        # and whether it is a whole request (a Query: an error ends it with ReadyForQuery)
+        self.held: tuple[Callable[..., None], tuple[Any, ...], bool] | None = None
+        self.job: Job | None = None
+        self._after_job: tuple[Callable[..., None], tuple[Any, ...]] | None = None
+        self._drained: Job | None = None  # the job to start once the server owes nothing
+        self.wants_release = False
+        self.skip = False  # discarding client messages up to the next Sync (after an error)
+        self.pending_error: GuardError | None = None  # the server was lost while idle
+        self.in_round = False  # extended-protocol messages sent since the last Sync
+        self.tx_started: float | None = None  # when the server's transaction began
+        self.attached_at = 0.0
+        self.stmt_started = 0.0
+        self.cursors: dict[str, CursorRows] = {}
+        self._abort_at_ready = False  # a capped Query refused in error mode: abort its transaction
+        self.queries = 0
+        self.transactions = 0
+        self.last_activity = time.perf_counter()
+
+    # ------------------------------------------------------------ phase
+
+    def _enter(self, phase: Phase) -> None:
+        """The one place where the phase changes."""
+        self.phase = phase
+
+    @property
+    def takes_messages(self) -> bool:
+        return self.phase is Phase.IDLE or self.phase is Phase.ACTIVE
+
+    @property
+    def search_path(self) -> str:
+        for key, value in self.settings:
+            if key == "search_path":
+                return value
+        return ""
+
+    # ------------------------------------------------------------ server lending
+
+    def attach(self, backend: BackendState) -> None:
+        """A server is lent to this session; replays its settings there if they differ."""
+        self.backend = backend
+        self.inflight.backend = backend
+        self.transactions += 1
+        self.attached_at = self.stmt_started = now = time.perf_counter()
+        self.tx_started = now
+        self.wants_release = False
+        if self.phase is not Phase.JOB:
+            self._enter(Phase.ACTIVE)
+
+    def replay_settings(self, sql: str | None) -> None:
+        """Sends the statement that gives the server this session's settings (hidden)."""
+        if sql is not None:
+            self._send(codec.build_query(sql))
+            self.inflight.expect(Pending.QUERY, visible=False)
+
+    def detach(self) -> BackendState | None:
+        """The session gives the server back (or lost it)."""
+        backend, self.backend = self.backend, None
+        self.inflight.backend = None
+        self.inflight.reset()
+        self.wants_release = False
+        self.in_round = False
+        self.tx_started = None
+        self.registry.end_transaction()
+        self.cursors.clear()
+        if self.phase in (Phase.ACTIVE, Phase.HOLDING):
+            self._enter(Phase.IDLE)
+        return backend
+
+    def run_held(self) -> None:
+        """Goes on with the message that waited for a server."""
+        held, self.held = self.held, None
+        if held is not None:
+            held[0](*held[1])
+
+    def waiting_for_server(self) -> None:
+        self._enter(Phase.WAITING)
+
+    def acquire_failed(self, error: GuardError) -> None:
+        """No server came: the waiting message fails like a server error would."""
+        held, self.held = self.held, None
+        self._enter(Phase.IDLE)
+        if held is not None:
+            self._fail_request(held[2], error)
+
+    # ------------------------------------------------------------ client messages
+
+    def on_client(self, kind: int, raw: bytes) -> None:
+        """One client message (not Terminate); ProtocolViolation ends the session."""
+        if self.skip:
+            if kind == m.FE_SYNC:
+                self.skip = False
+                self._sync_after_error()
+            return  # as the server does after an error: everything up to Sync is discarded
+        if self.pending_error is not None and kind not in (
+            m.FE_COPY_DATA,
+            m.FE_COPY_DONE,
+            m.FE_COPY_FAIL,
+        ):
+            error, self.pending_error = self.pending_error, None
+            self._fail_request(kind == m.FE_QUERY or kind == m.FE_SYNC, error)
+            return
+        if kind == m.FE_QUERY:
+            self._query(raw)
+        elif kind == m.FE_PARSE:
+            self._parse(raw)
+        elif kind == m.FE_BIND:
+            self._bind(raw)
+        elif kind == m.FE_EXECUTE:
+            self._execute(raw)
+        elif kind == m.FE_SYNC:
+            self._sync(raw)
+        elif kind == m.FE_DESCRIBE:
+            self._describe(raw)
+        elif kind == m.FE_CLOSE:
+            self._close(raw)
+        elif kind == m.FE_FLUSH:
+            if self.backend is not None:
+                self._send(raw)
+        elif kind in (m.FE_COPY_DATA, m.FE_COPY_DONE, m.FE_COPY_FAIL):
+            if self.backend is not None:  # stray COPY data with no server is dropped
+                self._send(raw)
+        elif kind == m.FE_FUNCTION_CALL:
+            self._refuse(
+                False,
+                GuardError(
+                    "the function call message (fast path) is not supported through guardproxy: "
+                    "it would run a function without the policy seeing it",
+                    hint="call the function in a SELECT statement",
+                    sqlstate="0A000",
+                ),
+                query_like=True,
+            )
+        else:
+            raise ProtocolViolation(f"unknown or unexpected message type {chr(kind)!r} from client")
+
+    # ---- Query
+
+    def _query(self, raw: bytes) -> None:
+        text = codec.parse_query(raw)
+        self.registry.simple_query()  # as in Postgres, whatever happens next
+        judging = self.judging
+        if judging is None:
+            judgement = plain(text)
+        else:
+            try:
+                judgement = judging.judge(text, query=True)
+            except Denied as denial:
+                self._deny(True, denial, text)
+                return
+            except LocalAnswer as answer:
+                self._answer_locally(answer.response)
+                return
+            if judgement.plan_check is not None and self._check_plan(True, judgement, (), raw):
+                return
+        self._query_judged(raw, judgement)
+
+    def _query_judged(self, raw: bytes, judgement: Judgement) -> None:
+        write = judgement.write
+        if write is not None and self.judging is not None:
+            run = self.judging.write_run(write)
+            if run.needs_management:
+                if judgement.statements > 1:
+                    self._deny(True, _alone(write.agent_type), judgement.sql.encode())
+                    return
+                self._managed(ManagedWrite(raw, run, simple=True), True)
+                return
+            audit: Any = (run, judgement)
+        else:
+            audit = None
+        if self.backend is None:
+            self._hold_for_server(True, self._send_query, judgement, audit)
+            return
+        self._send_query(judgement, audit)
+
+    def _send_query(self, judgement: Judgement, audit: Any) -> None:
+        self.queries += 1
+        if not self.inflight.pending:
+            self.stmt_started = time.perf_counter()
+        self.stats.statements[judgement.kind, judgement.decision] += 1
+        self._note_effects(judgement)
+        execution = None
+        if judgement.row_cap or audit is not None or judgement.shift:
+            execution = Execution(
+                judgement.shift,
+                judgement.row_cap,
+                judgement.cap_error,
+                self._cursor_source(judgement),
+                audit,
+            )
+        self._send(codec.build_query(judgement.sent))
+        self.inflight.expect(Pending.QUERY, True, execution)
+        if judgement.cap_error and judgement.row_cap:
+            self._hold()  # its answer may turn into an error that aborts what follows
+
+    def _cursor_source(self, judgement: Judgement) -> CursorRows | None:
+        cursor = judgement.cursor
+        if cursor is None:
+            return None
+        verb, name = cursor
+        if verb == "declare":
+            self.cursors[name] = CursorRows()
+            return None
+        return self.cursors.setdefault(name, CursorRows())
+
+    def _answer_locally(self, response: bytes) -> None:
+        """The proxy answers this Query itself, after whatever the server still owes."""
+        if self.backend is None:
+            self.to_client.append(response + codec.ready_for_query(b"I"))
+            return
+        # an empty Query in its place keeps the order, the transaction status, and what
+        # a Query does in the middle of a pipeline; its EmptyQueryResponse becomes ours
+        self._send(codec.build_query(b""))
+        self.inflight.expect(Pending.QUERY, True, response)
+
+    # ---- Parse
+
+    def _parse(self, raw: bytes) -> None:
+        parsed = codec.parse_parse(raw)
+        name = parsed.name
+        if name and name in self.registry.statements:
+            self._refuse(
+                False,
+                GuardError(f'prepared statement "{_show(name)}" already exists', sqlstate="42P05"),
+            )
+            return
+        judging = self.judging
+        if judging is None:
+            judgement = plain(parsed.query)
+        else:
+            try:
+                judgement = judging.judge(parsed.query, query=False)
+            except Denied as denial:
+                self._deny(False, denial, parsed.query)
+                return
+            if judgement.plan_check is not None:
+                types = codec.parameter_types(parsed.tail)
+                if self._check_plan(False, judgement, types, raw):
+                    return
+        self._parse_judged(parsed, judgement)
+
+    def _parse_judged(self, parsed: codec.ParseMessage, judgement: Judgement) -> None:
+        statement = Statement(parsed.name, parsed.query, parsed.tail, judgement)
+        if parsed.name and self.backend is None:
+            # prepared lazily on the server that first runs it: a client that prepares
+            # while all servers are busy (pgbench -M prepared) never waits for one here
+            if self.judging is None and self.syntax_check is not None:
+                error = self.syntax_check(parsed.query)
+                if error is not None:
+                    self._refuse(False, error)
+                    return
+            self.registry.parse(statement, self.search_path)
+            self.to_client.append(codec.PARSE_COMPLETE)
+            return
+        self.registry.parse(statement, self.search_path)
+        if self.backend is None:
+            self._hold_for_server(False, self._send_parse, statement)
+            return
+        self._send_parse(statement)
+
+    def _send_parse(self, statement: Statement) -> None:
+        backend = self.backend
+        assert backend is not None
+        self.in_round = True
+        if not statement.name:
+            statement.on_backend = backend.serial
+            self._send(codec.build_parse(b"", statement.judgement.sent, statement.types))
+            self.inflight.expect(Pending.PARSE, True, None)
+            return
+        self._prepare_on_server(statement, visible=True)
+
+    def _prepare_on_server(self, statement: Statement, visible: bool) -> None:
+        """Makes the server's copy of a named statement as new as the client's Parse."""
+        backend = self.backend
+        assert backend is not None
+        sname = statement.server_name
+        if sname in backend.prepared or sname in backend.to_close:
+            self._send(codec.build_close_statement(sname))
+            self.inflight.expect(Pending.CLOSE, False, None)
+            backend.to_close.discard(sname)
+        self._send(codec.build_parse(sname, statement.judgement.sent, statement.types))
+        backend.prepared[sname] = statement.generation
+        self.inflight.expect(Pending.PARSE, visible, sname)
+
+    def _current_statement(self, name: bytes, describe: bool = False) -> Statement | None:
+        """The client's statement, judged again if its judgement expired (policy reload,
+        DDL, a context its rewrite depends on); None when it cannot run (refused)."""
+        statement = self.registry.statement(name)
+        if statement is None:
+            what = f'prepared statement "{_show(name)}"' if name else "unnamed prepared statement"
+            self._refuse(False, GuardError(f"{what} does not exist", sqlstate="26000"))
+            return None
+        judging = self.judging
+        if judging is not None and not describe and not judging.current(statement.judgement):
+            try:
+                judgement = judging.rejudge(statement.text)
+            except Denied as denial:
+                self._deny(False, denial, statement.text)
+                return None
+            statement.rejudged(judgement, self.search_path)
+        return statement
+
+    def _statement_on_server(self, statement: Statement) -> bytes:
+        """The statement's name on the lent server, prepared there first if needed."""
+        backend = self.backend
+        assert backend is not None
+        if not statement.name:
+            if statement.on_backend != backend.serial:
+                # the unnamed statement outlives a Sync: it may be bound on another server,
+                # whose own unnamed statement belongs to someone else and must never run
+                self._send(codec.build_parse(b"", statement.judgement.sent, statement.types))
+                self.inflight.expect(Pending.PARSE, False, None)
+                statement.on_backend = backend.serial
+            return b""
+        if backend.prepared.get(statement.server_name, -1) < statement.generation:
+            self._prepare_on_server(statement, visible=False)
+        return statement.server_name
+
+    # ---- Bind
+
+    def _bind(self, raw: bytes) -> None:
+        name, start, end = codec.bind_statement(raw)
+        portal_name = codec.bind_portal(raw)
+        if portal_name and portal_name in self.registry.portals:
+            self._refuse(
+                False, GuardError(f'portal "{_show(portal_name)}" already exists', sqlstate="42P03")
+            )
+            return
+        statement = self._current_statement(name)
+        if statement is None:
+            return
+        if self.backend is None:
+            self._hold_for_server(False, self._send_bind, raw, start, end, statement, portal_name)
+            return
+        self._send_bind(raw, start, end, statement, portal_name)
+
+    def _send_bind(
+        self, raw: bytes, start: int, end: int, statement: Statement, portal_name: bytes
+    ) -> None:
+        self.in_round = True
+        sname = self._statement_on_server(statement)
+        if sname:
+            raw = codec.replace_field(raw, start, end, sname)
+        self.registry.bind(Portal(portal_name, statement, raw, codec.bind_values(raw)))
+        self._send(raw)
+        self.inflight.expect(Pending.BIND, True, sname or None)
+
+    # ---- Execute
+
+    def _execute(self, raw: bytes) -> None:
+        portal_name, max_rows = codec.execute_target(raw)
+        portal = self.registry.portal(portal_name)
+        if self.backend is None:
+            # a portal lives in a transaction, on its server: with none lent there is none
+            self._refuse(
+                False, GuardError(f'portal "{_show(portal_name)}" does not exist', sqlstate="34000")
+            )
+            return
+        self.in_round = True
+        if portal is None:
+            # a cursor declared in SQL, or no portal at all (the server says so, in order)
+            cursor = self.cursors.get(portal_name.decode(errors="replace"))
+            self._send_execute(raw, None, cursor)
+            return
+        judgement = portal.statement.judgement
+        write = judgement.write
+        if write is not None and self.judging is not None:
+            run = self.judging.write_run(write, portal.parameters)
+            if run.needs_management:
+                if max_rows:
+                    self._refuse(False, _no_row_limit(write.agent_type))
+                    return
+                self._managed(ManagedWrite(raw, run, simple=False), False)
+                return
+            self._send_execute(raw, judgement, portal, (run, judgement))
+            return
+        source = self._cursor_source(judgement) if judgement.cursor is not None else portal
+        self._send_execute(raw, judgement, source)
+
+    def _send_execute(
+        self, raw: bytes, judgement: Judgement | None, source: Any, audit: Any = None
+    ) -> None:
+        self.queries += 1
+        if not self.inflight.pending:
+            self.stmt_started = time.perf_counter()
+        execution = None
+        if judgement is None:
+            self.stats.statements["query" if self.judging is None else "read", "allowed"] += 1
+            if isinstance(source, CursorRows):
+                execution = Execution(0, 0, False, source, None, True)
+        else:
+            self.stats.statements[judgement.kind, judgement.decision] += 1
+            self._note_effects(judgement)
+            if judgement.row_cap or audit is not None or judgement.shift:
+                execution = Execution(
+                    judgement.shift, judgement.row_cap, judgement.cap_error, source, audit, True
+                )
+        self._send(raw)
+        self.inflight.expect(Pending.EXECUTE, True, execution)
+        if judgement is not None and judgement.cap_error and judgement.row_cap:
+            # its answer may turn into an error that must abort what follows: let the
+            # server answer it now, and take nothing more from the client until then
+            self._send(codec.FLUSH)
+            self._hold()
+
+    # ---- Sync, Describe, Close
+
+    def _sync(self, raw: bytes) -> None:
+        self.in_round = False
+        if self.backend is None:
+            self.to_client.append(codec.ready_for_query(b"I"))
+            return
+        self._send(raw)
+        self.inflight.expect(Pending.SYNC, True, None)
+
+    def _sync_after_error(self) -> None:
+        """The Sync that ends a round the proxy refused: its ReadyForQuery, in order."""
+        self.in_round = False
+        if self.backend is None:
+            self.to_client.append(codec.ready_for_query(b"I"))
+            return
+        self._send(codec.SYNC)
+        self.inflight.expect(Pending.SYNC, True, None)
+
+    def _describe(self, raw: bytes) -> None:
+        target, name = codec.describe_or_close_target(raw)
+        if target == b"S":
+            statement = self._current_statement(name, describe=True)
+            if statement is None:
+                return
+            if self.backend is None:
+                self._hold_for_server(False, self._send_describe_statement, statement)
+                return
+            self._send_describe_statement(statement)
+            return
+        if self.backend is None:
+            self._hold_for_server(False, self._describe, raw)
+            return
+        portal = self.registry.portal(name)
+        self.in_round = True
+        self._send(raw)
+        self.inflight.expect(
+            Pending.DESCRIBE, True, portal is not None and _no_rows(portal.statement)
+        )
+
+    def _send_describe_statement(self, statement: Statement) -> None:
+        self.in_round = True
+        sname = self._statement_on_server(statement)
+        self._send(codec.message(b"D", b"S" + sname + b"\x00"))
+        self.inflight.expect(Pending.DESCRIBE, True, _no_rows(statement))
+
+    def _close(self, raw: bytes) -> None:
+        target, name = codec.describe_or_close_target(raw)
+        if target == b"S":
+            # the server's copy stays cached for reuse; the client's name goes.
+            # Closing a name it never prepared closes nothing, as in Postgres.
+            self.registry.close_statement(name)
+            self.inflight.expect(Pending.SYNTH, True, codec.CLOSE_COMPLETE)
+            return
+        self.registry.close_portal(name)
+        if self.backend is None:
+            self.to_client.append(codec.CLOSE_COMPLETE)  # no server, no portal
+            return
+        self.in_round = True
+        self._send(raw)
+        self.inflight.expect(Pending.CLOSE, True, None)
+
+    # ------------------------------------------------------------ refusing
+
+    def _deny(self, query: bool, denial: Denied, text: bytes) -> None:
+        """Refuses a statement the policy denies, and records it."""
+        self.stats.statements[_kind_of(text, self.judging), "denied"] += 1
+        self.stats.denials[denial.rule] += 1
+        self._audit(
+            text.decode(errors="replace"), "denied", rule=denial.rule, reason=denial.message
+        )
+        self._refuse(query, denial)
+
+    def _refuse(self, query: bool, error: GuardError, query_like: bool = False) -> None:
+        """Answers a request with an error as Postgres would, transaction state included.
+
+        With a server lent, the server is made to fail in order (a Parse that cannot
+        succeed), so its transaction aborts exactly as after any other error, and what
+        the client sent before this still gets its answers first.
+        """
+        body = codec.build_error(error.sqlstate, error.message, hint=error.hint)
+        if self.backend is None:
+            if query or query_like:
+                self.to_client.append(body + codec.ready_for_query(b"I"))
+            else:
+                self.to_client.append(body)
+                self.skip = True
+            return
+        self._send(ABORT_PARSE)
+        self.inflight.expect(Pending.ABORT, True, body)
+        if query or query_like:
+            self._send(codec.SYNC)
+            self.inflight.expect(Pending.SYNC, True, None)
+        else:
+            self.skip = True
+
+    def _fail_request(self, query: bool, error: GuardError) -> None:
+        """An error for a request when no server is involved (lost, or never came)."""
+        body = codec.build_error(error.sqlstate, error.message, hint=error.hint)
+        if query:
+            self.to_client.append(body + codec.ready_for_query(b"I"))
+        else:
+            self.to_client.append(body)
+            self.skip = True
+
+    # ------------------------------------------------------------ jobs
+
+    def _hold(self) -> None:
+        """Takes no client message until the server owes nothing."""
+        self._enter(Phase.HOLDING)
+
+    def _hold_for_server(self, query: bool, step: Callable[..., None], *args: Any) -> None:
+        self.held = (step, args, query)
+
+    def _managed(self, job: ManagedWrite, query: bool) -> None:
+        run = job.run
+        if run.audit_inline is not None and not self.hooks.audit_accepting():
+            name = run.plan.agent_type
+            # recorded like any denial: the audit writer tries the store again with it
+            self._deny(
+                query,
+                Denied(
+                    f"{name} may not write while the audit log cannot record it "
+                    f"(policy {name}, audit.on_loss: fail_closed)",
+                    rule="audit.on_loss",
+                    hint="retry shortly; an operator must bring the audit store back",
+                    sqlstate="53400",
+                ),
+                run.plan.statement.encode(),
+            )
+            return
+        self._start_job(job)
+
+    def _check_plan(
+        self, query: bool, judgement: Judgement, types: tuple[int, ...], raw: bytes
+    ) -> bool:
+        """A read whose plan the policy limits: checked before it runs. True when taken."""
+        if self.in_round:
+            assert self.judging is not None
+            self._deny(
+                query,
+                _plan_refusal(
+                    self.judging.policy.name,
+                    "it comes in the middle of an extended-protocol request (before its Sync)",
+                    "0A000",
+                    "send Sync before this statement",
+                ),
+                judgement.sql.encode(),
+            )
+            return True
+        self._after_job = (self._plan_checked, (query, judgement, raw))
+        self._start_job(PlanCheck(judgement.sql, types))
+        return True
+
+    def _plan_checked(self, query: bool, judgement: Judgement, raw: bytes) -> None:
+        if query:
+            self._query_judged(raw, judgement)
+        else:
+            self._parse_judged(codec.parse_parse(raw), judgement)
+
+    def _start_job(self, job: Job) -> None:
+        """Runs ``job`` on the server once it owes nothing (a server is acquired first)."""
+        if self.backend is None:
+            query = isinstance(job, ManagedWrite) and job.simple
+            self._hold_for_server(query, self._start_job, job)
+            return
+        if self.inflight.pending:
+            # Postgres holds extended-protocol answers until a Flush or a Sync
+            self._send(codec.FLUSH)
+            self._drained = job
+            self._hold()
+            return
+        self.job = job
+        self._enter(Phase.JOB)
+
+    def job_done(self, outcome: Any) -> None:
+        """The session ran ``self.job``; this applies what it came back with."""
+        job, self.job = self.job, None
+        self._enter(Phase.ACTIVE if self.backend is not None else Phase.IDLE)
+        if isinstance(job, ManagedWrite):
+            self._write_done(job, outcome)
+        elif isinstance(job, PlanCheck):
+            after, self._after_job = self._after_job, None
+            if isinstance(outcome, Denied):
+                query, judgement = (after[1][0], after[1][1]) if after else (False, None)
+                self._deny(query, outcome, judgement.sql.encode() if judgement else b"")
+            elif after is not None:
+                after[0](*after[1])
+        elif isinstance(job, CaptureSettings):
+            if outcome is not None:
+                self.settings = outcome
+            self.wants_release = True
+
+    def job_failed(self, error: GuardError) -> None:
+        """The job's server failed (it is closed, never reused): the client gets the error."""
+        job, self.job = self.job, None
+        after, self._after_job = self._after_job, None
+        self.detach()
+        self._enter(Phase.IDLE)
+        if isinstance(job, CaptureSettings):
+            return
+        query = job.simple if isinstance(job, ManagedWrite) else bool(after and after[1][0])
+        self._fail_request(query, error)
+
+    def _write_done(self, job: ManagedWrite, outcome: WriteOutcome) -> None:
+        run = job.run
+        stats = self.stats
+        stats.statements["write", outcome.decision] += 1
+        stats.statement_time.observe(outcome.seconds)
+        if outcome.rows is not None and outcome.decision not in ("denied", "failed"):
+            stats.rows_affected += outcome.rows
+        if outcome.decision == "replayed":
+            stats.replays += 1
+        elif outcome.decision == "denied":
+            stats.denials[outcome.rule or run.plan.cap_rule or "write_safety"] += 1
+        if run.audit_inline is None or outcome.decision not in ("allowed", "rewritten"):
+            self._audit(
+                run.plan.statement,
+                outcome.decision,
+                rule=outcome.rule,
+                reason=outcome.reason,
+                rows=outcome.rows,
+                duration_ms=outcome.seconds * 1000,
+            )
+        self.to_client.append(outcome.response)
+        if job.simple:
+            self._after_round()
+        elif outcome.aborted:
+            self.skip = True  # the server skips to the client's Sync; so does the proxy
+            self.inflight.skipping = True
+
+    # ------------------------------------------------------------ server answers
+
+    def on_backend(self, data: bytes) -> None:
+        self.inflight.feed(data)
+        if self.phase is Phase.HOLDING and not self.inflight.pending:
+            job, self._drained = self._drained, None
+            if job is not None:
+                self.job = job
+                self._enter(Phase.JOB)
+            else:
+                self._enter(Phase.ACTIVE)
+                self._after_round()
+
+    def on_complete(self, tag: bytes, execution: Execution | None) -> None:
+        now = time.perf_counter()
+        stats = self.stats
+        stats.statement_time.observe(now - self.stmt_started)
+        self.stmt_started = now
+        if execution is not None and execution.audit is not None:
+            execution.written += _count(tag) or 0
+            if execution.extended:
+                self._audit_write(execution, None)
+        if tag[:7] == b"SELECT ":  # most statements: nothing to look for but the row count
+            stats.rows_returned += int(tag[7:])
+            return
+        verb, _, count = tag.rpartition(b" ")
+        if count.isdigit():
+            if verb in _ROW_RETURNING:
+                stats.rows_returned += int(count)
+            else:
+                stats.rows_affected += int(count)
+        if tag.startswith(_DDL_PREFIXES):
+            self.hooks.catalog_changed()
+        if tag in _SETTINGS_TAGS:
+            self.settings_dirty = True
+        if tag == b"LISTEN":
+            self._pin("LISTEN")
+        if tag == b"DISCARD ALL":
+            self.registry.discard_all()  # as Postgres forgets them all for a direct client
+            if self.backend is not None:
+                self.backend.forget_statements()
+        elif tag == b"DEALLOCATE ALL":
+            self.registry.deallocate_all()
+            if self.backend is not None:
+                self.backend.forget_statements()
+
+    def on_error(self, fields: dict[str, str], kind: Pending, payload: Any) -> None:
+        now = time.perf_counter()
+        stats = self.stats
+        stats.statement_time.observe(now - self.stmt_started)
+        self.stmt_started = now
+        backend = self.backend
+        if backend is not None and backend.status == b"T":
+            stats.aborted_transactions += 1
+        code = fields.get("C", "")
+        if code == "57014":
+            if "timeout" in fields.get("M", ""):
+                stats.timeouts += 1
+            else:
+                stats.cancels += 1
+        elif code == "25P03":
+            stats.timeouts += 1
+        if isinstance(payload, Execution) and payload.audit is not None:
+            payload.failed = True
+            if payload.extended:
+                self._audit_write(payload, fields.get("M"))
+        if kind == Pending.PARSE and payload and backend is not None:
+            backend.prepared.pop(payload, None)
+        elif kind == Pending.BIND and payload and code == "0A000":
+            # "cached plan must not change result type": every copy of it is stale
+            self.hooks.stale_statement(payload)
+
+    def on_cut(self, execution: Execution) -> bytes:
+        """A result passed its row cap: what the client sees in place of its CommandComplete."""
+        cap = execution.cap
+        self.stats.statements["read", "truncated"] += 1
+        if self.judging is not None:
+            self._audit("", "truncated", rule="limits.max_rows_returned", rows=cap)
+        hint = f"add a LIMIT of at most {cap}, aggregate, or page through the rows"
+        if execution.cap_error:
+            if execution.extended:
+                # the round goes on on the server (it saw no error): make it fail here, as
+                # the error says, and discard what the client sends up to its Sync
+                self._send(ABORT_PARSE)
+                self.inflight.expect(Pending.ABORT, False, b"")
+                self.skip = True
+            else:
+                self._abort_at_ready = True
+            return codec.build_error(
+                "54000",
+                f"the result has more than {cap} rows, the most this agent may read at once "
+                "(policy limits.max_rows_returned)",
+                hint=hint,
+            )
+        notice = codec.build_notice(
+            "01000",
+            f"result truncated to {cap} rows by policy (limits.max_rows_returned)",
+            severity="WARNING",
+            hint=hint,
+        )
+        if isinstance(execution.source, CursorRows):
+            # the cap holds for the cursor: what earlier FETCHes delivered counts
+            delivered = cap - execution.offset
+            return notice + codec.build_command_complete(f"FETCH {max(delivered, 0)}")
+        return notice + codec.build_command_complete(f"SELECT {cap}")
+
+    def on_ready(self, status: bytes) -> None:
+        if status == b"I":
+            self.registry.end_transaction()
+            if self.cursors:
+                self.cursors.clear()  # its cursors ended with the transaction
+            self.tx_started = None
+        elif self.tx_started is None:
+            self.tx_started = time.perf_counter()
+        if self._abort_at_ready:
+            self._abort_at_ready = False
+            if status == b"T":
+                # as after any error, the client's transaction is aborted: the next
+                # statement gets 25P02, and only a ROLLBACK ends it
+                self._send(ABORT_PARSE + codec.SYNC)
+                self.inflight.expect(Pending.ABORT, False, b"")
+                self.inflight.expect(Pending.SYNC, False, None)
+        if self.phase is Phase.ACTIVE:
+            self._after_round()
+
+    def on_query_done(self, execution: Execution) -> None:
+        self._audit_write(execution, "the statement failed" if execution.failed else None)
+
+    def _audit_write(self, execution: Execution, failure: str | None) -> None:
+        """An unmanaged write ended: recorded with its outcome (once)."""
+        run, judgement = execution.audit
+        execution.audit = None
+        if failure is not None:
+            self._audit(run.plan.statement, "failed", reason=failure)
+        else:
+            self._audit(run.plan.statement, judgement.decision, rows=execution.written)
+
+    def notification_pid(self, pid: int) -> int:
+        return self.hooks.client_pid(pid)
+
+    def _after_round(self) -> None:
+        """The server answered all it owed: it may go back to the pool."""
+        backend = self.backend
+        if (
+            backend is None
+            or self.pinned
+            or self.inflight.pending
+            or backend.status != b"I"
+            or self.in_round
+            or self.held is not None
+        ):
+            return
+        self.last_activity = now = time.perf_counter()  # an answer just went out: idle from here
+        self.stats.transaction_time.observe(now - self.attached_at)
+        if self.settings_dirty:
+            self.settings_dirty = False
+            self.job = CaptureSettings()
+            self._enter(Phase.JOB)
+            return
+        self.wants_release = True
+
+    def backend_lost(self, reason: UpstreamError) -> str | None:
+        """The lent server's connection ended. Returns why the client must be closed, if it
+        must: with part of a row already sent (``"mid-row"``) or a pinned session (``"pinned"``)."""
+        inflight = self.inflight
+        mid_row = inflight.mid_message
+        rounds = inflight.rounds()
+        awaiting = bool(inflight.pending)
+        self.held = None
+        self.job = self._drained = None
+        self._after_job = None
+        self.detach()
+        self._enter(Phase.IDLE)
+        if mid_row:
+            return "mid-row"
+        if self.pinned:
+            return "pinned"
+        if not awaiting:
+            self.pending_error = reason  # reported on the next request
+            return None
+        self.to_client.append(codec.build_error(reason.sqlstate, reason.message, hint=reason.hint))
+        if rounds:
+            self.to_client.append(codec.ready_for_query(b"I") * rounds)
+        else:
+            self.skip = True
+        return None
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _send(self, data: bytes) -> None:
+        self.to_backend.append(data)
+        if self.tx_started is None:
+            self.tx_started = time.perf_counter()
+
+    def _note_effects(self, judgement: Judgement) -> None:
+        """What running the statement does to the session: pins it, dirties its settings."""
+        if judgement.pins is not None:
+            self._pin(judgement.pins)
+        if judgement.settings:
+            self.settings_dirty = True
+
+    def _pin(self, reason: str) -> None:
+        if not self.pinned:
+            self.pinned = True
+            self.hooks.pinned(reason)
+
+    def _audit(
+        self,
+        statement: str,
+        decision: str,
+        *,
+        rule: str | None = None,
+        reason: str | None = None,
+        rows: int | None = None,
+        duration_ms: float | None = None,
+    ) -> None:
+        record = self.hooks.audit
+        judging = self.judging
+        if record is None or judging is None:
+            return
+        ctx = judging.context
+        record(
+            AuditEvent(
+                agent_id=ctx.agent_id,
+                agent_type=judging.policy.name,
+                statement=statement,
+                decision=decision,
+                task=ctx.task,
+                step=ctx.step,
+                principals=ctx.principals,
+                rule=rule,
+                reason=reason,
+                rows=rows,
+                duration_ms=duration_ms,
+            )
+        )
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _show(name: bytes) -> str:
+    return name.decode(errors="replace")
+
+
+def _count(tag: bytes) -> int | None:
+    count = tag.rpartition(b" ")[2]
+    return int(count) if count.isdigit() else None
+
+
+def _no_rows(statement: Statement) -> bool:
+    """The statement's rewrite returns rows its agent's statement does not (a DELETE
+    rewritten to soft-delete): Describe answers NoData, as for the agent's statement."""
+    write = statement.judgement.write
+    return write is not None and write.strip_rows
+
+
+def _kind_of(text: bytes, judging: Judging | None) -> str:
+    if judging is None:
+        return "query"
+    from guardproxy.relay.classify import statement_kind
+
+    return statement_kind(text)
+
+
+def _alone(agent_type: str) -> Denied:
+    # one row count, one ledger entry, one transaction of the proxy's own: one statement
+    return Denied(
+        f"{agent_type} must send a bounded write (row cap, idempotency key, task budget or "
+        f"soft delete) as a statement of its own, not inside a multi-statement message "
+        f"(policy {agent_type}, write safety)",
+        rule="write_safety",
+        hint="send BEGIN, each write and COMMIT as separate statements",
+        sqlstate="0A000",
+    )
+
+
+def _no_row_limit(agent_type: str) -> GuardError:
+    return GuardError(
+        f"{agent_type} may not execute a bounded write (row cap, idempotency key, task budget "
+        f"or soft delete) with a row limit: its row count is known only when it has run to "
+        f"the end (policy {agent_type}, write safety)",
+        hint="execute the portal of a write with no row limit (0)",
+        sqlstate="0A000",
+    )
+
+
+def _plan_refusal(name: str, why: str, sqlstate: str, hint: str) -> Denied:
+    return Denied(
+        f"{name} may not run this read: its plan must be checked before it runs "
+        f"(limits.max_plan_cost / max_plan_rows), and {why} (policy {name}, limits)",
+        rule="limits.plan_check",
+        hint=hint or "send the read as a statement of its own, outside an aborted transaction",
+        sqlstate=sqlstate,
+    )
+
+
+__all__ = ["Hooks", "Phase", "Relay", "WriteRun"]
