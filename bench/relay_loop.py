@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from guardproxy.pool.server import ServerConn
 
 from guardproxy.config import Settings, Upstream
-from guardproxy.pool.server import ServerConn
 from guardproxy.protocol import codec
 from guardproxy.server.app import Proxy
 from guardproxy.server.login import bind_policy
