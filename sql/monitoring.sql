@@ -1,9 +1,12 @@
 -- guardproxy: what agents are doing, seen from Postgres itself.
 --
--- Every statement guardproxy forwards ends with a sqlcommenter comment such as
+-- Every statement guardproxy forwards starts with a sqlcommenter comment such as
 --   /*agent='support-1',agent_type='support',step='2',task='refund-42'*/
 -- and the server connection's application_name is the agent id (then the
--- client's own name after a slash). These views read both.
+-- client's own name after a slash). These views read both. They read only the
+-- comment at the very start of the text: that one is the proxy's, since nothing
+-- an agent sends can come before it (an agent's own comment imitating the tag
+-- comes after it and is ignored).
 --
 -- Mind: pg_stat_statements keeps ONE text per query id (the first one it saw),
 -- so its totals cannot be split by agent: the same statement shape run by two
@@ -12,11 +15,12 @@
 
 CREATE SCHEMA IF NOT EXISTS guardproxy_monitoring;
 
--- The value of one sqlcommenter key in a statement text (URL-decoding the common escapes).
+-- The value of one key of the proxy's tag, the comment that starts a statement's text
+-- (URL-decoding the common escapes).
 CREATE OR REPLACE FUNCTION guardproxy_monitoring.tag(query text, key text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT replace(replace(replace(
-        substring(query FROM '/\*[^*]*\m' || key || '=''([^'']*)''[^*]*\*/'),
+        substring(substring(query FROM '^/\*([^*]*)\*/') FROM '(?:^|,)' || key || '=''([^'']*)'''),
         '%2C', ','), '%20', ' '), '%2F', '/')
 $$;
 
@@ -33,7 +37,7 @@ SELECT pid,
        wait_event_type, wait_event,
        left(query, 200)                                  AS query
 FROM pg_stat_activity
-WHERE backend_type = 'client backend' AND query LIKE '%agent_type=%';
+WHERE backend_type = 'client backend' AND query ~ '^/\*[^*]*agent_type=';
 
 -- Busy backends per agent type right now (a quick share of the database).
 CREATE OR REPLACE VIEW guardproxy_monitoring.active_by_agent_type AS

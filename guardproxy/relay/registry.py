@@ -59,7 +59,7 @@ class Statement:
         self.judgement = judgement
         self.generation = next(_generations)
         self.on_backend = 0
-        if self.name:
+        if self.server_name:
             self.server_name = server_statement_name(judgement.sent, self.types, search_path)
 
 

@@ -33,7 +33,7 @@ from guardproxy.protocol.errors import Denied, GuardError, ProtocolViolation, Up
 from guardproxy.relay.inflight import Execution, Inflight, Pending
 from guardproxy.relay.jobs import CaptureSettings, Job, ManagedWrite, PlanCheck
 from guardproxy.relay.judging import Judgement, Judging, LocalAnswer, plain
-from guardproxy.relay.registry import Portal, Registry, Statement
+from guardproxy.relay.registry import Portal, Registry, Statement, server_statement_name
 
 if TYPE_CHECKING:
     from guardproxy.jobs.managed_write import WriteOutcome
@@ -400,10 +400,13 @@ class Relay:
         backend.prepared[sname] = statement.generation
         self.inflight.expect(Pending.PARSE, visible, sname)
 
-    def _current_statement(self, name: bytes, describe: bool = False) -> Statement | None:
+    def _current_statement(
+        self, name: bytes, describe: bool = False, owner: Statement | None = None
+    ) -> Statement | None:
         """The client's statement, judged again if its judgement expired (policy reload,
-        DDL, a context its rewrite depends on); None when it cannot run (refused)."""
-        statement = self.registry.statement(name)
+        DDL, a context its rewrite depends on); None when it cannot run (refused).
+        ``owner``: the record a portal was bound from (it may be closed or replaced)."""
+        statement = owner or self.registry.statement(name)
         if statement is None:
             what = f'prepared statement "{_show(name)}"' if name else "unnamed prepared statement"
             self._refuse(False, GuardError(f"{what} does not exist", sqlstate="26000"))
@@ -422,6 +425,17 @@ class Relay:
         """The statement's name on the lent server, prepared there first if needed."""
         backend = self.backend
         assert backend is not None
+        if not statement.name and self.registry.statement(b"") is not statement:
+            # an unnamed statement the client has replaced since (a portal bound from it
+            # is bound again): prepared under a name of its own, so that the client's
+            # current unnamed statement on the server stays what it is
+            if not statement.server_name:
+                statement.server_name = server_statement_name(
+                    statement.judgement.sent, statement.types, self.search_path
+                )
+            if backend.prepared.get(statement.server_name, -1) < statement.generation:
+                self._prepare_on_server(statement, visible=False)
+            return statement.server_name
         if not statement.name:
             if statement.on_backend != backend.serial:
                 # the unnamed statement outlives a Sync: it may be bound on another server,
@@ -480,6 +494,11 @@ class Relay:
             cursor = self.cursors.get(portal_name.decode(errors="replace"))
             self._send_execute(raw, None, cursor)
             return
+        if self.judging is not None and not self.judging.current(portal.statement.judgement):
+            rebound = self._rebind(portal)
+            if rebound is None:
+                return
+            portal = rebound
         judgement = portal.statement.judgement
         write = judgement.write
         if write is not None and self.judging is not None:
@@ -494,6 +513,38 @@ class Relay:
             return
         source = self._cursor_source(judgement) if judgement.cursor is not None else portal
         self._send_execute(raw, judgement, source)
+
+    def _rebind(self, portal: Portal) -> Portal | None:
+        """A portal whose statement's judgement expired since it was bound (a reload, DDL,
+        a context its rewrite or tag depends on): bound again, hidden, to the statement
+        as judged now, so that it never runs with a stale decision. One that already
+        delivered rows cannot start over: refused."""
+        if portal.rows:
+            self._refuse(
+                False,
+                GuardError(
+                    f'portal "{_show(portal.name)}" was bound before the policy or the session '
+                    "context changed, and has delivered rows already: it cannot go on",
+                    hint="close the portal and bind the statement again",
+                    sqlstate="0A000",
+                ),
+            )
+            return None
+        statement = self._current_statement(portal.statement.name, owner=portal.statement)
+        if statement is None:
+            return None
+        sname = self._statement_on_server(statement)
+        bind = portal.bind
+        _, start, end = codec.bind_statement(bind)
+        bind = codec.replace_field(bind, start, end, sname)
+        if portal.name:
+            self._send(codec.message(b"C", b"P" + portal.name + b"\x00"))
+            self.inflight.expect(Pending.CLOSE, False, None)
+        self._send(bind)
+        self.inflight.expect(Pending.BIND, False, sname or None)
+        rebound = Portal(portal.name, statement, bind, portal.parameters)
+        self.registry.bind(rebound)
+        return rebound
 
     def _send_execute(
         self, raw: bytes, judgement: Judgement | None, source: Any, audit: Any = None
