@@ -1,0 +1,96 @@
+"""Text an agent chose, made safe to show an operator and to store: pure functions.
+
+Agents choose much of what operators read: agent ids (in trust mode), tasks, steps,
+principals, tags, statements. Shown raw, a control character rewrites the operator's
+terminal (ANSI escape sequences), a newline forges a row or a log line, a bidi
+override reorders what is read; stored raw, a NUL or a lone surrogate is refused by
+Postgres. The one definition of what is unsafe lives here:
+
+* Unicode categories ``Cc`` (C0 and C1 controls, DEL; NUL included), ``Cf`` (format
+  characters: bidi overrides and isolates, zero-width characters, the BOM), ``Cs``
+  (lone surrogates: text that was not valid UTF-8), ``Zl`` and ``Zp`` (line and
+  paragraph separators).
+
+`visible` replaces each unsafe character by a backslash escape that shows its code
+point (``\\x1b``, ``\\u202e``, ``\\U000e0001``), so it stays visible and nothing
+reaches a terminal raw. Backslashes themselves are left alone: an agent can write
+the six characters ``\\x1b``, but cannot make them act. Where an alteration must be
+provable (the audit record), the caller keeps a marker of its own.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+UNSAFE_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Zl", "Zp"))
+
+
+def is_unsafe(char: str) -> bool:
+    """True for one character an operator surface must not pass through raw."""
+    return unicodedata.category(char) in UNSAFE_CATEGORIES
+
+
+def escape_char(char: str) -> str:
+    """``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN``: the code point, readable in ASCII."""
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def visible(text: str, keep: str = "") -> str:
+    """``text`` with every unsafe character escaped, except those in ``keep``
+    (``"\\t\\n\\r"`` for text whose lines matter, such as a statement).
+
+    Text that is all printable (the usual case) is returned as it is, after one
+    C-level check.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        escape_char(ch) if ch not in keep and is_unsafe(ch) else ch for ch in text
+    )
+
+
+def first_unsafe(text: str, keep: str = "") -> str | None:
+    """The first unsafe character of ``text`` (not counting ``keep``), or None."""
+    if text.isprintable():
+        return None
+    for ch in text:
+        if ch not in keep and is_unsafe(ch):
+            return ch
+    return None
+
+
+def describe_char(char: str) -> str:
+    """``U+001B (ESCAPE)``: a character named for an error message."""
+    name = unicodedata.name(char, "") or _CONTROL_NAMES.get(ord(char), "")
+    return f"U+{ord(char):04X}" + (f" ({name})" if name else "")
+
+
+_CONTROL_NAMES = {
+    0x00: "NUL",
+    0x07: "BELL",
+    0x08: "BACKSPACE",
+    0x09: "TAB",
+    0x0A: "LINE FEED",
+    0x0D: "CARRIAGE RETURN",
+    0x1B: "ESCAPE",
+    0x7F: "DELETE",
+}
+
+
+def clip_utf8(text: str, limit: int) -> str:
+    """The longest prefix of ``text`` whose UTF-8 encoding has at most ``limit`` bytes
+    (never a split character). Lone surrogates count as the 3 bytes they would take."""
+    if len(text) * 4 <= limit:
+        return text
+    size = 0
+    for i, ch in enumerate(text):
+        code = ord(ch)
+        size += 1 if code < 0x80 else 2 if code < 0x800 else 3 if code < 0x10000 else 4
+        if size > limit:
+            return text[:i]
+    return text
