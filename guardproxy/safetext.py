@@ -49,9 +49,7 @@ def visible(text: str, keep: str = "") -> str:
     """
     if text.isprintable():
         return text
-    return "".join(
-        escape_char(ch) if ch not in keep and is_unsafe(ch) else ch for ch in text
-    )
+    return "".join(escape_char(ch) if ch not in keep and is_unsafe(ch) else ch for ch in text)
 
 
 def first_unsafe(text: str, keep: str = "") -> str | None:
