@@ -59,7 +59,10 @@ class Settings(BaseModel):
         "allow", description="require: refuse clients that do not use TLS"
     )
     auth_max_failures: int = Field(
-        5, ge=1, description="failed logins per source or agent id per minute"
+        5,
+        ge=1,
+        description="failed logins per minute from one address for one agent id (4 times as "
+        "many from one address for any agent ids) before that address is refused a while",
     )
     auth_file: Path | None = Field(
         None, description="SCRAM verifiers written by `guardproxy passwd`"
