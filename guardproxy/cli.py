@@ -84,6 +84,10 @@ def serve(
     policies: Annotated[
         Path | None, Opt(help="directory of policy YAML files (one per agent type)")
     ] = None,
+    upstream_allow_cleartext: Annotated[
+        bool | None,
+        Opt(help="send the upstream password in cleartext if Postgres asks, over TLS only [off]"),
+    ] = None,
     upstream_credentials_dir: Annotated[
         Path | None,
         Opt(help="directory of files named after upstream roles, holding their passwords"),

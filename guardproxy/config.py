@@ -93,6 +93,12 @@ class Settings(BaseModel):
     instance_stale_after: float = Field(
         60.0, gt=0, description="seconds without a heartbeat before a registry slot is reclaimed"
     )
+    upstream_allow_cleartext: bool = Field(
+        False,
+        description="answer an upstream that asks for the password in cleartext (pg_hba "
+        "'password'), and only over TLS (sslmode require or stronger; verify-full names the "
+        "server it goes to); false: such a login is refused and the password never sent",
+    )
     upstream_credentials_dir: Path | None = Field(
         None, description="files named after upstream roles holding their passwords (secrets)"
     )
