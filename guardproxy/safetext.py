@@ -20,14 +20,29 @@ provable (the audit record), the caller keeps a marker of its own.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 UNSAFE_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Zl", "Zp"))
+# The code points of those categories as ranges (Unicode 14, Python 3.11's unicodedata,
+# plus the format controls Unicode 15 added), so that long text is searched by one
+# regex rather than a category lookup per character. tests/unit/test_safetext.py
+# checks them against unicodedata: every such character is in them, and nothing else
+# but unassigned code points.
+UNSAFE_RANGES = (
+    (0x0000, 0x001F), (0x007F, 0x009F), (0x00AD, 0x00AD), (0x0600, 0x0605),
+    (0x061C, 0x061C), (0x06DD, 0x06DD), (0x070F, 0x070F), (0x0890, 0x0891),
+    (0x08E2, 0x08E2), (0x180E, 0x180E), (0x200B, 0x200F), (0x2028, 0x202E),
+    (0x2060, 0x2064), (0x2066, 0x206F), (0xD800, 0xDFFF), (0xFEFF, 0xFEFF),
+    (0xFFF9, 0xFFFB), (0x110BD, 0x110BD), (0x110CD, 0x110CD), (0x13430, 0x1343F),
+    (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0001, 0xE0001), (0xE0020, 0xE007F),
+)  # fmt: skip
+_UNSAFE = re.compile("[" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in UNSAFE_RANGES) + "]")
 
 
 def is_unsafe(char: str) -> bool:
     """True for one character an operator surface must not pass through raw."""
-    return unicodedata.category(char) in UNSAFE_CATEGORIES
+    return _UNSAFE.fullmatch(char) is not None
 
 
 def escape_char(char: str) -> str:
@@ -49,16 +64,22 @@ def visible(text: str, keep: str = "") -> str:
     """
     if text.isprintable():
         return text
-    return "".join(escape_char(ch) if ch not in keep and is_unsafe(ch) else ch for ch in text)
+    if not keep:
+        return _UNSAFE.sub(_escape_match, text)
+    return _UNSAFE.sub(lambda m: m[0] if m[0] in keep else escape_char(m[0]), text)
+
+
+def _escape_match(match: re.Match[str]) -> str:
+    return escape_char(match[0])
 
 
 def first_unsafe(text: str, keep: str = "") -> str | None:
     """The first unsafe character of ``text`` (not counting ``keep``), or None."""
     if text.isprintable():
         return None
-    for ch in text:
-        if ch not in keep and is_unsafe(ch):
-            return ch
+    for match in _UNSAFE.finditer(text):
+        if match[0] not in keep:
+            return match[0]
     return None
 
 

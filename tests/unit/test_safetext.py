@@ -3,6 +3,7 @@ door (guardproxy/policy/context.py: context_value_problem)."""
 
 from __future__ import annotations
 
+import sys
 import unicodedata
 
 import pytest
@@ -16,7 +17,14 @@ from guardproxy.policy.context import (
     MAX_VALUE,
     context_value_problem,
 )
-from guardproxy.safetext import UNSAFE_CATEGORIES, clip_utf8, describe_char, visible
+from guardproxy.safetext import (
+    UNSAFE_CATEGORIES,
+    UNSAFE_RANGES,
+    clip_utf8,
+    describe_char,
+    is_unsafe,
+    visible,
+)
 
 HOSTILE = [
     ("ship\x00", "ship\\x00"),
@@ -31,6 +39,17 @@ HOSTILE = [
     ("tag\U000e0041", "tag\\U000e0041"),  # a language tag character (Cf)
     ("del\x7f", "del\\x7f"),
 ]
+
+
+def test_the_ranges_are_exactly_the_unsafe_categories() -> None:
+    in_ranges = {cp for a, b in UNSAFE_RANGES for cp in range(a, b + 1)}
+    for cp in range(sys.maxunicode + 1):
+        category = unicodedata.category(chr(cp))
+        if category in UNSAFE_CATEGORIES:
+            assert cp in in_ranges, f"U+{cp:04X} ({category}) is missing from UNSAFE_RANGES"
+        elif cp in in_ranges:
+            assert category == "Cn", f"U+{cp:04X} ({category}) is in UNSAFE_RANGES"
+    assert is_unsafe("\x00") and is_unsafe("\U000e007f") and not is_unsafe("a")
 
 
 @pytest.mark.parametrize(("raw", "shown"), HOSTILE)
