@@ -106,10 +106,10 @@ def clip_utf8(text: str, limit: int) -> str:
     (never a split character). Lone surrogates count as the 3 bytes they would take."""
     if len(text) * 4 <= limit:
         return text
-    size = 0
-    for i, ch in enumerate(text):
-        code = ord(ch)
-        size += 1 if code < 0x80 else 2 if code < 0x800 else 3 if code < 0x10000 else 4
-        if size > limit:
-            return text[:i]
-    return text
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    end = max(limit, 0)
+    while end > 0 and data[end] & 0xC0 == 0x80:  # a continuation byte: inside a character
+        end -= 1
+    return data[:end].decode("utf-8", "surrogatepass")

@@ -186,7 +186,10 @@ def _ascii(text: object, limit: int) -> str:
 
 def _describe(error: BaseException) -> str:
     state = getattr(error, "sqlstate", None)
-    return f"{state + ' ' if isinstance(state, str) else ''}{type(error).__name__}: {error}"
+    # visible: the error may quote what the agent sent, and it goes to the log
+    return visible(
+        f"{state + ' ' if isinstance(state, str) else ''}{type(error).__name__}: {error}"
+    )
 
 
 def blames_the_data(error: BaseException) -> bool:
