@@ -59,7 +59,7 @@ def serve(
     ] = None,
     tls_mode: Annotated[str | None, Opt(help="disable | allow | require")] = None,
     auth_max_failures: Annotated[
-        int | None, Opt(help="failed logins per source/agent per minute")
+        int | None, Opt(help="failed logins per minute per address and agent id")
     ] = None,
     auth_file: Annotated[Path | None, Opt(help="SCRAM verifiers from `guardproxy passwd`")] = None,
     max_message_size: Annotated[int | None, Opt()] = None,
@@ -83,6 +83,10 @@ def serve(
     ] = None,
     policies: Annotated[
         Path | None, Opt(help="directory of policy YAML files (one per agent type)")
+    ] = None,
+    upstream_allow_cleartext: Annotated[
+        bool | None,
+        Opt(help="send the upstream password in cleartext if Postgres asks, over TLS only [off]"),
     ] = None,
     upstream_credentials_dir: Annotated[
         Path | None,

@@ -59,7 +59,10 @@ class Settings(BaseModel):
         "allow", description="require: refuse clients that do not use TLS"
     )
     auth_max_failures: int = Field(
-        5, ge=1, description="failed logins per source or agent id per minute"
+        5,
+        ge=1,
+        description="failed logins per minute from one address for one agent id (4 times as "
+        "many from one address for any agent ids) before that address is refused a while",
     )
     auth_file: Path | None = Field(
         None, description="SCRAM verifiers written by `guardproxy passwd`"
@@ -89,6 +92,12 @@ class Settings(BaseModel):
     )
     instance_stale_after: float = Field(
         60.0, gt=0, description="seconds without a heartbeat before a registry slot is reclaimed"
+    )
+    upstream_allow_cleartext: bool = Field(
+        False,
+        description="answer an upstream that asks for the password in cleartext (pg_hba "
+        "'password'), and only over TLS (sslmode require or stronger; verify-full names the "
+        "server it goes to); false: such a login is refused and the password never sent",
     )
     upstream_credentials_dir: Path | None = Field(
         None, description="files named after upstream roles holding their passwords (secrets)"

@@ -93,6 +93,7 @@ class StatsRegistry:
         self.cache_misses = 0
         self.proxy_latency = Histogram()
         self.audit_events_lost = 0
+        self.audit_events_rejected = 0
         self.auth_failures = 0
 
     def for_agent(self, agent_type: str, agent: str) -> AgentStats:
@@ -202,6 +203,12 @@ class GuardproxyCollector(Collector):
         )
         lost.add_metric([], s.audit_events_lost)
         yield lost
+        rejected = CounterMetricFamily(
+            "guardproxy_audit_events_rejected",
+            "Audit events the store refused even alone (kept as a placeholder row)",
+        )
+        rejected.add_metric([], s.audit_events_rejected)
+        yield rejected
         auth = CounterMetricFamily("guardproxy_auth_failures", "Failed client logins")
         auth.add_metric([], s.auth_failures)
         yield auth

@@ -10,6 +10,17 @@ A batch gathers for up to ``linger`` seconds after its first event: a busy
 proxy then commits (and makes Postgres flush its WAL) a few dozen times a
 second rather than once per write, and events still reach the table within
 a fraction of a second.
+
+One event never costs another. What an agent chose (ids, task, step, principals,
+tags, the statement) is stored sanitised (`AuditEvent.record`): characters
+Postgres cannot store or an operator should not see raw are escaped visibly
+(``\\x00``), over-long values are cut, and the tag ``guardproxy.altered`` names
+the fields that were changed (the writer owns that tag: an agent cannot set it).
+Should the store still refuse a batch for its data, the batch is written again
+event by event; an event refused alone is replaced by a placeholder row (ASCII,
+what could be kept, and why) and counted in ``audit_events_rejected``. Events
+with no row at all (queue full, store down) are counted in ``audit_events_lost``.
+Both counters have an alert (deploy/prometheus/alerts.yml).
 """
 
 from __future__ import annotations
@@ -18,11 +29,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from typing import Any, Final
 
 import asyncpg
 
 from guardproxy.metrics import StatsRegistry
+from guardproxy.safetext import clip_utf8, visible
 
 log = logging.getLogger("guardproxy.audit")
 
@@ -40,6 +53,19 @@ COLUMNS = (
     "duration_ms",
     "tags",
 )
+# Tag naming the fields the writer changed ("task,statement"; "event" for a placeholder).
+ALTERED_TAG = "guardproxy.altered"
+# UTF-8 bytes kept of a name-like value (ids, task, step, each principal, tag keys and
+# values, rule): below Postgres' limit for one btree index entry (about 2,700 bytes;
+# agent_id and task are indexed), whatever characters are used.
+SHORT_LIMIT = 1024
+TEXT_LIMIT = 1 << 20  # UTF-8 bytes kept of a statement or a reason
+MAX_PRINCIPALS = 256
+LINES = "\t\n\r"  # kept in statements and reasons, where lines matter
+_INT64 = 1 << 63
+# SQLSTATE classes that blame the data sent, not the store: data exception, integrity
+# constraint, program limit exceeded (an index entry too large).
+_DATA_CLASSES = ("22", "23", "54")
 
 
 class AuditEvent:
@@ -76,20 +102,104 @@ class AuditEvent:
         self.tags: Final[dict[str, str]] = tags or {}
 
     def record(self) -> tuple[Any, ...]:
-        return (
-            self.agent_id,
-            self.agent_type,
-            self.task,
-            self.step,
-            list(self.principals) or None,
-            self.statement,
-            self.decision,
-            self.rule,
-            self.reason,
+        """The row to store, sanitised (see the module docstring)."""
+        c = _Cleaner()
+        principals = [c.short("principals", p) for p in self.principals[:MAX_PRINCIPALS]]
+        if len(self.principals) > MAX_PRINCIPALS:
+            c.altered.append("principals")
+        if ALTERED_TAG in self.tags:  # the writer's own tag: never taken from an agent
+            c.altered.append("tags")
+        tags = {
+            c.short("tags", k): c.short("tags", v) for k, v in self.tags.items() if k != ALTERED_TAG
+        }
+        row = (
+            c.short("agent_id", self.agent_id),
+            c.short("agent_type", self.agent_type),
+            c.short_or_none("task", self.task),
+            c.short_or_none("step", self.step),
+            principals or None,
+            c.text("statement", self.statement),
+            c.short("decision", self.decision),
+            c.short_or_none("rule", self.rule),
+            None if self.reason is None else c.text("reason", self.reason),
             self.rows,
             self.duration_ms,
-            json.dumps(self.tags) if self.tags else None,
         )
+        if c.altered:
+            tags[ALTERED_TAG] = ",".join(f for f in COLUMNS if f in c.altered)
+        return (*row, json.dumps(tags) if tags else None)
+
+    def placeholder(self, error: BaseException) -> tuple[Any, ...]:
+        """A row the store takes whatever refused the event: ASCII only, every value
+        escaped and cut short, the numbers only when they fit, and why."""
+        why = _describe(error)
+        rows = self.rows if isinstance(self.rows, int) and -_INT64 <= self.rows < _INT64 else None
+        ms = self.duration_ms
+        return (
+            _ascii(self.agent_id, 200),
+            _ascii(self.agent_type, 200),
+            None if self.task is None else _ascii(self.task, 200),
+            None if self.step is None else _ascii(self.step, 200),
+            None,
+            _ascii(self.statement, 4096),
+            _ascii(self.decision, 64),
+            None if self.rule is None else _ascii(self.rule, 200),
+            f"the audit store refused this event ({_ascii(why, 300)}); this row keeps what "
+            "could be kept, escaped and cut",
+            rows,
+            ms if isinstance(ms, float | int) and math.isfinite(ms) else None,
+            json.dumps({ALTERED_TAG: "event"}),
+        )
+
+
+class _Cleaner:
+    """Sanitises the values of one event and notes which fields it changed."""
+
+    def __init__(self) -> None:
+        self.altered: list[str] = []
+
+    def short(self, field: str, value: object) -> str:
+        return self._clean(field, value, "", SHORT_LIMIT)
+
+    def short_or_none(self, field: str, value: str | None) -> str | None:
+        return None if value is None else self._clean(field, value, "", SHORT_LIMIT)
+
+    def text(self, field: str, value: object) -> str:
+        return self._clean(field, value, LINES, TEXT_LIMIT)
+
+    def _clean(self, field: str, value: object, keep: str, limit: int) -> str:
+        text = value if isinstance(value, str) else str(value)
+        out = visible(text, keep)
+        if len(out) * 4 > limit:  # only long values need counting bytes
+            cut = clip_utf8(out, limit - 40)
+            if len(cut) < len(out):
+                out = f"{cut}...[cut {len(out) - len(cut)} characters]"
+        if out != text:
+            self.altered.append(field)
+        return out
+
+
+def _ascii(text: object, limit: int) -> str:
+    escaped = visible(str(text)).encode("ascii", "backslashreplace").decode("ascii")
+    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
+
+
+def _describe(error: BaseException) -> str:
+    state = getattr(error, "sqlstate", None)
+    # visible: the error may quote what the agent sent, and it goes to the log
+    return visible(
+        f"{state + ' ' if isinstance(state, str) else ''}{type(error).__name__}: {error}"
+    )
+
+
+def blames_the_data(error: BaseException) -> bool:
+    """True when a failed write is the fault of what was sent (one event may be to
+    blame), False when the store itself failed (unreachable, shut down, full...)."""
+    if isinstance(error, asyncpg.PostgresError):
+        return str(error.sqlstate or "")[:2] in _DATA_CLASSES
+    # asyncpg's client-side DataError, UnicodeEncodeError, OverflowError: a value
+    # that could not be encoded
+    return isinstance(error, ValueError | TypeError | OverflowError)
 
 
 class AuditLog:
@@ -137,28 +247,73 @@ class AuditLog:
         while True:
             events = [await self.queue.get()]
             self.in_flight = 1
-            await self._gather(events)
             try:
-                conn = await self._connection()
-                # COPY: one round trip and no per-row statement work, whatever the batch size
-                await conn.copy_records_to_table(
-                    "audit_events",
-                    records=[e.record() for e in events],
-                    columns=COLUMNS,
-                    schema_name="guardproxy",
-                )
-                self.healthy = True
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                self.healthy = False
+                await self._gather(events)
+                await self._write(events)
+            except Exception as exc:  # never let the writer die: every later event would be lost
                 self.stats.audit_events_lost += len(events)
-                log.error("audit store unreachable, %d events lost: %s", len(events), exc)
-                with contextlib.suppress(Exception):
-                    if self._conn is not None:
-                        await self._conn.close()
-                self._conn = None
-                await asyncio.sleep(1.0)
+                log.exception("audit writer failed, %d events lost: %s", len(events), exc)
             finally:
                 self.in_flight = 0
+
+    async def _copy(self, records: list[tuple[Any, ...]]) -> None:
+        conn = await self._connection()
+        # COPY: one round trip and no per-row statement work, whatever the batch size
+        await conn.copy_records_to_table(
+            "audit_events", records=records, columns=COLUMNS, schema_name="guardproxy"
+        )
+
+    async def _write(self, events: list[AuditEvent]) -> None:
+        """One COPY for the batch; event by event when the store refuses its data."""
+        try:
+            await self._copy([e.record() for e in events])
+        except Exception as exc:
+            if not blames_the_data(exc):
+                await self._store_down(len(events), exc)
+                return
+            log.warning(
+                "audit store refused a batch of %d events (%s); writing them one by one",
+                len(events),
+                _describe(exc),
+            )
+            await self._write_each(events)
+            return
+        self.healthy = True
+
+    async def _write_each(self, events: list[AuditEvent]) -> None:
+        """Each event alone: one the store refuses becomes a placeholder row (counted in
+        audit_events_rejected); should the placeholder fail too, the store is at fault."""
+        for i, event in enumerate(events):
+            try:
+                await self._copy([event.record()])
+                continue
+            except Exception as exc:
+                if not blames_the_data(exc):
+                    await self._store_down(len(events) - i, exc)
+                    return
+                refused = exc
+            try:
+                await self._copy([event.placeholder(refused)])
+            except Exception as exc:
+                await self._store_down(len(events) - i, exc)
+                return
+            self.stats.audit_events_rejected += 1
+            log.error(
+                "audit store refused an event of agent %s (%s); a placeholder row records it",
+                _ascii(event.agent_id, 200),
+                _describe(refused),
+            )
+        self.healthy = True
+
+    async def _store_down(self, lost: int, exc: BaseException) -> None:
+        self.healthy = False
+        self.stats.audit_events_lost += lost
+        log.error("audit store failed, %d events lost: %s", lost, _describe(exc))
+        with contextlib.suppress(Exception):
+            if self._conn is not None:
+                await self._conn.close()
+        self._conn = None
+        await asyncio.sleep(1.0)
 
     async def _gather(self, events: list[AuditEvent]) -> None:
         """Adds to the batch what arrives within ``linger`` of its first event.

@@ -28,6 +28,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import unquote
 
+from guardproxy.safetext import describe_char, first_unsafe
+
 MAX_TAGS = 64
 MAX_KEY = 63
 MAX_VALUE = 1024
@@ -125,6 +127,47 @@ class SessionContext:
         for key, value in self.tags.items():
             values[f"tag.{key}"] = value
         return values
+
+
+# -- validation at the door ---------------------------------------------------------
+
+CONTEXT_VALUE_SQLSTATE = "22023"  # invalid_parameter_value
+
+
+def context_value_problem(key: str, value: str) -> str | None:
+    """What is wrong with one agent-chosen context key/value, or None when it may be kept.
+
+    Context reaches the audit record, the admin console, logs and terminals, so a
+    value must be printable text: no control characters (NUL, newline, escape...),
+    no format characters (bidi overrides, zero-width characters), no lone surrogates
+    (bytes that were not UTF-8), and at most MAX_VALUE bytes of UTF-8 (MAX_KEY
+    characters for a key). Pure; the caller refuses the statement, the SET or the
+    login with SQLSTATE ``CONTEXT_VALUE_SQLSTATE`` (22023, invalid_parameter_value)
+    and this text as the message. An empty value is fine (it clears the key).
+    """
+    name = key.lower().removeprefix("guard.")
+    bad = first_unsafe(key)
+    if bad is not None:
+        return (
+            f"context key {key!r} contains {describe_char(bad)}; context keys must be "
+            "printable text"
+        )
+    if len(name) > MAX_KEY:
+        return f"context key {key[:40]!r}... is longer than {MAX_KEY} characters"
+    bad = first_unsafe(value)
+    if bad is not None:
+        return (
+            f"context value of {name} contains {describe_char(bad)}; context values "
+            "(task, step, principals, tags) must be printable text without control or "
+            "format characters: percent-encoding in a comment is decoded first"
+        )
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_VALUE:
+        return (
+            f"context value of {name} is {size} bytes long; context values may be at "
+            f"most {MAX_VALUE} bytes (UTF-8)"
+        )
+    return None
 
 
 # -- sqlcommenter comments ---------------------------------------------------------

@@ -4,6 +4,11 @@ Admin users (``admin_users``) connect to database ``guardproxy`` and send simple
 queries; every answer is an ordinary result set, so psql and any driver can
 read it. Commands: SHOW POOLS | CLIENTS | SERVERS | AGENTS | STATS | CONFIG,
 RELOAD, PAUSE, RESUME, KILL AGENT <id>.
+
+Everything shown is data, whoever chose it: agent ids (any user name, in trust
+mode), tasks and the like pass through `guardproxy.safetext.visible`, so a control
+character or escape sequence reaches no operator's terminal raw and a newline forges
+no row. Settings are shown with every credential masked (`guardproxy.dsnmask`).
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from guardproxy.dsnmask import mask_dsn
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import GuardError
+from guardproxy.safetext import visible
 
 if TYPE_CHECKING:
     from guardproxy.server.app import Proxy
@@ -24,10 +31,11 @@ _COMMAND = re.compile(r"^\s*(show\s+\w+|reload|pause|resume|kill\s+agent\s+(\S+)
 
 
 def result(names: list[str], rows: Sequence[Sequence[str | None]], tag: str) -> bytes:
+    """A result set; every value made visible (no raw control or format characters)."""
     return b"".join(
         [
             codec.build_row_description(names),
-            *(codec.build_data_row(r) for r in rows),
+            *(codec.build_data_row([None if v is None else visible(v) for v in r]) for r in rows),
             codec.build_command_complete(tag),
         ]
     )
@@ -192,10 +200,8 @@ def _stats(proxy: Proxy) -> bytes:
 def _config(proxy: Proxy) -> bytes:
     rows = []
     for key, value in proxy.settings.model_dump().items():
-        text = "" if value is None else str(value)
-        if key == "upstream" and text:
-            text = re.sub(r"(//[^:/@]+):[^@]*@", r"\1:***@", text)
-        rows.append([key, text])
+        # every value, not only upstream: a credential must not show wherever it was put
+        rows.append([key, "" if value is None else mask_dsn(str(value))])
     return result(["setting", "value"], rows, f"SHOW {len(rows)}")
 
 

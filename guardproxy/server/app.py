@@ -15,7 +15,6 @@ import signal
 import socket
 import tempfile
 import time
-from collections import deque
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +39,7 @@ from guardproxy.server.instances import (
     advertised_address,
     is_loopback_address,
 )
+from guardproxy.server.login_limits import LoginLimits
 from guardproxy.server.session import ClientSession
 from guardproxy.server.tls import ServerTLS
 from guardproxy.server.workers import CancelRelay
@@ -51,10 +51,6 @@ FORWARD_TIMEOUT = 2.0  # seconds to connect to another instance and hand it a ca
 MAX_FORWARDS = 256  # cancel requests being forwarded to other instances at once, at most
 # Where a cancel request came from: a client, another instance (the relayed code), a worker.
 CancelOrigin = Literal["client", "peer", "worker"]
-
-
-AUTH_PRUNE_FROM = 10_000  # failed-login keys (sources, agent ids) before pruning starts
-AUTH_FAILURE_KEYS_MAX = 100_000  # at most this many kept, whatever the flood
 
 
 def worker_share(limit: int, workers: int, worker: int) -> int:
@@ -108,8 +104,7 @@ class Proxy:
                 settings.tls_mode == "require",
             )
             self.tls.context()  # fail at start, not at the first client, if the files are wrong
-        self._auth_failures: dict[str, deque[float]] = {}
-        self._auth_prune_at = AUTH_PRUNE_FROM
+        self.login_limits = LoginLimits(settings.auth_max_failures)
         self.verifiers: dict[str, Verifier] = (
             load_verifiers(settings.auth_file) if settings.auth_file is not None else {}
         )
@@ -368,38 +363,15 @@ class Proxy:
 
     def auth_failed(self, source: str, agent_id: str) -> None:
         self.stats.auth_failures += 1
-        now = time.monotonic()
-        failures = self._auth_failures
-        for key in (f"source:{source}", f"agent:{agent_id}"):
-            failures.setdefault(key, deque(maxlen=64)).append(now)
-        if len(failures) >= self._auth_prune_at:
-            self._prune_auth_failures(now)
-
-    def _prune_auth_failures(self, now: float) -> None:
-        """Forgets sources and agent ids with no failure in the last minute, so that
-        logins with ever new made-up agent ids cannot grow the table without bound.
-        Pruning again only once the table doubled keeps the cost per failure constant."""
-        failures = self._auth_failures
-        for key in [k for k, times in failures.items() if not times or now - times[-1] >= 60]:
-            del failures[key]
-        while len(failures) > AUTH_FAILURE_KEYS_MAX:  # a flood within one minute: oldest go
-            del failures[next(iter(failures))]
-        self._auth_prune_at = max(AUTH_PRUNE_FROM, 2 * len(failures))
+        self.login_limits.failed(source, agent_id)
 
     def check_auth_rate(self, source: str, agent_id: str) -> None:
-        """Refuses logins from a source or for an agent id with too many recent failures.
-
-        The answer is the same whether the agent id exists or not.
-        """
-        now = time.monotonic()
-        limit = self.settings.auth_max_failures
-        for key in (f"source:{source}", f"agent:{agent_id}"):
-            recent = [t for t in self._auth_failures.get(key, ()) if now - t < 60]
-            if len(recent) >= limit:
-                raise AuthFailed(
-                    "too many failed logins recently; wait a minute before trying again",
-                    sqlstate="28000",
-                )
+        """Refuses a login its source, or its source and agent id together, failed too
+        often recently (server/login_limits.py). The same answer whether the agent
+        exists or not."""
+        refusal = self.login_limits.refusal(source, agent_id)
+        if refusal is not None:
+            raise AuthFailed(refusal, sqlstate="28000")
 
     def sessions_of_type(self, agent_type: str) -> int:
         return sum(1 for s in self.sessions.values() if s.agent_type == agent_type)

@@ -2,6 +2,11 @@
 
 A tiny asyncio HTTP/1.0 responder on the proxy's own loop: three fixed paths,
 GET only, one request per connection, bounded request size.
+
+Nothing a client sent is echoed, and every answer is plain text that a browser may
+not reinterpret (``X-Content-Type-Options: nosniff``, a ``Content-Security-Policy``
+that allows nothing, control characters of the /readyz reason made visible): the
+port can be opened in a browser without any page rendering text someone chose.
 """
 
 from __future__ import annotations
@@ -13,9 +18,18 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from guardproxy.safetext import visible
+
 log = logging.getLogger("guardproxy.http")
 
 ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
+TEXT = "text/plain; charset=utf-8"
+# sent with every answer: never sniffed as HTML, never running or loading anything
+SAFE_HEADERS = (
+    "X-Content-Type-Options: nosniff\r\n"
+    "Content-Security-Policy: default-src 'none'; frame-ancestors 'none'\r\n"
+    "Cache-Control: no-store\r\n"
+)
 
 
 class OpsServer:
@@ -41,24 +55,24 @@ class OpsServer:
             parts = request_line.split()
             method, path = (parts[0], parts[1].split("?", 1)[0]) if len(parts) >= 2 else ("", "")
             if method != "GET":
-                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+                status, ctype, body = "405 Method Not Allowed", TEXT, b"GET only\n"
             elif path == "/metrics":
                 status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
             elif path == "/healthz":
-                status, ctype, body = "200 OK", "text/plain", b"ok\n"
+                status, ctype, body = "200 OK", TEXT, b"ok\n"
             elif path == "/readyz":
                 ok, why = await self.ready()
                 status = "200 OK" if ok else "503 Service Unavailable"
-                ctype, body = "text/plain", (why + "\n").encode()
+                ctype, body = TEXT, (visible(why) + "\n").encode()
             else:
                 status, ctype, body = (
                     "404 Not Found",
-                    "text/plain",
+                    TEXT,
                     b"try /metrics, /healthz or /readyz\n",
                 )
             writer.write(
                 f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n".encode()
+                f"{SAFE_HEADERS}Connection: close\r\n\r\n".encode()
                 + body
             )
             await writer.drain()

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
 import sys
 import threading
+import unicodedata
 
 import psycopg
 import pytest
 from conftest import wait_until
 from pgcluster import PG_BINDIR
+from wirekit import WireClient
+
+from guardproxy.safetext import UNSAFE_CATEGORIES
 
 
 def admin(proxy, sql: str, user: str = "ops") -> subprocess.CompletedProcess[str]:
@@ -127,3 +132,56 @@ def test_top_shows_agent_db_time_including_a_slow_statement(console) -> None:
     assert "*" in out.stdout and "default" in out.stdout
     total = re.search(r"(\d+\.\d+)s \(100%\)", out.stdout)
     assert total is not None and float(total.group(1)) >= 0.3  # the pg_sleep(0.3) is in it
+
+
+# ---------------------------------------------------------------- agent text and secrets
+
+HOSTILE_AGENT = "evil\x1b[2J\x1b]0;owned\x07\nforged|row\u202e"
+
+
+async def test_show_clients_shows_a_hostile_agent_id_as_visible_escapes(console) -> None:
+    """In trust mode the agent id is any user name: it reaches the operator as data."""
+    async with await WireClient.connect(console.port) as raw:
+        await raw.login(user=HOSTILE_AGENT)
+
+        def show_clients() -> list[tuple[str, ...]]:
+            dsn = console.dsn("ops", dbname="guardproxy")
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+                return conn.execute("SHOW CLIENTS").fetchall()
+
+        rows = await asyncio.to_thread(show_clients)
+        shown = [r[0] for r in rows]
+        assert "evil\\x1b[2J\\x1b]0;owned\\x07\\x0aforged|row\\u202e" in shown, shown
+        for value in (v for r in rows for v in r):
+            assert not any(unicodedata.category(c) in UNSAFE_CATEGORIES for c in value or "")
+        psql = await asyncio.to_thread(admin, console, "SHOW CLIENTS")
+        assert psql.returncode == 0 and "\x1b" not in psql.stdout
+        assert not any(line.startswith("row") for line in psql.stdout.splitlines())
+
+
+def test_show_config_masks_every_credential_form_of_the_upstream(start_proxy, pg) -> None:
+    """A password with an unencoded '@' and ':' (the old mask stopped at the '@'), and
+    query parameters carrying secrets: none of it is shown, and the proxy works with it."""
+    password = "p@ss:w/rd?x"
+    pg.psql(
+        "DROP ROLE IF EXISTS mask_user; "
+        f"CREATE ROLE mask_user LOGIN PASSWORD '{password}'; "
+        "GRANT CONNECT ON DATABASE app TO mask_user",
+        dbname="postgres",
+    )
+    encoded = "p@ss:w%2Frd%3Fx"  # '/' and '?' must be encoded to reach the user info at all
+    upstream = (
+        f"postgresql://mask_user:{encoded}@{pg.host}:{pg.port}/app"
+        "?sslpassword=keysecret&application_name=masked"
+    )
+    console = start_proxy(upstream=upstream, admin_users="ops")
+    with psycopg.connect(console.dsn("agent-m"), autocommit=True, connect_timeout=10) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("mask_user",)
+    out = admin(console, "SHOW CONFIG")
+    assert out.returncode == 0, out.stderr
+    assert (
+        f"upstream|postgresql://mask_user:***@{pg.host}:{pg.port}/app"
+        "?sslpassword=***&application_name=masked"
+    ) in out.stdout
+    for secret in (password, encoded, "ss:w", "keysecret", "rd%3Fx"):
+        assert secret not in out.stdout
