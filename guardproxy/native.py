@@ -60,7 +60,7 @@ COMPILED = (
     "guardproxy.policy.engine",
     "guardproxy.policy.templates",
     "guardproxy.policy.idempotency",
-    "guardproxy.guard.audit",
+    "guardproxy.store.audit_writer",
 )
 
 PACKAGE_DIR = Path(__file__).resolve().parent

@@ -23,10 +23,10 @@ from collections import deque
 from typing import Protocol, cast
 
 from guardproxy.config import Upstream
+from guardproxy.pool.upstream_auth import UpstreamAuth, tls_server_end_point
 from guardproxy.protocol import codec
 from guardproxy.protocol import messages as m
 from guardproxy.protocol.errors import ProtocolViolation, UpstreamError
-from guardproxy.protocol.scram import MECHANISM, ClientExchange, md5_password
 
 log = logging.getLogger("guardproxy.backend")
 
@@ -214,55 +214,43 @@ class Backend(BackendState, asyncio.Protocol):
 
     # ------------------------------------------------------------ internal use
 
-    async def startup(self, extra: dict[str, str] | None = None) -> None:
+    async def startup(
+        self, extra: dict[str, str] | None = None, allow_cleartext: bool = False
+    ) -> None:
+        """Logs in (``UpstreamAuth`` checks every step, the server's proof included) and
+        reads the server's parameters, up to its first ReadyForQuery."""
         up = self.upstream
         params = {"user": up.user, "database": up.database, "application_name": "guardproxy"}
         params.update(extra or {})
         self.send(codec.build_startup(params))
-        scram: ClientExchange | None = None
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        auth = UpstreamAuth(
+            up.user,
+            up.password,
+            where=f"{up.host}:{up.port}",
+            tls=ssl_object is not None,
+            allow_cleartext=allow_cleartext,
+            channel_binding=tls_server_end_point(ssl_object),
+        )
         while True:
             kind, raw = await self.recv()
             if kind == m.BE_AUTHENTICATION:
-                code = codec.auth_code(raw)
-                if code == 0:
-                    continue
-                if up.password is None:
-                    raise UpstreamError(
-                        f"upstream {up.host}:{up.port} asks for a password for role {up.user!r} "
-                        "and the upstream DSN has none",
-                        sqlstate="28P01",
-                    )
-                if code == 3:
-                    self.send(codec.build_password(up.password.encode() + b"\x00"))
-                elif code == 5:
-                    salt = raw[9:13]
-                    self.send(
-                        codec.build_password(md5_password(up.user, up.password, salt) + b"\x00")
-                    )
-                elif code == 10:
-                    if MECHANISM.encode() not in raw[9:].split(b"\x00"):
-                        raise UpstreamError("upstream offers no SASL mechanism guardproxy speaks")
-                    scram = ClientExchange(up.user, up.password)
-                    self.send(codec.build_sasl_initial(MECHANISM, scram.first()))
-                elif code == 11 and scram is not None:
-                    self.send(codec.build_password(scram.final(raw[9:])))
-                elif code == 12 and scram is not None:
-                    scram.verify(raw[9:])
-                else:
-                    raise UpstreamError(
-                        f"upstream asked for unsupported authentication (code {code})"
-                    )
-            elif kind == m.BE_PARAMETER_STATUS:
-                name, value = codec.parameter_status(raw)
-                self.params[name] = value
-            elif kind == m.BE_BACKEND_KEY:
-                self.backend_pid, self.backend_secret = struct.unpack_from("!ii", raw, 5)
-            elif kind == m.BE_ERROR:
+                reply = auth.receive(raw)
+                if reply is not None:
+                    self.send(reply)
+                continue
+            if kind == m.BE_ERROR:
                 f = codec.error_fields(raw)
                 raise UpstreamError(
                     f"upstream {up.host}:{up.port} refused the login of role {up.user!r}: {f.get('M')}",
                     sqlstate=f.get("C", "08006"),
                 )
+            auth.check_authenticated(kind)  # nothing else may come before AuthenticationOk
+            if kind == m.BE_PARAMETER_STATUS:
+                name, value = codec.parameter_status(raw)
+                self.params[name] = value
+            elif kind == m.BE_BACKEND_KEY:
+                self.backend_pid, self.backend_secret = struct.unpack_from("!ii", raw, 5)
             elif kind == m.BE_READY:
                 self.status = raw[5:6]
                 return

@@ -260,7 +260,10 @@ class Pool:
                     self._connect(serial), self.settings.server_connect_timeout
                 )
                 extra = {"options": self.startup_options} if self.startup_options else None
-                await asyncio.wait_for(server.startup(extra), self.settings.server_connect_timeout)
+                await asyncio.wait_for(
+                    server.startup(extra, self.settings.upstream_allow_cleartext),
+                    self.settings.server_connect_timeout,
+                )
             except TimeoutError:
                 self.connect_errors_total += 1
                 raise UpstreamError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 from urllib.parse import quote
 
@@ -30,6 +31,7 @@ from guardproxy.policy import (
     SessionContext,
     parse_context_comment,
 )
+from guardproxy.policy.context import CONTEXT_VALUE_SQLSTATE, context_value_problem
 from guardproxy.policy.idempotency import TAG as IDEMPOTENCY_TAG
 from guardproxy.policy.idempotency import idempotency_key
 from guardproxy.protocol import codec
@@ -171,10 +173,11 @@ class Judging:
         sql = text.decode(errors="replace")
         context = self.context
         if "/*" in sql:
-            context = context.with_updates(_without_key(parse_context_comment(sql)))
+            context = context.with_updates(_without_key(_checked(parse_context_comment(sql))))
             self.context = context
         judgement, decision = self._judge(sql, context, query)
         if decision.context_updates:
+            _checked(decision.context_updates)
             self.context = self.context.with_updates(decision.context_updates)
         for name, prepared_sql in decision.prepared.items():
             self.context = self.context.with_prepared(name, prepared_sql)
@@ -201,7 +204,7 @@ class Judging:
         sql = text.decode(errors="replace")
         context = self.context
         if "/*" in sql:
-            context = context.with_updates(_without_key(parse_context_comment(sql)))
+            context = context.with_updates(_without_key(_checked(parse_context_comment(sql))))
         return self._judge(sql, context, False)[0]
 
     def current(self, judgement: Judgement, exact: bool = False) -> bool:
@@ -360,10 +363,19 @@ class Judging:
             )
 
 
-def _without_key(comment: dict[str, str]) -> dict[str, str]:
+def _checked(values: Mapping[str, str]) -> Mapping[str, str]:
+    """Context values an agent chose, refused at the door when they cannot be kept as
+    printable text (the audit log, logs and terminals show them)."""
+    for key, value in values.items():
+        problem = context_value_problem(key, value)
+        if problem is not None:
+            raise Denied(problem, rule="context", sqlstate=CONTEXT_VALUE_SQLSTATE)
+    return values
+
+
+def _without_key(comment: Mapping[str, str]) -> dict[str, str]:
     """A comment's context keys; its idempotency key belongs to the statement alone."""
-    comment.pop(IDEMPOTENCY_TAG, None)
-    return comment
+    return {k: v for k, v in comment.items() if k != IDEMPOTENCY_TAG}
 
 
 def _same_tag(a: SessionContext, b: SessionContext) -> bool:

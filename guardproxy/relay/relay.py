@@ -26,7 +26,6 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Final
 
-from guardproxy.guard.audit import AuditEvent
 from guardproxy.protocol import codec
 from guardproxy.protocol import messages as m
 from guardproxy.protocol.errors import Denied, GuardError, ProtocolViolation, UpstreamError
@@ -34,6 +33,7 @@ from guardproxy.relay.inflight import Execution, Inflight, Pending
 from guardproxy.relay.jobs import CaptureSettings, Job, ManagedWrite, PlanCheck
 from guardproxy.relay.judging import Judgement, Judging, LocalAnswer, plain
 from guardproxy.relay.registry import Portal, Registry, Statement, server_statement_name
+from guardproxy.store.audit_writer import AuditEvent
 
 if TYPE_CHECKING:
     from guardproxy.jobs.managed_write import WriteOutcome

@@ -24,9 +24,8 @@ from guardproxy.protocol.errors import GuardError
 from guardproxy.safetext import visible
 
 if TYPE_CHECKING:
-    from guardproxy.server.app import Proxy
+    from guardproxy.server.services import ProxyServices
 
-ADMIN_DATABASE = "guardproxy"
 _COMMAND = re.compile(r"^\s*(show\s+\w+|reload|pause|resume|kill\s+agent\s+(\S+))\s*;?\s*$", re.I)
 
 
@@ -41,7 +40,7 @@ def result(names: list[str], rows: Sequence[Sequence[str | None]], tag: str) -> 
     )
 
 
-async def run(proxy: Proxy, sql: str) -> bytes:
+async def run(proxy: ProxyServices, sql: str) -> bytes:
     """Answers one admin command; raises GuardError (42601) for anything else."""
     match = _COMMAND.match(sql)
     if match is None:
@@ -74,7 +73,7 @@ async def run(proxy: Proxy, sql: str) -> bytes:
     return result(["agent", "sessions_killed"], [[agent, str(killed)]], "KILL")
 
 
-def _pools(proxy: Proxy) -> bytes:
+def _pools(proxy: ProxyServices) -> bytes:
     names = [
         "pool",
         "upstream",
@@ -103,7 +102,7 @@ def _pools(proxy: Proxy) -> bytes:
     return result(names, rows, f"SHOW {len(rows)}")
 
 
-def _clients(proxy: Proxy) -> bytes:
+def _clients(proxy: ProxyServices) -> bytes:
     names = ["agent", "agent_type", "peer", "state", "pinned", "task", "transactions", "queries"]
     rows = []
     for s in proxy.sessions.values():
@@ -123,7 +122,7 @@ def _clients(proxy: Proxy) -> bytes:
     return result(names, rows, f"SHOW {len(rows)}")
 
 
-def _servers(proxy: Proxy) -> bytes:
+def _servers(proxy: ProxyServices) -> bytes:
     names = [
         "pool",
         "serial",
@@ -153,7 +152,7 @@ def _servers(proxy: Proxy) -> bytes:
     return result(names, rows, f"SHOW {len(rows)}")
 
 
-def _agents(proxy: Proxy) -> bytes:
+def _agents(proxy: ProxyServices) -> bytes:
     names = [
         "agent",
         "agent_type",
@@ -179,7 +178,7 @@ def _agents(proxy: Proxy) -> bytes:
     return result(names, rows, f"SHOW {len(rows)}")
 
 
-def _stats(proxy: Proxy) -> bytes:
+def _stats(proxy: ProxyServices) -> bytes:
     agents = proxy.stats.agents.values()
     rows = [
         ["client_sessions", str(sum(a.sessions for a in agents))],
@@ -197,7 +196,7 @@ def _stats(proxy: Proxy) -> bytes:
     return result(["stat", "value"], [[k, v] for k, v in rows], f"SHOW {len(rows)}")
 
 
-def _config(proxy: Proxy) -> bytes:
+def _config(proxy: ProxyServices) -> bytes:
     rows = []
     for key, value in proxy.settings.model_dump().items():
         # every value, not only upstream: a credential must not show wherever it was put

@@ -24,13 +24,13 @@ from prometheus_client import CollectorRegistry
 from guardproxy import native
 from guardproxy.analysis.catalog import CATALOG_QUERY, SEARCH_PATH_QUERY
 from guardproxy.config import Settings, Upstream
-from guardproxy.guard.audit import AuditLog
 from guardproxy.metrics import GuardproxyCollector, PoolView, StatsRegistry
 from guardproxy.policy import AgentPolicy, Catalog, Judge, PolicyError, PolicySet, load_policy_set
 from guardproxy.pool.pool import Pool
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import AuthFailed, ConfigError, GuardError
 from guardproxy.protocol.scram import Verifier, load_verifiers
+from guardproxy.server import admin
 from guardproxy.server.cancel import NO_SLOT, new_cancel_key, send_cancel, slot_of, worker_of
 from guardproxy.server.http import OpsServer
 from guardproxy.server.instances import (
@@ -43,6 +43,7 @@ from guardproxy.server.login_limits import LoginLimits
 from guardproxy.server.session import ClientSession
 from guardproxy.server.tls import ServerTLS
 from guardproxy.server.workers import CancelRelay
+from guardproxy.store.audit_writer import AuditLog
 from guardproxy.store.schema_version import SCHEMA_HEAD
 
 log = logging.getLogger("guardproxy")
@@ -140,6 +141,10 @@ class Proxy:
         self.clients -= 1
         if self.sessions.get(session.cancel_key) is session:
             del self.sessions[session.cancel_key]
+
+    async def admin_query(self, sql: str) -> bytes:
+        """One statement of the admin console: its whole answer (no ReadyForQuery)."""
+        return await admin.run(self, sql)
 
     def client_pid_of_backend(self, backend_pid: int) -> int:
         """The process id a client of this proxy knows for the server with ``backend_pid``

@@ -19,17 +19,19 @@ from typing import TYPE_CHECKING, Protocol
 
 from guardproxy.jobs.settings import replay_sql
 from guardproxy.policy import AgentPolicy, SessionContext
+from guardproxy.policy.context import CONTEXT_VALUE_SQLSTATE, context_value_problem
 from guardproxy.policy.session_rules import split_options
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import AuthFailed, GuardError, ProtocolViolation
 from guardproxy.protocol.scram import MECHANISM, MECHANISM_PLUS, ServerExchange
-from guardproxy.server.admin import ADMIN_DATABASE
 
 if TYPE_CHECKING:
     from guardproxy.pool.pool import Pool
-    from guardproxy.server.app import Proxy
+    from guardproxy.server.services import ProxyServices
 
 log = logging.getLogger("guardproxy.login")
+
+ADMIN_DATABASE = "guardproxy"  # the database name that opens the admin console
 
 ADMIN_PARAMS = {
     "server_version": "15.0 (guardproxy admin console)",
@@ -79,7 +81,7 @@ def server_app_name(agent_id: str, settings: Settings) -> str:
     return f"{agent_id}/{own}" if own else agent_id
 
 
-async def run_login(channel: LoginChannel, proxy: Proxy) -> LoginResult | None:
+async def run_login(channel: LoginChannel, proxy: ProxyServices) -> LoginResult | None:
     """The whole login, bounded by client_login_timeout."""
     try:
         async with asyncio.timeout(proxy.settings.client_login_timeout):
@@ -115,7 +117,7 @@ def startup_settings(params: dict[str, str]) -> Settings:
 
 
 def bind_policy(
-    proxy: Proxy, agent_id: str, params: dict[str, str]
+    proxy: ProxyServices, agent_id: str, params: dict[str, str]
 ) -> tuple[AgentPolicy, SessionContext]:
     """Finds the agent's type; refuses agents no policy names, over their limits, or with
     bad parameters. Returns the policy and the context the startup parameters give."""
@@ -139,6 +141,10 @@ def bind_policy(
     decision = proxy.judge.judge_startup(policy, params)
     if not decision.allowed:
         raise GuardError(decision.reason, hint=decision.hint, sqlstate=decision.sqlstate or "42501")
+    for key, value in decision.context_updates.items():
+        problem = context_value_problem(key, value)
+        if problem is not None:
+            raise GuardError(problem, sqlstate=CONTEXT_VALUE_SQLSTATE)
     context = SessionContext(agent_id=agent_id).with_updates(decision.context_updates)
     return policy, context
 
@@ -173,7 +179,7 @@ def parse_options(options: str) -> dict[str, str]:
     return dict(settings)
 
 
-async def login_exchange(channel: LoginChannel, proxy: Proxy) -> codec.Startup | None:
+async def login_exchange(channel: LoginChannel, proxy: ProxyServices) -> codec.Startup | None:
     """Runs the login; returns the startup packet, or None when the connection was a cancel."""
     while True:
         _, body = await channel.recv_startup(typed=False)
@@ -231,6 +237,7 @@ async def login_exchange(channel: LoginChannel, proxy: Proxy) -> codec.Startup |
         raise AuthFailed(f'certificate authentication failed for user "{user}"', sqlstate="28000")
     if proxy.settings.auth_mode == "scram":
         await _scram(channel, proxy, user)
+        proxy.login_limits.succeeded(host, user)
     # only now, to an authenticated client, anything about what is behind the proxy
     database = startup.params.get("database") or user
     upstream_db = proxy.upstream.database
@@ -246,7 +253,7 @@ async def login_exchange(channel: LoginChannel, proxy: Proxy) -> codec.Startup |
     return startup
 
 
-async def _scram(channel: LoginChannel, proxy: Proxy, user: str) -> None:
+async def _scram(channel: LoginChannel, proxy: ProxyServices, user: str) -> None:
     tls = proxy.tls
     binding = tls.end_point if tls is not None and channel.tls else b""
     offered = ([MECHANISM_PLUS] if binding else []) + [MECHANISM]

@@ -40,7 +40,7 @@ from guardproxy.server.tls import peer_common_name
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from guardproxy.server.app import Proxy
+    from guardproxy.server.services import ProxyServices
 
 log = logging.getLogger("guardproxy.session")
 
@@ -55,7 +55,7 @@ def syntax_error(query: bytes) -> GuardError | None:
 
 
 class ClientSession(asyncio.Protocol):
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: ProxyServices) -> None:
         self.proxy = proxy
         self.pool = proxy.pool
         self.transport: asyncio.Transport | None = None
@@ -703,10 +703,8 @@ class ClientSession(asyncio.Protocol):
         self._admin_pump()
 
     async def _admin_query(self, sql: str) -> None:
-        from guardproxy.server import admin
-
         try:
-            answer = await admin.run(self.proxy, sql)
+            answer = await self.proxy.admin_query(sql)
         except GuardError as exc:
             self.write(
                 codec.build_error(exc.sqlstate, exc.message, hint=exc.hint)

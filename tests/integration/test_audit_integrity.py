@@ -1,4 +1,4 @@
-"""One event never costs another: the audit writer (guardproxy/guard/audit.py) against
+"""One event never costs another: the audit writer (guardproxy/store/audit_writer.py) against
 a real Postgres, and through the real proxy with hostile context in the same batch.
 
 The writer runs in this process on a database of its own (``gp_audit``, guardproxy's
@@ -25,7 +25,7 @@ from pgcluster import PgCluster, free_port
 from proofkit import metric, superuser
 from shop import FULFILLMENT, SHOP_DB, SUPPORT, launch_proxy
 
-from guardproxy.guard.audit import ALTERED_TAG, COLUMNS, AuditEvent, AuditLog
+from guardproxy.store.audit_writer import ALTERED_TAG, COLUMNS, AuditEvent, AuditLog
 from guardproxy.metrics import StatsRegistry
 from guardproxy.store import migrate
 

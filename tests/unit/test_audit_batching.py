@@ -1,4 +1,4 @@
-"""How the audit writer gathers a batch (guardproxy/guard/audit.py), without a database:
+"""How the audit writer gathers a batch (guardproxy/store/audit_writer.py), without a database:
 one linger per batch for what arrives meanwhile, never a wait when a batch is queued;
 and what a row stores: agent-chosen values sanitised, with the writer's marker.
 The writer against a real Postgres: tests/integration/test_audit_integrity.py."""
@@ -10,7 +10,7 @@ import json
 
 import asyncpg
 
-from guardproxy.guard.audit import (
+from guardproxy.store.audit_writer import (
     ALTERED_TAG,
     COLUMNS,
     SHORT_LIMIT,

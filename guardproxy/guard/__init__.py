@@ -1,1 +1,0 @@
-"""Write safety that needs the database: audit log, idempotency ledger, task budgets, row caps."""
