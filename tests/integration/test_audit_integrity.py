@@ -25,9 +25,9 @@ from pgcluster import PgCluster, free_port
 from proofkit import metric, superuser
 from shop import FULFILLMENT, SHOP_DB, SUPPORT, launch_proxy
 
-from guardproxy.store.audit_writer import ALTERED_TAG, COLUMNS, AuditEvent, AuditLog
 from guardproxy.metrics import StatsRegistry
 from guardproxy.store import migrate
+from guardproxy.store.audit_writer import ALTERED_TAG, COLUMNS, AuditEvent, AuditLog
 
 shop_db = shop.shop_db
 shop_baseline = shop.shop_baseline

@@ -141,9 +141,10 @@ def tags(messages: list[tuple[bytes, bytes]]) -> list[str]:
 def test_psycopg_select_after_a_delete_on_the_unnamed_statement_returns_its_row(
     clean_shop: PgCluster, tmp_path: Path
 ) -> None:
-    with proxy_with(clean_shop, tmp_path) as proxy, proxy.connect(
-        "support-1", autocommit=True
-    ) as conn:
+    with (
+        proxy_with(clean_shop, tmp_path) as proxy,
+        proxy.connect("support-1", autocommit=True) as conn,
+    ):
         deleted = conn.execute("DELETE FROM orders WHERE id = %s", (4,))
         assert deleted.statusmessage == "DELETE 1"
         cur = conn.execute("SELECT id FROM orders WHERE id = %s", (5,))
@@ -207,9 +208,7 @@ def test_a_row_limit_on_the_execute_of_a_capped_write_is_refused(capped, clean_s
     assert statuses(clean_shop) == before
 
 
-def test_each_execute_before_a_sync_is_counted_and_the_round_rolls_back(
-    capped, clean_shop
-) -> None:
+def test_each_execute_before_a_sync_is_counted_and_the_round_rolls_back(capped, clean_shop) -> None:
     before = statuses(clean_shop)
     agent = Raw(capped.port, "support-pairs")
     try:
@@ -251,9 +250,7 @@ def test_a_bind_in_one_round_and_its_execute_in_the_next_is_still_capped(
     assert statuses(clean_shop) == before
 
 
-def test_a_parse_pipelined_behind_a_write_runs_under_its_own_decision(
-    capped, clean_shop
-) -> None:
+def test_a_parse_pipelined_behind_a_write_runs_under_its_own_decision(capped, clean_shop) -> None:
     agent = Raw(capped.port, "support-pipe")
     try:
         agent.send(
@@ -282,9 +279,7 @@ def test_a_parse_pipelined_behind_a_write_runs_under_its_own_decision(
 def test_a_capped_read_followed_by_another_message_stays_capped(
     clean_shop: PgCluster, tmp_path: Path
 ) -> None:
-    with proxy_with(
-        clean_shop, tmp_path, analytics={"limits": {"max_rows_returned": 2}}
-    ) as proxy:
+    with proxy_with(clean_shop, tmp_path, analytics={"limits": {"max_rows_returned": 2}}) as proxy:
         agent = Raw(proxy.port, "analytics-cap")
         try:
             agent.send(
@@ -317,9 +312,10 @@ def clients(proxy: ShopProxy) -> list[dict[str, str]]:
 
 
 def test_literals_and_denied_statements_pin_nothing(clean_shop: PgCluster, tmp_path: Path) -> None:
-    with launch_proxy(
-        clean_shop, tmp_path / "guardproxy.log", admin_users="admin"
-    ) as proxy, proxy.connect("analytics-pin", autocommit=True) as conn:
+    with (
+        launch_proxy(clean_shop, tmp_path / "guardproxy.log", admin_users="admin") as proxy,
+        proxy.connect("analytics-pin", autocommit=True) as conn,
+    ):
         conn.execute("SELECT 'on hold' AS a, 'temp' AS b FROM orders WHERE id = 1").fetchall()
         for denied in ("LISTEN jobs", "CREATE TEMP TABLE t (a int)", "SELECT pg_advisory_lock(1)"):
             with pytest.raises(psycopg.Error):
@@ -354,13 +350,17 @@ def test_the_pool_wait_error_names_the_limit_that_binds(
     clean_shop: PgCluster, tmp_path: Path
 ) -> None:
     policies = policies_with(tmp_path, analytics={"limits": {"max_server_connections": 1}})
-    with launch_proxy(
-        clean_shop, tmp_path / "guardproxy.log", policies=policies, pool_acquire_timeout=1
-    ) as proxy, proxy.connect("analytics-hold") as holder:
+    with (
+        launch_proxy(
+            clean_shop, tmp_path / "guardproxy.log", policies=policies, pool_acquire_timeout=1
+        ) as proxy,
+        proxy.connect("analytics-hold") as holder,
+    ):
         holder.execute("SELECT 1 FROM orders WHERE id = 1")  # a transaction, left open
-        with proxy.connect("analytics-wait", autocommit=True) as waiter, pytest.raises(
-            psycopg.Error
-        ) as waited:
+        with (
+            proxy.connect("analytics-wait", autocommit=True) as waiter,
+            pytest.raises(psycopg.Error) as waited,
+        ):
             waiter.execute("SELECT 1 FROM orders WHERE id = 1")
         holder.rollback()
     message = str(waited.value)
@@ -371,11 +371,17 @@ def test_the_pool_wait_error_names_the_limit_that_binds(
 def test_a_pinned_sessions_transaction_timeout_starts_at_begin(
     clean_shop: PgCluster, tmp_path: Path
 ) -> None:
-    with proxy_with(
-        clean_shop,
-        tmp_path,
-        support={"statements": ["read", "write", "notify"], "timeouts": {"transaction_timeout": "2s"}},
-    ) as proxy, proxy.connect("support-pinned", autocommit=True) as conn:
+    with (
+        proxy_with(
+            clean_shop,
+            tmp_path,
+            support={
+                "statements": ["read", "write", "notify"],
+                "timeouts": {"transaction_timeout": "2s"},
+            },
+        ) as proxy,
+        proxy.connect("support-pinned", autocommit=True) as conn,
+    ):
         conn.execute("LISTEN orders_changed")  # pins the session to its server
         time.sleep(2.5)  # idle, outside any transaction: no transaction is running
         with conn.transaction():
@@ -390,11 +396,14 @@ def test_a_driver_prepared_statement_follows_the_sessions_new_principals(
     clean_shop: PgCluster, tmp_path: Path
 ) -> None:
     """psycopg prepares a statement after five runs; its row filter must follow the session."""
-    with proxy_with(
-        clean_shop,
-        tmp_path,
-        support={"row_filters": {"orders": "customer_id = ANY({principals})"}},
-    ) as proxy, proxy.connect("support-pp", autocommit=True) as conn:
+    with (
+        proxy_with(
+            clean_shop,
+            tmp_path,
+            support={"row_filters": {"orders": "customer_id = ANY({principals})"}},
+        ) as proxy,
+        proxy.connect("support-pp", autocommit=True) as conn,
+    ):
         conn.prepare_threshold = 1
         query = "SELECT id FROM orders WHERE id > %s ORDER BY id"
         conn.execute("SET guard.principals = '1'")
@@ -413,9 +422,10 @@ NOTIFYING = {"statements": ["read", "write", "notify"]}
 
 
 def test_psycopg_recognises_its_own_notifications(clean_shop: PgCluster, tmp_path: Path) -> None:
-    with proxy_with(clean_shop, tmp_path, support=NOTIFYING) as proxy, proxy.connect(
-        "support-n", autocommit=True
-    ) as conn:
+    with (
+        proxy_with(clean_shop, tmp_path, support=NOTIFYING) as proxy,
+        proxy.connect("support-n", autocommit=True) as conn,
+    ):
         conn.execute("LISTEN jobs")
         conn.execute("NOTIFY jobs, 'hello'")
         note = next(conn.notifies(timeout=5, stop_after=1))

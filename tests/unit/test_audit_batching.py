@@ -10,6 +10,7 @@ import json
 
 import asyncpg
 
+from guardproxy.metrics import StatsRegistry
 from guardproxy.store.audit_writer import (
     ALTERED_TAG,
     COLUMNS,
@@ -18,7 +19,6 @@ from guardproxy.store.audit_writer import (
     AuditLog,
     blames_the_data,
 )
-from guardproxy.metrics import StatsRegistry
 
 
 def _event(n: int) -> AuditEvent:
