@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import logging
 import os
 import sys
 from pathlib import Path
@@ -224,11 +223,9 @@ def _connect_help(settings: Settings, port: int, database: str, proxy: Any) -> s
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from guardproxy.logs import setup_logging
+
+    setup_logging(level)
 
 
 @app.command()

@@ -875,8 +875,9 @@ class Relay:
             # "cached plan must not change result type": every copy of it is stale
             self.hooks.stale_statement(payload)
 
-    def on_cut(self, execution: Execution) -> bytes:
-        """A result passed its row cap: what the client sees in place of its CommandComplete."""
+    def on_cut(self, execution: Execution, tag: bytes) -> bytes:
+        """A result passed its row cap: what the client sees in place of its CommandComplete
+        (``tag``)."""
         cap = execution.cap
         self.stats.statements["read", "truncated"] += 1
         if self.judging is not None:
@@ -907,7 +908,8 @@ class Relay:
             # the cap holds for the cursor: what earlier FETCHes delivered counts
             delivered = cap - execution.offset
             return notice + codec.build_command_complete(f"FETCH {max(delivered, 0)}")
-        return notice + codec.build_command_complete(f"SELECT {cap}")
+        verb = "COPY" if tag.startswith(b"COPY") else "SELECT"
+        return notice + codec.build_command_complete(f"{verb} {cap}")
 
     def on_ready(self, status: bytes) -> None:
         if status == b"I":

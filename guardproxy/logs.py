@@ -1,0 +1,29 @@
+"""The proxy's log lines: one line per event, whatever an agent put in them.
+
+Agent ids (in trust mode), statements, tasks and error texts reach log lines. A
+newline in one would forge a second line; an escape sequence would act on the
+terminal of whoever reads the log. ``SafeFormatter`` escapes every such character
+of the message (``guardproxy.safetext.visible``); a traceback, written by the
+proxy itself, keeps its lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from guardproxy.safetext import visible
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class SafeFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = visible(record.message)
+        return super().formatMessage(record)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter(FORMAT))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
