@@ -126,6 +126,28 @@ class Judgement:
         self.policy: Final = policy
         self.catalog: Final = catalog
 
+    def with_sent(self, sent: bytes, pins: str | None) -> Judgement:
+        """The same judgement sending another text (an EXECUTE of a registry statement)."""
+        return Judgement(
+            sent,
+            self.sql,
+            shift=self.shift,
+            decision=self.decision,
+            kind=self.kind,
+            write=self.write,
+            statements=self.statements,
+            row_cap=self.row_cap,
+            cap_error=self.cap_error,
+            cursor=self.cursor,
+            plan_check=self.plan_check,
+            pins=pins,
+            settings=self.settings,
+            sensitive=self.sensitive,
+            context=self.context,
+            policy=self.policy,
+            catalog=self.catalog,
+        )
+
 
 def plain(text: bytes) -> Judgement:
     """The judgement of a text when no policies are configured: sent as it is."""
@@ -162,10 +184,13 @@ class Judging:
 
     # ------------------------------------------------------------ judging
 
-    def judge(self, text: bytes, query: bool) -> Judgement:
+    def judge(
+        self, text: bytes, query: bool, prepared: tuple[str, bytes] | None = None
+    ) -> Judgement:
         """Judges the SQL of a Query (``query``) or Parse message; the session context
-        takes what its comments and ``SET guard.*`` statements say."""
-        recent = self._recent.get((text, query))
+        takes what its comments and ``SET guard.*`` statements say. ``prepared``: the
+        name and text of the prepared statement an ``EXECUTE`` runs."""
+        recent = self._recent.get((text, query)) if prepared is None else None
         if recent is not None and self.current(recent, exact=True):
             self._check_task_duration(self.context)
             self.registry.cache_hits += 1
@@ -175,6 +200,8 @@ class Judging:
         if "/*" in sql:
             context = context.with_updates(_without_key(_checked(parse_context_comment(sql))))
             self.context = context
+        if prepared is not None:
+            context = context.with_prepared(prepared[0], prepared[1].decode(errors="replace"))
         judgement, decision = self._judge(sql, context, query)
         if decision.context_updates:
             _checked(decision.context_updates)
@@ -197,6 +224,10 @@ class Judging:
                 del self._recent[next(iter(self._recent))]
             self._recent[(text, query)] = judgement
         return judgement
+
+    def forget_prepared(self, name: str | None) -> None:
+        """A DEALLOCATE (None: of all) the judge must know of."""
+        self.context = self.context.with_prepared(name or "", None)
 
     def rejudge(self, text: bytes) -> Judgement:
         """A prepared statement judged again under the session's context now (its own

@@ -4,7 +4,8 @@ In transaction pooling a client gets whichever server is free. Some statements
 leave something behind in the backend that ran them, past the end of the
 transaction: ``LISTEN``, temporary tables (``CREATE TEMP``, ``SELECT ... INTO
 TEMP``), session-level advisory locks (``pg_advisory_lock`` and friends, not
-the ``_xact_`` ones), ``WITH HOLD`` cursors, SQL-level ``PREPARE`` and ``LOAD``.
+the ``_xact_`` ones), ``WITH HOLD`` cursors and ``LOAD``. (SQL-level ``PREPARE``
+does not: the relay keeps prepared statements itself, see ``relay/session_sql.py``.)
 A session that *runs* one is pinned to its server for the rest of its life.
 
 The decision comes from the parse tree, never from the text alone: a literal
@@ -55,8 +56,6 @@ def pin_reason(sql: bytes) -> str | None:
 def _statement_reason(node: ast.Node | None) -> str | None:
     if isinstance(node, ast.ListenStmt):
         return "LISTEN"
-    if isinstance(node, ast.PrepareStmt):
-        return "SQL-level PREPARE"
     if isinstance(node, ast.LoadStmt):
         return "LOAD"
     if isinstance(node, ast.DeclareCursorStmt) and (node.options or 0) & _CURSOR_OPT_HOLD:

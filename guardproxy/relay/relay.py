@@ -33,6 +33,13 @@ from guardproxy.relay.inflight import Execution, Inflight, Pending
 from guardproxy.relay.jobs import CaptureSettings, Job, ManagedWrite, PlanCheck
 from guardproxy.relay.judging import Judgement, Judging, LocalAnswer, plain
 from guardproxy.relay.registry import Portal, Registry, Statement, server_statement_name
+from guardproxy.relay.session_sql import (
+    Command,
+    Deallocate,
+    Mixed,
+    Prepare,
+    prepared_command,
+)
 from guardproxy.store.audit_writer import AuditEvent
 
 if TYPE_CHECKING:
@@ -122,6 +129,8 @@ class Relay:
         self.job: Job | None = None
         self._after_job: tuple[Callable[..., None], tuple[Any, ...]] | None = None
         self._drained: Job | None = None  # the job to start once the server owes nothing
+        # what to go on with once the server owes nothing (instead of a job)
+        self._after_hold: tuple[Callable[..., None], tuple[Any, ...]] | None = None
         self.wants_release = False
         self.skip = False  # discarding client messages up to the next Sync (after an error)
         self.pending_error: GuardError | None = None  # the server was lost while idle
@@ -257,6 +266,10 @@ class Relay:
     def _query(self, raw: bytes) -> None:
         text = codec.parse_query(raw)
         self.registry.simple_query()  # as in Postgres, whatever happens next
+        command = prepared_command(text)
+        if command is not None:
+            self._prepared_command(text, command)
+            return
         judging = self.judging
         if judging is None:
             judgement = plain(text)
@@ -281,7 +294,8 @@ class Relay:
                 if judgement.statements > 1:
                     self._deny(True, _alone(write.agent_type), judgement.sql.encode())
                     return
-                self._managed(ManagedWrite(raw, run, simple=True), True)
+                request = codec.build_query(judgement.sent)
+                self._managed(ManagedWrite(request, run, simple=True), True)
                 return
             audit: Any = (run, judgement)
         else:
@@ -331,16 +345,121 @@ class Relay:
         self._send(codec.build_query(b""))
         self.inflight.expect(Pending.QUERY, True, response)
 
+    # ---- SQL-level PREPARE, EXECUTE, DEALLOCATE (see relay/session_sql.py)
+
+    def _prepared_command(self, text: bytes, command: Command) -> None:
+        judging = self.judging
+        if isinstance(command, Mixed):
+            verb = command.command
+            self._deny(
+                True,
+                Denied(
+                    f"{verb} must be the only statement of its message: guardproxy resolves "
+                    "prepared statements itself (prepared statements)",
+                    rule="prepared",
+                    hint=f"send {verb} in a message of its own",
+                    sqlstate="0A000",
+                ),
+                text,
+            )
+            return
+        if isinstance(command, Deallocate):
+            self._deallocate(command.name)
+            return
+        if isinstance(command, Prepare):
+            self._prepare_sql(text, command)
+            return
+        statement = self.registry.statement(command.name)
+        if statement is None:
+            self._refuse(True, _no_statement(command.name))
+            return
+        if judging is None:
+            judgement = plain(text)
+        else:
+            try:
+                judgement = judging.judge(
+                    text, query=True, prepared=(_show(command.name), statement.text)
+                )
+            except Denied as denial:
+                self._deny(True, denial, text)
+                return
+            current = self._current_statement(command.name, query=True)
+            if current is None:
+                return
+            statement = current
+        sent = judgement.sent[: judgement.shift] + b"EXECUTE " + statement.server_name
+        if command.args:
+            sent += b"(" + command.args + b")"
+        judgement = judgement.with_sent(sent, statement.judgement.pins or judgement.pins)
+        if self.backend is None:
+            self._hold_for_server(True, self._execute_sql, statement, judgement)
+            return
+        self._execute_sql(statement, judgement)
+
+    def _execute_sql(self, statement: Statement, judgement: Judgement) -> None:
+        """EXECUTE of a registry statement: prepared on the server first, if need be, and
+        only then run (a Parse that fails ends the client's Query with its error)."""
+        backend = self.backend
+        assert backend is not None
+        if backend.prepared.get(statement.server_name, -1) < statement.generation:
+            self._prepare_on_server(statement, visible=False)
+            self._send(codec.FLUSH)
+            self._after_hold = (self._execute_prepared_sql, (statement, judgement))
+            self._hold()
+            return
+        self._query_judged(codec.build_query(judgement.sent), judgement)
+
+    def _execute_prepared_sql(self, statement: Statement, judgement: Judgement) -> None:
+        backend = self.backend
+        if backend is None or statement.server_name not in backend.prepared:
+            # the Parse failed (its error went to the client) and the server skips to a
+            # Sync: this one's ReadyForQuery ends the client's Query
+            self._send(codec.SYNC)
+            self.inflight.expect(Pending.SYNC, True, None)
+            return
+        self._query_judged(codec.build_query(judgement.sent), judgement)
+
+    def _prepare_sql(self, text: bytes, command: Prepare) -> None:
+        if command.name in self.registry.statements:
+            self._refuse(True, _exists(command.name))
+            return
+        judging = self.judging
+        if judging is None:
+            judgement = plain(command.inner)
+        else:
+            try:
+                judging.judge(text, query=True)  # the PREPARE as a whole: comments, context
+                judgement = judging.judge(command.inner, query=False)
+            except Denied as denial:
+                self._deny(True, denial, text)
+                return
+        statement = Statement(command.name, command.inner, b"\x00\x00", judgement)
+        self.registry.parse(statement, self.search_path)
+        self._answer_locally(codec.build_command_complete("PREPARE"))
+
+    def _deallocate(self, name: bytes | None) -> None:
+        judging = self.judging
+        if name is None:
+            self.registry.deallocate_all()
+            if judging is not None:
+                judging.forget_prepared(None)
+            self._answer_locally(codec.build_command_complete("DEALLOCATE ALL"))
+            return
+        if self.registry.statement(name) is None:
+            self._refuse(True, _no_statement(name))
+            return
+        self.registry.close_statement(name)
+        if judging is not None:
+            judging.forget_prepared(_show(name))
+        self._answer_locally(codec.build_command_complete("DEALLOCATE"))
+
     # ---- Parse
 
     def _parse(self, raw: bytes) -> None:
         parsed = codec.parse_parse(raw)
         name = parsed.name
         if name and name in self.registry.statements:
-            self._refuse(
-                False,
-                GuardError(f'prepared statement "{_show(name)}" already exists', sqlstate="42P05"),
-            )
+            self._refuse(False, _exists(name))
             return
         judging = self.judging
         if judging is None:
@@ -401,22 +520,26 @@ class Relay:
         self.inflight.expect(Pending.PARSE, visible, sname)
 
     def _current_statement(
-        self, name: bytes, describe: bool = False, owner: Statement | None = None
+        self,
+        name: bytes,
+        describe: bool = False,
+        owner: Statement | None = None,
+        query: bool = False,
     ) -> Statement | None:
         """The client's statement, judged again if its judgement expired (policy reload,
         DDL, a context its rewrite depends on); None when it cannot run (refused).
-        ``owner``: the record a portal was bound from (it may be closed or replaced)."""
+        ``owner``: the record a portal was bound from (it may be closed or replaced);
+        ``query``: for a simple Query (an EXECUTE), whose refusal ends it."""
         statement = owner or self.registry.statement(name)
         if statement is None:
-            what = f'prepared statement "{_show(name)}"' if name else "unnamed prepared statement"
-            self._refuse(False, GuardError(f"{what} does not exist", sqlstate="26000"))
+            self._refuse(query, _no_statement(name))
             return None
         judging = self.judging
         if judging is not None and not describe and not judging.current(statement.judgement):
             try:
                 judgement = judging.rejudge(statement.text)
             except Denied as denial:
-                self._deny(False, denial, statement.text)
+                self._deny(query, denial, statement.text)
                 return None
             statement.rejudged(judgement, self.search_path)
         return statement
@@ -809,12 +932,17 @@ class Relay:
         self.inflight.feed(data)
         if self.phase is Phase.HOLDING and not self.inflight.pending:
             job, self._drained = self._drained, None
+            after, self._after_hold = self._after_hold, None
             if job is not None:
                 self.job = job
                 self._enter(Phase.JOB)
-            else:
-                self._enter(Phase.ACTIVE)
-                self._after_round()
+                return
+            self._enter(Phase.ACTIVE)
+            if after is not None:
+                after[0](*after[1])
+                if not self.takes_messages:
+                    return
+            self._after_round()
 
     def on_complete(self, tag: bytes, execution: Execution | None) -> None:
         now = time.perf_counter()
@@ -975,7 +1103,7 @@ class Relay:
         awaiting = bool(inflight.pending)
         self.held = None
         self.job = self._drained = None
-        self._after_job = None
+        self._after_job = self._after_hold = None
         self.detach()
         self._enter(Phase.IDLE)
         if mid_row:
@@ -1053,6 +1181,15 @@ def _show(name: bytes) -> str:
 def _count(tag: bytes) -> int | None:
     count = tag.rpartition(b" ")[2]
     return int(count) if count.isdigit() else None
+
+
+def _no_statement(name: bytes) -> GuardError:
+    what = f'prepared statement "{_show(name)}"' if name else "unnamed prepared statement"
+    return GuardError(f"{what} does not exist", sqlstate="26000")
+
+
+def _exists(name: bytes) -> GuardError:
+    return GuardError(f'prepared statement "{_show(name)}" already exists', sqlstate="42P05")
 
 
 def _no_rows(statement: Statement) -> bool:
