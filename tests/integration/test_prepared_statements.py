@@ -199,3 +199,25 @@ def test_a_key_reclaimed_after_it_expired_protects_the_new_write(
         "WHERE key LIKE '%k-exp%'",
     )
     assert expires == "t"
+
+
+def test_a_simple_query_delete_is_soft_and_capped_like_any_other(
+    clean_shop: PgCluster, tmp_path: Path
+) -> None:
+    """The simple protocol (PQexec, psql): a managed write runs the judged text."""
+    pg = clean_shop
+    with (
+        proxy_with(pg, tmp_path, support={"tables": {"orders": {"max_rows_affected": 1}}}) as proxy,
+        proxy.connect("support-sq", autocommit=True) as conn,
+    ):
+        done = conn.pgconn.exec_(b"DELETE FROM orders WHERE id = 4")
+        assert done.status == psycopg.pq.ExecStatus.COMMAND_OK, done.error_message
+        assert done.command_status == b"DELETE 1"
+        refused = conn.pgconn.exec_(b"DELETE FROM orders WHERE customer_id = 1")
+        assert refused.status == psycopg.pq.ExecStatus.FATAL_ERROR
+        assert refused.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"54000"
+    assert scalar(pg, "SELECT count(*) FROM orders") == "6"  # every row still there
+    assert (
+        scalar(pg, "SELECT string_agg(id::text, ',') FROM orders WHERE deleted_at IS NOT NULL")
+        == "4"
+    )
