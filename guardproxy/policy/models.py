@@ -191,3 +191,5 @@ class PolicyDocument(_Strict):
     idempotency: IdempotencyDocument = Field(default_factory=IdempotencyDocument)
     budgets: BudgetsDocument = Field(default_factory=BudgetsDocument)
     audit: AuditDocument = Field(default_factory=AuditDocument)
+    # verified delegation tokens (docs/delegation.md): off, optional or required
+    delegation: Literal["off", "optional", "required"] = "off"
