@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 from jwt import PyJWK
-from jwt.exceptions import PyJWKError
+from jwt.exceptions import PyJWTError
 
 from guardproxy.config import TOKEN_ALGORITHMS
 
@@ -109,7 +109,7 @@ def parse_jwk(jwk: object) -> VerificationKey:
         raise KeyFileError(f"alg {alg!r} is not one of {', '.join(TOKEN_ALGORITHMS)}")
     try:
         parsed = PyJWK(jwk)
-    except (PyJWKError, ValueError, TypeError, KeyError) as exc:
+    except (PyJWTError, ValueError, TypeError, KeyError) as exc:
         raise KeyFileError(str(exc)) from None
     kid = jwk.get("kid") if isinstance(jwk.get("kid"), str) else None
     if parsed.algorithm_name == "HS256":
