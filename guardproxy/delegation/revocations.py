@@ -129,7 +129,8 @@ class RevocationStore:
     async def close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):
-                await self._conn.close()
+                # bounded: after a cancelled query the server may never answer the goodbye
+                await self._conn.close(timeout=QUERY_TIMEOUT)
             self._conn = None
 
     async def revoke(
