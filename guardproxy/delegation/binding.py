@@ -14,6 +14,8 @@ context), ``optional`` (a token is used when presented) or ``required``.
   land in Postgres' logs).
 * `gate()` runs before every statement: a ``required`` type without a token is
   refused, and a token that expired or was revoked since it was presented too.
+* `redact()` replaces any token in a statement's text before the text is audited or
+  logged.
 * `bind_context()` puts the token's principals and task into the session context
   (row filters' ``{principals}`` and ``{task}``), `effective_policy()` gives the policy
   narrowed by the token, for the judge.
@@ -30,7 +32,7 @@ from guardproxy.policy.context import SessionContext
 from guardproxy.policy.decision import SQLSTATE_INSUFFICIENT_PRIVILEGE
 from guardproxy.protocol.errors import GuardError
 
-from .claims import Delegation
+from .claims import Delegation, fingerprint
 from .errors import TokenError
 from .narrowing import narrow_policy
 from .verify import Verifier
@@ -38,6 +40,18 @@ from .verify import Verifier
 TOKEN_KEY = "token"  # guard.token
 _JWS = re.compile(r"^[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*$")
 _PRESENT = "SET guard.token = '<token>', the password, or options=-c guard.token=<token>"
+
+
+_TOKEN_TEXT = re.compile(r"eyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*")
+
+
+def redact(text: str) -> str:
+    """`text` with every JWS in it replaced by ``<token FINGERPRINT>``: for statement
+    texts that go to audit events and logs (``SET guard.token = '...'``, a denied
+    message carrying one)."""
+    if "eyJ" not in text:
+        return text
+    return _TOKEN_TEXT.sub(lambda m: f"<token {fingerprint(m.group(0))}>", text)
 
 
 def mode(policy: AgentPolicy) -> str:

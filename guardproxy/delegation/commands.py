@@ -211,24 +211,15 @@ def rls(
 ) -> None:
     """Print the row-level security policy of TABLE for the agent types that use it."""
     from guardproxy.policy import PolicyError, load_policy_set
-    from guardproxy.policy.names import parse_relation_name
 
-    from .postgres import rls_policy_sql
+    from .postgres import rls_for_policy_set
 
     try:
-        schema, name = parse_relation_name(table)
-        policy_set = load_policy_set(policies)
+        text = rls_for_policy_set(load_policy_set(policies), table, column, column_type)
     except (ValueError, PolicyError) as exc:
         _fail(str(exc))
         return
-    roles = [
-        p.upstream_role
-        for p in policy_set
-        if any((t.schema, t.name) == (schema, name) for t in p.tables)
-    ]
-    if not roles:
-        _fail(f"no agent type lists {table} in its tables")
-    typer.echo(rls_policy_sql(name, column, roles, column_type, schema), nl=False)
+    typer.echo(text, nl=False)
 
 
 # -- explain --token -------------------------------------------------------------

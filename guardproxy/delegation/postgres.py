@@ -25,9 +25,15 @@ owner can use them (as PostgREST does with its JWT claims):
 
 from __future__ import annotations
 
-from guardproxy.policy.names import quote_ident, quote_literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from guardproxy.policy.names import parse_relation_name, quote_ident, quote_literal
 
 from .claims import Delegation
+
+if TYPE_CHECKING:
+    from guardproxy.policy.loader import PolicySet
 
 PRINCIPALS = "guard.principals"
 TASK = "guard.task"
@@ -61,6 +67,22 @@ def settings_sql(delegation: Delegation | None) -> str:
             raise ValueError(f"{name}: a value with a NUL character cannot be set")
         parts.append(f"SET {name} = {quote_literal(value)}")
     return "; ".join(parts)
+
+
+def settings_change(
+    sent: Mapping[str, str] | None, delegation: Delegation | None
+) -> tuple[str | None, dict[str, str]]:
+    """(the statement to send, or None when `sent` already holds these values; the values).
+
+    `sent`: what this server connection was last given (None: unknown, e.g. after the
+    agent's RESET ALL / DISCARD ALL, which the judge reports as ``reapply_settings``).
+    A new server connection has the three settings unset, which RLS reads like empty
+    values: start it at ``delegation_settings(None)``.
+    """
+    values = delegation_settings(delegation)
+    if sent is not None and dict(sent) == values:
+        return None, values
+    return settings_sql(delegation), values
 
 
 def principals_array(column_type: str | None = None) -> str:
@@ -107,3 +129,19 @@ def rls_policy_sql(
             "",
         ]
     )
+
+
+def rls_for_policy_set(
+    policy_set: PolicySet, table: str, column: str, column_type: str | None = None
+) -> str:
+    """`rls_policy_sql` for the upstream roles of every agent type whose policy lists
+    `table` (for ``guardproxy roles``); ValueError when none does or `table` is no name."""
+    schema, name = parse_relation_name(table)
+    roles = [
+        policy.upstream_role
+        for policy in policy_set
+        if any((rule.schema, rule.name) == (schema, name) for rule in policy.tables)
+    ]
+    if not roles:
+        raise ValueError(f"no agent type lists {table} in its tables")
+    return rls_policy_sql(name, column, roles, column_type, schema)

@@ -14,7 +14,12 @@ from _tokens import NOW, issuer, key_pair, token
 from guardproxy.delegation import binding, console
 from guardproxy.delegation.claims import Delegation
 from guardproxy.delegation.errors import TokenError
-from guardproxy.delegation.postgres import delegation_settings, rls_policy_sql, settings_sql
+from guardproxy.delegation.postgres import (
+    delegation_settings,
+    rls_policy_sql,
+    settings_change,
+    settings_sql,
+)
 from guardproxy.delegation.revocations import Revocation, RevocationSet
 from guardproxy.delegation.verify import Verifier
 from guardproxy.policy import AgentPolicy, SessionContext, load_policy_set
@@ -201,3 +206,23 @@ def test_show_tokens_lists_each_token_with_its_state() -> None:
     by_id = {row[0]: row for row in data}
     assert by_id["run-1"][6:8] == ["2", "valid"] and by_id["run-1"][3] == "42,43"
     assert by_id["run-2"][7] == "revoked" and by_id["old"][7] == "expired"
+
+
+def test_tokens_are_redacted_from_statement_texts(tmp_path: Path) -> None:
+    key, _ = key_pair("ES256", tmp_path)
+    text = token(key)
+    sql = f"SET guard.token = '{text}'; SELECT 1"
+    redacted = binding.redact(sql)
+    assert text not in redacted and text.split(".")[2] not in redacted
+    assert redacted.startswith("SET guard.token = '<token ") and redacted.endswith("'; SELECT 1")
+    assert binding.redact("SELECT 'eyJ' || x") == "SELECT 'eyJ' || x"
+
+
+def test_settings_are_sent_only_when_they_change() -> None:
+    unset = delegation_settings(None)
+    assert settings_change(unset, None) == (None, unset)
+    sql, values = settings_change(unset, delegation())
+    assert sql == settings_sql(delegation()) and values["guard.token_id"] == "run-1"
+    assert settings_change(values, delegation())[0] is None
+    assert settings_change(values, None)[0] == settings_sql(None)  # the next client has none
+    assert settings_change(None, delegation())[0] is not None  # unknown after RESET ALL
