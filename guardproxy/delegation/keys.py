@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 from jwt import PyJWK
+from jwt.algorithms import get_default_algorithms
 from jwt.exceptions import PyJWTError
 
 from guardproxy.config import TOKEN_ALGORITHMS
@@ -95,6 +96,10 @@ def parse_secret(data: bytes) -> VerificationKey:
             f"an HMAC secret of {len(secret)} bytes: HS256 needs at least {MIN_HMAC_BYTES} "
             "(or give a PEM public key)"
         )
+    try:  # PyJWT refuses secrets that look like public keys (ssh-rsa ..., PEM)
+        get_default_algorithms()["HS256"].prepare_key(secret)
+    except PyJWTError as exc:
+        raise KeyFileError(f"not usable as an HMAC secret: {exc}") from None
     return VerificationKey("HS256", secret)
 
 

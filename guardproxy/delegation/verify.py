@@ -26,10 +26,10 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
-from jwt.exceptions import DecodeError, InvalidSignatureError, InvalidTokenError
+from jwt.exceptions import DecodeError, InvalidSignatureError, InvalidTokenError, PyJWTError
 
 from guardproxy.config import TOKEN_ALGORITHMS, DelegationIssuer, Settings
 from guardproxy.policy.globs import matches
@@ -37,6 +37,9 @@ from guardproxy.policy.globs import matches
 from .claims import Claims, Delegation, fingerprint, parse_claims, when
 from .errors import KeyFileError, TokenError
 from .keys import KeySource, VerificationKey
+
+if TYPE_CHECKING:
+    from .revocations import RevocationCache
 
 MAX_TOKEN = 16 * 1024
 MAX_KEYS_TRIED = 8
@@ -75,14 +78,16 @@ class Verifier:
         self,
         issuers: Sequence[DelegationIssuer],
         clock_skew: float = 30.0,
-        revocations: Any = None,  # a RevocationCache, or None (no revocation list)
+        revocations: RevocationCache | None = None,  # None: no revocation list
     ) -> None:
         self.issuers = {i.issuer: Issuer.of(i) for i in issuers}
         self.clock_skew = clock_skew
         self.revocations = revocations
 
     @classmethod
-    def from_settings(cls, settings: Settings, revocations: Any = None) -> Verifier:
+    def from_settings(
+        cls, settings: Settings, revocations: RevocationCache | None = None
+    ) -> Verifier:
         return cls(settings.delegation_issuers, settings.delegation_clock_skew, revocations)
 
     def key_problems(self) -> list[str]:
@@ -285,6 +290,10 @@ def _check_signature(
             continue
         except InvalidTokenError as exc:
             raise _malformed(str(exc)) from None
+        except PyJWTError as exc:  # a key PyJWT will not use (InvalidKeyError)
+            raise TokenError(
+                "keys", f"a key of issuer {issuer!r} cannot verify {alg} tokens: {exc}"
+            ) from None
         return payload
     raise TokenError(
         "signature",

@@ -217,6 +217,11 @@ def test_an_unreadable_key_file_refuses_tokens_of_that_issuer_only(tmp_path: Pat
     short = tmp_path / "short.secret"
     short.write_text("too-short\n")
     assert "at least 32" in refused(verifier(short), token(key), "keys")
+    ssh = tmp_path / "ssh.pub"
+    ssh.write_text(
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n"
+    )
+    assert "not usable as an HMAC secret" in refused(verifier(ssh), token(key), "keys")
 
 
 def test_a_jwks_with_no_usable_key_is_refused_saying_why(tmp_path: Path) -> None:
