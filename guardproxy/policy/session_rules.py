@@ -253,8 +253,9 @@ def split_options(value: str) -> list[tuple[str, str]] | None:
     return out
 
 
-#: guard.* names guardproxy sets in Postgres itself (row-level security reads them), and
-#: the delegation token, which must never reach the server.
+#: guard.* names guardproxy sets in Postgres itself (row-level security reads them:
+#: guardproxy/delegation/postgres.py), and the delegation token, which must never reach
+#: the server.
 PROXY_OWNED = frozenset({"guard.principals", "guard.task", "guard.token_id", "guard.token"})
 
 
@@ -264,10 +265,15 @@ def forwarded_guard_violation(policy: AgentPolicy, names: Iterable[str]) -> Viol
     owned = sorted(n for n in names if n.lower() in PROXY_OWNED)
     if not owned:
         return None
+    name = owned[0]
+    why = (
+        "the delegation token would reach Postgres and its logs"
+        if name.lower() == "guard.token"
+        else f"the message would reach Postgres, where guardproxy sets {name} itself"
+    )
     return Violation(
         rule="settings.guard",
-        reason=f"{policy.name} may not send SET {owned[0]} together with other statements: "
-        f"the message would reach Postgres, where guardproxy sets {owned[0]} itself "
-        f"(policy {policy.name}, settings.guard)",
-        hint=f"send SET {owned[0]} = '...' as a message of its own",
+        reason=f"{policy.name} may not send SET {name} together with other statements: "
+        f"{why} (policy {policy.name}, settings.guard)",
+        hint=f"send SET {name} = '...' as a message of its own",
     )
