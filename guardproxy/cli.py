@@ -98,6 +98,15 @@ def serve(
     metrics_port: Annotated[
         int | None, Opt(help="port of /metrics, /healthz, /readyz; unset = off")
     ] = None,
+    delegation_issuers: Annotated[
+        str | None, Opt(help="JSON list of trusted delegation token issuers (docs/delegation.md)")
+    ] = None,
+    delegation_clock_skew: Annotated[
+        float | None, Opt(help="seconds of clock skew tolerated on tokens [30]")
+    ] = None,
+    delegation_revocations_refresh: Annotated[
+        float | None, Opt(help="seconds between reads of the revocation list [5]")
+    ] = None,
     log_level: Annotated[str | None, Opt(help="debug | info | warning | error")] = None,
     embedded_data_dir: Annotated[Path | None, Opt(help="data dir of the embedded cluster")] = None,
 ) -> None:
@@ -376,20 +385,41 @@ def check(policies: PoliciesOpt = Path("policies")) -> None:
 
 @app.command()
 def explain(
-    sql: Annotated[str, typer.Argument(help="the SQL an agent would send")],
     agent: Annotated[str, Opt("--agent", help="agent id (login name)")],
+    sql: Annotated[str | None, typer.Argument(help="the SQL an agent would send")] = None,
     policies: PoliciesOpt = Path("policies"),
     upstream: UpstreamOpt = None,
     schema: SchemaOpt = None,
     as_json: Annotated[
         bool, Opt("--json", help="one JSON object: decision, rule, reason, sql")
     ] = False,
+    token: Annotated[
+        Path | None, Opt("--token", help="delegation token file (- for stdin): effective rules")
+    ] = None,
+    key: Annotated[Path | None, Opt("--key", help="verify the token with this key file")] = None,
+    config: Annotated[
+        Path | None, Opt("--config", help="verify the token with these settings' issuers")
+    ] = None,
 ) -> None:
     """What guardproxy would do with SQL from AGENT: allow / deny / rewrite, the rule, the reason, the SQL sent.
 
-    Exit code 0 when allowed (or rewritten), 1 when denied.
+    With --token: the rules in effect for AGENT with that delegation token (narrowed by
+    it), and the decision on SQL, if given. Exit code 0 when allowed (or rewritten), 1
+    when denied or the token is refused.
     """
     import json
+
+    if token is not None:
+        from guardproxy.delegation.commands import explain_token
+
+        code, text = explain_token(
+            _policy_set(policies), agent, token, sql, _catalog(upstream, schema), config, key
+        )
+        typer.echo(text, err=code == 2)
+        raise typer.Exit(code)
+    if sql is None:
+        _fail("give the SQL to explain, or --token FILE for an agent's effective rules")
+        return
 
     from guardproxy.policy.tools import explain as explain_sql
     from guardproxy.policy.tools import explain_text
@@ -570,6 +600,15 @@ def demo(
     else:
         embedded.seed_database(upstream, schema, policies)
     demo_run.run(upstream, policies, typer.echo)
+
+
+def _register_token_commands() -> None:
+    from guardproxy.delegation.commands import token_app
+
+    app.add_typer(token_app, name="token")
+
+
+_register_token_commands()
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ where it came from, and what is expected.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from pathlib import Path
@@ -19,6 +20,55 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from guardproxy.protocol.errors import ConfigError
 
 ENV_PREFIX = "GUARDPROXY_"
+
+#: Signature algorithms of delegation tokens (docs/delegation.md); ``none`` never.
+TokenAlgorithm = Literal["EdDSA", "ES256", "RS256", "HS256"]
+TOKEN_ALGORITHMS: tuple[TokenAlgorithm, ...] = ("EdDSA", "ES256", "RS256", "HS256")
+
+
+class DelegationIssuer(BaseModel):
+    """One application whose delegation tokens guardproxy trusts (``delegation_issuers``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    issuer: str = Field(
+        min_length=1, max_length=256, description="the `iss` claim of this application's tokens"
+    )
+    key_file: Path | None = Field(
+        None,
+        description="PEM public key (EdDSA, ES256, RS256), or a file holding an HMAC secret of "
+        "at least 32 bytes (HS256); re-read when it changes",
+    )
+    jwks_file: Path | None = Field(
+        None, description="JWKS document (JSON) of the issuer's keys; re-read when it changes"
+    )
+    audiences: list[str] = Field(
+        default_factory=lambda: ["guardproxy"],
+        min_length=1,
+        description="`aud` values accepted (a token must name one of them)",
+    )
+    algorithms: list[TokenAlgorithm] = Field(
+        default_factory=lambda: list(TOKEN_ALGORITHMS),
+        min_length=1,
+        description="signature algorithms accepted from this issuer",
+    )
+    max_ttl: float = Field(
+        3600.0,
+        gt=0,
+        le=7 * 86400,
+        description="longest token lifetime (exp - iat) accepted, seconds",
+    )
+
+    @field_validator("audiences", mode="before")
+    @classmethod
+    def _one_audience(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> DelegationIssuer:
+        if (self.key_file is None) == (self.jwks_file is None):
+            raise ValueError(f"issuer {self.issuer!r}: set exactly one of key_file and jwks_file")
+        return self
 
 
 class Settings(BaseModel):
@@ -113,6 +163,17 @@ class Settings(BaseModel):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="port of /metrics; unset = off"
     )
+    delegation_issuers: list[DelegationIssuer] = Field(
+        default_factory=list,
+        description="applications whose delegation tokens are trusted, each with its keys and "
+        "audiences (docs/delegation.md); a JSON list in env vars and flags",
+    )
+    delegation_clock_skew: float = Field(
+        30.0, ge=0, le=300, description="seconds of clock difference tolerated on iat/nbf/exp"
+    )
+    delegation_revocations_refresh: float = Field(
+        5.0, gt=0, le=60, description="seconds between reads of the token revocation list"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     embedded_data_dir: Path | None = Field(None, description="data dir of the embedded cluster")
 
@@ -122,6 +183,28 @@ class Settings(BaseModel):
         return (
             [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
         )
+
+    @field_validator("delegation_issuers", mode="before")
+    @classmethod
+    def _issuers_json(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value) if value.strip() else []
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                'expected a JSON list such as [{"issuer": "shop", "key_file": "/etc/shop.pub"}]: '
+                f"{exc}"
+            ) from None
+
+    @field_validator("delegation_issuers")
+    @classmethod
+    def _distinct_issuers(cls, value: list[DelegationIssuer]) -> list[DelegationIssuer]:
+        names = [i.issuer for i in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"issuer {twice[0]!r} is listed twice; list each issuer once")
+        return value
 
     @field_validator("advertise_address")
     @classmethod

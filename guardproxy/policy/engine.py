@@ -70,7 +70,7 @@ from .decision import (
 from .loader import PolicySet
 from .rowfilter import RewriteError, RowFilter, apply_row_filters, principals_literal
 from .rules import Violation, check_statement
-from .session_rules import setting_violation, startup_changes
+from .session_rules import forwarded_guard_violation, setting_violation, startup_changes
 from .writes import DeleteContext, WriteAnalysis, analyze_writes, rewrite_writes, soft_delete_filter
 
 DEFAULT_CACHE_SIZE = 20_000
@@ -331,6 +331,9 @@ class Judge:
             violation = self._statement(policy, statement.info, ctx, state, depth)
             if violation is not None:
                 return self._deny(policy, violation, sql, state.cacheable, key), (), None
+        forwarded = None if state.guard_only else forwarded_guard_violation(policy, state.context)
+        if forwarded is not None:
+            return self._deny(policy, forwarded, sql, False, key), (), None
         analyses: list[WriteAnalysis] = []
         for statement in statements:
             analysis = analyze_writes(
@@ -613,7 +616,8 @@ class Judge:
     def _deny(
         policy: AgentPolicy, violation: Violation, sql: str, cacheable: bool, shape: str = ""
     ) -> Decision:
-        if policy.monitor:
+        # settings.guard holds even in monitor mode: what it stops would reach Postgres
+        if policy.monitor and violation.rule != "settings.guard":
             return Decision(
                 action="allow",
                 rule=violation.rule,

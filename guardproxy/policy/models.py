@@ -191,3 +191,8 @@ class PolicyDocument(_Strict):
     idempotency: IdempotencyDocument = Field(default_factory=IdempotencyDocument)
     budgets: BudgetsDocument = Field(default_factory=BudgetsDocument)
     audit: AuditDocument = Field(default_factory=AuditDocument)
+    # verified delegation tokens (docs/delegation.md): off, optional or required
+    delegation: Annotated[
+        Literal["off", "optional", "required"],
+        BeforeValidator(lambda v: "off" if v is False else v),  # YAML reads a bare off as false
+    ] = "off"

@@ -18,12 +18,16 @@ the startup parameters of a client connection (`startup_violation`):
 * ``settings.deny`` of the policy.
 
 ``guard.*`` settings are session context, not Postgres settings: the engine turns
-them into context updates before these rules run.
+``SET`` / ``RESET`` of them into context updates before these rules run; any other
+change of a ``guard.*`` name (``set_config('guard.principals', ...)``) is refused, and
+`forwarded_guard_violation` refuses a message that would carry ``SET guard.token`` or
+a change of a setting guardproxy sets in Postgres (``guard.principals``, ``guard.task``,
+``guard.token_id``: docs/delegation.md) to the server among other statements.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from ..analysis.model import SettingChange
 from .agent import AgentPolicy
@@ -86,6 +90,16 @@ def setting_violation(policy: AgentPolicy, change: SettingChange) -> Violation |
             reason=f"{policy.name} may not change a setting whose name is not a constant "
             f"{rule_prefix})",
             hint="use SET name = value with a literal name",
+        )
+    if name.startswith("guard."):
+        # SET guard.* is guardproxy's context (the engine takes it before these rules);
+        # any other way reaches Postgres, where guard.principals / task / token_id hold
+        # what guardproxy verified for row-level security
+        return Violation(
+            rule="settings.guard",
+            reason=f"{policy.name} may not change {name} with {change.via}: guard.* settings "
+            f"are guardproxy's session context {rule_prefix}.guard)",
+            hint=f"SET {name} = '...' as a statement of its own",
         )
     if change.action != "set":
         return None  # RESET / DEFAULT / FROM CURRENT return to values the policy set
@@ -237,3 +251,29 @@ def split_options(value: str) -> list[tuple[str, str]] | None:
             return None
         out.append((name.lower().replace("-", "_"), setting))
     return out
+
+
+#: guard.* names guardproxy sets in Postgres itself (row-level security reads them:
+#: guardproxy/delegation/postgres.py), and the delegation token, which must never reach
+#: the server.
+PROXY_OWNED = frozenset({"guard.principals", "guard.task", "guard.token_id", "guard.token"})
+
+
+def forwarded_guard_violation(policy: AgentPolicy, names: Iterable[str]) -> Violation | None:
+    """The rule broken by a message that is sent to the server and SETs / RESETs these
+    guard.* `names` among its statements (a message of only SET guard.* never is)."""
+    owned = sorted(n for n in names if n.lower() in PROXY_OWNED)
+    if not owned:
+        return None
+    name = owned[0]
+    why = (
+        "the delegation token would reach Postgres and its logs"
+        if name.lower() == "guard.token"
+        else f"the message would reach Postgres, where guardproxy sets {name} itself"
+    )
+    return Violation(
+        rule="settings.guard",
+        reason=f"{policy.name} may not send SET {name} together with other statements: "
+        f"{why} (policy {policy.name}, settings.guard)",
+        hint=f"send SET {name} = '...' as a message of its own",
+    )

@@ -1,7 +1,7 @@
 """SQLAlchemy models of guardproxy's own schema: the audit log, deleted-row images,
-the idempotency ledger, task budgets and the instance registry. Alembic migrations
-in ``migrations/`` create them; the proxy writes to them with asyncpg (and to the
-instance registry through its own server connection).
+the idempotency ledger, task budgets, the instance registry and token revocations.
+Alembic migrations in ``migrations/`` create them; the proxy writes to them with
+asyncpg (and to the instance registry through its own server connection).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from sqlalchemy import (
     MetaData,
     SmallInteger,
     Text,
+    UniqueConstraint,
     func,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
@@ -116,3 +117,20 @@ class ProxyInstance(Base):
         DateTime(timezone=True), server_default=func.now()
     )
     __table_args__ = (CheckConstraint("slot BETWEEN 1 AND 255", name="proxy_instances_slot_range"),)
+
+
+class TokenRevocation(Base):
+    """A revoked delegation token (kind 'token', by jti) or principal (kind 'principal')."""
+
+    __tablename__ = "token_revocations"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(Text)
+    value: Mapped[str] = mapped_column(Text)  # the jti, or the principal
+    issuer: Mapped[str] = mapped_column(Text, server_default="")  # '': every issuer
+    revoked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    revoked_by: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)
+    __table_args__ = (
+        CheckConstraint("kind IN ('token', 'principal')", name="token_revocations_kind"),
+        UniqueConstraint("kind", "value", "issuer", name="token_revocations_once"),
+    )

@@ -33,7 +33,8 @@ def test_upgrade_creates_schema_downgrade_removes_it_current_tells_which(pg: PgC
             dbname="schema_test",
         )
         assert tables == (
-            "alembic_version,audit_events,deleted_rows,idempotency_keys,proxy_instances,task_budgets"
+            "alembic_version,audit_events,deleted_rows,idempotency_keys,proxy_instances,"
+            "task_budgets,token_revocations"
         )
         assert (
             pg.psql(
@@ -53,7 +54,7 @@ def test_upgrade_creates_schema_downgrade_removes_it_current_tells_which(pg: PgC
         )
         assert pg.psql("select to_regclass('guardproxy.task_budgets')", dbname="schema_test") != ""
         behind = gp("db", "current", "--upstream", dsn)
-        assert behind.returncode == 1 and "0002" in behind.stdout and "0003" in behind.stdout
+        assert behind.returncode == 1 and "0002" in behind.stdout and "0004" in behind.stdout
         again = gp("db", "upgrade", "--upstream", dsn)
         assert again.returncode == 0, again.stderr
         pg.psql(
