@@ -98,13 +98,32 @@ def soft_delete_filter(rule: TableRule, row_filter: RowFilter | None) -> RowFilt
     live = f"{quote_ident(soft.deleted_at)} IS NULL"
     if row_filter is None:
         return compile_row_filter(rule.key, live)
-    if live in conjuncts(row_filter.template):
+    if not row_filter.reads:  # only per-operation conditions: reads see the live rows
+        return replace(
+            row_filter,
+            source=live,
+            template=live,
+            placeholders=(),
+            reads=True,
+            update=_and_live(row_filter.update, live),
+            delete=_and_live(row_filter.delete, live),
+        )
+    base = _and_live(row_filter, live)
+    assert base is not None
+    return replace(
+        base,
+        update=_and_live(row_filter.update, live),
+        delete=_and_live(row_filter.delete, live),
+    )
+
+
+def _and_live(row_filter: RowFilter | None, live: str) -> RowFilter | None:
+    if row_filter is None or live in conjuncts(row_filter.template):
         return row_filter  # the policy's filter says it already
-    return RowFilter(
-        table=row_filter.table,
+    return replace(
+        row_filter,
         source=f"({row_filter.source}) AND {live}",
         template=f"({row_filter.template}) AND {live}",
-        placeholders=row_filter.placeholders,
     )
 
 
