@@ -11,6 +11,7 @@ so the lists lean towards flagging.
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 
 _WORDS: dict[str, str] = {}
 for _kind, _names in {
@@ -53,7 +54,7 @@ def words(name: str) -> list[str]:
 def personal_kind(column: str) -> str | None:
     """What kind of personal data or secret the column name suggests, or None."""
     parts = words(column)
-    for first, second in zip(parts, parts[1:], strict=False):
+    for first, second in pairwise(parts):
         kind = _PAIRS.get((first, second)) or _WORDS.get(first + second)
         if kind is not None:
             return kind

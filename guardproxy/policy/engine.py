@@ -67,6 +67,7 @@ from .decision import (
     Decision,
     WriteEffects,
 )
+from .filterhints import filter_reason, filtered_table_hint, operation_rule
 from .loader import PolicySet
 from .rowfilter import (
     RewriteError,
@@ -75,7 +76,6 @@ from .rowfilter import (
     no_principals_notices,
     principals_literal,
 )
-from .filterhints import filter_reason, filtered_table_hint, operation_rule
 from .rules import Violation, check_statement
 from .session_rules import setting_violation, startup_changes
 from .writes import DeleteContext, WriteAnalysis, analyze_writes, rewrite_writes, soft_delete_filter
