@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from guardproxy.config import Settings, load_settings, parse_dsn
+from guardproxy.onboarding import cli as onboarding_cli
 from guardproxy.protocol.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -337,80 +338,9 @@ def top(
 PoliciesOpt = Annotated[
     Path, Opt("--policies", envvar="GUARDPROXY_POLICIES", help="policy directory")
 ]
-SchemaOpt = Annotated[
-    Path | None, Opt("--schema", help="SQL file of CREATE TABLEs to resolve columns offline")
-]
 
-
-def _catalog(upstream: str | None, schema: Path | None) -> Any:
-    if upstream:
-        from guardproxy.store.introspect import read_catalog
-
-        return read_catalog(upstream)
-    if schema is not None:
-        from guardproxy.policy import Catalog
-
-        return Catalog.from_ddl(schema.read_text())
-    return None
-
-
-def _policy_set(policies: Path) -> Any:
-    from guardproxy.policy import PolicyError, load_policy_set
-
-    try:
-        return load_policy_set(policies)
-    except PolicyError as exc:
-        _fail(str(exc))
-
-
-@app.command()
-def check(policies: PoliciesOpt = Path("policies")) -> None:
-    """Validate the policies; print a summary per agent type, or every error (exit 1)."""
-    from guardproxy.policy.tools import check_report
-
-    code, text = check_report(policies)
-    typer.echo(text, err=code != 0)
-    raise typer.Exit(code)
-
-
-@app.command()
-def explain(
-    sql: Annotated[str, typer.Argument(help="the SQL an agent would send")],
-    agent: Annotated[str, Opt("--agent", help="agent id (login name)")],
-    policies: PoliciesOpt = Path("policies"),
-    upstream: UpstreamOpt = None,
-    schema: SchemaOpt = None,
-    as_json: Annotated[
-        bool, Opt("--json", help="one JSON object: decision, rule, reason, sql")
-    ] = False,
-) -> None:
-    """What guardproxy would do with SQL from AGENT: allow / deny / rewrite, the rule, the reason, the SQL sent.
-
-    Exit code 0 when allowed (or rewritten), 1 when denied.
-    """
-    import json
-
-    from guardproxy.policy.tools import explain as explain_sql
-    from guardproxy.policy.tools import explain_text
-
-    result = explain_sql(_policy_set(policies), agent, sql, _catalog(upstream, schema))
-    if as_json:
-        typer.echo(json.dumps({k: result[k] for k in ("decision", "rule", "reason", "sql")}))
-    else:
-        typer.echo(explain_text(result))
-    raise typer.Exit(1 if result["decision"] == "deny" else 0)
-
-
-@app.command()
-def roles(
-    policies: PoliciesOpt = Path("policies"),
-    upstream: UpstreamOpt = None,
-    schema: SchemaOpt = None,
-) -> None:
-    """Print CREATE ROLE / GRANT / ALTER ROLE SQL giving the database the policies' limits."""
-    from guardproxy.policy.tools import roles_sql
-
-    typer.echo(roles_sql(_policy_set(policies), _catalog(upstream, schema)), nl=False)
+# init, soft-delete sql, check, explain, roles, replay
+onboarding_cli.register(app)
 
 
 audit_app = typer.Typer(

@@ -130,7 +130,10 @@ def policy_skeleton(schema: DbSchema, agent_type: str, source: str) -> str:
     role = "guard_" + re.sub(r"[^a-z0-9_]", "_", agent_type)
     tables = sorted(schema.tables, key=lambda t: (t.schema, t.name))
     out = [
-        f"# Policy of agent type {agent_type!r}, written by `guardproxy init` from {source}.",
+        *_wrapped(
+            "# ",
+            f"Policy of agent type {agent_type!r}, written by `guardproxy init` from {source}.",
+        ),
         "# It allows nothing yet: a table stays unusable until its lines are uncommented",
         "# (remove one '# ' per line). Then check it against the database:",
         "#   guardproxy check --policies DIR --upstream DSN",

@@ -69,6 +69,7 @@ from pglast.visitors import Ancestor, Skip
 from ..analysis.analyzer import AnalyzedStatement
 from ..analysis.catalog import Catalog
 from ..analysis.collector import RelationRecord, strings
+from ..analysis.model import Op
 from ..analysis.scope import written_name
 from ..analysis.visiting import FastVisitor
 from .agent import AgentPolicy, SoftDelete, TableRule, key_path
@@ -82,6 +83,22 @@ DELETED_ROWS = "deleted_rows"
 REFUSE_SOFT_DELETED = "refuse_soft_deleted"
 _DML = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
 _JSONB_BUILD_MAX_COLUMNS = 50  # jsonb_build_object takes at most 100 arguments
+
+
+def soft_delete_alternatives(agent_type: str, rule: TableRule) -> str:
+    """What an agent may do instead of TRUNCATE / MERGE on a soft-delete table: only the
+    statements its policy allows on the table."""
+    ways = []
+    if Op.DELETE in rule.ops:
+        ways.append(f"DELETE FROM {rule.key} WHERE ... (it keeps the rows, marked deleted)")
+    if Op.UPDATE in rule.ops:
+        ways.append(f"UPDATE {rule.key} ... WHERE ...")
+    if Op.INSERT in rule.ops:
+        upsert = "ON CONFLICT" if Op.UPDATE in rule.ops else "ON CONFLICT DO NOTHING"
+        ways.append(f"INSERT INTO {rule.key} ... [{upsert}]")
+    if not ways:
+        return f"on {rule.key} {agent_type} may: {', '.join(sorted(o.value for o in rule.ops))}"
+    return "use " + ", ".join(ways[:-1]) + (" or " if len(ways) > 1 else "") + ways[-1]
 
 
 def qualified_name(relation: tuple[str, str]) -> str:
@@ -345,8 +362,7 @@ class _Analyzer:
                 rule=where,
                 reason=f"{self.name} may not {verb} {rule.key}: its rows are soft-deleted, and "
                 f"{verb.split()[0]} would change or remove them for good {self.because(where)}",
-                hint=f"use DELETE FROM {rule.key} WHERE ... (it keeps the rows, marked deleted), "
-                "UPDATE ... WHERE ... or INSERT ... ON CONFLICT",
+                hint=soft_delete_alternatives(self.name, rule),
             )
         written: list[str] = []
         all_columns = False
