@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from guardproxy import auditcli as audit_cli
 from guardproxy.config import Settings, load_settings, parse_dsn
 from guardproxy.onboarding import cli as onboarding_cli
 from guardproxy.protocol.errors import ConfigError
@@ -343,138 +344,8 @@ PoliciesOpt = Annotated[
 onboarding_cli.register(app)
 
 
-audit_app = typer.Typer(
-    no_args_is_help=True, help="What agents did: deletes, writes, denials, one task."
-)
-app.add_typer(audit_app, name="audit")
-SinceOpt = Annotated[str, Opt("--since", help="how far back: 30m, 2h, 7d")]
-JsonOpt = Annotated[bool, Opt("--json", help="JSON for scripts")]
-
-
-def _show(rows: list[dict[str, Any]], columns: list[str], title: str, as_json: bool) -> None:
-    import json
-
-    if as_json:
-        typer.echo(json.dumps(rows, default=str, indent=None))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{title} ({len(rows)})")
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    Console().print(table)
-
-
-def _since(text: str) -> Any:
-    from guardproxy.store.audit_queries import parse_since
-
-    try:
-        return parse_since(text)
-    except ValueError as exc:
-        _fail(str(exc))
-
-
-@audit_app.command("deletes")
-def audit_deletes(
-    agent: Annotated[str | None, Opt("--agent", help="agent id")] = None,
-    task: Annotated[str | None, Opt("--task", help="task id")] = None,
-    since: SinceOpt = "24h",
-    as_json: JsonOpt = False,
-    upstream: UpstreamOpt = None,
-) -> None:
-    """What an agent deleted, row by row: soft-deleted rows and captured hard deletes."""
-    from guardproxy.store.audit_queries import deletes
-
-    rows = deletes(_upstream_dsn(upstream), agent, task, _since(since))
-    columns = [
-        "at",
-        "agent",
-        "table",
-        "primary_key",
-        "how",
-        "task",
-        "step",
-        "reason",
-        "restored_at",
-    ]
-    _show(rows, columns, "rows deleted by agents", as_json)
-
-
-def _events(
-    kind: str, agent: str | None, task: str | None, since: str, as_json: bool, upstream: str | None
-) -> None:
-    from guardproxy.store.audit_queries import events
-
-    rows = events(_upstream_dsn(upstream), kind, agent, task, _since(since))
-    columns = ["at", "agent", "agent_type", "task", "step", "decision", "rule", "rows", "statement"]
-    _show(rows, columns, f"audit events: {kind}", as_json)
-
-
-@audit_app.command("writes")
-def audit_writes(
-    agent: Annotated[str | None, Opt("--agent")] = None,
-    task: Annotated[str | None, Opt("--task")] = None,
-    since: SinceOpt = "24h",
-    as_json: JsonOpt = False,
-    upstream: UpstreamOpt = None,
-) -> None:
-    """Writes agents made (allowed, rewritten, replayed) and undos."""
-    _events("writes", agent, task, since, as_json, upstream)
-
-
-@audit_app.command("denials")
-def audit_denials(
-    agent: Annotated[str | None, Opt("--agent")] = None,
-    task: Annotated[str | None, Opt("--task")] = None,
-    since: SinceOpt = "24h",
-    as_json: JsonOpt = False,
-    upstream: UpstreamOpt = None,
-) -> None:
-    """Statements the policies refused, with the rule and the reason."""
-    _events("denials", agent, task, since, as_json, upstream)
-
-
-@audit_app.command("task")
-def audit_task(
-    task: Annotated[str, typer.Argument(help="task id")],
-    since: SinceOpt = "30d",
-    as_json: JsonOpt = False,
-    upstream: UpstreamOpt = None,
-) -> None:
-    """Everything one task did: writes, rewrites, denials, replays."""
-    _events("all", None, task, since, as_json, upstream)
-
-
-@app.command()
-def undo(
-    task: Annotated[str, Opt("--task", help="the task whose deletes to restore")],
-    dry_run: Annotated[
-        bool, Opt("--dry-run", help="show what would be restored, change nothing")
-    ] = False,
-    yes: Annotated[bool, Opt("--yes", "-y", help="do not ask before restoring")] = False,
-    upstream: UpstreamOpt = None,
-) -> None:
-    """Restore what a task deleted: un-soft-delete its rows and re-insert captured hard deletes."""
-    from guardproxy.store.audit_queries import undo as run_undo
-    from guardproxy.store.audit_queries import undo_plan
-
-    dsn = _upstream_dsn(upstream)
-    plan = undo_plan(dsn, task)
-    if not plan:
-        typer.echo(f"task {task} has no deleted rows left to restore")
-        return
-    for item in plan:
-        typer.echo(f"  {item.how:4} {item.table} {item.primary_key}")
-    if dry_run:
-        typer.echo(f"dry run: {len(plan)} rows of task {task} would be restored")
-        return
-    if not yes and not typer.confirm(f"restore these {len(plan)} rows of task {task}?"):
-        raise typer.Exit(1)
-    restored = run_undo(dsn, task, plan)
-    typer.echo(f"restored {restored} rows of task {task}; the undo is in the audit log")
+# audit deletes|writes|denials|task, undo
+audit_cli.register(app)
 
 
 @app.command()

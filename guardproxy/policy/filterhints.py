@@ -33,7 +33,7 @@ def filter_reason(agent_type: str, rule: str) -> str:
     if op == "insert":
         what = f"rows inserted into {table} are checked against its row filter"
     elif op:
-        what = f"the rows of {table} an {op.upper()} may change are filtered"
+        what = f"the rows of {table} a statement may {op} are filtered"
     else:
         what = f"rows of {table} are filtered"
     return f"{what} for {agent_type} (policy {agent_type}, {rule})"
