@@ -28,6 +28,11 @@ app = typer.Typer(
 Opt = typer.Option
 
 
+def _about(setting: str) -> str:
+    """The help of a `serve` flag: its setting's description (docs/configuration.md)."""
+    return Settings.model_fields[setting].description or ""
+
+
 def _fail(message: str) -> None:
     typer.echo(f"guardproxy: {message}", err=True)
     raise typer.Exit(2)
@@ -43,14 +48,16 @@ def serve(
     ] = None,
     pool_mode: Annotated[str | None, Opt(help="transaction | session")] = None,
     pool_size: Annotated[int | None, Opt(help="server connections per upstream role")] = None,
-    reserve_pool_size: Annotated[int | None, Opt()] = None,
-    reserve_pool_timeout: Annotated[float | None, Opt()] = None,
-    max_client_conn: Annotated[int | None, Opt()] = None,
+    reserve_pool_size: Annotated[int | None, Opt(help=_about("reserve_pool_size"))] = None,
+    reserve_pool_timeout: Annotated[float | None, Opt(help=_about("reserve_pool_timeout"))] = None,
+    max_client_conn: Annotated[int | None, Opt(help=_about("max_client_conn"))] = None,
     pool_acquire_timeout: Annotated[float | None, Opt(help="seconds before SQLSTATE 53300")] = None,
-    server_connect_timeout: Annotated[float | None, Opt()] = None,
-    server_idle_timeout: Annotated[float | None, Opt()] = None,
-    server_lifetime: Annotated[float | None, Opt()] = None,
-    client_login_timeout: Annotated[float | None, Opt()] = None,
+    server_connect_timeout: Annotated[
+        float | None, Opt(help=_about("server_connect_timeout"))
+    ] = None,
+    server_idle_timeout: Annotated[float | None, Opt(help=_about("server_idle_timeout"))] = None,
+    server_lifetime: Annotated[float | None, Opt(help=_about("server_lifetime"))] = None,
+    client_login_timeout: Annotated[float | None, Opt(help=_about("client_login_timeout"))] = None,
     auth_mode: Annotated[str | None, Opt(help="trust (loopback only) | scram | cert")] = None,
     tls_cert_file: Annotated[
         Path | None, Opt(help="server certificate (PEM) for client TLS")
@@ -64,7 +71,7 @@ def serve(
         int | None, Opt(help="failed logins per source/agent per minute")
     ] = None,
     auth_file: Annotated[Path | None, Opt(help="SCRAM verifiers from `guardproxy passwd`")] = None,
-    max_message_size: Annotated[int | None, Opt()] = None,
+    max_message_size: Annotated[int | None, Opt(help=_about("max_message_size"))] = None,
     client_idle_timeout: Annotated[
         float | None, Opt(help="close clients idle this long (0: never)")
     ] = None,
@@ -72,7 +79,7 @@ def serve(
         int | None, Opt(help="audit events held in memory before loss")
     ] = None,
     workers: Annotated[int | None, Opt(help="worker processes sharing the port [1]")] = None,
-    shutdown_timeout: Annotated[float | None, Opt()] = None,
+    shutdown_timeout: Annotated[float | None, Opt(help=_about("shutdown_timeout"))] = None,
     advertise_address: Annotated[
         str | None,
         Opt(help="host:port other instances forward cancel requests to [listen address]"),
