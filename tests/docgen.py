@@ -67,11 +67,7 @@ def _option_row(param: Any) -> str:
     if param.envvar:
         names += f" (env `{param.envvar}`)"
     default = param.default
-    shown = (
-        ""
-        if param.is_flag or default is None or default == ()
-        else f"`{default}`"
-    )
+    shown = "" if param.is_flag or default is None or default == () else f"`{default}`"
     meaning = (param.help or "").replace("|", "\\|").replace("\n", " ")
     return f"| {names} | {shown} | {meaning} |"
 

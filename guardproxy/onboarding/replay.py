@@ -201,7 +201,10 @@ class Summary:
 
 
 def _one_line(sql: str) -> str:
-    flat = " ".join(sql.split())
+    lines = sql.strip().split("\n")
+    while len(lines) > 1 and lines[0].lstrip().startswith("--"):
+        lines.pop(0)  # the comments before a statement of a script are not the statement
+    flat = " ".join(" ".join(lines).split())
     return flat if len(flat) <= _EXAMPLE_CHARS else flat[: _EXAMPLE_CHARS - 3] + "..."
 
 

@@ -9,8 +9,8 @@ The CLI only parses arguments, builds a catalog when asked (``--upstream DSN``:
   or 1 and every error.
 * `explain(policy_set, agent_id, sql, catalog=None) -> dict` with keys ``decision``
   (allow / deny / rewrite), ``rule``, ``reason``, ``sql`` (exactly what would be sent
-  upstream; None when denied), plus ``hint``, ``sqlstate``, ``agent_type`` and
-  ``monitored``. Exit code: 0 unless ``decision == "deny"``. `explain_text()` renders
+  upstream; None when denied), plus ``hint``, ``sqlstate``, ``agent_type``,
+  ``monitored`` and ``notices`` (what the proxy tells the client as NOTICEs). Exit code: 0 unless ``decision == "deny"``. `explain_text()` renders
   it for humans.
 * `roles_sql(policy_set, catalog=None, proxy_login=None) -> str`: SQL that gives the
   database the same limits, as defence in depth (`guardproxy.onboarding.roles`).
@@ -81,6 +81,7 @@ def explain(
             "sqlstate": "28000",
             "agent_type": None,
             "monitored": False,
+            "notices": [],
         }
     decision = Judge(policy_set, catalog).judge(
         policy, sql, ctx or SessionContext(agent_id=agent_id)
@@ -94,6 +95,7 @@ def explain(
         "sqlstate": decision.sqlstate,
         "agent_type": policy.name,
         "monitored": decision.monitored,
+        "notices": list(decision.notices),
     }
 
 
@@ -111,6 +113,7 @@ def explain_text(result: dict[str, Any]) -> str:
         lines.append(f"hint: {result['hint']}")
     if result.get("sql") is not None:
         lines.append(f"sql: {result['sql']}")
+    lines.extend(f"notice: {notice}" for notice in result.get("notices") or ())
     return "\n".join(lines)
 
 
