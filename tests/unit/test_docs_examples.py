@@ -245,7 +245,7 @@ def test_the_tag_of_observability_md_is_what_the_proxy_appends() -> None:
     from guardproxy.server.guard import sqlcomment
 
     line = dx.block_starting("observability.md", "SELECT count(*) FROM orders").body[0]
-    statement, _, comment = line.partition(" /*")
+    statement = line.partition(" /*")[0]
     tag = sqlcomment(
         {"agent": "analytics-9", "agent_type": "analytics", "task": "report-5", "step": "2"}
     )
