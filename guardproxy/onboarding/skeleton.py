@@ -42,7 +42,7 @@ _TENANT_KEYS = (
 )
 _SOFT = ("deleted_at", "deleted_by", "delete_reason")
 _PLAIN = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$")
-_WIDTH = 92
+_WIDTH = 96
 
 
 def yaml_name(text: str) -> str:
@@ -64,6 +64,19 @@ def table_key(table: Table, schema: DbSchema) -> str:
 
 def _list(names: list[str] | tuple[str, ...]) -> str:
     return "[" + ", ".join(yaml_name(_sql_name(n)) for n in names) + "]"
+
+
+def _list_lines(prefix: str, key: str, names: list[str] | tuple[str, ...]) -> list[str]:
+    """``key: [a, b, ...]`` at `prefix`, continued on lines indented two more (a YAML
+    flow sequence may span lines), each at most `_WIDTH` wide."""
+    return textwrap.wrap(
+        f"{key}: {_list(names)}",
+        _WIDTH,
+        initial_indent=prefix,
+        subsequent_indent=prefix + "  ",
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
 
 
 def _wrapped(prefix: str, text: str) -> list[str]:
@@ -93,18 +106,18 @@ def _table_entry(table: Table, schema: DbSchema, agent_type: str) -> list[str]:
     lines.append(f"  #   ops: [select]                 # choose from: {ops}")
     if personal:
         kinds = ", ".join(f"{c}: {k}" for c, k in personal.items())
-        lines.append(f"  #   deny_columns: {_list(list(personal))}")
+        lines += _list_lines("  #   ", "deny_columns", list(personal))
         lines += _wrapped("  #   ## ", f"look like personal data or secrets ({kinds})")
     readable = [c for c in table.column_names if c not in personal]
-    lines.append(f"  #   # columns: {_list(readable)}")
+    lines += _list_lines("  #   # ", "columns", readable)
     if table.kind == "table":
         writable = [
             c.name
             for c in table.columns
             if c.name not in personal and not c.identity and not c.sequence and c.name not in _SOFT
         ]
-        lines.append(f"  #   # update_columns: {_list(writable)}")
-        lines.append(f"  #   # insert_columns: {_list(writable)}")
+        lines += _list_lines("  #   # ", "update_columns", writable)
+        lines += _list_lines("  #   # ", "insert_columns", writable)
         lines += _write_safety(table, key)
     return lines
 
