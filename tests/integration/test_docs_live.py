@@ -62,3 +62,22 @@ def test_the_row_cap_and_budget_refusals_of_policies_md(
         assert numbers_as_n(over.value.diag.message_primary or "") == numbers_as_n(budget)
     states = {r["id"]: r["fulfillment_status"] for r in shop.snapshot(clean_shop)["orders"]}
     assert states[4] == "packed" and states[5] == "pending"  # the second write was undone
+
+
+def test_the_admin_consoles_answers_to_what_it_does_not_know(
+    clean_shop: PgCluster, tmp_path: Path
+) -> None:
+    shown = dx.block_starting("admin.md", "ERROR:  unknown admin command").body
+    got: list[str] = []
+    with launch_proxy(clean_shop, tmp_path / "guardproxy.log", admin_users="admin") as proxy:
+        dsn = f"postgresql://admin@127.0.0.1:{proxy.port}/guardproxy"
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            for command in ("DROP TABLE orders", "SHOW USERS"):
+                with pytest.raises(psycopg.Error) as refused:
+                    conn.execute(command)  # type: ignore[arg-type]
+                assert refused.value.diag.sqlstate == "42601"
+                got += [
+                    f"ERROR:  {refused.value.diag.message_primary}",
+                    f"HINT:  {refused.value.diag.message_hint}",
+                ]
+    assert got == shown
