@@ -19,7 +19,8 @@ Sources:
   weighted by its ``calls``.
 
 `Summary` counts allowed / rewritten / denied (weighted) and, per outcome and rule,
-how many and a few example statements with the reason.
+how many and a few example statements with the reason; its text shows them through
+`textsafe.visible` (a log holds what agents wrote), its JSON as they were.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ..policy.agent import AgentPolicy
 from ..policy.context import SessionContext
 from ..policy.engine import Judge
 from ..policy.loader import PolicySet
+from ..textsafe import visible
 from .schema import strip_meta_commands
 
 # csvlog columns (PostgreSQL 13+): user_name is 2nd, message 14th
@@ -194,9 +196,9 @@ class Summary:
                 current = group.outcome
                 lines += ["", f"{current}, by rule:"]
             lines.append(f"  {group.rule or '(no rule)'}: {group.count}")
-            for example in group.examples:
-                lines.append(f"    {example['sql']}")
-                lines.append(f"      -> {example['reason']}")
+            for example in group.examples:  # logged statements are agents' text: data
+                lines.append(f"    {visible(example['sql'])}")
+                lines.append(f"      -> {visible(example['reason'])}")
         return "\n".join(lines)
 
 

@@ -348,6 +348,10 @@ def test_replay_summarises_by_outcome_and_rule_and_judges_monitor_as_enforce(
         "SELECT email FROM customers"
     )
     assert "nothing was sent to a database" in summary.text()
+    hostile = replaying.replay(
+        policy_set, policy, [replaying.Statement("SELECT '\x1b[2J' FROM payments")]
+    )
+    assert "\x1b" not in hostile.text() and "\\x1b[2J" in hostile.text()
 
 
 # ---------------------------------------------------------------- roles and the proxy login
