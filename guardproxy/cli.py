@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from guardproxy import auditcli as audit_cli
 from guardproxy.config import Settings, load_settings, parse_dsn
+from guardproxy.onboarding import cli as onboarding_cli
 from guardproxy.protocol.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -23,6 +25,11 @@ app = typer.Typer(
 )
 
 Opt = typer.Option
+
+
+def _about(setting: str) -> str:
+    """The help of a `serve` flag: its setting's description (docs/configuration.md)."""
+    return Settings.model_fields[setting].description or ""
 
 
 def _fail(message: str) -> None:
@@ -40,14 +47,16 @@ def serve(
     ] = None,
     pool_mode: Annotated[str | None, Opt(help="transaction | session")] = None,
     pool_size: Annotated[int | None, Opt(help="server connections per upstream role")] = None,
-    reserve_pool_size: Annotated[int | None, Opt()] = None,
-    reserve_pool_timeout: Annotated[float | None, Opt()] = None,
-    max_client_conn: Annotated[int | None, Opt()] = None,
+    reserve_pool_size: Annotated[int | None, Opt(help=_about("reserve_pool_size"))] = None,
+    reserve_pool_timeout: Annotated[float | None, Opt(help=_about("reserve_pool_timeout"))] = None,
+    max_client_conn: Annotated[int | None, Opt(help=_about("max_client_conn"))] = None,
     pool_acquire_timeout: Annotated[float | None, Opt(help="seconds before SQLSTATE 53300")] = None,
-    server_connect_timeout: Annotated[float | None, Opt()] = None,
-    server_idle_timeout: Annotated[float | None, Opt()] = None,
-    server_lifetime: Annotated[float | None, Opt()] = None,
-    client_login_timeout: Annotated[float | None, Opt()] = None,
+    server_connect_timeout: Annotated[
+        float | None, Opt(help=_about("server_connect_timeout"))
+    ] = None,
+    server_idle_timeout: Annotated[float | None, Opt(help=_about("server_idle_timeout"))] = None,
+    server_lifetime: Annotated[float | None, Opt(help=_about("server_lifetime"))] = None,
+    client_login_timeout: Annotated[float | None, Opt(help=_about("client_login_timeout"))] = None,
     auth_mode: Annotated[str | None, Opt(help="trust (loopback only) | scram | cert")] = None,
     tls_cert_file: Annotated[
         Path | None, Opt(help="server certificate (PEM) for client TLS")
@@ -61,7 +70,7 @@ def serve(
         int | None, Opt(help="failed logins per minute per address and agent id")
     ] = None,
     auth_file: Annotated[Path | None, Opt(help="SCRAM verifiers from `guardproxy passwd`")] = None,
-    max_message_size: Annotated[int | None, Opt()] = None,
+    max_message_size: Annotated[int | None, Opt(help=_about("max_message_size"))] = None,
     client_idle_timeout: Annotated[
         float | None, Opt(help="close clients idle this long (0: never)")
     ] = None,
@@ -69,7 +78,7 @@ def serve(
         int | None, Opt(help="audit events held in memory before loss")
     ] = None,
     workers: Annotated[int | None, Opt(help="worker processes sharing the port [1]")] = None,
-    shutdown_timeout: Annotated[float | None, Opt()] = None,
+    shutdown_timeout: Annotated[float | None, Opt(help=_about("shutdown_timeout"))] = None,
     advertise_address: Annotated[
         str | None,
         Opt(help="host:port other instances forward cancel requests to [listen address]"),
@@ -347,235 +356,13 @@ def top(
 PoliciesOpt = Annotated[
     Path, Opt("--policies", envvar="GUARDPROXY_POLICIES", help="policy directory")
 ]
-SchemaOpt = Annotated[
-    Path | None, Opt("--schema", help="SQL file of CREATE TABLEs to resolve columns offline")
-]
+
+# init, soft-delete sql, check, explain, roles, replay
+onboarding_cli.register(app)
 
 
-def _catalog(upstream: str | None, schema: Path | None) -> Any:
-    if upstream:
-        from guardproxy.store.introspect import read_catalog
-
-        return read_catalog(upstream)
-    if schema is not None:
-        from guardproxy.policy import Catalog
-
-        return Catalog.from_ddl(schema.read_text())
-    return None
-
-
-def _policy_set(policies: Path) -> Any:
-    from guardproxy.policy import PolicyError, load_policy_set
-
-    try:
-        return load_policy_set(policies)
-    except PolicyError as exc:
-        _fail(str(exc))
-
-
-@app.command()
-def check(policies: PoliciesOpt = Path("policies")) -> None:
-    """Validate the policies; print a summary per agent type, or every error (exit 1)."""
-    from guardproxy.policy.tools import check_report
-
-    code, text = check_report(policies)
-    typer.echo(text, err=code != 0)
-    raise typer.Exit(code)
-
-
-@app.command()
-def explain(
-    agent: Annotated[str, Opt("--agent", help="agent id (login name)")],
-    sql: Annotated[str | None, typer.Argument(help="the SQL an agent would send")] = None,
-    policies: PoliciesOpt = Path("policies"),
-    upstream: UpstreamOpt = None,
-    schema: SchemaOpt = None,
-    as_json: Annotated[
-        bool, Opt("--json", help="one JSON object: decision, rule, reason, sql")
-    ] = False,
-    token: Annotated[
-        Path | None, Opt("--token", help="delegation token file (- for stdin): effective rules")
-    ] = None,
-    key: Annotated[Path | None, Opt("--key", help="verify the token with this key file")] = None,
-    config: Annotated[
-        Path | None, Opt("--config", help="verify the token with these settings' issuers")
-    ] = None,
-) -> None:
-    """What guardproxy would do with SQL from AGENT: allow / deny / rewrite, the rule, the reason, the SQL sent.
-
-    With --token: the rules in effect for AGENT with that delegation token (narrowed by
-    it), and the decision on SQL, if given. Exit code 0 when allowed (or rewritten), 1
-    when denied or the token is refused.
-    """
-    import json
-
-    if token is not None:
-        from guardproxy.delegation.commands import explain_token
-
-        code, text = explain_token(
-            _policy_set(policies), agent, token, sql, _catalog(upstream, schema), config, key
-        )
-        typer.echo(text, err=code == 2)
-        raise typer.Exit(code)
-    if sql is None:
-        _fail("give the SQL to explain, or --token FILE for an agent's effective rules")
-        return
-
-    from guardproxy.policy.tools import explain as explain_sql
-    from guardproxy.policy.tools import explain_text
-
-    result = explain_sql(_policy_set(policies), agent, sql, _catalog(upstream, schema))
-    if as_json:
-        typer.echo(json.dumps({k: result[k] for k in ("decision", "rule", "reason", "sql")}))
-    else:
-        typer.echo(explain_text(result))
-    raise typer.Exit(1 if result["decision"] == "deny" else 0)
-
-
-@app.command()
-def roles(
-    policies: PoliciesOpt = Path("policies"),
-    upstream: UpstreamOpt = None,
-    schema: SchemaOpt = None,
-) -> None:
-    """Print CREATE ROLE / GRANT / ALTER ROLE SQL giving the database the policies' limits."""
-    from guardproxy.policy.tools import roles_sql
-
-    typer.echo(roles_sql(_policy_set(policies), _catalog(upstream, schema)), nl=False)
-
-
-audit_app = typer.Typer(
-    no_args_is_help=True, help="What agents did: deletes, writes, denials, one task."
-)
-app.add_typer(audit_app, name="audit")
-SinceOpt = Annotated[str, Opt("--since", help="how far back: 30m, 2h, 7d")]
-JsonOpt = Annotated[bool, Opt("--json", help="JSON for scripts")]
-
-
-def _show(rows: list[dict[str, Any]], columns: list[str], title: str, as_json: bool) -> None:
-    import json
-
-    if as_json:
-        typer.echo(json.dumps(rows, default=str, indent=None))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{title} ({len(rows)})")
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    Console().print(table)
-
-
-def _since(text: str) -> Any:
-    from guardproxy.store.audit_queries import parse_since
-
-    try:
-        return parse_since(text)
-    except ValueError as exc:
-        _fail(str(exc))
-
-
-@audit_app.command("deletes")
-def audit_deletes(
-    agent: Annotated[str | None, Opt("--agent", help="agent id")] = None,
-    task: Annotated[str | None, Opt("--task", help="task id")] = None,
-    since: SinceOpt = "24h",
-    as_json: JsonOpt = False,
-    upstream: UpstreamOpt = None,
-) -> None:
-    """What an agent deleted, row by row: soft-deleted rows and captured hard deletes."""
-    from guardproxy.store.audit_queries import deletes
-
-    rows = deletes(_upstream_dsn(upstream), agent, task, _since(since))
-    columns = [
-        "at",
-        "agent",
-        "table",
-        "primary_key",
-        "how",
-        "task",
-        "step",
-        "reason",
-        "restored_at",
-    ]
-    _show(rows, columns, "rows deleted by agents", as_json)
-
-
-def _events(
-    kind: str, agent: str | None, task: str | None, since: str, as_json: bool, upstream: str | None
-) -> None:
-    from guardproxy.store.audit_queries import events
-
-    rows = events(_upstream_dsn(upstream), kind, agent, task, _since(since))
-    columns = ["at", "agent", "agent_type", "task", "step", "decision", "rule", "rows", "statement"]
-    _show(rows, columns, f"audit events: {kind}", as_json)
-
-
-@audit_app.command("writes")
-def audit_writes(
-    agent: Annotated[str | None, Opt("--agent")] = None,
-    task: Annotated[str | None, Opt("--task")] = None,
-    since: SinceOpt = "24h",
-    as_json: JsonOpt = False,
-    upstream: UpstreamOpt = None,
-) -> None:
-    """Writes agents made (allowed, rewritten, replayed) and undos."""
-    _events("writes", agent, task, since, as_json, upstream)
-
-
-@audit_app.command("denials")
-def audit_denials(
-    agent: Annotated[str | None, Opt("--agent")] = None,
-    task: Annotated[str | None, Opt("--task")] = None,
-    since: SinceOpt = "24h",
-    as_json: JsonOpt = False,
-    upstream: UpstreamOpt = None,
-) -> None:
-    """Statements the policies refused, with the rule and the reason."""
-    _events("denials", agent, task, since, as_json, upstream)
-
-
-@audit_app.command("task")
-def audit_task(
-    task: Annotated[str, typer.Argument(help="task id")],
-    since: SinceOpt = "30d",
-    as_json: JsonOpt = False,
-    upstream: UpstreamOpt = None,
-) -> None:
-    """Everything one task did: writes, rewrites, denials, replays."""
-    _events("all", None, task, since, as_json, upstream)
-
-
-@app.command()
-def undo(
-    task: Annotated[str, Opt("--task", help="the task whose deletes to restore")],
-    dry_run: Annotated[
-        bool, Opt("--dry-run", help="show what would be restored, change nothing")
-    ] = False,
-    yes: Annotated[bool, Opt("--yes", "-y", help="do not ask before restoring")] = False,
-    upstream: UpstreamOpt = None,
-) -> None:
-    """Restore what a task deleted: un-soft-delete its rows and re-insert captured hard deletes."""
-    from guardproxy.store.audit_queries import undo as run_undo
-    from guardproxy.store.audit_queries import undo_plan
-
-    dsn = _upstream_dsn(upstream)
-    plan = undo_plan(dsn, task)
-    if not plan:
-        typer.echo(f"task {task} has no deleted rows left to restore")
-        return
-    for item in plan:
-        typer.echo(f"  {item.how:4} {item.table} {item.primary_key}")
-    if dry_run:
-        typer.echo(f"dry run: {len(plan)} rows of task {task} would be restored")
-        return
-    if not yes and not typer.confirm(f"restore these {len(plan)} rows of task {task}?"):
-        raise typer.Exit(1)
-    restored = run_undo(dsn, task, plan)
-    typer.echo(f"restored {restored} rows of task {task}; the undo is in the audit log")
+# audit deletes|writes|denials|task, undo
+audit_cli.register(app)
 
 
 @app.command()

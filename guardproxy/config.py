@@ -79,7 +79,11 @@ class Settings(BaseModel):
     upstream: str | None = Field(
         None, description="upstream Postgres DSN; unset = start the embedded private cluster"
     )
-    pool_mode: Literal["transaction", "session"] = "transaction"
+    pool_mode: Literal["transaction", "session"] = Field(
+        "transaction",
+        description="transaction: a server connection is lent per transaction; session: per "
+        "client connection",
+    )
     pool_size: int = Field(20, ge=1, le=10000, description="server connections per upstream role")
     reserve_pool_size: int = Field(0, ge=0, le=10000, description="extra connections for waiters")
     reserve_pool_timeout: float = Field(
@@ -89,15 +93,23 @@ class Settings(BaseModel):
     pool_acquire_timeout: float = Field(
         10.0, gt=0, description="seconds to wait for a server connection before SQLSTATE 53300"
     )
-    server_connect_timeout: float = Field(5.0, gt=0)
+    server_connect_timeout: float = Field(
+        5.0, gt=0, description="seconds to connect and log in to the upstream"
+    )
     server_idle_timeout: float = Field(
         600.0, ge=0, description="close servers idle this long; 0 = never"
     )
     server_lifetime: float = Field(
         3600.0, ge=0, description="close servers this old when idle; 0 = never"
     )
-    client_login_timeout: float = Field(15.0, gt=0)
-    auth_mode: Literal["trust", "scram", "cert"] = "trust"
+    client_login_timeout: float = Field(
+        15.0, gt=0, description="seconds a client has to finish its login"
+    )
+    auth_mode: Literal["trust", "scram", "cert"] = Field(
+        "trust",
+        description="trust (only on a loopback listen_host), scram (auth_file) or cert "
+        "(tls_client_ca_file)",
+    )
     tls_cert_file: Path | None = Field(
         None, description="server certificate (PEM) for TLS towards clients"
     )
@@ -174,7 +186,9 @@ class Settings(BaseModel):
     delegation_revocations_refresh: float = Field(
         5.0, gt=0, le=60, description="seconds between reads of the token revocation list"
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug, info, warning or error"
+    )
     embedded_data_dir: Path | None = Field(None, description="data dir of the embedded cluster")
 
     @field_validator("admin_users", mode="before")
@@ -360,5 +374,8 @@ def _describe(exc: ValidationError, origin: dict[str, str]) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = f"unknown setting; known settings are: {', '.join(Settings.model_fields)}"
+        if not err["loc"]:  # a model check: settings that do not fit together
+            lines.append(f"settings that do not fit together: {msg}")
+            continue
         lines.append(f"setting {key!r}{f' (from {where})' if where else ''}: {msg}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -1,7 +1,8 @@
 """`guardproxy top`: agents ranked by DB time, live, from the admin console.
 
 Every refresh reads SHOW AGENTS (cumulative counters) and computes rates from
-the difference with the previous read. ``q`` quits (on a terminal).
+the difference with the previous read. ``q`` quits (on a terminal). Agent ids
+and type names are shown as data (`textsafe.visible`, never as markup).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import psycopg
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
+
+from guardproxy.textsafe import visible
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,8 @@ def render(
         rate = (row.statements - prev.statements) / seconds if prev and seconds else 0.0
         busy = (row.db_time - prev.db_time) / seconds if prev and seconds else 0.0
         table.add_row(
-            row.agent,
-            row.agent_type,
+            Text(visible(row.agent)),  # agent ids are login names an agent chose: data
+            Text(visible(row.agent_type)),
             str(row.sessions),
             f"{rate:.1f}",
             f"{busy:.3f}",

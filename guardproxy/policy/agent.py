@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from fnmatch import fnmatchcase
 from pathlib import Path
 from types import MappingProxyType
 
@@ -45,6 +46,9 @@ def key_path(*parts: str | int) -> str:
             out += f'["{part}"]'
     return out
 
+
+#: Schemas a table glob never covers: the system catalogs and guardproxy's own.
+GLOB_EXCLUDED_SCHEMAS = frozenset({"pg_catalog", "information_schema", "guardproxy"})
 
 #: Statement classes that change something; a policy without them is read-only.
 CHANGING_CLASSES = frozenset(
@@ -81,6 +85,18 @@ class TableRule:
     append_only: bool = False  # INSERT only
     capture_deleted_rows: bool = False  # hard DELETEs keep row images
     max_rows_affected: int | None = None  # per write statement
+    pattern: bool = False  # a glob (``reporting.*``, ``audit_*``): `schema` / `name` are patterns
+
+    def matches(self, schema: str, name: str, catalog: Catalog) -> bool:
+        """Does this glob rule cover the relation? Never a system catalog nor guardproxy's
+        own schema; an unqualified glob only relations its name finds on the search path."""
+        if not self.pattern or schema in GLOB_EXCLUDED_SCHEMAS:
+            return False
+        if not fnmatchcase(name, self.name):
+            return False
+        if self.schema is not None:
+            return fnmatchcase(schema, self.schema)
+        return catalog.resolve(None, name) == (schema, name)
 
     def readable(self, all_columns: tuple[str, ...]) -> tuple[str, ...]:
         """The columns of `all_columns` this rule lets the agent read, in order."""
@@ -119,11 +135,15 @@ class AgentPolicy:
     _qualified: Mapping[tuple[str, str], TableRule] = field(default_factory=dict, repr=False)
     _unqualified: Mapping[str, TableRule] = field(default_factory=dict, repr=False)
 
+    _globs: tuple[TableRule, ...] = field(default=(), repr=False)
+
     def __post_init__(self) -> None:
-        qualified = {(t.schema, t.name): t for t in self.tables if t.schema is not None}
-        unqualified = {t.name: t for t in self.tables if t.schema is None}
+        exact = [t for t in self.tables if not t.pattern]
+        qualified = {(t.schema, t.name): t for t in exact if t.schema is not None}
+        unqualified = {t.name: t for t in exact if t.schema is None}
         object.__setattr__(self, "_qualified", MappingProxyType(qualified))
         object.__setattr__(self, "_unqualified", MappingProxyType(unqualified))
+        object.__setattr__(self, "_globs", tuple(t for t in self.tables if t.pattern))
 
     def __hash__(self) -> int:
         return hash((self.name, self.source))
@@ -139,14 +159,40 @@ class AgentPolicy:
         rule = self._unqualified.get(name)
         if rule is not None and catalog.resolve(None, name) == (schema, name):
             return rule
+        for glob in self._globs:  # an exact entry overrides a glob; the first glob wins
+            if glob.matches(schema, name, catalog):
+                return glob
         return None
 
+    def glob_matches(self, rule: TableRule, catalog: Catalog) -> list[tuple[str, str]]:
+        """The relations of the catalog a glob rule covers (those no exact entry or earlier
+        glob takes), in catalog order."""
+        return [
+            relation
+            for relation in catalog.tables
+            if rule.matches(*relation, catalog) and self.table_rule(*relation, catalog) is rule
+        ]
+
     def row_filters_for(self, catalog: Catalog) -> dict[tuple[str, str], RowFilter]:
-        return {catalog.resolve(t.schema, t.name): f for t, f in self.row_filters}
+        out: dict[tuple[str, str], RowFilter] = {}
+        for rule, row_filter in self.row_filters:
+            for relation in self._relations(rule, catalog):
+                out[relation] = row_filter
+        return out
 
     def resolved_tables(self, catalog: Catalog) -> dict[tuple[str, str], TableRule]:
-        """Every table rule by the (schema, name) it resolves to with `catalog`."""
-        return {catalog.resolve(t.schema, t.name): t for t in self.tables}
+        """Every table rule by the (schema, name) it resolves to with `catalog` (a glob by
+        each relation it covers)."""
+        out: dict[tuple[str, str], TableRule] = {}
+        for rule in self.tables:
+            for relation in self._relations(rule, catalog):
+                out.setdefault(relation, rule)
+        return out
+
+    def _relations(self, rule: TableRule, catalog: Catalog) -> list[tuple[str, str]]:
+        if rule.pattern:
+            return self.glob_matches(rule, catalog)
+        return [catalog.resolve(rule.schema, rule.name)]
 
     def cap_for(self, rule: TableRule | None) -> tuple[int | None, str]:
         """The row cap of a write to a table and the rule that sets it."""
@@ -159,12 +205,19 @@ class AgentPolicy:
     @property
     def uses_guard_schema(self) -> bool:
         """True when the judge's rewrites for this type write to ``guardproxy.deleted_rows``
-        or call ``guardproxy.refuse_soft_deleted`` (its role needs privileges there)."""
-        return any(
+        or call ``guardproxy.refuse_soft_deleted`` / ``guardproxy.check_insert`` (its role
+        needs privileges there)."""
+        return self.uses_insert_checks or any(
             (t.soft_delete is not None and t.ops & {Op.DELETE, Op.INSERT})
             or (t.capture_deleted_rows and Op.DELETE in t.ops)
             for t in self.tables
         )
+
+    @property
+    def uses_insert_checks(self) -> bool:
+        """True when a row filter has an ``insert`` condition: the rewrite calls
+        ``guardproxy.check_insert`` (its role needs EXECUTE on it)."""
+        return any(f.insert is not None for _, f in self.row_filters)
 
     # -- write safety the runtime enforces ---------------------------------------
 
@@ -303,7 +356,11 @@ class AgentPolicy:
                 parts.append(f"at most {rule.max_rows_affected} rows per write")
             lines.append(f"  table {rule.key}: " + "; ".join(parts))
         for rule, row_filter in self.row_filters:
-            lines.append(f"  row filter {rule.key}: {row_filter.source}")
+            if row_filter.reads and len(row_filter.variants) == 1:
+                lines.append(f"  row filter {rule.key}: {row_filter.source}")
+                continue
+            for op, variant in row_filter.variants:
+                lines.append(f"  row filter {rule.key}, {op}: {variant.source}")
         timeouts = self.document.timeouts.model_dump(exclude_none=True)
         if timeouts:
             lines.append("  timeouts: " + ", ".join(f"{k} {_fmt(v)}" for k, v in timeouts.items()))

@@ -10,7 +10,8 @@ YAML of the right types but cannot mean what their author wanted:
   denied;
 * a function both allowed and denied;
 * a row filter on a table the policy does not list, or a predicate that does not
-  compile;
+  compile; a per-operation condition (``update``, ``delete``, ``insert``) for an
+  operation the table's ``ops`` do not include;
 * write safety that contradicts itself: an append-only table with update / delete /
   truncate in its ops, soft delete together with append-only or with
   capture_deleted_rows, soft-delete columns the agent may write, capture or a row
@@ -21,12 +22,13 @@ Every problem is reported with its key path; the policy is compiled only if none
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..analysis.model import Op, StatementClass
 from .agent import AgentPolicy, FunctionRules, SoftDelete, TableRule, key_path
-from .models import PolicyDocument, TableDocument
-from .names import parse_relation_name
+from .models import PolicyDocument, RowFilterOpsDocument, TableDocument
+from .names import parse_table_key
 from .rowfilter import RowFilter, compile_row_filter
 
 Problem = tuple[str, str]  # (key path, message)
@@ -54,7 +56,7 @@ def compile_policy(
     statements = frozenset(StatementClass(s) for s in doc.statements)
     tables = _tables(doc, statements, problems)
     functions = _functions(doc, problems)
-    row_filters = _row_filters(doc, tables, problems)
+    row_filters = _row_filters(doc, tables, problems, name)
     if problems:
         return None, problems
     policy = AgentPolicy(
@@ -82,7 +84,7 @@ def _tables(
     tables: dict[tuple[str | None, str], TableRule] = {}
     for key, table in doc.tables.items():
         try:
-            schema, tname = parse_relation_name(key)
+            schema, tname, pattern = parse_table_key(key)
         except ValueError as exc:
             problems.append((key_path("tables", key), str(exc)))
             continue
@@ -144,6 +146,7 @@ def _tables(
             append_only=table.append_only,
             capture_deleted_rows=table.capture_deleted_rows,
             max_rows_affected=table.max_rows_affected,
+            pattern=pattern,
         )
     return tables
 
@@ -236,21 +239,80 @@ def _row_filters(
     doc: PolicyDocument,
     tables: dict[tuple[str | None, str], TableRule],
     problems: list[Problem],
+    policy_name: str = "",
 ) -> list[tuple[TableRule, RowFilter]]:
     out: list[tuple[TableRule, RowFilter]] = []
     for key, text in doc.row_filters.items():
         path = key_path("row_filters", key)
         try:
-            name = parse_relation_name(key)
+            schema, tname, _ = parse_table_key(key)
         except ValueError as exc:
             problems.append((path, str(exc)))
             continue
-        rule = tables.get(name)
+        rule = tables.get((schema, tname))
         if rule is None:
             problems.append((path, f"{key} is not in tables: list it there with its operations"))
             continue
-        try:
-            out.append((rule, compile_row_filter(rule.key, text)))
-        except ValueError as exc:
-            problems.append((path, str(exc)))
+        if isinstance(text, str):
+            try:
+                out.append((rule, compile_row_filter(rule.key, text)))
+            except ValueError as exc:
+                problems.append((path, str(exc)))
+            continue
+        compiled = compile_operation_filters(rule, text, policy_name, path, problems)
+        if compiled is not None:
+            out.append((rule, compiled))
     return out
+
+
+def compile_operation_filters(
+    rule: TableRule,
+    doc: RowFilterOpsDocument,
+    policy_name: str,
+    path: str,
+    problems: list[Problem],
+) -> RowFilter | None:
+    """``row_filters.<t>: {select, update, delete, insert}`` compiled into one `RowFilter`
+    whose variants UPDATE, DELETE and INSERT use (see `RowFilter.for_role`): an UPDATE
+    or DELETE changes only rows the ``select`` condition shows *and* its own condition
+    allows; ``insert`` is checked on every new row."""
+    before = len(problems)
+    for op in ("update", "delete", "insert"):
+        if getattr(doc, op) is not None and Op(op) not in rule.ops:
+            problems.append(
+                (f"{path}.{op}", f"is set but tables.{rule.key}.ops does not include '{op}'")
+            )
+
+    def compiled(op: str, text: str | None, with_select: bool) -> RowFilter | None:
+        if text is None:
+            return None
+        if with_select and doc.select is not None:
+            text = f"({doc.select}) AND ({text})"
+        try:
+            return compile_row_filter(rule.key, text)
+        except ValueError as exc:
+            problems.append((f"{path}.{op}", str(exc)))
+            return None
+
+    select = compiled("select", doc.select, False)
+    update = compiled("update", doc.update, True)
+    delete = compiled("delete", doc.delete, True)
+    insert = compiled("insert", doc.insert, False)
+    if len(problems) > before:
+        return None
+    where = f"policy {policy_name}, {path}.insert"
+    check = (
+        None
+        if insert is None
+        else replace(
+            insert,
+            denial=(
+                f"{policy_name} may not insert this row into {rule.key}: it does not pass the "
+                f"insert condition of its row filter ({where})",
+                f"{policy_name} may insert into {rule.key} only rows for which this holds: "
+                f"{doc.insert}",
+            ),
+        )
+    )
+    base = select or RowFilter(rule.key, "", "true", (), reads=False)
+    return replace(base, update=update, delete=delete, insert=check)

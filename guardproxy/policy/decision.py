@@ -56,6 +56,9 @@ Write safety (docs/policies.md, "Write safety"; what the runtime does with each)
 * `cursor`: with a row cap, a message that is one ``FETCH`` (``("fetch", name)``) or one
   ``DECLARE`` (``("declare", name)``): the runtime counts the rows a cursor delivered
   over all its FETCHes and cuts at N in total, not per FETCH.
+* `notices`: messages the client should get as NoticeResponses (severity NOTICE,
+  SQLSTATE 01000) before the statement's answer, e.g. that a row filter using
+  ``{principals}`` ran in a session without principals and matches no rows.
 * `shape`: the normalized text of the message (literals as ``$n``, edge comments
   removed), the cache key; "" when it does not parse. For caching plan estimates by
   shape. Derived idempotency keys must not be built from it alone (two statements
@@ -142,6 +145,7 @@ class Decision:
     shape: str = ""
     plan_check: bool = False
     cursor: tuple[str, str] | None = None  # ("fetch" | "declare", name) of a capped cursor
+    notices: tuple[str, ...] = ()  # NoticeResponses (severity NOTICE, 01000) to send first
 
     @property
     def allowed(self) -> bool:

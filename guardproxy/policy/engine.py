@@ -67,8 +67,15 @@ from .decision import (
     Decision,
     WriteEffects,
 )
+from .filterhints import filter_reason, filtered_table_hint, operation_rule
 from .loader import PolicySet
-from .rowfilter import RewriteError, RowFilter, apply_row_filters, principals_literal
+from .rowfilter import (
+    RewriteError,
+    RowFilter,
+    apply_row_filters,
+    no_principals_notices,
+    principals_literal,
+)
 from .rules import Violation, check_statement
 from .session_rules import forwarded_guard_violation, setting_violation, startup_changes
 from .writes import DeleteContext, WriteAnalysis, analyze_writes, rewrite_writes, soft_delete_filter
@@ -151,6 +158,7 @@ class _Filters:
     soft_only: frozenset[tuple[str, str]]  # filtered only because of soft_delete
     rules: Mapping[str, str]  # filter table key -> rule path
     readable: Mapping[tuple[str, str], tuple[str, ...] | None]
+    columns: Mapping[tuple[str, str], tuple[str, ...] | None]  # all, for insert checks
 
 
 class Judge:
@@ -427,6 +435,7 @@ class Judge:
         soft_only: set[tuple[str, str]] = set()
         rules: dict[str, str] = {}
         readable: dict[tuple[str, str], tuple[str, ...] | None] = {}
+        every: dict[tuple[str, str], tuple[str, ...] | None] = {}
         for relation, rule in policy.resolved_tables(catalog).items():
             combined = soft_delete_filter(rule, own.get(relation))
             if combined is None:
@@ -439,7 +448,10 @@ class Judge:
                 rules[combined.table] = f"{key_path('tables', rule.key)}.soft_delete"
             columns = catalog.columns(*relation)
             readable[relation] = rule.readable(columns) if columns is not None else None
-        result = _Filters(policy, MappingProxyType(filters), frozenset(soft_only), rules, readable)
+            every[relation] = columns
+        result = _Filters(
+            policy, MappingProxyType(filters), frozenset(soft_only), rules, readable, every
+        )
         self._filters[policy.name] = result
         return result
 
@@ -494,6 +506,7 @@ class Judge:
             out: str,
             cacheable: bool,
             monitored: bool = False,
+            notices: tuple[str, ...] = (),
         ) -> Decision:
             return Decision(
                 action=action,
@@ -515,6 +528,7 @@ class Judge:
                 shape=key,
                 plan_check=plan_check,
                 cursor=cursor,
+                notices=notices,
             )
 
         table_filters = self._filters_for(policy)
@@ -525,12 +539,13 @@ class Judge:
             for record in statement.records
             if record.relation in filters
             and _filtered(record, record.relation in table_filters.soft_only)
+            and filters[record.relation].applies(record)
         ]
         write_rule = next((a.rule for a in analyses if a.rewrites), "")
         filter_rule = ""
         if touched:
             first = filters[touched[0][1].relation]
-            filter_rule = table_filters.rules[first.table]
+            filter_rule = operation_rule(table_filters.rules[first.table], first, touched[0][1])
         rule = (
             filter_rule
             if filter_rule.startswith("row_filters.")
@@ -564,7 +579,12 @@ class Judge:
             for statement in statements:
                 records = tuple(r for s, r in touched if s is statement)
                 apply_row_filters(
-                    records, filters, values, table_filters.readable, table_filters.soft_only
+                    records,
+                    filters,
+                    values,
+                    table_filters.readable,
+                    table_filters.soft_only,
+                    table_filters.columns,
                 )
             for analysis in analyses:
                 rewrite_writes(analysis, deleter, self._catalog)
@@ -573,8 +593,7 @@ class Judge:
             violation = Violation(
                 rule=failed,
                 reason=f"{policy.name} may not run this statement: {exc} (policy {policy.name}, {failed})",
-                hint="rows of this table are filtered for this agent type: read them with SELECT, "
-                "change them with UPDATE / DELETE ... WHERE",
+                hint=exc.hint or filtered_table_hint(policy, exc.table),
             )
             return self._deny(policy, violation, sql, cacheable=False, shape=key), (), None
         if max_rows is not None:
@@ -584,17 +603,17 @@ class Judge:
         if rule == write_rule and write_rule:
             reason = _write_reason(policy, write_rule)
         elif rule.startswith("row_filters."):
-            table = rule.removeprefix("row_filters.")
-            reason = (
-                f"rows of {table} are filtered for {policy.name} (policy {policy.name}, {rule})"
-            )
+            reason = filter_reason(policy.name, rule)
         elif rule.endswith(".soft_delete"):
             reason = (
                 f"soft-deleted rows are hidden from {policy.name} (policy {policy.name}, {rule})"
             )
         else:
             reason = _cap_reason(policy)
-        decision = make("rewrite", rule, reason, rewritten, cacheable=False)
+        notices = no_principals_notices(
+            policy.name, ctx.principals, [(r, filters[r.relation]) for _, r in touched]
+        )
+        decision = make("rewrite", rule, reason, rewritten, cacheable=False, notices=notices)
         # a read rewritten only by row filters depends on the statement's structure (and
         # the filters' values): later statements of this shape can take it from a template
         templatable = (

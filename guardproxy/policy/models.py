@@ -82,6 +82,12 @@ def _soft_delete(value: object) -> object:
     )
 
 
+def _none_is_empty(value: object) -> object:
+    """A key with only comments under it (``tables:`` of a fresh `guardproxy init`
+    skeleton) is YAML null: no entries."""
+    return {} if value is None else value
+
+
 class TableDocument(_Strict):
     """``tables.<name>``: what the agent may do to one table or view."""
 
@@ -170,6 +176,22 @@ class SettingsDocument(_Strict):
         return [v.lower() for v in values]
 
 
+class RowFilterOpsDocument(_Strict):
+    """``row_filters.<table>`` as a mapping: a condition per operation, like the ``USING``
+    and ``WITH CHECK`` of row-level security (docs/policies.md, ``row_filters``)."""
+
+    select: Annotated[str, Field(min_length=1)] | None = None  # reads
+    update: Annotated[str, Field(min_length=1)] | None = None  # rows UPDATE may change
+    delete: Annotated[str, Field(min_length=1)] | None = None  # rows DELETE may remove
+    insert: Annotated[str, Field(min_length=1)] | None = None  # every row INSERT adds
+
+    @model_validator(mode="after")
+    def _some(self) -> RowFilterOpsDocument:
+        if not any((self.select, self.update, self.delete, self.insert)):
+            raise ValueError("give a condition for at least one of select, update, delete, insert")
+        return self
+
+
 class PolicyDocument(_Strict):
     """One policy file: the policy of one agent type (the file name is the type's name)."""
 
@@ -180,14 +202,19 @@ class PolicyDocument(_Strict):
     statements: list[StatementClassName] = Field(
         default_factory=lambda: list[StatementClassName](["read"])
     )
-    tables: dict[str, TableDocument] = Field(default_factory=dict)
+    tables: Annotated[dict[str, TableDocument], BeforeValidator(_none_is_empty)] = Field(
+        default_factory=dict
+    )
     functions: FunctionsDocument = Field(default_factory=FunctionsDocument)
     require_where: bool = True
     allow_locking: bool = False
     timeouts: TimeoutsDocument = Field(default_factory=TimeoutsDocument)
     limits: LimitsDocument = Field(default_factory=LimitsDocument)
     settings: SettingsDocument = Field(default_factory=SettingsDocument)
-    row_filters: dict[str, Annotated[str, Field(min_length=1)]] = Field(default_factory=dict)
+    row_filters: Annotated[
+        dict[str, Annotated[str, Field(min_length=1)] | RowFilterOpsDocument],
+        BeforeValidator(_none_is_empty),
+    ] = Field(default_factory=dict)
     idempotency: IdempotencyDocument = Field(default_factory=IdempotencyDocument)
     budgets: BudgetsDocument = Field(default_factory=BudgetsDocument)
     audit: AuditDocument = Field(default_factory=AuditDocument)

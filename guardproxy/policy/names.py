@@ -40,6 +40,33 @@ def parse_relation_name(text: str) -> tuple[str | None, str]:
     raise ValueError(f"expected a table name such as customers or sales.orders; got {text!r}")
 
 
+_GLOB_PART = re.compile(r"^[a-z0-9_$*?\[\]!-]+$")
+
+
+def is_table_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def parse_table_glob(text: str) -> tuple[str | None, str]:
+    """``[schema.]name`` where either part may be a glob (``reporting.*``, ``audit_*``):
+    (schema pattern or None, name pattern); ValueError if it is not one. Patterns match
+    names as Postgres stores them, so they are written in lower case, unquoted."""
+    parts = text.strip().split(".")
+    if len(parts) > 2 or not all(_GLOB_PART.match(p) for p in parts):
+        raise ValueError(
+            "expected a table name such as customers or sales.orders, or a glob such as "
+            f"reporting.* or audit_* (lower case, unquoted; * ? [abc]); got {text!r}"
+        )
+    return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+
+
+def parse_table_key(text: str) -> tuple[str | None, str, bool]:
+    """A key of ``tables``: (schema, name, is a glob)."""
+    if is_table_glob(text):
+        return (*parse_table_glob(text), True)
+    return (*parse_relation_name(text), False)
+
+
 def parse_column_name(text: str) -> str:
     """A single column name; ValueError otherwise."""
     try:

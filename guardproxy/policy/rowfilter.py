@@ -37,7 +37,8 @@ Rewrite (on the tree the decision was made on):
 * UPDATE and DELETE of the table get ``AND (predicate)`` in their WHERE;
 * COPY table TO STDOUT becomes ``COPY (SELECT ... WHERE predicate) TO STDOUT``;
 * INSERT, MERGE, TRUNCATE, COPY FROM and TABLESAMPLE on a filtered table are denied:
-  there is no way to add the predicate to them.
+  there is no way to add the predicate to them; an INSERT into a table whose filter
+  has an ``insert`` condition is checked row by row instead (`insertcheck`).
 """
 
 from __future__ import annotations
@@ -62,19 +63,72 @@ _FIXED = ("principals", "agent_id", "task", "step")
 class RewriteError(ValueError):
     """A statement that touches a filtered table in a way the filter cannot be added to."""
 
-    def __init__(self, message: str, table: str = "") -> None:
+    def __init__(self, message: str, table: str = "", hint: str = "") -> None:
         super().__init__(message)
         self.table = table  # the policy key of the filtered table
+        self.hint = hint  # what to do instead; "" for the engine's hint of the table
 
 
 @dataclass(frozen=True)
 class RowFilter:
-    """A compiled row filter: the predicate with placeholders turned into $1..$n."""
+    """A compiled row filter: the predicate with placeholders turned into $1..$n.
+
+    A filter written per operation (``row_filters.<t>: {select: ..., update: ...}``)
+    is one `RowFilter` for reads with variants: `update` / `delete` replace it for an
+    UPDATE / DELETE of the table (compiled as ``(select) AND (update)``), `insert`
+    is the condition every inserted row must pass (`denial`: its error message and
+    hint). `reads` False: reads are not filtered (no ``select`` condition).
+    `for_role` picks the filter for a use of the table.
+    """
 
     table: str  # the key as written in the policy, for messages
     source: str  # the predicate as written
     template: str  # the predicate with $n parameters
     placeholders: tuple[str, ...]  # $1 is placeholders[0], ...
+    update: RowFilter | None = None
+    delete: RowFilter | None = None
+    insert: RowFilter | None = None
+    reads: bool = True
+    denial: tuple[str, str] = ("", "")
+
+    def for_role(self, role: str) -> RowFilter | None:
+        """The filter a use of the table gets (`RelationRecord.role`); None: none.
+        An INSERT without an `insert` condition gets None (it cannot be filtered)."""
+        if role == "insert":
+            return self.insert
+        if role == "update" and self.update is not None:
+            return self.update
+        if role == "delete" and self.delete is not None:
+            return self.delete
+        return self if self.reads else None
+
+    def applies(self, record: RelationRecord) -> bool:
+        """Does this use of the table get rewritten (or refused)? Reads, UPDATE and
+        DELETE without a condition of their own are left alone."""
+        role = record.role
+        owner = record.owner
+        if role in ("from", "update", "delete") or (
+            role == "copy" and isinstance(owner, ast.CopyStmt) and not owner.is_from
+        ):
+            return self.for_role(role) is not None
+        return True
+
+    @property
+    def variants(self) -> tuple[tuple[str, RowFilter], ...]:
+        """(operation, filter) of every condition, ``select`` first."""
+        out: list[tuple[str, RowFilter]] = [("select", self)] if self.reads else []
+        for op, variant in (
+            ("update", self.update),
+            ("delete", self.delete),
+            ("insert", self.insert),
+        ):
+            if variant is not None:
+                out.append((op, variant))
+        return tuple(out)
+
+    @property
+    def all_placeholders(self) -> frozenset[str]:
+        return frozenset(name for _, f in self.variants for name in f.placeholders)
 
     def expression(self, values: Mapping[str, str | None]) -> ast.Node:
         """A fresh expression tree with the placeholders replaced by constants."""
@@ -205,6 +259,36 @@ class _Qualify(FastVisitor):
         node.fields = (ast.String(sval=self.refname), *(node.fields or ()))
 
 
+def qualify(predicate: ast.Node, refname: str) -> ast.Node:
+    """Prefix the top-level column names of a predicate with a range entry name."""
+    _Qualify(refname)(predicate)
+    return predicate
+
+
+def no_principals_notices(
+    agent_type: str,
+    principals: tuple[str, ...],
+    applied: list[tuple[RelationRecord, RowFilter]],
+) -> tuple[str, ...]:
+    """A notice per table whose applied filter uses ``{principals}`` when the session
+    has none: such a filter matches no row, and the agent must be able to tell "not
+    yours" from "does not exist"."""
+    if principals:
+        return ()
+    tables: dict[str, None] = {}
+    for record, table_filter in applied:
+        used = table_filter.for_role(record.role)
+        if used is not None and "principals" in used.placeholders:
+            tables.setdefault(used.table, None)
+    return tuple(
+        f"guardproxy: the row filter of {table} uses the session's principals and this "
+        f"session has none, so it matches no rows of {table}: say whom you work for with "
+        f"SET guard.principals = '...' or a /* principals='...' */ comment "
+        f"(policy {agent_type}, row_filters.{table})"
+        for table in tables
+    )
+
+
 def principals_literal(principals: tuple[str, ...]) -> str:
     """Postgres array input syntax with every element quoted: ``{"a","b\\"c"}``."""
     quoted = ('"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"' for p in principals)
@@ -217,21 +301,38 @@ def apply_row_filters(
     values: Mapping[str, str | None],
     readable: Mapping[tuple[str, str], tuple[str, ...] | None],
     pushed: Collection[tuple[str, str]] = (),
+    table_columns: Mapping[tuple[str, str], tuple[str, ...] | None] | None = None,
 ) -> int:
     """Rewrite the tree the records point into; return how many places were filtered.
 
     `readable` gives, per filtered relation, the columns the wrapped subquery selects
-    (None: ``*``). For the relations in `pushed`, a read is filtered where it is when
+    (None: ``*``); `table_columns` all its columns, for an INSERT without a column
+    list into a table with an insert condition. For the relations in `pushed`, a read is filtered where it is when
     that means the same (see `push_predicate`), so that the table keeps its name and
     row type; elsewhere it is wrapped. Raises `RewriteError` for uses that cannot be
     filtered.
     """
     count = 0
     for record in records:
-        row_filter = filters.get(record.relation)
-        if row_filter is None:
+        table_filter = filters.get(record.relation)
+        if table_filter is None:
             continue
         role = record.role
+        row_filter = table_filter.for_role(role)
+        if row_filter is None:
+            owner = record.owner
+            copy_to = role == "copy" and isinstance(owner, ast.CopyStmt) and not owner.is_from
+            if role in ("from", "update", "delete") or copy_to:
+                continue  # a per-operation filter without a condition for this use
+            row_filter = table_filter
+        elif role == "insert":
+            from .insertcheck import add_insert_check  # it builds on this module
+
+            columns = (table_columns or {}).get(record.relation)
+            if row_filter.template.strip().lower() != "true":
+                add_insert_check(record, row_filter, values, columns)
+                count += 1
+            continue
         if role == "from":
             if isinstance(record.owner, ast.RangeTableSample):
                 raise RewriteError(

@@ -222,7 +222,10 @@ def append_only_violation(policy: AgentPolicy, rule: TableRule, verb: str) -> Vi
         reason=f"{policy.name} may not {verb} {rule.key}: it is append-only, its rows are never "
         f"changed nor deleted {_because(policy, where)}",
         hint=f"insert a new row into {rule.key} instead (for a correction, a row that records "
-        "it); INSERT ... ON CONFLICT DO NOTHING is fine",
+        "it); INSERT ... ON CONFLICT DO NOTHING is fine"
+        if Op.INSERT in rule.ops
+        else f"{rule.key} is append-only and {policy.name} may only "
+        f"{', '.join(sorted(o.value for o in rule.ops))} it",
     )
 
 

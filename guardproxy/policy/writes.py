@@ -69,6 +69,7 @@ from pglast.visitors import Ancestor, Skip
 from ..analysis.analyzer import AnalyzedStatement
 from ..analysis.catalog import Catalog
 from ..analysis.collector import RelationRecord, strings
+from ..analysis.model import Op
 from ..analysis.scope import written_name
 from ..analysis.visiting import FastVisitor
 from .agent import AgentPolicy, SoftDelete, TableRule, key_path
@@ -82,6 +83,22 @@ DELETED_ROWS = "deleted_rows"
 REFUSE_SOFT_DELETED = "refuse_soft_deleted"
 _DML = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
 _JSONB_BUILD_MAX_COLUMNS = 50  # jsonb_build_object takes at most 100 arguments
+
+
+def soft_delete_alternatives(agent_type: str, rule: TableRule) -> str:
+    """What an agent may do instead of TRUNCATE / MERGE on a soft-delete table: only the
+    statements its policy allows on the table."""
+    ways = []
+    if Op.DELETE in rule.ops:
+        ways.append(f"DELETE FROM {rule.key} WHERE ... (it keeps the rows, marked deleted)")
+    if Op.UPDATE in rule.ops:
+        ways.append(f"UPDATE {rule.key} ... WHERE ...")
+    if Op.INSERT in rule.ops:
+        upsert = "ON CONFLICT" if Op.UPDATE in rule.ops else "ON CONFLICT DO NOTHING"
+        ways.append(f"INSERT INTO {rule.key} ... [{upsert}]")
+    if not ways:
+        return f"on {rule.key} {agent_type} may: {', '.join(sorted(o.value for o in rule.ops))}"
+    return "use " + ", ".join(ways[:-1]) + (" or " if len(ways) > 1 else "") + ways[-1]
 
 
 def qualified_name(relation: tuple[str, str]) -> str:
@@ -98,13 +115,32 @@ def soft_delete_filter(rule: TableRule, row_filter: RowFilter | None) -> RowFilt
     live = f"{quote_ident(soft.deleted_at)} IS NULL"
     if row_filter is None:
         return compile_row_filter(rule.key, live)
-    if live in conjuncts(row_filter.template):
+    if not row_filter.reads:  # only per-operation conditions: reads see the live rows
+        return replace(
+            row_filter,
+            source=live,
+            template=live,
+            placeholders=(),
+            reads=True,
+            update=_and_live(row_filter.update, live),
+            delete=_and_live(row_filter.delete, live),
+        )
+    base = _and_live(row_filter, live)
+    assert base is not None
+    return replace(
+        base,
+        update=_and_live(row_filter.update, live),
+        delete=_and_live(row_filter.delete, live),
+    )
+
+
+def _and_live(row_filter: RowFilter | None, live: str) -> RowFilter | None:
+    if row_filter is None or live in conjuncts(row_filter.template):
         return row_filter  # the policy's filter says it already
-    return RowFilter(
-        table=row_filter.table,
+    return replace(
+        row_filter,
         source=f"({row_filter.source}) AND {live}",
         template=f"({row_filter.template}) AND {live}",
-        placeholders=row_filter.placeholders,
     )
 
 
@@ -326,8 +362,7 @@ class _Analyzer:
                 rule=where,
                 reason=f"{self.name} may not {verb} {rule.key}: its rows are soft-deleted, and "
                 f"{verb.split()[0]} would change or remove them for good {self.because(where)}",
-                hint=f"use DELETE FROM {rule.key} WHERE ... (it keeps the rows, marked deleted), "
-                "UPDATE ... WHERE ... or INSERT ... ON CONFLICT",
+                hint=soft_delete_alternatives(self.name, rule),
             )
         written: list[str] = []
         all_columns = False

@@ -25,6 +25,7 @@ from guardproxy import native
 from guardproxy.analysis.catalog import CATALOG_QUERY, SEARCH_PATH_QUERY
 from guardproxy.config import Settings, Upstream
 from guardproxy.metrics import GuardproxyCollector, PoolView, StatsRegistry
+from guardproxy.onboarding.privileges import check_login
 from guardproxy.policy import AgentPolicy, Catalog, Judge, PolicyError, PolicySet, load_policy_set
 from guardproxy.pool.pool import Pool
 from guardproxy.protocol import codec
@@ -248,6 +249,13 @@ class Proxy:
         pool = self.pools["default"]
         server = await pool.acquire()
         try:
+            # a missing privilege is named with the GRANT that adds it, never a traceback
+            await check_login(
+                server.query,
+                self.policies or (),
+                self.upstream.user,
+                self.settings.upstream_credentials_dir,
+            )
             rows = await server.query(
                 "SELECT version_num FROM guardproxy.alembic_version"
                 if await server.query(

@@ -49,6 +49,8 @@ class AuditEvent(Base):
     rows: Mapped[int | None] = mapped_column(BigInteger)
     duration_ms: Mapped[float | None] = mapped_column(Double)
     tags: Mapped[dict[str, str] | None] = mapped_column(JSONB)
+    # what became of a write upstream: succeeded, failed, undone; NULL: denied, or before 0005
+    outcome: Mapped[str | None] = mapped_column(Text)
     __table_args__ = (
         Index("audit_events_agent_at", "agent_id", "at"),
         Index("audit_events_task_at", "task", "at"),

@@ -58,7 +58,9 @@ def test_roles_sql_with_catalog_grants_exactly_the_policy() -> None:
     assert "GRANT SELECT ON public.orders TO guard_analytics;" in text
     assert "payments" not in text
     assert "GRANT UPDATE (fulfillment_status) ON public.orders TO guard_support;" in text
-    assert "GRANT DELETE ON public.orders TO guard_support;" in text
+    # support's deletes of orders are soft: UPDATEs, so no DELETE (nothing could hard-delete)
+    assert "GRANT DELETE ON public.orders TO guard_support;" not in text
+    assert "-- no DELETE on public.orders: support's deletes are soft" in text
     assert (
         "GRANT UPDATE (fulfillment_status, shipped_at, tracking_number) ON public.orders TO guard_fulfillment;"
         in text

@@ -239,7 +239,7 @@ def test_soft_delete_sql() -> None:
 def test_roles_sql_grants_what_the_rewrites_need() -> None:
     text = roles_sql(example_policies(), Catalog.from_ddl(SCHEMA.read_text()))
     pglast.parse_sql(text)
-    assert "-- exist first (`guardproxy db upgrade`)." in text
+    assert "schema need it to exist first (`guardproxy db\n-- upgrade`)" in text
     support = text[text.index("-- support (") :]
     assert (
         "GRANT UPDATE (deleted_at, deleted_by, delete_reason) ON public.orders TO guard_support;"
