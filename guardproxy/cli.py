@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from guardproxy.config import Settings, load_settings, parse_dsn
+from guardproxy.mcp.cli import mcp_app
 from guardproxy.protocol.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -569,6 +570,9 @@ def demo(
     else:
         embedded.seed_database(upstream, schema, policies)
     demo_run.run(upstream, policies, typer.echo)
+
+
+app.add_typer(mcp_app, name="mcp")  # the MCP front door: guardproxy/mcp/
 
 
 def main() -> None:
