@@ -23,10 +23,11 @@ sent them); a session that cannot be opened becomes `ProxyUnavailable`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import psycopg
@@ -38,6 +39,8 @@ from .results import ResultBuilder
 APPLICATION_NAME = "guardproxy-mcp"
 CURSOR_NAME = "guardproxy_mcp"
 FETCH_CHUNK = 100
+CANCEL_WAIT = 5.0  # seconds to cancel an abandoned statement before closing its session
+T = TypeVar("T")
 
 Param = str | int | float | bool | None
 
@@ -172,12 +175,14 @@ class ProxyClient:
         """Run one statement as `ctx.agent_id`; the bounded result (see `ResultBuilder`)."""
         notices: list[str] = []
         command: str | None
+        work: Awaitable[tuple[str | None, bool]]
         try:
             async with self.session(ctx, notices) as conn:
                 if cursor:
-                    command, drained = await _read_with_cursor(conn, sql, params, builder)
+                    work = _read_with_cursor(conn, sql, params, builder)
                 else:
-                    command, drained = await _execute(conn, sql, params, builder)
+                    work = _execute(conn, sql, params, builder)
+                command, drained = await _cancel_if_abandoned(conn, work)
         except psycopg.Error as exc:
             raise DatabaseError.from_psycopg(exc) from None
         return builder.finish(command, notices, drained)
@@ -188,11 +193,42 @@ class ProxyClient:
         """Rows of a small query of the tools' own (catalog reads), as the agent."""
         try:
             async with self.session(ctx) as conn:
-                cur = psycopg.AsyncRawCursor(conn)
-                await cur.execute(sql, list(params) or None)
-                return list(await cur.fetchall())
+                return await _cancel_if_abandoned(conn, _fetch_all(conn, sql, params))
         except psycopg.Error as exc:
             raise DatabaseError.from_psycopg(exc) from None
+
+
+async def _cancel_if_abandoned(conn: psycopg.AsyncConnection[Any], work: Awaitable[T]) -> T:
+    """Await `work` on `conn`; if the call is cancelled meanwhile (its MCP client went
+    away), cancel the statement at the proxy before the session is closed.
+
+    Without this the cancellation would interrupt psycopg's own attempt to cancel,
+    the session would just be closed, and a statement waiting upstream (on a lock,
+    say) would wait on until Postgres noticed. `work` runs in a task of its own so
+    that the caller's cancellation reaches only this wait.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_WAIT):
+            if conn.info.transaction_status == TransactionStatus.ACTIVE:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.cancel_safe(timeout=CANCEL_WAIT)
+            with contextlib.suppress(BaseException):
+                await task
+        raise
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def _fetch_all(
+    conn: psycopg.AsyncConnection[Any], sql: str, params: Sequence[Any]
+) -> list[tuple[Any, ...]]:
+    cur = psycopg.AsyncRawCursor(conn)
+    await cur.execute(sql, list(params) or None)
+    return list(await cur.fetchall())
 
 
 def _columns(description: Sequence[psycopg.Column] | None) -> list[tuple[str, str]]:
@@ -201,7 +237,7 @@ def _columns(description: Sequence[psycopg.Column] | None) -> list[tuple[str, st
 
 async def _read_with_cursor(
     conn: psycopg.AsyncConnection[Any], sql: str, params: Sequence[Param], builder: ResultBuilder
-) -> tuple[str, bool]:
+) -> tuple[str | None, bool]:
     """A read through ``DECLARE``: fetch chunks until the result is full or the rows end."""
     await conn.set_autocommit(False)
     cur = psycopg.AsyncRawServerCursor(conn, CURSOR_NAME)
