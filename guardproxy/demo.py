@@ -168,8 +168,10 @@ async def _play_mcp(port: int, database: str, policies: Path, say: Say) -> None:
         result = await c.call_tool(tool, arguments)
         text = "".join(getattr(block, "text", "") for block in result.content)
         if result.is_error:
-            text = text.removeprefix(f"Error executing tool {tool}: ").removeprefix("ERROR ")
-            return "refused " + text.split("\n")[0]
+            text = text.removeprefix(f"Error executing tool {tool}: ").split("\n")[0]
+            if text.startswith("ERROR "):
+                return "refused " + text.removeprefix("ERROR ")
+            return "refused: " + text.split(". ")[0]
         data = json.loads(text)
         if "tables" in data:
             return "tables " + ", ".join(t["table"] for t in data["tables"])

@@ -384,3 +384,4 @@ def test_the_demo_has_an_mcp_section(proxy, shop_db) -> None:
     assert "describe              -> tables customers, orders" in text
     assert "delete an order       -> refused [42501]" in text
     assert "delete order 5        -> DELETE 1" in text
+    assert "stacked statements    -> refused: send one statement per call" in text

@@ -312,6 +312,22 @@ async def test_the_task_tool_holds_per_mcp_session(server, shop_db) -> None:
     )
 
 
+async def test_an_idempotency_key_makes_a_retried_write_run_once(server, shop_db) -> None:
+    update = "UPDATE orders SET tracking_number = $1 WHERE id = 3 RETURNING tracking_number"
+    async with connect(server, "fulfillment-1") as client:  # idempotency: explicit
+        first = await ok(client, "query", sql=update, params=["TRK-9"], idempotency_key="ship-3")
+        retry = await ok(client, "query", sql=update, params=["TRK-9"], idempotency_key="ship-3")
+        other = await refused(
+            client, "query", sql=update, params=["TRK-10"], idempotency_key="ship-3"
+        )
+    assert first["rows"] == retry["rows"] == [["TRK-9"]]
+    assert any("replayed" in notice for notice in retry["notices"])
+    # the same key with other parameters is refused, and nothing runs
+    assert "ERROR [22023]: idempotency key 'explicit:fulfillment:ship-3' was already used" in other
+    tracking = shop_db.psql("select tracking_number from orders where id = 3", dbname=SHOP_DB)
+    assert tracking == "TRK-9"
+
+
 BYPASSES = [
     ("analytics-1", "select 1; delete from orders", "one statement per call"),
     ("analytics-1", "commit; delete from orders where id = 1", "one statement per call"),
