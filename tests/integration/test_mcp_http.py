@@ -521,11 +521,11 @@ async def test_calls_per_agent_are_limited_while_others_go_on(server, shop_db) -
     assert not is_error and '"UPDATE 1"' in text
 
 
-async def vanish_during(server: McpHttp, agent: str, sql: str, pg) -> None:
+async def vanish_during(server: McpHttp, agent: str, sql: str, pg, mode: str = "auto") -> None:
     """Calls `query` and goes away (closes its HTTP connection) while the call waits."""
 
     async def call_then_vanish() -> None:
-        async with connect(server, agent) as client:
+        async with connect(server, agent, mode) as client:
             await client.call_tool("query", {"sql": sql})
 
     async with anyio.create_task_group() as tg:
@@ -534,11 +534,12 @@ async def vanish_during(server: McpHttp, agent: str, sql: str, pg) -> None:
         tg.cancel_scope.cancel()
 
 
-async def test_a_dropped_http_client_leaves_no_transaction_open(server, shop_db) -> None:
+@pytest.mark.parametrize("mode", ["auto", "legacy"])  # per-request exchange or MCP session
+async def test_a_dropped_http_client_leaves_no_transaction_open(server, shop_db, mode) -> None:
     """A read runs in a transaction of its own (a cursor): the client goes away while it
     waits, the MCP server cancels it at the proxy and closes the session."""
     with locked(shop_db, "LOCK TABLE orders IN ACCESS EXCLUSIVE MODE"):
-        await vanish_during(server, "analytics-1", "SELECT count(*) FROM orders", shop_db)
+        await vanish_during(server, "analytics-1", "SELECT count(*) FROM orders", shop_db, mode)
         await wait_for(lambda: waiting_backends(shop_db) == 0, "the read to be cancelled")
         await wait_for(lambda: open_transactions(shop_db) == 0, "no transaction left open")
     async with connect(server, "analytics-1") as client:  # the agent goes on
