@@ -534,16 +534,32 @@ async def vanish_during(server: McpHttp, agent: str, sql: str, pg, mode: str = "
         tg.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("mode", ["auto", "legacy"])  # per-request exchange or MCP session
-async def test_a_dropped_http_client_leaves_no_transaction_open(server, shop_db, mode) -> None:
-    """A read runs in a transaction of its own (a cursor): the client goes away while it
-    waits, the MCP server cancels it at the proxy and closes the session."""
+async def test_a_dropped_http_client_is_cancelled_and_leaves_no_transaction_open(
+    server, shop_db
+) -> None:
+    """A read runs in a transaction of its own (a cursor). Its client goes away while
+    it waits on a lock: the MCP server cancels it at the proxy (the lock is still
+    held, so only the cancel can end it) and closes the session."""
     with locked(shop_db, "LOCK TABLE orders IN ACCESS EXCLUSIVE MODE"):
-        await vanish_during(server, "analytics-1", "SELECT count(*) FROM orders", shop_db, mode)
-        await wait_for(lambda: waiting_backends(shop_db) == 0, "the read to be cancelled")
+        await vanish_during(server, "analytics-1", "SELECT count(*) FROM orders", shop_db)
+        await wait_for(lambda: waiting_backends(shop_db) == 0, "the read to be cancelled", 3)
         await wait_for(lambda: open_transactions(shop_db) == 0, "no transaction left open")
     async with connect(server, "analytics-1") as client:  # the agent goes on
         assert (await ok(client, "query", sql="SELECT count(*) FROM orders"))["rows"] == [[6]]
+
+
+async def test_a_dropped_client_of_an_mcp_session_leaves_no_transaction_open(
+    server, shop_db
+) -> None:
+    """With an MCP session (the handshake protocol versions) the SDK does not cancel a
+    call whose client went away: the call runs to its end (here: once the lock is
+    released), and its session closes with it."""
+    with locked(shop_db, "LOCK TABLE orders IN ACCESS EXCLUSIVE MODE"):
+        await vanish_during(
+            server, "analytics-1", "SELECT count(*) FROM orders", shop_db, mode="legacy"
+        )
+    await wait_for(lambda: waiting_backends(shop_db) == 0, "the read to end")
+    await wait_for(lambda: open_transactions(shop_db) == 0, "no transaction left open")
 
 
 async def test_a_write_whose_client_vanished_leaves_no_transaction_open(server, shop_db) -> None:
