@@ -8,11 +8,14 @@ import uuid
 from decimal import Decimal
 from pathlib import Path
 
+import anyio
 import pytest
+from mcp.server.mcpserver.exceptions import ToolError
 
 from guardproxy.mcp import config
 from guardproxy.mcp.describe import capabilities, describe, policy_text
-from guardproxy.mcp.gateway import GatewayConfig
+from guardproxy.mcp.gateway import Gateway, GatewayConfig
+from guardproxy.mcp.metrics import McpMetrics
 from guardproxy.mcp.results import Bounds, ResultBuilder, json_value
 from guardproxy.mcp.run import Options, run_stdio
 from guardproxy.mcp.statements import InputRefused, check_statement
@@ -186,9 +189,9 @@ async def test_tokens_are_kept_as_hashes_and_verified(tmp_path: Path) -> None:
     assert found is not None and found.client_id == "support-1" and found.token != token
     assert await verifier.verify_token(token + "x") is None
     later = new_token(path, "analytics-1")  # the file is read again when it changes
-    assert (await AnyOf([verifier]).verify_token(later)).client_id == "analytics-1"  # type: ignore[union-attr]
+    assert (await AnyOf([verifier]).verify_token(later)).client_id == "analytics-1"
     path.write_text("broken line\n")
-    assert (await verifier.verify_token(later)).client_id == "analytics-1"  # type: ignore[union-attr]
+    assert (await verifier.verify_token(later)).client_id == "analytics-1"
 
 
 @pytest.mark.parametrize(
@@ -274,3 +277,60 @@ def test_context_travels_as_escaped_startup_options() -> None:
         "-c guard.principals=42,43"
     )
     assert CallContext("a").options() == ""
+
+
+# ---------------------------------------------------------------- the gateway
+
+
+def gateway(**config: float) -> Gateway:
+    settings = GatewayConfig("postgresql://127.0.0.1:6432/app", **config)
+    return Gateway(settings, POLICIES, McpMetrics("stdio"), stdio_agent="analytics-1")
+
+
+async def test_a_call_past_its_timeout_is_stopped_and_said() -> None:
+    async def slow(_caller: object) -> dict[str, object]:
+        await anyio.sleep(10)
+        return {}
+
+    with pytest.raises(ToolError, match=r"ran longer than 0\.2s and was stopped"):
+        await gateway(call_timeout=0.2).call("query", None, slow)
+
+
+async def test_calls_past_the_agent_limit_are_refused_and_counted() -> None:
+    gw = gateway(max_calls_per_agent=1)
+    release = anyio.Event()
+    refusals: list[str] = []
+
+    async def held(_caller: object) -> dict[str, object]:
+        await release.wait()
+        return {"complete": True}
+
+    async def second() -> None:
+        with pytest.raises(ToolError) as exc:
+            await gw.call("query", None, held)
+        refusals.append(str(exc.value))
+        release.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(gw.call, "query", None, held)
+        await anyio.sleep(0.05)
+        tg.start_soon(second)
+    assert refusals == [
+        "agent analytics-1 already has 1 calls running (the limit per agent); wait for one "
+        "to finish, then call again. Nothing was run."
+    ]
+    sample = gw.metrics.registry.get_sample_value(
+        "guardproxy_mcp_tool_calls_total",
+        {"agent_type": "analytics", "agent": "analytics-1", "transport": "stdio",
+         "tool": "query", "outcome": "refused"},
+    )  # fmt: skip
+    assert sample == 1.0
+
+
+async def test_refused_input_is_a_tool_error_with_its_reason() -> None:
+    async def body(_caller: object) -> dict[str, object]:
+        check_statement("select 1; select 2")
+        return {}
+
+    with pytest.raises(ToolError, match="send one statement per call"):
+        await gateway().call("query", None, body)
