@@ -248,9 +248,14 @@ async def test_each_agent_type_gets_its_own_tools_and_reads_work(server, shop_db
         a_tools = {t.name: t for t in (await analytics.list_tools()).tools}
         a_described = await ok(analytics, "describe")
         rows = await ok(analytics, "query", sql="SELECT id FROM orders ORDER BY id")
-    async with connect(server, "support-1") as support:
-        s_tools = {t.name: t for t in (await support.list_tools()).tools}
-        s_described = await ok(support, "describe")
+    comment = "COMMENT ON COLUMN orders.fulfillment_status IS {}"
+    shop_db.psql(comment.format("'where the order is'"), dbname=SHOP_DB)
+    try:
+        async with connect(server, "support-1") as support:
+            s_tools = {t.name: t for t in (await support.list_tools()).tools}
+            s_described = await ok(support, "describe")
+    finally:
+        shop_db.psql(comment.format("NULL"), dbname=SHOP_DB)
     assert "read-only" in (a_tools["query"].description or "")
     assert "deletes are soft" not in (a_tools["query"].description or "")
     assert [t["table"] for t in a_described["tables"]] == ["customers", "orders"]
@@ -261,7 +266,8 @@ async def test_each_agent_type_gets_its_own_tools_and_reads_work(server, shop_db
     assert s_tools["query"].annotations and s_tools["query"].annotations.destructive_hint is True
     orders = next(t for t in s_described["tables"] if t["table"] == "orders")
     status = next(c for c in orders["columns"] if c["name"] == "fulfillment_status")
-    assert status["write"] == ["update"]
+    assert status["write"] == ["update"] and status["comment"] == "where the order is"
+    assert s_described["functions"].startswith("built-in functions (pg_catalog), except")
     deleted_at = next(c for c in orders["columns"] if c["name"] == "deleted_at")
     assert "write" not in deleted_at  # only guardproxy's rewrite of DELETE sets it
     assert any("marks rows deleted" in rule for rule in orders["rules"])
