@@ -124,10 +124,12 @@ class Gateway:
         tags: dict[str, str] | None = None,
     ) -> CallContext:
         state = self.task_state(caller)
+        # the session's step belongs to the session's task, not to one a call names
+        same_task = not task or task == state.task
         return CallContext(
             agent_id=caller.agent_id,
             task=task or state.task,
-            step=step or state.step,
+            step=step or (state.step if same_task else None),
             principals=caller.principals,
             tags={k: v for k, v in (tags or {}).items() if v},
         )

@@ -334,3 +334,14 @@ async def test_refused_input_is_a_tool_error_with_its_reason() -> None:
 
     with pytest.raises(ToolError, match="send one statement per call"):
         await gateway().call("query", None, body)
+
+
+def test_a_call_names_its_own_task_and_step() -> None:
+    gw = gateway()
+    caller = gw.caller(None)
+    state = gw.task_state(caller)
+    state.task, state.step = "T-1", "2"
+    assert (gw.call_context(caller).task, gw.call_context(caller).step) == ("T-1", "2")
+    assert gw.call_context(caller, step="3").step == "3"
+    other = gw.call_context(caller, task="T-9")
+    assert (other.task, other.step) == ("T-9", None)
