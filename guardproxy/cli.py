@@ -12,6 +12,7 @@ import typer
 
 from guardproxy import auditcli as audit_cli
 from guardproxy.config import Settings, load_settings, parse_dsn
+from guardproxy.mcp.cli import mcp_app
 from guardproxy.onboarding import cli as onboarding_cli
 from guardproxy.protocol.errors import ConfigError
 
@@ -396,6 +397,7 @@ def _register_token_commands() -> None:
 
 
 _register_token_commands()
+app.add_typer(mcp_app, name="mcp")  # the MCP front door: guardproxy/mcp/
 
 
 def main() -> None:

@@ -5,6 +5,9 @@ default or the given upstream, after loading the example shop schema, guardproxy
 schema and the agent roles, then plays: ordinary work, a denied read of payments,
 a soft-deleted order, an idempotent retry, a row-cap refusal and a slow query cut
 by its timeout. It ends with the audit of what was deleted and DB time per agent.
+
+Its MCP section (`play_mcp`) plays an agent that speaks MCP: ``guardproxy mcp stdio``
+started by the MCP SDK's client, as an agent runtime would, for analytics and support.
 """
 
 from __future__ import annotations
@@ -142,6 +145,70 @@ def play(port: int, database: str, say: Say) -> None:
         say("  read payments         -> " + _outcome(f, "SELECT * FROM payments"))
 
 
+def play_mcp(port: int, database: str, policies: Path, say: Say) -> None:
+    """The same policies through the MCP front door (`guardproxy.mcp`)."""
+    import anyio
+
+    anyio.run(_play_mcp, port, database, policies, say)
+
+
+async def _play_mcp(port: int, database: str, policies: Path, say: Say) -> None:
+    import json
+    import os
+
+    from mcp import Client, StdioServerParameters
+
+    def client(agent: str) -> Client:
+        args = ["-m", "guardproxy", "mcp", "stdio", "--agent", agent, "--policies", str(policies)]
+        args += ["--proxy", f"postgresql://127.0.0.1:{port}/{database}"]
+        params = StdioServerParameters(command=sys.executable, args=args, env=dict(os.environ))
+        return Client(params, read_timeout_seconds=30)
+
+    async def outcome(c: Client, tool: str, **arguments: object) -> str:
+        result = await c.call_tool(tool, arguments)
+        text = "".join(getattr(block, "text", "") for block in result.content)
+        if result.is_error:
+            text = text.removeprefix(f"Error executing tool {tool}: ").split("\n")[0]
+            if text.startswith("ERROR "):
+                return "refused " + text.removeprefix("ERROR ")
+            return "refused: " + text.split(". ")[0]
+        data = json.loads(text)
+        if "tables" in data:
+            return "tables " + ", ".join(t["table"] for t in data["tables"])
+        rows = data.get("rows") or ""
+        return f"{data.get('command')}{': ' + str(rows[:3]) if rows else ''}"
+
+    say("== MCP: the same policies for agents that speak the Model Context Protocol")
+    async with client("analytics-1") as a:
+        say("  analytics-1 over MCP (guardproxy mcp stdio)")
+        say("  describe              -> " + await outcome(a, "describe"))
+        say(
+            "  orders by status      -> "
+            + await outcome(
+                a,
+                "query",
+                sql="SELECT fulfillment_status, count(*) FROM orders GROUP BY 1 ORDER BY 1",
+            )
+        )
+        say(
+            "  delete an order       -> "
+            + await outcome(a, "query", sql="DELETE FROM orders WHERE id = 5")
+        )
+    async with client("support-1") as s:
+        say("  support-1 over MCP")
+        await outcome(s, "task", task="mcp-cleanup-1", step="1")
+        say(
+            "  delete order 5        -> "
+            + await outcome(
+                s, "query", sql="DELETE FROM orders WHERE id = $1", params=[5], reason="test order"
+            )
+        )
+        say(
+            "  stacked statements    -> "
+            + await outcome(s, "query", sql="COMMIT; DROP TABLE payments")
+        )
+
+
 def report(port: int, upstream: str, say: Say) -> None:
     from guardproxy.store.audit_queries import deletes, parse_since
 
@@ -167,5 +234,6 @@ def run(upstream: str, policies: Path, say: Say) -> None:
     database = upstream.rsplit("/", 1)[-1].split("?", 1)[0]
     with running_proxy(upstream, policies) as port:
         play(port, database, say)
+        play_mcp(port, database, policies, say)
         time.sleep(0.5)  # the audit log writes in batches
         report(port, upstream, say)

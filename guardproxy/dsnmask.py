@@ -171,16 +171,16 @@ def _mask_keywords(dsn: str) -> str:
     out: list[str] = []
     pos, n = 0, len(dsn)
     while pos < n:
-        if dsn[pos].isspace():
+        if _space(dsn[pos]):
             out.append(dsn[pos])
             pos += 1
             continue
         key_end = pos
-        while key_end < n and dsn[key_end] != "=" and not dsn[key_end].isspace():
+        while key_end < n and dsn[key_end] != "=" and not _space(dsn[key_end]):
             key_end += 1
         key = dsn[pos:key_end]
         eq = key_end
-        while eq < n and dsn[eq].isspace():
+        while eq < n and _space(dsn[eq]):
             eq += 1
         if eq >= n or dsn[eq] != "=":  # malformed: libpq refuses it; hide the rest if secret
             if is_secret_key(key):
@@ -190,7 +190,7 @@ def _mask_keywords(dsn: str) -> str:
             pos = eq
             continue
         value_start = eq + 1
-        while value_start < n and dsn[value_start].isspace():
+        while value_start < n and _space(dsn[value_start]):
             value_start += 1
         value_end = _value_end(dsn, value_start)
         out.append(dsn[pos:value_start])
@@ -203,6 +203,12 @@ def _mask_keywords(dsn: str) -> str:
             out.append(value)
         pos = value_end
     return "".join(out)
+
+
+def _space(char: str) -> bool:
+    """libpq's isspace() in the C locale: Python's str.isspace() also takes \x1c-\x1f and
+    Unicode spaces, which libpq reads as part of a keyword or value."""
+    return char in " \t\n\v\f\r"
 
 
 def _value_end(dsn: str, pos: int) -> int:
@@ -220,7 +226,7 @@ def _value_end(dsn: str, pos: int) -> int:
             i += 1
         return n
     i = pos
-    while i < n and not dsn[i].isspace():
+    while i < n and not _space(dsn[i]):
         i += 2 if dsn[i] == "\\" else 1
     return min(i, n)
 

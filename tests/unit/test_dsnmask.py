@@ -155,3 +155,11 @@ def test_no_password_libpq_reads_is_left_in_the_masked_string(dsn: str) -> None:
     masked = mask_dsn(dsn)
     for secret in secrets:
         assert "Zq" not in masked, (dsn, masked, secret)
+
+
+def test_a_control_character_python_calls_a_space_does_not_end_a_value() -> None:
+    """libpq's isspace() is the C locale's: \\x1f belongs to the value (found by hypothesis)."""
+    from guardproxy.dsnmask import mask_dsn
+
+    masked = mask_dsn("password=Zq\x1f= password=Zq")
+    assert "Zq" not in masked
