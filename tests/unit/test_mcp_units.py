@@ -83,7 +83,9 @@ def test_bytes_and_cells_are_bounded() -> None:
 
 
 def test_the_cut_messages_of_the_docs() -> None:
-    lines = DOC.split("and `complete` is false:\n\n```\n", 1)[1].split("```", 1)[0].splitlines()
+    marker = "<!-- checked-by: tests/unit/test_mcp_units.py -->"
+    block = DOC.split(f"and `complete` is false:\n\n{marker}\n```\n", 1)[1]
+    lines = block.split("```", 1)[0].splitlines()
     rows = ResultBuilder(Bounds())
     fill(rows, [[n] for n in range(101)])
     cells = ResultBuilder(Bounds())
