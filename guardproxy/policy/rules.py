@@ -10,6 +10,8 @@ Rules, in order:
 
 1. the analyzer understood the statement (unknown statement / node types: deny);
 2. statement classes: each operation's class, then the statement's own classes;
+2b. every column reference resolved to a column, an output name or a FROM item
+   (``unresolved``: deny, fail closed);
 3. relations: nothing in guardproxy's own schema (functions neither); listed in
    ``tables`` with the operation (append-only tables: no UPDATE, DELETE, TRUNCATE,
    upsert DO UPDATE, first); system catalogs readable
@@ -17,7 +19,8 @@ Rules, in order:
    denied (``*`` and whole-row references count as every column); WHERE present on
    UPDATE / DELETE when ``require_where``; LOCK only with ``allow_locking``;
 4. functions: ``functions.deny``, then ``functions.allow``, then the side-effect list,
-   then ``functions.default``;
+   then ``functions.default`` (``t.f``, which may be a column f or the call f(t), only
+   meets the rules that deny f by name);
 5. row locking clauses (FOR UPDATE / SHARE ...) only with ``allow_locking``.
 """
 
@@ -103,9 +106,24 @@ def check_statement(policy: AgentPolicy, info: StatementInfo, catalog: Catalog) 
         )
     return (
         _check_classes(policy, info)
+        or _check_unresolved(policy, info)
         or _check_relations(policy, info, catalog)
         or _check_functions(policy, info)
         or _check_locking(policy, info)
+    )
+
+
+def _check_unresolved(policy: AgentPolicy, info: StatementInfo) -> Violation | None:
+    """A column reference the analysis could not trace to a column: fail closed."""
+    if not info.unresolved:
+        return None
+    return Violation(
+        rule="unresolved",
+        reason=f"{policy.name} may not run this statement: guardproxy refuses column references "
+        f"it cannot trace to a table column (fail closed); here {info.unresolved[0]} "
+        f"{_because(policy, 'unresolved')}",
+        hint="qualify each column with a table or alias of the FROM clause (alias.column); "
+        + tables_hint(policy),
     )
 
 
@@ -323,7 +341,11 @@ def is_builtin(fn: FunctionRef) -> bool:
     return fn.schema in (None, "pg_catalog") and fn.name in BUILTIN_FUNCTIONS
 
 
-def function_violation(policy: AgentPolicy, fn: FunctionRef) -> Violation | None:
+def function_violation(
+    policy: AgentPolicy, fn: FunctionRef, by_name_only: bool = False
+) -> Violation | None:
+    """The rule a call breaks. `by_name_only`: `t.f` that may be a column or the call
+    f(t): only the rules that deny f by name apply (deny list, side effects)."""
     rules = policy.functions
     name = fn.name
     shown = f"{fn.qualified}()"
@@ -346,7 +368,7 @@ def function_violation(policy: AgentPolicy, fn: FunctionRef) -> Violation | None
             hint="functions without side effects are allowed"
             + (f"; explicitly allowed: {', '.join(rules.allow)}" if rules.allow else ""),
         )
-    if rules.default == "deny" and not is_builtin(fn):
+    if rules.default == "deny" and not is_builtin(fn) and not by_name_only:
         return Violation(
             rule="functions.default",
             reason=f"{policy.name} may not call {shown}: only built-in functions and "
@@ -360,6 +382,10 @@ def function_violation(policy: AgentPolicy, fn: FunctionRef) -> Violation | None
 def _check_functions(policy: AgentPolicy, info: StatementInfo) -> Violation | None:
     for fn in info.functions:
         violation = function_violation(policy, fn)
+        if violation is not None:
+            return violation
+    for fn in info.possible_calls:
+        violation = function_violation(policy, fn, by_name_only=True)
         if violation is not None:
             return violation
     return None

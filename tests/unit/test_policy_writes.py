@@ -251,13 +251,21 @@ def test_prepare_explain_and_cursor_deletes(policies: PolicySet) -> None:
             "DELETE FROM orders o USING customers c WHERE c.id = o.customer_id RETURNING c.name",
             "c.name is not a column of o",
         ),
-        ("DELETE FROM orders WHERE id = 1 RETURNING name", "name is not a column of orders"),
+        (
+            "DELETE FROM orders o USING customers c WHERE c.id = o.customer_id RETURNING name",
+            "name is not a column of o",
+        ),
         ("DELETE FROM orders WHERE id = 1 RETURNING old.id", "old.id is not a column of orders"),
     ],
 )
 def test_returning_only_the_deleted_tables_columns(sql: str, problem: str) -> None:
     decision = judge("support", sql, ctx=SUPPORT_CTX)
     denied(decision, "tables.orders.soft_delete", problem)
+
+
+def test_returning_a_name_of_no_table_is_unresolved() -> None:
+    decision = judge("support", "DELETE FROM orders WHERE id = 1 RETURNING name", ctx=SUPPORT_CTX)
+    denied(decision, "unresolved", "name (no table or FROM item in scope has a column")
 
 
 # -- soft delete: everything else ---------------------------------------------------------
