@@ -30,8 +30,8 @@ from pglast.enums import CmdType, LockClauseStrength
 from pglast.visitors import Ancestor
 
 from .catalog import Catalog
-from .model import FunctionRef, Op, SettingChange
 from .columns import ColumnResolver
+from .model import FunctionRef, Op, SettingChange
 from .scope import Link, RangeEntry, ScopeResolver, chain, visible_ctes, written_name
 from .settings import from_set_config
 from .statements import QUERY_NODES

@@ -110,9 +110,9 @@ class ColumnResolver:
         names = [f.sval or "" for f in fields if isinstance(f, ast.String)]
         star = bool(fields) and isinstance(fields[-1], ast.A_Star)
         if star and not names:
-            for entry in levels[0]:
-                if entry.kind != "using":
-                    out.reads.extend(self.whole_row(entry))
+            for each in levels[0]:
+                if each.kind != "using":
+                    out.reads.extend(self.whole_row(each))
             return out
         if len(names) == 1 and not star:
             self._bare(links, levels, names[0], out)
@@ -215,9 +215,9 @@ class ColumnResolver:
                 return
         if context is not None and _is_output(context[1], name):
             return  # GROUP BY an output column name
-        entry = _find(levels, [name])
-        if entry is not None:
-            out.reads.extend(self.whole_row(entry))  # `SELECT c FROM customers c`
+        row = _find(levels, [name])
+        if row is not None:
+            out.reads.extend(self.whole_row(row))  # `SELECT c FROM customers c`
             return
         if not maybe:
             out.unresolved = f"{name} (no table or FROM item in scope has a column of that name)"

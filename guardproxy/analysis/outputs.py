@@ -92,6 +92,11 @@ _XML_NAMES = {
     XmlExprOp.IS_XMLROOT: "xmlroot",
     XmlExprOp.IS_XMLSERIALIZE: "xmlserialize",
 }
+_JSON_NAMES = {
+    JsonExprOp.JSON_EXISTS_OP: "json_exists",
+    JsonExprOp.JSON_QUERY_OP: "json_query",
+    JsonExprOp.JSON_VALUE_OP: "json_value",
+}
 _FIXED_NAMES: dict[type, str] = {
     ast.GroupingFunc: "grouping",
     ast.A_ArrayExpr: "array",
@@ -130,9 +135,9 @@ def _figure(expr: ast.Node | None) -> tuple[str | None, int]:
     """(name, strength) like Postgres' FigureColnameInternal: 2 a real name, 1 a type
     name or keyword, 0 nothing better than ``?column?``."""
     if isinstance(expr, ast.ColumnRef):
-        last = (expr.fields or ())[-1:]
-        if last and isinstance(last[0], ast.String):
-            return last[0].sval, 2
+        tail = (expr.fields or ())[-1:]
+        if tail and isinstance(tail[0], ast.String):
+            return tail[0].sval, 2
         return UNNAMED, 0
     if isinstance(expr, ast.A_Indirection):
         for item in reversed(expr.indirection or ()):
@@ -140,16 +145,16 @@ def _figure(expr: ast.Node | None) -> tuple[str | None, int]:
                 return item.sval, 2
         return _figure(expr.arg)
     if isinstance(expr, ast.FuncCall):
-        names = expr.funcname or ()
-        last = names[-1] if names else None
-        return (last.sval, 2) if isinstance(last, ast.String) else (None, 0)
+        parts = expr.funcname or ()
+        function = parts[-1] if parts else None
+        return (function.sval, 2) if isinstance(function, ast.String) else (None, 0)
     if isinstance(expr, ast.TypeCast):
         name, strength = _figure(expr.arg)
         if strength <= 1 and expr.typeName is not None:
             type_names = expr.typeName.names or ()
-            last = type_names[-1] if type_names else None
-            if isinstance(last, ast.String):
-                return last.sval, 1
+            type_name = type_names[-1] if type_names else None
+            if isinstance(type_name, ast.String):
+                return type_name.sval, 1
         return name, strength
     if isinstance(expr, ast.CollateClause):
         return _figure(expr.arg)
@@ -169,12 +174,7 @@ def _figure(expr: ast.Node | None) -> tuple[str | None, int]:
         name = _XML_NAMES.get(expr.op) if expr.op is not None else None
         return (name, 2) if name else (UNNAMED, 0)
     if isinstance(expr, ast.JsonFuncExpr):
-        names = {
-            JsonExprOp.JSON_EXISTS_OP: "json_exists",
-            JsonExprOp.JSON_QUERY_OP: "json_query",
-            JsonExprOp.JSON_VALUE_OP: "json_value",
-        }
-        name = names.get(expr.op) if expr.op is not None else None
+        name = _JSON_NAMES.get(expr.op) if expr.op is not None else None
         return (name, 2) if name else (None, 0)
     fixed = _FIXED_NAMES.get(type(expr))
     if fixed is not None:
@@ -267,7 +267,9 @@ class EntryColumns:
         if isinstance(node, ast.RangeFunction):
             return _function_columns(node)
         if isinstance(node, ast.RangeTableFunc):
-            return tuple(c.colname for c in node.columns or () if isinstance(c, ast.RangeTableFuncCol))
+            return tuple(
+                c.colname for c in node.columns or () if isinstance(c, ast.RangeTableFuncCol)
+            )
         if isinstance(node, ast.JsonTable):
             return _json_table_columns(node.columns)
         return self.query(node, ctes)

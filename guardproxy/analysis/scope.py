@@ -190,6 +190,11 @@ class ScopeResolver:
         elif isinstance(owner, ast.CopyStmt) and owner.relation is not None:
             if attr == "whereClause":
                 entries = [self.base_entry(owner.relation)]
+        elif isinstance(owner, ast.JoinExpr) and attr == "quals":
+            # ON sees the names of both sides, even when the join's alias hides them
+            # from the rest of the query; the query's level follows for LATERAL names.
+            ctes = visible_ctes(links)
+            entries = [*self.from_item(owner.larg, ctes), *self.from_item(owner.rarg, ctes)]
         elif isinstance(owner, ast.RuleStmt) and attr in ("whereClause", "actions"):
             entries = [
                 self.base_entry(owner.relation, refname="new"),
@@ -244,9 +249,7 @@ class ScopeResolver:
     def _join(self, item: ast.JoinExpr, ctes: Ctes) -> list[RangeEntry]:
         children = (*self.from_item(item.larg, ctes), *self.from_item(item.rarg, ctes))
         using_alias = item.join_using_alias
-        using = tuple(
-            c.sval or "" for c in item.usingClause or () if isinstance(c, ast.String)
-        )
+        using = tuple(c.sval or "" for c in item.usingClause or () if isinstance(c, ast.String))
         extra: list[RangeEntry] = []
         if using_alias is not None:
             # JOIN ... USING (k) AS j: j.k is the join column, read from both sides.
