@@ -178,6 +178,11 @@ class AgentPolicy:
         return self.document.limits.max_rows_returned
 
     @property
+    def max_bytes_returned(self) -> int | None:
+        """``limits.max_bytes_returned``: bytes of row data per result and per cursor."""
+        return self.document.limits.max_bytes_returned
+
+    @property
     def on_rows_returned_over(self) -> RowsOverCap:
         return self.document.limits.on_rows_returned_over
 
@@ -308,7 +313,7 @@ class AgentPolicy:
         if timeouts:
             lines.append("  timeouts: " + ", ".join(f"{k} {_fmt(v)}" for k, v in timeouts.items()))
         limits = self.document.limits.model_dump(exclude_none=True)
-        if self.max_rows_returned is None:
+        if self.max_rows_returned is None and self.max_bytes_returned is None:
             limits.pop("on_rows_returned_over", None)
         if limits:
             lines.append("  limits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))

@@ -49,11 +49,21 @@ Write safety (docs/policies.md, "Write safety"; what the runtime does with each)
   (send the first N rows, then the CommandComplete retagged ``SELECT N`` and a
   WARNING ``result truncated to N rows by policy``) or ``error`` (an ErrorResponse
   54000 naming the cap, no rows). None: no cap (also in monitor mode).
+* `max_bytes_returned`: set (enforce mode) on every allowed message of an agent type
+  whose policy has ``limits.max_bytes_returned``: a bound on the bytes of row data
+  that leave for the client, so that one huge row (``json_agg`` of a whole table)
+  is bounded too. The runtime adds up the payload lengths of the DataRow messages
+  (CopyData for COPY ... TO) of each result (a statement's result; the RETURNING
+  rows of a write; per cursor across its FETCHes, see `cursor`) and, past the cap,
+  does what `rows_over_cap` says: ``truncate`` (stop forwarding rows before the one
+  that would pass the cap, CommandComplete retagged with the rows sent, a WARNING
+  ``result truncated to N bytes by policy``) or ``error`` (ErrorResponse 54000).
+  None: no byte cap (also in monitor mode).
 * `plan_check`: the policy limits plan estimates (``max_plan_cost`` / ``max_plan_rows``)
   and the message holds a read to estimate (SELECT, DECLARE CURSOR, EXECUTE of a
   read): see `guardproxy.policy.plans` for the EXPLAIN and the check, before the
   message runs. False in monitor mode.
-* `cursor`: with a row cap, a message that is one ``FETCH`` (``("fetch", name)``) or one
+* `cursor`: with a row or byte cap, a message that is one ``FETCH`` (``("fetch", name)``) or one
   ``DECLARE`` (``("declare", name)``): the runtime counts the rows a cursor delivered
   over all its FETCHes and cuts at N in total, not per FETCH.
 * `shape`: the normalized text of the message (literals as ``$n``, edge comments
@@ -139,6 +149,7 @@ class Decision:
     writes: tuple[WriteEffects | None, ...] = ()
     max_rows_returned: int | None = None
     rows_over_cap: RowsOverCap = "truncate"
+    max_bytes_returned: int | None = None
     shape: str = ""
     plan_check: bool = False
     cursor: tuple[str, str] | None = None  # ("fetch" | "declare", name) of a capped cursor

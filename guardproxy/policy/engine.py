@@ -470,9 +470,10 @@ class Judge:
             any(rowcap.returns_rows(s.raw) for s in statements)
             or any(inner.max_rows_returned is not None for inner in executed_reads)
         )
+        max_bytes = policy.max_bytes_returned if enforce else None
         cursor = (
             rowcap.cursor_of(statements[0].raw)
-            if max_rows is not None and len(statements) == 1
+            if (max_rows is not None or max_bytes is not None) and len(statements) == 1
             else None
         )
         plan_check = (
@@ -509,6 +510,7 @@ class Judge:
                 writes=writes if any(w is not None for w in writes) else (),
                 max_rows_returned=max_rows if returns_rows else None,
                 rows_over_cap=policy.on_rows_returned_over,
+                max_bytes_returned=max_bytes,
                 shape=key,
                 plan_check=plan_check,
                 cursor=cursor,
@@ -577,6 +579,8 @@ class Judge:
         if max_rows is not None:
             for statement in statements:
                 rowcap.cap_tree(statement.raw, max_rows)
+        for statement in statements:
+            rowcap.printable(statement.raw)
         rewritten = RawStream()(tuple(s.raw for s in statements))
         if rule == write_rule and write_rule:
             reason = _write_reason(policy, write_rule)

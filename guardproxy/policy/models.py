@@ -131,6 +131,8 @@ class LimitsDocument(_Strict):
     max_client_sessions: int | None = Field(default=None, ge=1, le=1_000_000)
     max_rows_affected: int | None = Field(default=None, ge=1)  # per write statement
     max_rows_returned: int | None = Field(default=None, ge=1, le=100_000_000)  # per read
+    # bytes of row data (DataRow / CopyData payloads) per result and per cursor
+    max_bytes_returned: int | None = Field(default=None, ge=1, le=1 << 40)
     on_rows_returned_over: Literal["truncate", "error"] = "truncate"
     max_plan_cost: float | None = Field(default=None, gt=0)  # EXPLAIN total cost of a read
     max_plan_rows: int | None = Field(default=None, ge=1)  # EXPLAIN row estimate of a read
