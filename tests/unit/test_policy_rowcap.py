@@ -388,3 +388,22 @@ def test_the_byte_cap_must_be_positive(tmp_path: Path) -> None:
     )
     with pytest.raises(PolicyError, match="max_bytes_returned"):
         load_policy_set(directory)
+
+
+@pytest.mark.parametrize(
+    ("sql", "limit"),
+    [
+        ("SELECT id FROM orders LIMIT NULL", "LIMIT LEAST(NULL, 1001)"),
+        ("SELECT id FROM orders FETCH FIRST NULL ROWS ONLY", "LIMIT LEAST(NULL, 1001)"),
+        ("SELECT id FROM orders LIMIT (SELECT 100000)", "LIMIT LEAST((SELECT 100000), 1001)"),
+        ("SELECT id FROM orders OFFSET 5 LIMIT ALL", "LIMIT LEAST(NULL, 1001) OFFSET 5"),
+        ("SELECT generate_series(1, 10000000)", "\nLIMIT 1001"),
+        ("SELECT * FROM (SELECT id FROM orders LIMIT 100000) s", "\nLIMIT 1001"),
+        ("DECLARE c CURSOR FOR SELECT id FROM orders LIMIT ALL", "LIMIT LEAST(NULL, 1001)"),
+    ],
+)
+def test_no_clause_widens_the_cap(sql: str, limit: str) -> None:
+    """LIMIT ALL / NULL, a subquery as count, a set-returning function, a subquery's own
+    LIMIT: the root query ends with a LIMIT of at most N + 1 all the same."""
+    decision = capped(sql)
+    assert decision.sql.endswith(limit), decision.sql
