@@ -67,6 +67,7 @@ from .decision import (
     Decision,
     WriteEffects,
 )
+from .hints import forms_hint
 from .loader import PolicySet
 from .rowfilter import RewriteError, RowFilter, apply_row_filters, principals_literal
 from .rules import Violation, check_statement
@@ -569,11 +570,12 @@ class Judge:
                 rewrite_writes(analysis, deleter, self._catalog)
         except RewriteError as exc:
             failed = table_filters.rules.get(exc.table, rule) if exc.table else rule
+            filtered = next((t for t in policy.tables if t.key == exc.table), None)
             violation = Violation(
                 rule=failed,
                 reason=f"{policy.name} may not run this statement: {exc} (policy {policy.name}, {failed})",
-                hint="rows of this table are filtered for this agent type: read them with SELECT, "
-                "change them with UPDATE / DELETE ... WHERE",
+                hint="rows of this table are filtered for this agent type"
+                + (f"; {forms_hint(policy, filtered)}" if filtered is not None else ""),
             )
             return self._deny(policy, violation, sql, cacheable=False, shape=key), (), None
         if max_rows is not None:

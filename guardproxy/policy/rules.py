@@ -42,6 +42,7 @@ from ..analysis.pg_builtins import BUILTIN_FUNCTIONS
 from .agent import AgentPolicy, TableRule, key_path
 from .checks import GUARD_SCHEMA, OP_CLASS
 from .decision import SQLSTATE_FEATURE_NOT_SUPPORTED, SQLSTATE_INSUFFICIENT_PRIVILEGE
+from .hints import forms_hint, may, statement_kinds, where_example, write_kinds
 from .sensitive import SENSITIVE_CATALOGS
 from .side_effects import side_effect
 
@@ -81,7 +82,10 @@ def _because(policy: AgentPolicy, rule: str) -> str:
 
 def allowed_classes_hint(policy: AgentPolicy) -> str:
     classes = [c for c in StatementClass if c in policy.statements and c in _CLASS_WORDS]
-    listed = ", ".join(_CLASS_WORDS[c] for c in classes) or "no data statements"
+    words = dict(_CLASS_WORDS)
+    if StatementClass.WRITE in classes:
+        words[StatementClass.WRITE] = f"write statements ({write_kinds(policy)})"
+    listed = ", ".join(words[c] for c in classes) or "no data statements"
     return (
         f"{policy.name} may run: {listed}; plus transaction control, SET / SHOW, "
         "cursors and prepared statements"
@@ -101,7 +105,7 @@ def check_statement(policy: AgentPolicy, info: StatementInfo, catalog: Catalog) 
             rule="unsupported",
             reason=f"{policy.name} may not run this statement: {info.unsupported[0]} "
             f"{_because(policy, 'fail closed')}",
-            hint="rewrite the statement with plain SELECT / INSERT / UPDATE / DELETE syntax",
+            hint=f"rewrite the statement with plain {statement_kinds(policy)} syntax",
             sqlstate=SQLSTATE_FEATURE_NOT_SUPPORTED,
         )
     return (
@@ -227,7 +231,8 @@ def _check_relation(
             rule="require_where",
             reason=f"{policy.name} may not {verb} {access.written} without a WHERE clause that "
             f"names a column {_because(policy, 'require_where')}",
-            hint=f"add a WHERE clause selecting the rows to {access.op.value}, e.g. WHERE id = ...",
+            hint=f"add a WHERE clause selecting the rows to {access.op.value}, e.g. "
+            f"{where_example(policy, rule, catalog)}",
         )
     return None
 
@@ -235,12 +240,18 @@ def _check_relation(
 def append_only_violation(policy: AgentPolicy, rule: TableRule, verb: str) -> Violation:
     """UPDATE, DELETE, TRUNCATE, MERGE or an upsert's DO UPDATE of an append-only table."""
     where = f"{key_path('tables', rule.key)}.append_only"
+    if may(policy, rule, "insert"):
+        hint = (
+            f"insert a new row into {rule.key} instead (for a correction, a row that records "
+            f"it): INSERT INTO {rule.key} (...) VALUES (...); ON CONFLICT DO NOTHING is fine too"
+        )
+    else:
+        hint = forms_hint(policy, rule)
     return Violation(
         rule=where,
         reason=f"{policy.name} may not {verb} {rule.key}: it is append-only, its rows are never "
         f"changed nor deleted {_because(policy, where)}",
-        hint=f"insert a new row into {rule.key} instead (for a correction, a row that records "
-        "it); INSERT ... ON CONFLICT DO NOTHING is fine",
+        hint=hint,
     )
 
 
@@ -365,7 +376,8 @@ def function_violation(
             rule="functions",
             reason=f"{policy.name} may not call {shown}: it {why} "
             f"{_because(policy, 'functions: side effects')}",
-            hint="functions without side effects are allowed"
+            hint=("built-in functions" if rules.default == "deny" else "functions")
+            + " without side effects are allowed"
             + (f"; explicitly allowed: {', '.join(rules.allow)}" if rules.allow else ""),
         )
     if rules.default == "deny" and not is_builtin(fn) and not by_name_only:

@@ -74,6 +74,7 @@ from ..analysis.visiting import FastVisitor
 from .agent import AgentPolicy, SoftDelete, TableRule, key_path
 from .checks import GUARD_SCHEMA
 from .decision import SQLSTATE_FEATURE_NOT_SUPPORTED, Decision, WriteEffects
+from .hints import forms_hint, may, readable_column
 from .names import quote_ident
 from .rowfilter import RewriteError, RowFilter, compile_row_filter, conjuncts
 from .rules import Violation, append_only_violation
@@ -322,12 +323,12 @@ class _Analyzer:
         marks = soft.columns
         if write.op in ("truncate", "merge"):
             verb = "TRUNCATE" if write.op == "truncate" else "MERGE into"
+            writes = forms_hint(self.policy, rule, frozenset({"select"}))
             return Violation(
                 rule=where,
                 reason=f"{self.name} may not {verb} {rule.key}: its rows are soft-deleted, and "
                 f"{verb.split()[0]} would change or remove them for good {self.because(where)}",
-                hint=f"use DELETE FROM {rule.key} WHERE ... (it keeps the rows, marked deleted), "
-                "UPDATE ... WHERE ... or INSERT ... ON CONFLICT",
+                hint=writes if "may use" in writes else forms_hint(self.policy, rule),
             )
         written: list[str] = []
         all_columns = False
@@ -353,8 +354,12 @@ class _Analyzer:
                 rule=where,
                 reason=f"{self.name} may not {what}: only guardproxy writes the soft-delete "
                 f"columns {', '.join(marks)} {self.because(where)}",
-                hint=f"to delete rows use DELETE FROM {rule.key} WHERE ...; list the other "
-                "columns explicitly",
+                hint=(
+                    f"to delete rows use DELETE FROM {rule.key} WHERE ...; "
+                    if may(self.policy, rule, "delete")
+                    else ""
+                )
+                + f"list the columns explicitly, without {', '.join(marks)}",
             )
         return None
 
@@ -387,7 +392,8 @@ class _Analyzer:
             rule=where,
             reason=f"{self.name} may not use this RETURNING on {rule.key}: {problem} (guardproxy "
             f"{what} the deleted rows, and RETURNING reads them from there) {self.because(where)}",
-            hint=f"return columns of {rule.key} only (RETURNING {ref}.id, ...)",
+            hint=f"return columns of {rule.key} only (RETURNING "
+            f"{ref}.{readable_column(self.policy, rule, self.catalog) or '<column>'}, ...)",
             sqlstate=SQLSTATE_FEATURE_NOT_SUPPORTED,
         )
 
