@@ -81,6 +81,8 @@ class TableRule:
     append_only: bool = False  # INSERT only
     capture_deleted_rows: bool = False  # hard DELETEs keep row images
     max_rows_affected: int | None = None  # per write statement
+    # foreign keys of this table may not refer to soft-deleted rows (soft_deleted_parents)
+    refuse_deleted_parents: bool = True
 
     def readable(self, all_columns: tuple[str, ...]) -> tuple[str, ...]:
         """The columns of `all_columns` this rule lets the agent read, in order."""
@@ -159,10 +161,14 @@ class AgentPolicy:
     @property
     def uses_guard_schema(self) -> bool:
         """True when the judge's rewrites for this type write to ``guardproxy.deleted_rows``
-        or call ``guardproxy.refuse_soft_deleted`` (its role needs privileges there)."""
+        or call ``guardproxy.refuse_soft_deleted`` / ``guardproxy.live_parent`` (its role
+        needs privileges there): a child row written for a soft-delete parent table is
+        checked by the latter, so any soft-delete table with any insert or update does."""
+        soft = any(t.soft_delete is not None for t in self.tables)
         return any(
             (t.soft_delete is not None and t.ops & {Op.DELETE, Op.INSERT})
             or (t.capture_deleted_rows and Op.DELETE in t.ops)
+            or (soft and t.refuse_deleted_parents and t.ops & {Op.INSERT, Op.UPDATE})
             for t in self.tables
         )
 
@@ -306,6 +312,8 @@ class AgentPolicy:
                 parts.append("deleted rows captured")
             if rule.max_rows_affected is not None:
                 parts.append(f"at most {rule.max_rows_affected} rows per write")
+            if not rule.refuse_deleted_parents:
+                parts.append("may refer to soft-deleted parents")
             lines.append(f"  table {rule.key}: " + "; ".join(parts))
         for rule, row_filter in self.row_filters:
             lines.append(f"  row filter {rule.key}: {row_filter.source}")

@@ -144,6 +144,7 @@ def _tables(
             append_only=table.append_only,
             capture_deleted_rows=table.capture_deleted_rows,
             max_rows_affected=table.max_rows_affected,
+            refuse_deleted_parents=table.soft_deleted_parents == "refuse",
         )
     return tables
 

@@ -692,7 +692,9 @@ def _cap_reason(policy: AgentPolicy) -> str:
 
 
 def _write_reason(policy: AgentPolicy, rule: str) -> str:
-    if rule.endswith(".soft_delete"):
+    if rule.endswith(".soft_deleted_parents"):
+        what = "checks that the rows this write refers to are not soft-deleted"
+    elif rule.endswith(".soft_delete"):
         what = "soft-deletes the rows (they stay in the table, marked deleted, and are recorded)"
     else:
         what = "records the images of the deleted rows"

@@ -95,6 +95,8 @@ class TableDocument(_Strict):
     append_only: bool = False
     capture_deleted_rows: bool = False
     max_rows_affected: int | None = Field(default=None, ge=1)
+    # writing a foreign key that refers to a soft-deleted row of another table
+    soft_deleted_parents: Literal["refuse", "allow"] = "refuse"
 
 
 class FunctionsDocument(_Strict):

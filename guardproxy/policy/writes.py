@@ -25,7 +25,10 @@ Rules, in order, for every table the statement writes:
    without the soft-delete columns is refused outright (rule
    ``tables.<t>.soft_delete``).
 3. ``capture_deleted_rows``: the same conditions on DELETE.
-4. Row counting: when a row cap (``tables.<t>.max_rows_affected`` or
+4. Foreign keys to soft-deleted parents (`parents`): each value written into a key
+   column whose parent table is soft-deleted is checked by Postgres in the same
+   statement, unless ``tables.<t>.soft_deleted_parents: allow``.
+5. Row counting: when a row cap (``tables.<t>.max_rows_affected`` or
    ``limits.max_rows_affected``) or ``budgets.max_writes_per_task`` applies, a write
    whose rows the statement's CommandComplete does not count is denied: a write in a
    WITH query under another statement, EXPLAIN ANALYZE of a write, TRUNCATE.
@@ -76,6 +79,7 @@ from .checks import GUARD_SCHEMA
 from .decision import SQLSTATE_FEATURE_NOT_SUPPORTED, Decision, WriteEffects
 from .hints import forms_hint, may, readable_column
 from .names import quote_ident
+from .parents import ParentEdit, plan_parent_checks
 from .rowfilter import RewriteError, RowFilter, compile_row_filter, conjuncts
 from .rules import Violation, append_only_violation
 
@@ -173,10 +177,12 @@ class WriteAnalysis:
     effects: WriteEffects | None = None
     deletes: list[_Write] = field(default_factory=list)  # to rewrite (soft or captured)
     upserts: list[_Write] = field(default_factory=list)  # ON CONFLICT DO UPDATE to guard
+    parents: list[ParentEdit] = field(default_factory=list)  # key values to check
+    parent_rule: str = ""  # tables.<t>.soft_deleted_parents of the first
 
     @property
     def rewrites(self) -> bool:
-        return bool(self.deletes or self.upserts)
+        return bool(self.deletes or self.upserts or self.parents)
 
     @property
     def rule(self) -> str:
@@ -187,7 +193,7 @@ class WriteAnalysis:
                     "soft_delete" if write.rule.soft_delete is not None else "capture_deleted_rows"
                 )
                 return f"{key_path('tables', write.rule.key)}.{what}"
-        return ""
+        return self.parent_rule
 
 
 def _op(record: RelationRecord) -> str | None:
@@ -257,6 +263,18 @@ class _Analyzer:
                 return result
             if write.rule is None:
                 continue
+            if write.op in ("insert", "update", "merge", "copy"):
+                problem, edits = plan_parent_checks(
+                    self.policy, self.catalog, write.record, write.op
+                )
+                if problem is not None:
+                    result.violation = problem
+                    return result
+                if edits and not result.parents:
+                    result.parent_rule = (
+                        f"{key_path('tables', write.rule.key)}.soft_deleted_parents"
+                    )
+                result.parents.extend(edits)
             managed = write.rule.soft_delete is not None or write.rule.capture_deleted_rows
             if write.op == "delete" and managed:
                 result.deletes.append(write)
@@ -617,6 +635,8 @@ def _names(taken: tuple[str, ...]) -> Iterator[tuple[str, str]]:
 
 def rewrite_writes(analysis: WriteAnalysis, context: DeleteContext, catalog: Catalog) -> None:
     """Rewrite the statement's tree in place (after the row-filter pass)."""
+    for edit in analysis.parents:
+        edit.apply()
     for upsert in analysis.upserts:
         _guard_upsert(upsert)
     names = _names(analysis.statement.info.ctes)
