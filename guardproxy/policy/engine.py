@@ -55,7 +55,11 @@ from ..analysis.catalog import EMPTY_CATALOG, Catalog
 from ..analysis.collector import RelationRecord
 from ..analysis.model import StatementInfo
 from ..analysis.shape import shape
-from . import rowcap, templates
+from . import (
+    pgprint,  # noqa: F401  (prints MERGE for Postgres 15)
+    rowcap,
+    templates,
+)
 from .agent import AgentPolicy, key_path
 from .context import FrozenMap, SessionContext
 from .decision import (
