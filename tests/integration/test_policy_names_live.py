@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ shop_db = shop.shop_db
 shop_baseline = shop.shop_baseline
 clean_shop = shop.clean_shop
 
+ROOT = Path(__file__).resolve().parents[2]
 CAP = 1000  # policies/analytics.yaml, limits.max_rows_returned
 PARENTS_RULE = "tables.order_state_log.soft_deleted_parents"
 
@@ -216,6 +218,15 @@ def log_rows(pg: PgCluster) -> str:
     )
 
 
+def _documented_error() -> tuple[str, str]:
+    """The error and hint docs/policies.md shows, as patterns (any time of deletion)."""
+    lines = (ROOT / "docs" / "policies.md").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("ERROR:  support may not write"))
+    message = re.escape(lines[at].removeprefix("ERROR:  "))
+    message = message.replace(re.escape("2024-05-23 08:00:00+00"), ".+")
+    return message, re.escape(lines[at + 1].removeprefix("HINT:  "))
+
+
 INSERT_LOG = (
     "INSERT INTO order_state_log (order_id, previous_status, new_status, changed_by, reason) "
     "VALUES ({order}, 'cancelled', 'returned', 'support-1', 'customer sent it back')"
@@ -232,6 +243,9 @@ def test_a_child_row_for_a_soft_deleted_order_is_refused(proxy, order_6_deleted)
         assert_names(error["M"], "support", PARENTS_RULE, "order_state_log.order_id = 6")
         assert "soft-deleted" in error["M"] and "orders" in error["M"]
         assert "not deleted" in error.get("H", "")
+        documented = _documented_error()
+        assert re.fullmatch(documented[0], error["M"]), (documented, error)
+        assert re.fullmatch(documented[1], error["H"]), (documented, error)
         assert reply.tags == []
         # a quoted number is typed as the column would type it
         assert raw.query(INSERT_LOG.format(order="'6'")).error.get("C") == "23503"
