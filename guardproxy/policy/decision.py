@@ -66,6 +66,10 @@ Write safety (docs/policies.md, "Write safety"; what the runtime does with each)
 * `cursor`: with a row or byte cap, a message that is one ``FETCH`` (``("fetch", name)``) or one
   ``DECLARE`` (``("declare", name)``): the runtime counts the rows a cursor delivered
   over all its FETCHes and cuts at N in total, not per FETCH.
+* `cursors`: the same per statement of the message, in order (None for a statement
+  that is neither), for messages of several statements (``FETCH 600 FROM c; FETCH
+  600 FROM c``: without it, each result would be capped on its own and the cursor
+  could deliver N + 1 rows in total); empty when no statement is one.
 * `shape`: the normalized text of the message (literals as ``$n``, edge comments
   removed), the cache key; "" when it does not parse. For caching plan estimates by
   shape. Derived idempotency keys must not be built from it alone (two statements
@@ -153,6 +157,7 @@ class Decision:
     shape: str = ""
     plan_check: bool = False
     cursor: tuple[str, str] | None = None  # ("fetch" | "declare", name) of a capped cursor
+    cursors: tuple[tuple[str, str] | None, ...] = ()  # per statement, for several
 
     @property
     def allowed(self) -> bool:

@@ -476,11 +476,11 @@ class Judge:
             or any(inner.max_rows_returned is not None for inner in executed_reads)
         )
         max_bytes = policy.max_bytes_returned if enforce else None
-        cursor = (
-            rowcap.cursor_of(statements[0].raw)
-            if (max_rows is not None or max_bytes is not None) and len(statements) == 1
-            else None
-        )
+        capped = max_rows is not None or max_bytes is not None
+        cursors = tuple(rowcap.cursor_of(s.raw) for s in statements) if capped else ()
+        cursor = cursors[0] if len(cursors) == 1 else None
+        if not any(c is not None for c in cursors):
+            cursors = ()
         plan_check = (
             enforce
             and (policy.max_plan_cost is not None or policy.max_plan_rows is not None)
@@ -519,6 +519,7 @@ class Judge:
                 shape=key,
                 plan_check=plan_check,
                 cursor=cursor,
+                cursors=cursors,
             )
 
         table_filters = self._filters_for(policy)

@@ -13,7 +13,7 @@ from _policy_helpers import copy_policies, judge, write
 
 from guardproxy.analysis import Catalog
 from guardproxy.analysis.catalog import FOREIGN_KEYS_QUERY, ForeignKey
-from guardproxy.policy import Decision, PolicySet, SessionContext, load_policy_set
+from guardproxy.policy import Decision, PolicyError, PolicySet, SessionContext, load_policy_set
 
 RULE = "tables.order_state_log.soft_deleted_parents"
 
@@ -254,7 +254,15 @@ def test_the_switch_is_validated_and_shown(tmp_path: Path) -> None:
             "    append_only: true\n", "    append_only: true\n    soft_deleted_parents: maybe\n"
         )
     )
-    with pytest.raises(Exception, match="soft_deleted_parents"):
+    with pytest.raises(PolicyError, match="soft_deleted_parents"):
+        load_policy_set(directory)
+    path.write_text(
+        text.replace(
+            "  customers:\n    ops: [select]\n",
+            "  customers:\n    ops: [select]\n    soft_deleted_parents: allow\n",
+        )
+    )
+    with pytest.raises(PolicyError, match="neither 'insert' nor 'update'"):
         load_policy_set(directory)
 
 

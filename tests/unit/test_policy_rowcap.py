@@ -407,3 +407,15 @@ def test_no_clause_widens_the_cap(sql: str, limit: str) -> None:
     LIMIT: the root query ends with a LIMIT of at most N + 1 all the same."""
     decision = capped(sql)
     assert decision.sql.endswith(limit), decision.sql
+
+
+def test_each_cursor_statement_of_a_message_is_named() -> None:
+    """Two FETCHes in one message are counted against one cursor total, not per result."""
+    decision = capped("FETCH 600 FROM c; FETCH 600 FROM c")
+    assert decision.cursor is None
+    assert decision.cursors == (("fetch", "c"), ("fetch", "c"))
+    mixed = capped("DECLARE k CURSOR FOR SELECT id FROM orders; SELECT 1; FETCH ALL FROM k")
+    assert mixed.cursors == (("declare", "k"), None, ("fetch", "k"))
+    single = capped("FETCH 10 FROM c")
+    assert (single.cursor, single.cursors) == (("fetch", "c"), (("fetch", "c"),))
+    assert capped("SELECT 1; SELECT 2").cursors == ()
