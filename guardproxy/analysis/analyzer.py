@@ -135,6 +135,8 @@ def _analyze_one(raw: ast.RawStmt, text: str, catalog: Catalog) -> AnalyzedState
         deallocate_name=root.deallocate_name,
         discard=root.discard,
         unsupported=tuple(dict.fromkeys(collector.unsupported + root.unsupported)),
+        unresolved=tuple(dict.fromkeys(collector.unresolved)),
+        possible_calls=tuple(collector.possible_calls),
     )
     return AnalyzedStatement(raw, info, tuple(collector.records))
 

@@ -9,10 +9,13 @@ node's ancestry:
 * a `RangeVar` is a write target, a FROM item, a lock target, a CREATE target... or
   not a relation at all (``FOR UPDATE OF alias``, a reference to a CTE);
 * a `ColumnRef` is resolved against the range entries of its query level and the
-  levels around it (see `scope`), with the catalog when there is one. When the
-  statement alone cannot tell which relation a bare column name belongs to, the
-  name is charged to every candidate: a false denial is recoverable, a missed read
-  of a denied column is not.
+  levels around it (see `scope` and `columns`), with the catalog when there is one.
+  When the statement alone cannot tell which relation a bare column name belongs
+  to, the name is charged to every candidate: a false denial is recoverable, a
+  missed read of a denied column is not. A reference that resolves to nothing is
+  recorded as *unresolved* (the statement is denied), never dropped;
+* the join columns of ``JOIN ... USING (k)`` and ``NATURAL JOIN`` are compared, so they
+  are reads of both sides, as are the conflict columns of ``ON CONFLICT (k)``.
 
 Node types outside `statements.QUERY_NODES` inside a detailed statement are reported
 as unsupported (fail closed).
@@ -23,12 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pglast import ast
-from pglast.enums import CmdType, LockClauseStrength, SetOperation
+from pglast.enums import CmdType, LockClauseStrength
 from pglast.visitors import Ancestor
 
 from .catalog import Catalog
+from .columns import ColumnResolver
 from .model import FunctionRef, Op, SettingChange
-from .scope import Link, RangeEntry, ScopeResolver, chain, iter_bases, visible_ctes, written_name
+from .scope import Link, RangeEntry, ScopeResolver, chain, visible_ctes, written_name
 from .settings import from_set_config
 from .statements import QUERY_NODES
 from .visiting import FastVisitor
@@ -114,6 +118,11 @@ def references_columns(expr: ast.Node | None) -> bool:
     return finder.found
 
 
+def _in_function_body(links: list[Link]) -> bool:
+    """SQL function bodies name their parameters like columns (DDL, judged as a whole)."""
+    return any(isinstance(owner, ast.CreateFunctionStmt) for owner, _, _ in links)
+
+
 def _target_names(targets: tuple[ast.Node, ...] | None) -> set[str]:
     return {t.name for t in targets or () if isinstance(t, ast.ResTarget) and t.name}
 
@@ -126,6 +135,7 @@ class Collector(FastVisitor):
         self.catalog = catalog
         self.detailed = detailed
         self.scopes = ScopeResolver(catalog)
+        self.columns = ColumnResolver(catalog, self.scopes)
         self.accesses: dict[tuple[str, str, Op], AccessBuilder] = {}
         self.functions: dict[FunctionRef, None] = {}
         self.settings: list[SettingChange] = []
@@ -133,6 +143,8 @@ class Collector(FastVisitor):
         self.ctes: list[str] = []
         self.writable_ctes: list[str] = []
         self.unsupported: list[str] = []
+        self.unresolved: list[str] = []
+        self.possible_calls: dict[FunctionRef, None] = {}
         self.records: list[RelationRecord] = []
         self.executes: list[str] = []
 
@@ -262,106 +274,65 @@ class Collector(FastVisitor):
 
     def visit_ColumnRef(self, ancestors: Ancestor, node: ast.ColumnRef) -> None:
         links = chain(ancestors)
-        levels = self.scopes.query_levels(links)
-        if not levels:
-            return  # DDL expressions (CHECK, index expressions): no range table
-        fields = node.fields or ()
-        if fields and isinstance(fields[-1], ast.A_Star):
-            qualifier = strings(fields[:-1])
-            if not qualifier:
-                for entry in iter_bases(levels[0]):
-                    self._read(entry, None)
-                return
-            found = self._find_qualified(levels, qualifier)
-            if found is not None:
-                self._read_entry(found, None)
+        resolution = self.columns.resolve(node, links)
+        if resolution is None:
+            if self.detailed:
+                shown = ".".join(strings(node.fields)) or "*"
+                self.unresolved.append(f"{shown} (a column reference outside of any query)")
             return
-        names = strings(fields)
-        if len(names) == 1:
-            self._unqualified(links, levels, names[0])
-            return
-        found = self._find_qualified(levels, names[:-1])
-        column = names[-1]
-        if found is None and len(names) >= 3:
-            # a.b.c can also be table a, column b, field c of a composite column.
-            found = self._find_qualified(levels, names[:1])
-            column = names[1]
-        if found is not None:
-            self._read_entry(found, column)
-
-    def _read_entry(self, entry: RangeEntry, column: str | None) -> None:
-        if entry.relation is not None:
+        for entry, column in resolution.reads:
             self._read(entry, column)
-        for base in entry.bases:
-            self._read(base, column)
+        for call in resolution.calls:
+            self.functions[call] = None
+        for call in resolution.possible_calls:
+            self.possible_calls[call] = None
+        if resolution.unresolved is not None and not _in_function_body(links):
+            self.unresolved.append(resolution.unresolved)
 
-    @staticmethod
-    def _find_qualified(
-        levels: list[tuple[RangeEntry, ...]], qualifier: list[str]
-    ) -> RangeEntry | None:
-        if len(qualifier) == 1:
-            for level in levels:
-                for entry in level:
-                    if entry.refname == qualifier[0]:
-                        return entry
-            return None
-        schema, name = qualifier[-2], qualifier[-1]
-        for level in levels:
-            for entry in level:
-                if (
-                    entry.relation is not None
-                    and not entry.aliased
-                    and entry.relation == (schema, name)
-                ):
-                    return entry
-        return None
-
-    def _unqualified(
-        self, links: list[Link], levels: list[tuple[RangeEntry, ...]], name: str
-    ) -> None:
-        if self._is_output_name(links, name):
+    def visit_JoinExpr(self, ancestors: Ancestor, node: ast.JoinExpr) -> None:
+        """``USING (k)`` and ``NATURAL`` compare the join columns of both sides: reads."""
+        if not node.usingClause and not node.isNatural:
             return
-        if self.catalog.tables:
-            for level in levels:
-                hit = False
-                for entry in iter_bases(level):
-                    assert entry.relation is not None
-                    cols = self.catalog.columns(*entry.relation)
-                    if cols is None:
-                        self._read(entry, name)  # unknown relation: it might have it
-                    elif name in cols or name in entry.colaliases:
-                        self._read(entry, name)
-                        hit = True
-                if hit:
-                    return
-        else:
-            for level in levels:
-                for entry in iter_bases(level):
-                    self._read(entry, name)
-        # Not (known to be) a column: a whole-row reference to a range entry, as in
-        # `SELECT c FROM customers c` or `row_to_json(c)`.
-        found = self._find_qualified(levels, [name])
-        if found is not None:
-            self._read_entry(found, None)
+        ctes = visible_ctes(chain(ancestors))
+        sides = [
+            [e for e in self.scopes.from_item(side, ctes) if e.kind != "using"]
+            for side in (node.larg, node.rarg)
+        ]
+        names: set[str] | None = set(strings(node.usingClause))
+        if node.isNatural:
+            names = self._common_columns(sides)
+        for side in sides:
+            for entry in side:
+                if names is None:
+                    reads = self.columns.whole_row(entry)
+                else:
+                    reads = [r for name in names for r in self.columns.lookup(entry, name).reads]
+                for base, column in reads:
+                    self._read(base, column)
 
-    @staticmethod
-    def _is_output_name(links: list[Link], name: str) -> bool:
-        """A bare ORDER BY name that names an output column refers to that column."""
-        if len(links) < 2:
-            return False
-        (first, first_attr, _), (second, second_attr, _) = links[0], links[1]
-        if not (isinstance(first, ast.SortBy) and first_attr == "node"):
-            return False
-        if not (isinstance(second, ast.SelectStmt) and second_attr == "sortClause"):
-            return False
-        if second.op != SetOperation.SETOP_NONE:
-            return True  # ORDER BY of a UNION can only name output columns
-        for target in second.targetList or ():
-            if not isinstance(target, ast.ResTarget):
-                continue
-            if target.name == name:
-                return True
-        return False
+    def _common_columns(self, sides: list[list[RangeEntry]]) -> set[str] | None:
+        """The columns a NATURAL join compares; None when a side's columns are unknown."""
+        found: list[set[str]] = []
+        for side in sides:
+            names: set[str] = set()
+            for entry in side:
+                columns = self.columns.columns.of(entry)
+                if columns is None or None in columns:
+                    return None
+                names.update(c for c in columns if c is not None)
+            found.append(names)
+        return found[0] & found[1]
+
+    def visit_InferClause(self, ancestors: Ancestor, node: ast.InferClause) -> None:
+        """``ON CONFLICT (k)`` compares k with the rows of the table: a read of k."""
+        links = chain(ancestors)
+        insert = next((o for o, _, _ in links if isinstance(o, ast.InsertStmt)), None)
+        if insert is None or insert.relation is None:
+            return
+        entry = self.scopes.base_entry(insert.relation)
+        for elem in node.indexElems or ():
+            if isinstance(elem, ast.IndexElem) and elem.name:
+                self._read(entry, elem.name)
 
     # -- functions, locks, CTEs --------------------------------------------------
 

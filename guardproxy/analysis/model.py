@@ -15,9 +15,11 @@ Conventions:
   merged. Reading columns in the WHERE / RETURNING of an UPDATE or DELETE is a
   separate ``select`` access, as Postgres requires the SELECT privilege for it.
 * `all_columns` means "every column, present and future": ``*``, ``t.*``, whole-row
-  references (``SELECT c FROM customers c``, ``row_to_json(c)``), COPY without a
-  column list, INSERT without a column list, column aliases that could not be mapped
-  back to real names without a catalog.
+  references (``SELECT c FROM customers c``, ``row_to_json(c)``, ``c.row_to_json``),
+  COPY without a column list, INSERT without a column list, column aliases that could
+  not be mapped back to real names without a catalog.
+* Columns compared by ``JOIN ... USING``, ``NATURAL JOIN`` and ``ON CONFLICT (k)`` are
+  read columns; so are system columns (``ctid``, ``xmin``...), by their names.
 """
 
 from __future__ import annotations
@@ -156,6 +158,13 @@ class StatementInfo:
     # Why the analyzer could not judge the statement (unknown node types, unsupported
     # statement kinds, non-literal setting names...). Non-empty means: deny.
     unsupported: tuple[str, ...] = ()
+    # Column references that resolve to no column, output name or FROM item, each
+    # with why ("j.x: no table, alias or FROM item named j is in scope"). Non-empty
+    # means: deny (fail closed; see `guardproxy.analysis.columns`).
+    unresolved: tuple[str, ...] = ()
+    # `t.f` where the columns of t are not known: a column f, or the call f(t) in
+    # functional notation. The function rules that deny by name apply to these.
+    possible_calls: tuple[FunctionRef, ...] = ()
 
     def relations_with(self, op: Op) -> tuple[RelationAccess, ...]:
         return tuple(r for r in self.relations if r.op is op)

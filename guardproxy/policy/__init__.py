@@ -37,7 +37,8 @@ Pure: no sockets, no database. What the proxy does with it, per client session:
    * ``monitored``: log and count (rule, reason); the statement runs.
    * ``write`` / ``writes`` (`WriteEffects`): the message writes rows: run it as a
      managed write (row cap, soft-delete retag, idempotency key, task budgets);
-     ``max_rows_returned`` / ``rows_over_cap``: cut reads; ``plan_check``: check the
+     ``max_rows_returned`` / ``max_bytes_returned`` / ``rows_over_cap``: cut results
+     (rows of reads; bytes of any result); ``plan_check``: check the
      plan estimate first (see `Decision`).
 3. Enforce what the judge only exposes: ``transaction_timeout``, ``max_task_duration``,
    ``max_server_connections``, ``max_client_sessions``, ``idempotency_mode`` /

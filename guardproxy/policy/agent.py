@@ -98,6 +98,9 @@ class TableRule:
             return fnmatchcase(schema, self.schema)
         return catalog.resolve(None, name) == (schema, name)
 
+    # foreign keys of this table may not refer to soft-deleted rows (soft_deleted_parents)
+    refuse_deleted_parents: bool = True
+
     def readable(self, all_columns: tuple[str, ...]) -> tuple[str, ...]:
         """The columns of `all_columns` this rule lets the agent read, in order."""
         return tuple(
@@ -205,11 +208,15 @@ class AgentPolicy:
     @property
     def uses_guard_schema(self) -> bool:
         """True when the judge's rewrites for this type write to ``guardproxy.deleted_rows``
-        or call ``guardproxy.refuse_soft_deleted`` / ``guardproxy.check_insert`` (its role
-        needs privileges there)."""
+        or call ``guardproxy.refuse_soft_deleted`` / ``guardproxy.check_insert`` /
+        ``guardproxy.live_parent`` (its role needs privileges there): a child row written
+        for a soft-delete parent table is checked by the latter, so any soft-delete table
+        with any insert or update does."""
+        soft = any(t.soft_delete is not None for t in self.tables)
         return self.uses_insert_checks or any(
             (t.soft_delete is not None and t.ops & {Op.DELETE, Op.INSERT})
             or (t.capture_deleted_rows and Op.DELETE in t.ops)
+            or (soft and t.refuse_deleted_parents and t.ops & {Op.INSERT, Op.UPDATE})
             for t in self.tables
         )
 
@@ -229,6 +236,11 @@ class AgentPolicy:
     @property
     def max_rows_returned(self) -> int | None:
         return self.document.limits.max_rows_returned
+
+    @property
+    def max_bytes_returned(self) -> int | None:
+        """``limits.max_bytes_returned``: bytes of row data per result and per cursor."""
+        return self.document.limits.max_bytes_returned
 
     @property
     def on_rows_returned_over(self) -> RowsOverCap:
@@ -354,6 +366,8 @@ class AgentPolicy:
                 parts.append("deleted rows captured")
             if rule.max_rows_affected is not None:
                 parts.append(f"at most {rule.max_rows_affected} rows per write")
+            if not rule.refuse_deleted_parents:
+                parts.append("may refer to soft-deleted parents")
             lines.append(f"  table {rule.key}: " + "; ".join(parts))
         for rule, row_filter in self.row_filters:
             if row_filter.reads and len(row_filter.variants) == 1:
@@ -365,7 +379,7 @@ class AgentPolicy:
         if timeouts:
             lines.append("  timeouts: " + ", ".join(f"{k} {_fmt(v)}" for k, v in timeouts.items()))
         limits = self.document.limits.model_dump(exclude_none=True)
-        if self.max_rows_returned is None:
+        if self.max_rows_returned is None and self.max_bytes_returned is None:
             limits.pop("on_rows_returned_over", None)
         if limits:
             lines.append("  limits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))

@@ -14,8 +14,9 @@ YAML of the right types but cannot mean what their author wanted:
   operation the table's ``ops`` do not include;
 * write safety that contradicts itself: an append-only table with update / delete /
   truncate in its ops, soft delete together with append-only or with
-  capture_deleted_rows, soft-delete columns the agent may write, capture or a row
-  cap on a table the agent never writes, a table in guardproxy's own schema.
+  capture_deleted_rows, soft-delete columns the agent may write, capture, a row
+  cap or ``soft_deleted_parents: allow`` on a table the agent never writes, a table
+  in guardproxy's own schema.
 
 Every problem is reported with its key path; the policy is compiled only if none.
 """
@@ -147,6 +148,7 @@ def _tables(
             capture_deleted_rows=table.capture_deleted_rows,
             max_rows_affected=table.max_rows_affected,
             pattern=pattern,
+            refuse_deleted_parents=table.soft_deleted_parents == "refuse",
         )
     return tables
 
@@ -211,6 +213,14 @@ def _write_safety(
             (
                 key_path("tables", key, "capture_deleted_rows"),
                 "is set but ops does not include 'delete'",
+            )
+        )
+    if table.soft_deleted_parents == "allow" and not ops & {Op.INSERT, Op.UPDATE}:
+        problems.append(
+            (
+                key_path("tables", key, "soft_deleted_parents"),
+                "is set but ops includes neither 'insert' nor 'update' (it is about the rows "
+                "the agent writes into this table)",
             )
         )
     if table.max_rows_affected is not None and not ops & _WRITES:

@@ -49,16 +49,30 @@ Write safety (docs/policies.md, "Write safety"; what the runtime does with each)
   (send the first N rows, then the CommandComplete retagged ``SELECT N`` and a
   WARNING ``result truncated to N rows by policy``) or ``error`` (an ErrorResponse
   54000 naming the cap, no rows). None: no cap (also in monitor mode).
+* `max_bytes_returned`: set (enforce mode) on every allowed message of an agent type
+  whose policy has ``limits.max_bytes_returned``: a bound on the bytes of row data
+  that leave for the client, so that one huge row (``json_agg`` of a whole table)
+  is bounded too. The runtime adds up the payload lengths of the DataRow messages
+  (CopyData for COPY ... TO) of each result (a statement's result; the RETURNING
+  rows of a write; per cursor across its FETCHes, see `cursor`) and, past the cap,
+  does what `rows_over_cap` says: ``truncate`` (stop forwarding rows before the one
+  that would pass the cap, CommandComplete retagged with the rows sent, a WARNING
+  ``result truncated to N bytes by policy``) or ``error`` (ErrorResponse 54000).
+  None: no byte cap (also in monitor mode).
 * `plan_check`: the policy limits plan estimates (``max_plan_cost`` / ``max_plan_rows``)
   and the message holds a read to estimate (SELECT, DECLARE CURSOR, EXECUTE of a
   read): see `guardproxy.policy.plans` for the EXPLAIN and the check, before the
   message runs. False in monitor mode.
-* `cursor`: with a row cap, a message that is one ``FETCH`` (``("fetch", name)``) or one
+* `cursor`: with a row or byte cap, a message that is one ``FETCH`` (``("fetch", name)``) or one
   ``DECLARE`` (``("declare", name)``): the runtime counts the rows a cursor delivered
   over all its FETCHes and cuts at N in total, not per FETCH.
 * `notices`: messages the client should get as NoticeResponses (severity NOTICE,
   SQLSTATE 01000) before the statement's answer, e.g. that a row filter using
   ``{principals}`` ran in a session without principals and matches no rows.
+* `cursors`: the same per statement of the message, in order (None for a statement
+  that is neither), for messages of several statements (``FETCH 600 FROM c; FETCH
+  600 FROM c``: without it, each result would be capped on its own and the cursor
+  could deliver N + 1 rows in total); empty when no statement is one.
 * `shape`: the normalized text of the message (literals as ``$n``, edge comments
   removed), the cache key; "" when it does not parse. For caching plan estimates by
   shape. Derived idempotency keys must not be built from it alone (two statements
@@ -142,10 +156,12 @@ class Decision:
     writes: tuple[WriteEffects | None, ...] = ()
     max_rows_returned: int | None = None
     rows_over_cap: RowsOverCap = "truncate"
+    max_bytes_returned: int | None = None
     shape: str = ""
     plan_check: bool = False
     cursor: tuple[str, str] | None = None  # ("fetch" | "declare", name) of a capped cursor
     notices: tuple[str, ...] = ()  # NoticeResponses (severity NOTICE, 01000) to send first
+    cursors: tuple[tuple[str, str] | None, ...] = ()  # per statement, for several
 
     @property
     def allowed(self) -> bool:

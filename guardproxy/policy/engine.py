@@ -55,7 +55,11 @@ from ..analysis.catalog import EMPTY_CATALOG, Catalog
 from ..analysis.collector import RelationRecord
 from ..analysis.model import StatementInfo
 from ..analysis.shape import shape
-from . import rowcap, templates
+from . import (
+    pgprint,  # noqa: F401  (prints MERGE for Postgres 15)
+    rowcap,
+    templates,
+)
 from .agent import AgentPolicy, key_path
 from .context import FrozenMap, SessionContext
 from .decision import (
@@ -485,11 +489,12 @@ class Judge:
             any(rowcap.returns_rows(s.raw) for s in statements)
             or any(inner.max_rows_returned is not None for inner in executed_reads)
         )
-        cursor = (
-            rowcap.cursor_of(statements[0].raw)
-            if max_rows is not None and len(statements) == 1
-            else None
-        )
+        max_bytes = policy.max_bytes_returned if enforce else None
+        capped = max_rows is not None or max_bytes is not None
+        cursors = tuple(rowcap.cursor_of(s.raw) for s in statements) if capped else ()
+        cursor = cursors[0] if len(cursors) == 1 else None
+        if not any(c is not None for c in cursors):
+            cursors = ()
         plan_check = (
             enforce
             and (policy.max_plan_cost is not None or policy.max_plan_rows is not None)
@@ -525,10 +530,12 @@ class Judge:
                 writes=writes if any(w is not None for w in writes) else (),
                 max_rows_returned=max_rows if returns_rows else None,
                 rows_over_cap=policy.on_rows_returned_over,
+                max_bytes_returned=max_bytes,
                 shape=key,
                 plan_check=plan_check,
                 cursor=cursor,
                 notices=notices,
+                cursors=cursors,
             )
 
         table_filters = self._filters_for(policy)
@@ -599,6 +606,8 @@ class Judge:
         if max_rows is not None:
             for statement in statements:
                 rowcap.cap_tree(statement.raw, max_rows)
+        for statement in statements:
+            rowcap.printable(statement.raw)
         rewritten = RawStream()(tuple(s.raw for s in statements))
         if rule == write_rule and write_rule:
             reason = _write_reason(policy, write_rule)
@@ -709,7 +718,9 @@ def _cap_reason(policy: AgentPolicy) -> str:
 
 
 def _write_reason(policy: AgentPolicy, rule: str) -> str:
-    if rule.endswith(".soft_delete"):
+    if rule.endswith(".soft_deleted_parents"):
+        what = "checks that the rows this write refers to are not soft-deleted"
+    elif rule.endswith(".soft_delete"):
         what = "soft-deletes the rows (they stay in the table, marked deleted, and are recorded)"
     else:
         what = "records the images of the deleted rows"

@@ -101,6 +101,8 @@ class TableDocument(_Strict):
     append_only: bool = False
     capture_deleted_rows: bool = False
     max_rows_affected: int | None = Field(default=None, ge=1)
+    # writing a foreign key that refers to a soft-deleted row of another table
+    soft_deleted_parents: Literal["refuse", "allow"] = "refuse"
 
 
 class FunctionsDocument(_Strict):
@@ -137,6 +139,8 @@ class LimitsDocument(_Strict):
     max_client_sessions: int | None = Field(default=None, ge=1, le=1_000_000)
     max_rows_affected: int | None = Field(default=None, ge=1)  # per write statement
     max_rows_returned: int | None = Field(default=None, ge=1, le=100_000_000)  # per read
+    # bytes of row data (DataRow / CopyData payloads) per result and per cursor
+    max_bytes_returned: int | None = Field(default=None, ge=1, le=1 << 40)
     on_rows_returned_over: Literal["truncate", "error"] = "truncate"
     max_plan_cost: float | None = Field(default=None, gt=0)  # EXPLAIN total cost of a read
     max_plan_rows: int | None = Field(default=None, ge=1)  # EXPLAIN row estimate of a read

@@ -16,6 +16,12 @@ rows reach the client), RETURNING of writes (``max_rows_affected`` bounds those)
 An existing LIMIT is kept when it is a constant no larger than N, a larger constant
 becomes N + 1, anything else (a parameter, an expression, ``LIMIT ALL``) becomes
 ``LEAST(<it>, N + 1)`` (``LEAST`` ignores NULL, so ``LIMIT NULL`` is capped too).
+``FETCH FIRST n ROWS WITH TIES`` returns every row that ties with the n-th, however
+many (with ``ORDER BY`` a constant, the whole table): its query is kept as it is and
+wrapped, ``SELECT * FROM (<query>) AS guardproxy_capped LIMIT N + 1`` (its WITH
+list moves out, so a writable CTE stays at the top). A subquery's LIMIT, OFFSET and
+set operations cannot widen the root LIMIT; a cursor's rows are bounded by the
+LIMIT of its ``DECLARE`` and counted by the runtime over all its FETCHes.
 
 Two ways to apply it:
 
@@ -33,6 +39,11 @@ from collections.abc import Sequence
 
 from pglast import ast, parser
 from pglast.enums import LimitOption, MinMaxOp, SetOperation
+from pglast.visitors import Ancestor
+
+from ..analysis.visiting import FastVisitor
+
+CAPPED_ALIAS = "guardproxy_capped"
 
 
 def _count(value: int) -> ast.A_Const:
@@ -86,6 +97,10 @@ def _query(raw: ast.RawStmt) -> ast.SelectStmt | None:
     return None
 
 
+def _with_ties(query: ast.SelectStmt) -> bool:
+    return query.limitOption == LimitOption.LIMIT_OPTION_WITH_TIES
+
+
 def plan(raw: ast.RawStmt, max_rows: int) -> str:
     """How the statement is capped: ``none`` (no query rows), ``append`` (text suffix),
     ``tree`` (on the tree) or ``kept`` (its own constant LIMIT is small enough)."""
@@ -95,6 +110,8 @@ def plan(raw: ast.RawStmt, max_rows: int) -> str:
     query = _query(raw)
     if query is None:
         return "none"
+    if _with_ties(query):
+        return "tree"  # ties can widen any count
     count = query.limitCount
     if count is None:
         return "append" if isinstance(stmt, ast.SelectStmt | ast.DeclareCursorStmt) else "tree"
@@ -152,6 +169,9 @@ def cap_tree(raw: ast.RawStmt, max_rows: int) -> bool:
     query = _query(raw)
     if query is None:
         return False
+    if _with_ties(query):
+        _replace_query(raw, query, _wrapped(query, cap))
+        return True
     count = query.limitCount
     if count is None:
         query.limitCount = _count(cap)
@@ -164,3 +184,45 @@ def cap_tree(raw: ast.RawStmt, max_rows: int) -> bool:
         return True
     query.limitCount = ast.MinMaxExpr(op=MinMaxOp.IS_LEAST, args=(count, _count(cap)))
     return True
+
+
+def _wrapped(query: ast.SelectStmt, cap: int) -> ast.SelectStmt:
+    """``SELECT * FROM (<query>) AS guardproxy_capped LIMIT cap``, the WITH list outside."""
+    with_clause, query.withClause = query.withClause, None
+    return ast.SelectStmt(
+        targetList=(ast.ResTarget(val=ast.ColumnRef(fields=(ast.A_Star(),))),),
+        fromClause=(ast.RangeSubselect(subquery=query, alias=ast.Alias(aliasname=CAPPED_ALIAS)),),
+        withClause=with_clause,
+        op=SetOperation.SETOP_NONE,
+        limitCount=_count(cap),
+        limitOption=LimitOption.LIMIT_OPTION_COUNT,
+    )
+
+
+def _replace_query(raw: ast.RawStmt, query: ast.SelectStmt, new: ast.SelectStmt) -> None:
+    stmt = raw.stmt
+    if stmt is query:
+        raw.stmt = new
+    else:
+        assert isinstance(stmt, ast.DeclareCursorStmt | ast.PrepareStmt | ast.CopyStmt)
+        stmt.query = new
+
+
+class _NullTies(FastVisitor):
+    def visit_SelectStmt(self, ancestors: Ancestor, node: ast.SelectStmt) -> None:
+        count = node.limitCount
+        if _with_ties(node) and isinstance(count, ast.A_Const) and count.isnull:
+            # pglast prints a NULL count as ALL, which WITH TIES does not accept; the
+            # typed NULL keeps Postgres' own error ("row count cannot be null").
+            node.limitCount = ast.TypeCast(
+                arg=ast.A_Const(isnull=True),
+                typeName=ast.TypeName(
+                    names=(ast.String(sval="pg_catalog"), ast.String(sval="int8"))
+                ),
+            )
+
+
+def printable(raw: ast.RawStmt) -> None:
+    """Make the tree print as valid SQL where pglast would not (``FETCH FIRST NULL ROWS
+    WITH TIES``); call before printing a statement guardproxy rewrote."""
+    _NullTies()(raw)

@@ -10,6 +10,8 @@ Rules, in order:
 
 1. the analyzer understood the statement (unknown statement / node types: deny);
 2. statement classes: each operation's class, then the statement's own classes;
+2b. every column reference resolved to a column, an output name or a FROM item
+   (``unresolved``: deny, fail closed);
 3. relations: nothing in guardproxy's own schema (functions neither); listed in
    ``tables`` with the operation (append-only tables: no UPDATE, DELETE, TRUNCATE,
    upsert DO UPDATE, first); system catalogs readable
@@ -17,7 +19,8 @@ Rules, in order:
    denied (``*`` and whole-row references count as every column); WHERE present on
    UPDATE / DELETE when ``require_where``; LOCK only with ``allow_locking``;
 4. functions: ``functions.deny``, then ``functions.allow``, then the side-effect list,
-   then ``functions.default``;
+   then ``functions.default`` (``t.f``, which may be a column f or the call f(t), only
+   meets the rules that deny f by name);
 5. row locking clauses (FOR UPDATE / SHARE ...) only with ``allow_locking``.
 """
 
@@ -39,6 +42,7 @@ from ..analysis.pg_builtins import BUILTIN_FUNCTIONS
 from .agent import AgentPolicy, TableRule, key_path
 from .checks import GUARD_SCHEMA, OP_CLASS
 from .decision import SQLSTATE_FEATURE_NOT_SUPPORTED, SQLSTATE_INSUFFICIENT_PRIVILEGE
+from .hints import forms_hint, may, statement_kinds, where_example, write_kinds
 from .sensitive import SENSITIVE_CATALOGS
 from .side_effects import side_effect
 
@@ -78,7 +82,10 @@ def _because(policy: AgentPolicy, rule: str) -> str:
 
 def allowed_classes_hint(policy: AgentPolicy) -> str:
     classes = [c for c in StatementClass if c in policy.statements and c in _CLASS_WORDS]
-    listed = ", ".join(_CLASS_WORDS[c] for c in classes) or "no data statements"
+    words = dict(_CLASS_WORDS)
+    if StatementClass.WRITE in classes:
+        words[StatementClass.WRITE] = f"write statements ({write_kinds(policy)})"
+    listed = ", ".join(words[c] for c in classes) or "no data statements"
     return (
         f"{policy.name} may run: {listed}; plus transaction control, SET / SHOW, "
         "cursors and prepared statements"
@@ -98,14 +105,29 @@ def check_statement(policy: AgentPolicy, info: StatementInfo, catalog: Catalog) 
             rule="unsupported",
             reason=f"{policy.name} may not run this statement: {info.unsupported[0]} "
             f"{_because(policy, 'fail closed')}",
-            hint="rewrite the statement with plain SELECT / INSERT / UPDATE / DELETE syntax",
+            hint=f"rewrite the statement with plain {statement_kinds(policy)} syntax",
             sqlstate=SQLSTATE_FEATURE_NOT_SUPPORTED,
         )
     return (
         _check_classes(policy, info)
+        or _check_unresolved(policy, info)
         or _check_relations(policy, info, catalog)
         or _check_functions(policy, info)
         or _check_locking(policy, info)
+    )
+
+
+def _check_unresolved(policy: AgentPolicy, info: StatementInfo) -> Violation | None:
+    """A column reference the analysis could not trace to a column: fail closed."""
+    if not info.unresolved:
+        return None
+    return Violation(
+        rule="unresolved",
+        reason=f"{policy.name} may not run this statement: guardproxy refuses column references "
+        f"it cannot trace to a table column (fail closed); here {info.unresolved[0]} "
+        f"{_because(policy, 'unresolved')}",
+        hint="qualify each column with a table or alias of the FROM clause (alias.column); "
+        + tables_hint(policy),
     )
 
 
@@ -209,7 +231,8 @@ def _check_relation(
             rule="require_where",
             reason=f"{policy.name} may not {verb} {access.written} without a WHERE clause that "
             f"names a column {_because(policy, 'require_where')}",
-            hint=f"add a WHERE clause selecting the rows to {access.op.value}, e.g. WHERE id = ...",
+            hint=f"add a WHERE clause selecting the rows to {access.op.value}, e.g. "
+            f"{where_example(policy, rule, catalog)}",
         )
     return None
 
@@ -217,15 +240,18 @@ def _check_relation(
 def append_only_violation(policy: AgentPolicy, rule: TableRule, verb: str) -> Violation:
     """UPDATE, DELETE, TRUNCATE, MERGE or an upsert's DO UPDATE of an append-only table."""
     where = f"{key_path('tables', rule.key)}.append_only"
+    if may(policy, rule, "insert"):
+        hint = (
+            f"insert a new row into {rule.key} instead (for a correction, a row that records "
+            f"it): INSERT INTO {rule.key} (...) VALUES (...); ON CONFLICT DO NOTHING is fine too"
+        )
+    else:
+        hint = forms_hint(policy, rule)
     return Violation(
         rule=where,
         reason=f"{policy.name} may not {verb} {rule.key}: it is append-only, its rows are never "
         f"changed nor deleted {_because(policy, where)}",
-        hint=f"insert a new row into {rule.key} instead (for a correction, a row that records "
-        "it); INSERT ... ON CONFLICT DO NOTHING is fine"
-        if Op.INSERT in rule.ops
-        else f"{rule.key} is append-only and {policy.name} may only "
-        f"{', '.join(sorted(o.value for o in rule.ops))} it",
+        hint=hint,
     )
 
 
@@ -326,7 +352,11 @@ def is_builtin(fn: FunctionRef) -> bool:
     return fn.schema in (None, "pg_catalog") and fn.name in BUILTIN_FUNCTIONS
 
 
-def function_violation(policy: AgentPolicy, fn: FunctionRef) -> Violation | None:
+def function_violation(
+    policy: AgentPolicy, fn: FunctionRef, by_name_only: bool = False
+) -> Violation | None:
+    """The rule a call breaks. `by_name_only`: `t.f` that may be a column or the call
+    f(t): only the rules that deny f by name apply (deny list, side effects)."""
     rules = policy.functions
     name = fn.name
     shown = f"{fn.qualified}()"
@@ -346,10 +376,11 @@ def function_violation(policy: AgentPolicy, fn: FunctionRef) -> Violation | None
             rule="functions",
             reason=f"{policy.name} may not call {shown}: it {why} "
             f"{_because(policy, 'functions: side effects')}",
-            hint="functions without side effects are allowed"
+            hint=("built-in functions" if rules.default == "deny" else "functions")
+            + " without side effects are allowed"
             + (f"; explicitly allowed: {', '.join(rules.allow)}" if rules.allow else ""),
         )
-    if rules.default == "deny" and not is_builtin(fn):
+    if rules.default == "deny" and not is_builtin(fn) and not by_name_only:
         return Violation(
             rule="functions.default",
             reason=f"{policy.name} may not call {shown}: only built-in functions and "
@@ -363,6 +394,10 @@ def function_violation(policy: AgentPolicy, fn: FunctionRef) -> Violation | None
 def _check_functions(policy: AgentPolicy, info: StatementInfo) -> Violation | None:
     for fn in info.functions:
         violation = function_violation(policy, fn)
+        if violation is not None:
+            return violation
+    for fn in info.possible_calls:
+        violation = function_violation(policy, fn, by_name_only=True)
         if violation is not None:
             return violation
     return None

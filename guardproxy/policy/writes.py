@@ -25,7 +25,10 @@ Rules, in order, for every table the statement writes:
    without the soft-delete columns is refused outright (rule
    ``tables.<t>.soft_delete``).
 3. ``capture_deleted_rows``: the same conditions on DELETE.
-4. Row counting: when a row cap (``tables.<t>.max_rows_affected`` or
+4. Foreign keys to soft-deleted parents (`parents`): each value written into a key
+   column whose parent table is soft-deleted is checked by Postgres in the same
+   statement, unless ``tables.<t>.soft_deleted_parents: allow``.
+5. Row counting: when a row cap (``tables.<t>.max_rows_affected`` or
    ``limits.max_rows_affected``) or ``budgets.max_writes_per_task`` applies, a write
    whose rows the statement's CommandComplete does not count is denied: a write in a
    WITH query under another statement, EXPLAIN ANALYZE of a write, TRUNCATE.
@@ -75,7 +78,9 @@ from ..analysis.visiting import FastVisitor
 from .agent import AgentPolicy, SoftDelete, TableRule, key_path
 from .checks import GUARD_SCHEMA
 from .decision import SQLSTATE_FEATURE_NOT_SUPPORTED, Decision, WriteEffects
+from .hints import forms_hint, may, readable_column
 from .names import quote_ident
+from .parents import ParentEdit, plan_parent_checks
 from .rowfilter import RewriteError, RowFilter, compile_row_filter, conjuncts
 from .rules import Violation, append_only_violation
 
@@ -208,10 +213,12 @@ class WriteAnalysis:
     effects: WriteEffects | None = None
     deletes: list[_Write] = field(default_factory=list)  # to rewrite (soft or captured)
     upserts: list[_Write] = field(default_factory=list)  # ON CONFLICT DO UPDATE to guard
+    parents: list[ParentEdit] = field(default_factory=list)  # key values to check
+    parent_rule: str = ""  # tables.<t>.soft_deleted_parents of the first
 
     @property
     def rewrites(self) -> bool:
-        return bool(self.deletes or self.upserts)
+        return bool(self.deletes or self.upserts or self.parents)
 
     @property
     def rule(self) -> str:
@@ -222,7 +229,7 @@ class WriteAnalysis:
                     "soft_delete" if write.rule.soft_delete is not None else "capture_deleted_rows"
                 )
                 return f"{key_path('tables', write.rule.key)}.{what}"
-        return ""
+        return self.parent_rule
 
 
 def _op(record: RelationRecord) -> str | None:
@@ -292,6 +299,18 @@ class _Analyzer:
                 return result
             if write.rule is None:
                 continue
+            if write.op in ("insert", "update", "merge", "copy"):
+                problem, edits = plan_parent_checks(
+                    self.policy, self.catalog, write.record, write.op
+                )
+                if problem is not None:
+                    result.violation = problem
+                    return result
+                if edits and not result.parents:
+                    result.parent_rule = (
+                        f"{key_path('tables', write.rule.key)}.soft_deleted_parents"
+                    )
+                result.parents.extend(edits)
             managed = write.rule.soft_delete is not None or write.rule.capture_deleted_rows
             if write.op == "delete" and managed:
                 result.deletes.append(write)
@@ -358,11 +377,12 @@ class _Analyzer:
         marks = soft.columns
         if write.op in ("truncate", "merge"):
             verb = "TRUNCATE" if write.op == "truncate" else "MERGE into"
+            writes = forms_hint(self.policy, rule, frozenset({"select"}))
             return Violation(
                 rule=where,
                 reason=f"{self.name} may not {verb} {rule.key}: its rows are soft-deleted, and "
                 f"{verb.split()[0]} would change or remove them for good {self.because(where)}",
-                hint=soft_delete_alternatives(self.name, rule),
+                hint=writes if "may use" in writes else forms_hint(self.policy, rule),
             )
         written: list[str] = []
         all_columns = False
@@ -388,8 +408,12 @@ class _Analyzer:
                 rule=where,
                 reason=f"{self.name} may not {what}: only guardproxy writes the soft-delete "
                 f"columns {', '.join(marks)} {self.because(where)}",
-                hint=f"to delete rows use DELETE FROM {rule.key} WHERE ...; list the other "
-                "columns explicitly",
+                hint=(
+                    f"to delete rows use DELETE FROM {rule.key} WHERE ...; "
+                    if may(self.policy, rule, "delete")
+                    else ""
+                )
+                + f"list the columns explicitly, without {', '.join(marks)}",
             )
         return None
 
@@ -422,7 +446,8 @@ class _Analyzer:
             rule=where,
             reason=f"{self.name} may not use this RETURNING on {rule.key}: {problem} (guardproxy "
             f"{what} the deleted rows, and RETURNING reads them from there) {self.because(where)}",
-            hint=f"return columns of {rule.key} only (RETURNING {ref}.id, ...)",
+            hint=f"return columns of {rule.key} only (RETURNING "
+            f"{ref}.{readable_column(self.policy, rule, self.catalog) or '<column>'}, ...)",
             sqlstate=SQLSTATE_FEATURE_NOT_SUPPORTED,
         )
 
@@ -646,6 +671,8 @@ def _names(taken: tuple[str, ...]) -> Iterator[tuple[str, str]]:
 
 def rewrite_writes(analysis: WriteAnalysis, context: DeleteContext, catalog: Catalog) -> None:
     """Rewrite the statement's tree in place (after the row-filter pass)."""
+    for edit in analysis.parents:
+        edit.apply()
     for upsert in analysis.upserts:
         _guard_upsert(upsert)
     names = _names(analysis.statement.info.ctes)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry
 
 from guardproxy import native
-from guardproxy.analysis.catalog import CATALOG_QUERY, SEARCH_PATH_QUERY
+from guardproxy.analysis.catalog import CATALOG_QUERY, FOREIGN_KEYS_QUERY, SEARCH_PATH_QUERY
 from guardproxy.config import Settings, Upstream
 from guardproxy.metrics import GuardproxyCollector, PoolView, StatsRegistry
 from guardproxy.onboarding.privileges import check_login
@@ -289,6 +289,7 @@ class Proxy:
         try:
             rows = await server.query(CATALOG_QUERY)
             path_rows = await server.query(SEARCH_PATH_QUERY)
+            key_rows = await server.query(FOREIGN_KEYS_QUERY)
         except (GuardError, ConnectionError) as exc:
             pool.discard(server)
             log.warning("could not read the catalog: %s", exc)
@@ -296,7 +297,9 @@ class Proxy:
         pool.release(server)
         path = _pg_array(path_rows[0][0]) if path_rows and path_rows[0][0] else ["public"]
         catalog = Catalog.from_rows(
-            ((str(r[0]), str(r[1]), str(r[2]), r[3]) for r in rows), search_path=path
+            ((str(r[0]), str(r[1]), str(r[2]), r[3]) for r in rows),
+            search_path=path,
+            foreign_keys=(tuple(str(v) for v in r) for r in key_rows),  # type: ignore[misc]
         )
         self.judge.set_catalog(catalog)
         log.info("catalog loaded: %d relations", len(catalog.tables))

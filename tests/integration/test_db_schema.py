@@ -45,6 +45,13 @@ def test_upgrade_creates_schema_downgrade_removes_it_current_tells_which(pg: PgC
             )
             == "1"
         )
+        # 0006: the check of soft-deleted parents
+        assert (
+            pg.psql(
+                "select count(*) from pg_proc where proname = 'live_parent'", dbname="schema_test"
+            )
+            == "1"
+        )
         now = gp("db", "current", "--upstream", dsn)
         assert now.returncode == 0 and "up to date" in now.stdout
 

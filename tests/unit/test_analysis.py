@@ -572,6 +572,7 @@ def test_shape_ignores_constants_and_edge_comments() -> None:
 def test_ordinary_syntax_is_understood(sql: str) -> None:
     for info in analyze(sql):
         assert info.unsupported == ()
+        assert info.unresolved == ()
 
 
 def test_returning_old_and_new_read_the_target() -> None:

@@ -10,8 +10,16 @@ import pglast
 import pytest
 from _policy_helpers import copy_policies, example_catalog, example_policies, judge
 from pglast import ast
+from pglast.enums import LimitOption
 
-from guardproxy.policy import Decision, Judge, PolicySet, SessionContext, load_policy_set
+from guardproxy.policy import (
+    Decision,
+    Judge,
+    PolicyError,
+    PolicySet,
+    SessionContext,
+    load_policy_set,
+)
 from guardproxy.policy.plans import (
     PlanEstimate,
     explain_statements,
@@ -99,7 +107,8 @@ def test_the_cache_appends_the_cap_to_each_message() -> None:
         ),
         (
             "SELECT id FROM orders ORDER BY id FETCH FIRST 5000 ROWS WITH TIES",
-            "SELECT id FROM orders ORDER BY id FETCH FIRST 1001 ROWS WITH TIES",
+            "SELECT * FROM (SELECT id FROM orders ORDER BY id FETCH FIRST 5000 ROWS WITH TIES ) "
+            "AS guardproxy_capped LIMIT 1001",
         ),
         (
             "(SELECT id FROM orders LIMIT 5) UNION ALL (SELECT id FROM customers) LIMIT $1 + 1",
@@ -116,6 +125,79 @@ def test_an_existing_limit_is_kept_or_lowered(sql: str, expected: str) -> None:
     else:
         assert decision.rule == "limits.max_rows_returned"
         assert decision.sql.rstrip() == expected
+
+
+WITH_TIES = [
+    # ORDER BY a constant: every row ties with the first
+    (
+        "SELECT id FROM orders ORDER BY length('x') FETCH FIRST 1 ROWS WITH TIES",
+        "SELECT * FROM (SELECT id FROM orders ORDER BY length('x') FETCH FIRST 1 ROWS WITH TIES ) "
+        "AS guardproxy_capped LIMIT 1001",
+    ),
+    (
+        "SELECT id FROM orders ORDER BY 1 OFFSET 2 ROWS FETCH NEXT $1 ROWS WITH TIES",
+        "SELECT * FROM (SELECT id FROM orders ORDER BY 1 FETCH FIRST $1 ROWS WITH TIES OFFSET 2) "
+        "AS guardproxy_capped LIMIT 1001",
+    ),
+    # a NULL count (pglast would print ALL, which is not SQL): a typed NULL
+    (
+        "SELECT id FROM orders ORDER BY 1 FETCH FIRST NULL ROWS WITH TIES",
+        "SELECT * FROM (SELECT id FROM orders ORDER BY 1 FETCH FIRST CAST(NULL AS bigint) ROWS "
+        "WITH TIES ) AS guardproxy_capped LIMIT 1001",
+    ),
+    # the WITH list moves out, so that a writable CTE stays at the top level
+    (
+        "WITH d AS (SELECT id FROM orders) SELECT id FROM d ORDER BY 1 FETCH FIRST 3 ROWS WITH TIES",
+        "WITH d AS (SELECT id FROM orders) SELECT * FROM (SELECT id FROM d ORDER BY 1 FETCH "
+        "FIRST 3 ROWS WITH TIES ) AS guardproxy_capped LIMIT 1001",
+    ),
+    (
+        "(SELECT id FROM orders) UNION (SELECT id FROM customers) ORDER BY 1 "
+        "FETCH FIRST 2 ROWS WITH TIES",
+        "SELECT * FROM (SELECT id FROM orders UNION SELECT id FROM customers ORDER BY 1 FETCH "
+        "FIRST 2 ROWS WITH TIES ) AS guardproxy_capped LIMIT 1001",
+    ),
+    (
+        "DECLARE c CURSOR FOR SELECT id FROM orders ORDER BY 1 FETCH FIRST 2 ROWS WITH TIES",
+        "DECLARE c CURSOR FOR SELECT * FROM (SELECT id FROM orders ORDER BY 1 FETCH FIRST 2 ROWS "
+        "WITH TIES ) AS guardproxy_capped LIMIT 1001",
+    ),
+    (
+        "COPY (SELECT id FROM orders ORDER BY 1 FETCH FIRST 2 ROWS WITH TIES) TO STDOUT",
+        "COPY (SELECT * FROM (SELECT id FROM orders ORDER BY 1 FETCH FIRST 2 ROWS WITH TIES ) "
+        "AS guardproxy_capped LIMIT 1001) TO STDOUT",
+    ),
+    (
+        "PREPARE p AS SELECT id FROM orders ORDER BY 1 FETCH FIRST 2 ROWS WITH TIES",
+        "PREPARE p AS SELECT * FROM (SELECT id FROM orders ORDER BY 1 FETCH FIRST 2 ROWS WITH "
+        "TIES ) AS guardproxy_capped LIMIT 1001",
+    ),
+]
+
+
+@pytest.mark.parametrize(("sql", "expected"), WITH_TIES)
+def test_with_ties_is_wrapped_under_a_plain_limit(sql: str, expected: str) -> None:
+    """WITH TIES returns every row tied with the last one, however many: even a small
+    count is no bound, so the query is kept and capped from outside."""
+    decision = judge("analytics", sql)
+    assert (decision.action, decision.rule) == ("rewrite", "limits.max_rows_returned"), decision
+    assert decision.sql.rstrip() == expected
+    assert not decision.cacheable
+    outer = pglast.parse_sql(decision.sql)[0].stmt
+    if isinstance(outer, ast.DeclareCursorStmt | ast.PrepareStmt | ast.CopyStmt):
+        outer = outer.query
+    assert isinstance(outer, ast.SelectStmt)
+    assert outer.limitOption == LimitOption.LIMIT_OPTION_COUNT
+    assert isinstance(outer.limitCount, ast.A_Const) and outer.limitCount.val.ival == 1001
+
+
+def test_a_null_with_ties_count_prints_as_sql_without_a_cap() -> None:
+    # support has no row cap, but its soft-delete filter makes the judge print the tree
+    sql = "SELECT id FROM orders ORDER BY 1 FETCH FIRST NULL ROWS WITH TIES"
+    decision = judge("support", sql)
+    assert decision.action == "rewrite"
+    assert "FETCH FIRST CAST(NULL AS bigint) ROWS WITH TIES" in decision.sql
+    pglast.parse_sql(decision.sql)
 
 
 @pytest.mark.parametrize(
@@ -235,3 +317,105 @@ def test_rows_over_cap_error(tmp_path: Path) -> None:
     )
     decision = judge("analytics", "SELECT 1", policies=load_policy_set(directory))
     assert decision.rows_over_cap == "error"
+
+
+# -- byte caps --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def byte_capped(tmp_path_factory: pytest.TempPathFactory) -> PolicySet:
+    directory = copy_policies(tmp_path_factory.mktemp("bytecap"))
+    for name, extra in (("analytics", "  max_bytes_returned: 65536\n"), ("support", "")):
+        path = directory / f"{name}.yaml"
+        text = path.read_text()
+        if name == "support":
+            text = text.replace(
+                "  max_client_sessions: 100\n",
+                "  max_client_sessions: 100\n  max_bytes_returned: 4096\n"
+                "  on_rows_returned_over: error\n",
+            )
+        else:
+            text = text.replace(
+                "  on_rows_returned_over: truncate\n", extra + "  on_rows_returned_over: truncate\n"
+            )
+        path.write_text(text)
+    return load_policy_set(directory)
+
+
+def test_the_byte_cap_is_announced_on_every_result(byte_capped: PolicySet) -> None:
+    for sql in (
+        "SELECT json_agg(o) FROM orders o",
+        "SHOW statement_timeout",
+        "COPY (SELECT id FROM orders) TO STDOUT",
+        "EXPLAIN SELECT id FROM orders",
+    ):
+        decision = judge("analytics", sql, policies=byte_capped)
+        assert decision.allowed, decision
+        assert decision.max_bytes_returned == 65536, sql
+        assert decision.rows_over_cap == "truncate"
+    # an agent type with a byte cap and no row cap: RETURNING rows are bounded too
+    write = judge(
+        "support",
+        "UPDATE orders SET fulfillment_status = 'packed' WHERE id = 3 RETURNING *",
+        policies=byte_capped,
+    )
+    assert (write.max_bytes_returned, write.max_rows_returned) == (4096, None)
+    assert write.rows_over_cap == "error"
+    # a cursor is counted over all its FETCHes for the byte cap alone too
+    fetch = judge("support", "FETCH 10 FROM c", policies=byte_capped)
+    assert fetch.cursor == ("fetch", "c") and fetch.max_bytes_returned == 4096
+    # without the key: no byte cap
+    assert judge("analytics", "SELECT 1").max_bytes_returned is None
+
+
+def test_no_byte_cap_in_monitor_mode(tmp_path: Path) -> None:
+    directory = copy_policies(tmp_path)
+    path = directory / "analytics.yaml"
+    path.write_text(
+        path.read_text()
+        .replace("mode: enforce", "mode: monitor")
+        .replace("  on_rows_returned_over: truncate\n", "  max_bytes_returned: 10\n")
+    )
+    decision = judge("analytics", "SELECT 1", policies=load_policy_set(directory))
+    assert decision.max_bytes_returned is None
+
+
+def test_the_byte_cap_must_be_positive(tmp_path: Path) -> None:
+    directory = copy_policies(tmp_path)
+    path = directory / "analytics.yaml"
+    path.write_text(
+        path.read_text().replace("  on_rows_returned_over: truncate\n", "  max_bytes_returned: 0\n")
+    )
+    with pytest.raises(PolicyError, match="max_bytes_returned"):
+        load_policy_set(directory)
+
+
+@pytest.mark.parametrize(
+    ("sql", "limit"),
+    [
+        ("SELECT id FROM orders LIMIT NULL", "LIMIT LEAST(NULL, 1001)"),
+        ("SELECT id FROM orders FETCH FIRST NULL ROWS ONLY", "LIMIT LEAST(NULL, 1001)"),
+        ("SELECT id FROM orders LIMIT (SELECT 100000)", "LIMIT LEAST((SELECT 100000), 1001)"),
+        ("SELECT id FROM orders OFFSET 5 LIMIT ALL", "LIMIT LEAST(NULL, 1001) OFFSET 5"),
+        ("SELECT generate_series(1, 10000000)", "\nLIMIT 1001"),
+        ("SELECT * FROM (SELECT id FROM orders LIMIT 100000) s", "\nLIMIT 1001"),
+        ("DECLARE c CURSOR FOR SELECT id FROM orders LIMIT ALL", "LIMIT LEAST(NULL, 1001)"),
+    ],
+)
+def test_no_clause_widens_the_cap(sql: str, limit: str) -> None:
+    """LIMIT ALL / NULL, a subquery as count, a set-returning function, a subquery's own
+    LIMIT: the root query ends with a LIMIT of at most N + 1 all the same."""
+    decision = capped(sql)
+    assert decision.sql.endswith(limit), decision.sql
+
+
+def test_each_cursor_statement_of_a_message_is_named() -> None:
+    """Two FETCHes in one message are counted against one cursor total, not per result."""
+    decision = capped("FETCH 600 FROM c; FETCH 600 FROM c")
+    assert decision.cursor is None
+    assert decision.cursors == (("fetch", "c"), ("fetch", "c"))
+    mixed = capped("DECLARE k CURSOR FOR SELECT id FROM orders; SELECT 1; FETCH ALL FROM k")
+    assert mixed.cursors == (("declare", "k"), None, ("fetch", "k"))
+    single = capped("FETCH 10 FROM c")
+    assert (single.cursor, single.cursors) == (("fetch", "c"), (("fetch", "c"),))
+    assert capped("SELECT 1; SELECT 2").cursors == ()

@@ -251,13 +251,21 @@ def test_prepare_explain_and_cursor_deletes(policies: PolicySet) -> None:
             "DELETE FROM orders o USING customers c WHERE c.id = o.customer_id RETURNING c.name",
             "c.name is not a column of o",
         ),
-        ("DELETE FROM orders WHERE id = 1 RETURNING name", "name is not a column of orders"),
+        (
+            "DELETE FROM orders o USING customers c WHERE c.id = o.customer_id RETURNING name",
+            "name is not a column of o",
+        ),
         ("DELETE FROM orders WHERE id = 1 RETURNING old.id", "old.id is not a column of orders"),
     ],
 )
 def test_returning_only_the_deleted_tables_columns(sql: str, problem: str) -> None:
     decision = judge("support", sql, ctx=SUPPORT_CTX)
     denied(decision, "tables.orders.soft_delete", problem)
+
+
+def test_returning_a_name_of_no_table_is_unresolved() -> None:
+    decision = judge("support", "DELETE FROM orders WHERE id = 1 RETURNING name", ctx=SUPPORT_CTX)
+    denied(decision, "unresolved", "name (no table or FROM item in scope has a column")
 
 
 # -- soft delete: everything else ---------------------------------------------------------
@@ -337,12 +345,6 @@ WRAPPED = (
             "WHERE o.id = p.order_id AND o.deleted_at IS NULL",
         ),
         (
-            "INSERT INTO order_state_log (order_id, new_status, changed_by) "
-            "SELECT id, 'x', 'y' FROM orders",
-            "INSERT INTO order_state_log (order_id, new_status, changed_by) "
-            "SELECT id, 'x', 'y' FROM orders WHERE orders.deleted_at IS NULL",
-        ),
-        (
             "DECLARE c CURSOR FOR SELECT id FROM orders",
             "DECLARE c CURSOR FOR SELECT id FROM orders WHERE orders.deleted_at IS NULL",
         ),
@@ -361,6 +363,19 @@ WRAPPED = (
 def test_every_read_sees_only_live_rows(policies: PolicySet, sql: str, expected: str) -> None:
     decision = ops(policies, sql)
     assert rewritten(decision, "tables.orders.soft_delete") == expected
+
+
+def test_a_child_row_read_from_orders_sees_live_rows_and_is_checked(policies: PolicySet) -> None:
+    decision = ops(
+        policies,
+        "INSERT INTO order_state_log (order_id, new_status, changed_by) SELECT id, 'x', 'y' FROM orders",
+    )
+    assert rewritten(decision, "tables.order_state_log.soft_deleted_parents") == (
+        "INSERT INTO order_state_log (order_id, new_status, changed_by) "
+        "SELECT guardproxy.live_parent(id, 'public.orders', 'id', 'deleted_at', 'ops', "
+        "'order_state_log.order_id', 'tables.order_state_log.soft_deleted_parents'), 'x', 'y' "
+        "FROM orders WHERE orders.deleted_at IS NULL"
+    )
 
 
 def test_update_cannot_touch_deleted_rows_nor_the_marks(policies: PolicySet) -> None:
@@ -490,13 +505,20 @@ def test_append_only_tables_take_inserts_only(policies: PolicySet, sql: str, ver
 
 
 def test_append_only_allows_inserts() -> None:
+    checked = (
+        "guardproxy.live_parent(1, 'public.orders', 'id', 'deleted_at', 'support', "
+        "'order_state_log.order_id', 'tables.order_state_log.soft_deleted_parents')"
+    )
     for sql in (
         "INSERT INTO order_state_log (order_id, new_status, changed_by) VALUES (1, 'a', 'b')",
         "INSERT INTO order_state_log (order_id, new_status, changed_by, idempotency_key) "
         "VALUES (1, 'a', 'b', 'k') ON CONFLICT (idempotency_key) DO NOTHING",
     ):
         decision = judge("support", sql)
-        assert (decision.action, decision.sql) == ("allow", sql)
+        # the order it refers to is checked (guardproxy/policy/parents.py)
+        assert rewritten(decision, "tables.order_state_log.soft_deleted_parents") == sql.replace(
+            "VALUES (1,", f"VALUES ({checked},"
+        )
         assert decision.write == WriteEffects(
             operation="insert", tables=("public.order_state_log",)
         )
@@ -715,7 +737,7 @@ def test_copy_from_is_counted_like_a_statement() -> None:
     decision = judge(
         "support", "COPY order_state_log (order_id, new_status, changed_by) FROM STDIN"
     )
-    assert decision.action == "allow"
+    assert decision.action == "rewrite"  # its rows' orders are checked (WHERE)
     assert decision.write == WriteEffects(operation="copy", tables=("public.order_state_log",))
     capped = judge("fulfillment", "UPDATE orders SET tracking_number = 'x' WHERE id = 1")
     assert capped.write is not None and capped.write.max_rows_affected == 50
