@@ -94,14 +94,27 @@ def test_undo_by_agent_and_period_restores_its_deletes_and_records_the_undo(
 def test_text_an_agent_wrote_is_shown_as_data(proxy: ShopProxy, clean_shop: PgCluster) -> None:
     dsn = clean_shop.dsn(dbname=SHOP_DB)
     with proxy.connect("support-44", autocommit=True) as conn:
-        conn.execute(sql.SQL("SET guard.reason = {}").format(sql.Literal(HOSTILE)))
-        conn.execute(sql.SQL("SET guard.task = {}").format(sql.Literal("t\x1b[31m")))
+        # the proxy refuses context values that are not printable text at the door ...
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            conn.execute(sql.SQL("SET guard.reason = {}").format(sql.Literal(HOSTILE)))
+        conn.execute("SET guard.reason = 'spam [/] [bold red]x'")
+        conn.execute("SET guard.task = 't-44'")
         conn.execute("DELETE FROM orders WHERE id = 5")
-    with psycopg.connect(dsn) as conn:
+    # ... and the CLI shows whatever the record holds as data, whoever wrote it there
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE guardproxy.deleted_rows SET reason = %s, task = %s "
+            "WHERE agent_id = 'support-44'",
+            (HOSTILE, "t\x1b[31m"),
+        )
+        conn.execute(
+            "UPDATE guardproxy.audit_events SET task = %s WHERE agent_id = 'support-44'",
+            ("t\x1b[31m",),
+        )
         stored = conn.execute(
             "SELECT reason FROM guardproxy.deleted_rows WHERE agent_id = 'support-44'"
         ).fetchone()
-    assert stored == (HOSTILE,)  # what the agent sent, kept as it was
+    assert stored == (HOSTILE,)
     for columns in (80, 160):
         for args in (("audit", "deletes"), ("audit", "writes"), ("audit", "task", "t\x1b[31m")):
             out = gp(
