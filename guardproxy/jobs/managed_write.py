@@ -237,7 +237,8 @@ class _Run:
         """The statement failed: the client sees Postgres's error as it is."""
         body = [raw for kind, raw in answers if kind != m.BE_READY]
         error = next((raw for kind, raw in answers if kind == m.BE_ERROR), b"")
-        reason = codec.error_fields(error).get("M") if error else None
+        fields = codec.error_fields(error) if error else {}
+        reason = f"{fields.get('C', '')}: {fields.get('M', '')}" if error else None
         if self.began:
             await self.backend.query("ROLLBACK")
         return WriteOutcome(

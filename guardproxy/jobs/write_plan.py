@@ -27,6 +27,7 @@ class WritePlan:
         max_rows_affected: int | None = None,
         cap_rule: str = "",
         statement_key: str | None = None,  # an idempotency key in the statement's own comment
+        rule: str | None = None,  # the rule that rewrote it (soft delete, capture...), if any
     ) -> None:
         self.agent_type: Final = agent_type
         self.statement: Final = statement
@@ -35,6 +36,7 @@ class WritePlan:
         self.max_rows_affected: Final = max_rows_affected
         self.cap_rule: Final = cap_rule
         self.statement_key: Final = statement_key
+        self.rule: Final = rule
 
     def __repr__(self) -> str:
         return f"WritePlan({self.agent_type!r}, {self.statement!r})"

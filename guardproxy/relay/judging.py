@@ -68,16 +68,20 @@ class Judgement:
     """What judging one text produced. Plain, not a dataclass: one per judged text."""
 
     __slots__ = (
+        "byte_cap",
         "cap_error",
         "catalog",
         "context",
         "cursor",
+        "cursors",
         "decision",
         "kind",
+        "notices",
         "pins",
         "plan_check",
         "policy",
         "row_cap",
+        "rule",
         "sensitive",
         "sent",
         "settings",
@@ -104,6 +108,10 @@ class Judgement:
         pins: str | None = None,  # why running it ties the session to its server
         settings: bool = False,  # it may change session settings (set_config)
         sensitive: bool = False,  # the decision depends on the context: judge it again
+        byte_cap: int = 0,  # limits.max_bytes_returned (0: none)
+        cursors: tuple[tuple[str, str] | None, ...] = (),  # per statement, several FETCHes
+        notices: tuple[str, ...] = (),  # NoticeResponses the client gets before the answer
+        rule: str | None = None,  # the rule that rewrote it (or would have, monitored)
         context: SessionContext | None = None,
         policy: AgentPolicy | None = None,
         catalog: Catalog | None = None,
@@ -122,6 +130,10 @@ class Judgement:
         self.pins: Final = pins
         self.settings: Final = settings
         self.sensitive: Final = sensitive
+        self.byte_cap: Final = byte_cap
+        self.cursors: Final = cursors
+        self.notices: Final = notices
+        self.rule: Final = rule
         self.context: Final = context
         self.policy: Final = policy
         self.catalog: Final = catalog
@@ -143,6 +155,10 @@ class Judgement:
             pins=pins,
             settings=self.settings,
             sensitive=self.sensitive,
+            byte_cap=self.byte_cap,
+            cursors=self.cursors,
+            notices=self.notices,
+            rule=self.rule,
             context=self.context,
             policy=self.policy,
             catalog=self.catalog,
@@ -280,7 +296,8 @@ class Judging:
         if decision.action == "rewrite" and not decision.monitored:
             label, out = "rewritten", decision.sql
         cap = decision.max_rows_returned or 0
-        cap_error = bool(cap) and decision.rows_over_cap == "error"
+        byte_cap = decision.max_bytes_returned or 0
+        cap_error = bool(cap or byte_cap) and decision.rows_over_cap == "error"
         if cap_error and query:
             self._refuse_stacked_capped_read(sql)
         tag = self.tag(context)
@@ -301,6 +318,10 @@ class Judging:
             pins=pin_reason(sent),
             settings=b"set_config" in sent.lower(),
             sensitive=not decision.cacheable,
+            byte_cap=byte_cap,
+            cursors=decision.cursors if cap else (),
+            notices=decision.notices,
+            rule=decision.rule or None if label != "allowed" else None,
             context=context,
             policy=policy,
             catalog=engine.catalog,
@@ -321,6 +342,7 @@ class Judging:
             max_rows_affected=write.max_rows_affected,
             cap_rule=write.cap_rule,
             statement_key=key or None,
+            rule=decision.rule or None if decision.action == "rewrite" else None,
         )
 
     def write_run(self, plan: WritePlan, parameters: bytes = b"") -> WriteRun:
