@@ -26,6 +26,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Final
 
+from guardproxy.delegation.postgres import settings_change
 from guardproxy.policy.timeouts import explain_timeout
 from guardproxy.protocol import codec
 from guardproxy.protocol import messages as m
@@ -143,6 +144,9 @@ class Relay:
         self.stmt_started = 0.0
         self.cursors: dict[str, CursorRows] = {}
         self._abort_at_ready = False  # a capped Query refused in error mode: abort its transaction
+        # delegation: the server must see the token's principals before the next statement
+        self.guard_dirty = False
+        self._guard_for: Any = None  # the Delegation the lent server was given
         self.queries = 0
         self.transactions = 0
         self.last_activity = time.perf_counter()
@@ -174,13 +178,15 @@ class Relay:
         self.attached_at = self.stmt_started = now = time.perf_counter()
         self.tx_started = now
         self.wants_release = False
+        self.guard_dirty = self.judging is not None and self.judging.delegated
         if self.phase is not Phase.JOB:
             self._enter(Phase.ACTIVE)
 
     def replay_settings(self, sql: str | None) -> None:
         """Sends the statement that gives the server this session's settings (hidden)."""
         if sql is not None:
-            self._send(codec.build_query(sql))
+            # straight out: the delegation settings follow it (its RESET ALL clears them)
+            self.to_backend.append(codec.build_query(sql))
             self.inflight.expect(Pending.QUERY, visible=False)
 
     def detach(self) -> BackendState | None:
@@ -278,7 +284,7 @@ class Relay:
             judgement = plain(text)
         else:
             try:
-                judgement = judging.judge(text, query=True)
+                judgement = judging.judge(text, query=True, in_transaction=self._in_transaction())
             except Denied as denial:
                 self._deny(True, denial, text)
                 return
@@ -338,6 +344,10 @@ class Relay:
         nothing, ...): NoticeResponses, in order."""
         for text in judgement.notices:
             self.inflight.expect(Pending.SYNTH, True, codec.build_notice("01000", text))
+
+    def _in_transaction(self) -> bool:
+        backend = self.backend
+        return backend is not None and (backend.status != b"I" or self.in_round)
 
     def _cursor_source(self, cursor: tuple[str, str] | None) -> CursorRows | None:
         if cursor is None:
@@ -1008,6 +1018,9 @@ class Relay:
             self.hooks.catalog_changed()
         if tag in _SETTINGS_TAGS:
             self.settings_dirty = True
+            if tag != b"SET" and self.backend is not None:
+                self.backend.guard_sent = None  # RESET ALL, DISCARD ALL: set them again
+                self.guard_dirty = True
         if tag == b"LISTEN":
             self._pin("LISTEN")
         if tag == b"DISCARD ALL":
@@ -1190,9 +1203,26 @@ class Relay:
     # ------------------------------------------------------------ bookkeeping
 
     def _send(self, data: bytes) -> None:
+        judging = self.judging
+        if judging is not None and (self.guard_dirty or judging.delegation is not self._guard_for):
+            self._guard_settings(judging)
         self.to_backend.append(data)
         if self.tx_started is None:
             self.tx_started = time.perf_counter()
+
+    def _guard_settings(self, judging: Judging) -> None:
+        """What Postgres sees of the session's delegation (guard.principals, guard.task,
+        guard.token_id) set on the lent server, hidden, before the next statement."""
+        self.guard_dirty = False
+        self._guard_for = judging.delegation
+        backend = self.backend
+        if backend is None or not judging.delegated:
+            return
+        sql, values = settings_change(backend.guard_sent, judging.delegation)
+        if sql is not None:
+            self.to_backend.append(codec.build_query(sql))
+            self.inflight.expect(Pending.QUERY, False, None)
+            backend.guard_sent = values
 
     def _note_effects(self, judgement: Judgement) -> None:
         """What running the statement does to the session: pins it, dirties its settings."""
@@ -1222,6 +1252,7 @@ class Relay:
         if record is None or judging is None:
             return
         ctx = judging.context
+        delegation = judging.delegation
         record(
             AuditEvent(
                 agent_id=ctx.agent_id,
@@ -1236,6 +1267,7 @@ class Relay:
                 rows=rows,
                 duration_ms=duration_ms,
                 outcome=outcome,
+                tags=delegation.audit_tags() if delegation is not None else None,
             )
         )
 
