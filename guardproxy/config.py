@@ -236,7 +236,7 @@ class Settings(BaseModel):
                 f"instance_heartbeat_interval ({self.instance_heartbeat_interval:g}s), or a live "
                 "instance's slot could be taken between two of its heartbeats"
             )
-        if self.auth_mode == "trust" and not _is_loopback(self.listen_host):
+        if self.auth_mode == "trust" and not is_loopback_host(self.listen_host):
             raise ValueError(
                 f"auth_mode 'trust' is refused on listen_host {self.listen_host!r}: "
                 "trust is only allowed on loopback; use auth_mode 'scram' with an auth_file"
@@ -285,7 +285,7 @@ def join_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -57,6 +57,24 @@ STATEMENTS: Final[dict[bytes, str]] = {
         "statements = b.statements + 1, rows_written = b.rows_written + EXCLUDED.rows_written, "
         "updated_at = pg_catalog.now() RETURNING statements, rows_written"
     ),
+    # One slice (a twelfth of the window) of an agent's or a type's budget gains this
+    # write; the answer is the total over the window. Slices past twice the window go.
+    b"guardproxy_window": (
+        "WITH old AS (DELETE FROM guardproxy.budget_usage WHERE scope = $1 AND subject = $2 "
+        "AND bucket < pg_catalog.now() - pg_catalog.make_interval(secs => 2 * $4::float8)), "
+        "added AS (INSERT INTO guardproxy.budget_usage AS u "
+        "(scope, subject, bucket, statements, rows_written) VALUES ($1, $2, "
+        "pg_catalog.to_timestamp(pg_catalog.floor(pg_catalog.date_part('epoch', "
+        "pg_catalog.now()) / ($4::float8 / 12)) * ($4::float8 / 12)), 1, $3::bigint) "
+        "ON CONFLICT (scope, subject, bucket) DO UPDATE SET statements = u.statements + 1, "
+        "rows_written = u.rows_written + EXCLUDED.rows_written "
+        "RETURNING bucket, statements, rows_written) "
+        "SELECT (SELECT statements FROM added) + coalesce(sum(statements), 0), "
+        "(SELECT rows_written FROM added) + coalesce(sum(rows_written), 0) "
+        "FROM guardproxy.budget_usage WHERE scope = $1 AND subject = $2 "
+        "AND bucket > pg_catalog.now() - pg_catalog.make_interval(secs => $4::float8) "
+        "AND bucket <> (SELECT bucket FROM added)"
+    ),
     b"guardproxy_audit": (
         "INSERT INTO guardproxy.audit_events "
         "(agent_id, agent_type, task, step, statement, decision, rows) "

@@ -187,7 +187,7 @@ class _Run:
         if stored_hash != write.request_hash():
             return await self._refuse(
                 GuardError(
-                    f"idempotency key {write.idempotency_key!r} was already used for a different "
+                    f"idempotency key {write.key_label} was already used for a different "
                     "statement or parameters; nothing was executed",
                     hint="use a new idempotency key for a new write; retry only with the exact "
                     "same statement",
@@ -198,7 +198,7 @@ class _Run:
         notice = codec.build_notice(
             "01000",
             f"guardproxy: replayed the result of the first execution of idempotency key "
-            f"{write.idempotency_key!r}; the write was not executed again",
+            f"{write.key_label}; the write was not executed again",
         )
         stored = bytes.fromhex(response_hex or "")
         if not self.simple:
@@ -237,7 +237,8 @@ class _Run:
         """The statement failed: the client sees Postgres's error as it is."""
         body = [raw for kind, raw in answers if kind != m.BE_READY]
         error = next((raw for kind, raw in answers if kind == m.BE_ERROR), b"")
-        reason = codec.error_fields(error).get("M") if error else None
+        fields = codec.error_fields(error) if error else {}
+        reason = f"{fields.get('C', '')}: {fields.get('M', '')}" if error else None
         if self.began:
             await self.backend.query("ROLLBACK")
         return WriteOutcome(
@@ -263,24 +264,52 @@ class _Run:
         write = self.write
         if not write.budgeted:
             return None
-        assert write.task is not None
-        (spent,) = await self.ledger.run(
-            (b"guardproxy_budget", (write.task, self.plan.agent_type, str(rows or 0)))
-        )
-        statements, written = (int(v or 0) for v in spent[0])
-        for name, used, limit in (
-            ("max_statements_per_task", statements, write.max_statements_per_task),
-            ("max_writes_per_task", written, write.max_writes_per_task),
+        name = self.plan.agent_type
+        calls: list[tuple[bytes, tuple[str | None, ...]]] = []
+        task_budget = write.max_writes_per_task or write.max_statements_per_task
+        if write.budget_task and task_budget:
+            calls.append((b"guardproxy_budget", (write.budget_task, name, str(rows or 0))))
+        for scope, subject, _, _, window in write.windows:
+            calls.append((b"guardproxy_window", (scope, subject, str(rows or 0), str(window))))
+        spent = await self.ledger.run(*calls)
+        if write.budget_task and task_budget:
+            statements, written = (int(v or 0) for v in spent.pop(0)[0])
+            who = f"task {write.task}" if write.task else "this session's writes without a task"
+            for budget, used, limit in (
+                ("max_statements_per_task", statements, write.max_statements_per_task),
+                ("max_writes_per_task", written, write.max_writes_per_task),
+            ):
+                if limit is not None and used > limit:
+                    return Denied(
+                        f"{who} of {name} is past its budget {budget} = {limit} (this write "
+                        f"would bring it to {used}); the write was rolled back (policy {name}, "
+                        f"budgets.{budget})",
+                        rule=f"budgets.{budget}",
+                        hint="the task has done what it may; start a new task or ask an operator"
+                        if write.task
+                        else "set a task (SET guard.task = '...'), or ask an operator",
+                        sqlstate="53400",
+                    )
+        for (scope, subject, max_rows, max_statements, window), rows_spent in zip(
+            write.windows, spent, strict=True
         ):
-            if limit is not None and used > limit:
-                return Denied(
-                    f"task {write.task} of {self.plan.agent_type} is past its budget {name} = "
-                    f"{limit} (this write would bring it to {used}); the write was rolled back "
-                    f"(policy {self.plan.agent_type}, budgets.{name})",
-                    rule=f"budgets.{name}",
-                    hint="the task has done what it may; start a new task or ask an operator",
-                    sqlstate="53400",
-                )
+            statements, written = (int(v or 0) for v in rows_spent[0])
+            for budget, used, limit in (
+                ("max_statements", statements, max_statements),
+                ("max_rows_written", written, max_rows),
+            ):
+                if limit is not None and used > limit:
+                    whom = f"agent {subject}" if scope == "per_agent" else f"all {name} agents"
+                    return Denied(
+                        f"{whom} would pass the budget {budget} = {limit} per "
+                        f"{_duration(window)} (this write would bring it to {used}), whatever "
+                        f"the task; the write was rolled back (policy {name}, "
+                        f"budgets.{scope}.{budget})",
+                        rule=f"budgets.{scope}.{budget}",
+                        hint=f"wait until earlier writes leave the {_duration(window)} window, "
+                        "or ask an operator",
+                        sqlstate="53400",
+                    )
         return None
 
     async def _refuse(
@@ -331,6 +360,14 @@ def _without_row_description(stored: bytes) -> bytes:
             out.append(stored[pos:end])
         pos = end
     return b"".join(out)
+
+
+def _duration(seconds: float) -> str:
+    if seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds % 60 == 0:
+        return f"{int(seconds // 60)}min"
+    return f"{seconds:g}s"
 
 
 def _text(value: int | None) -> str | None:

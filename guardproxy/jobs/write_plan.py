@@ -27,6 +27,7 @@ class WritePlan:
         max_rows_affected: int | None = None,
         cap_rule: str = "",
         statement_key: str | None = None,  # an idempotency key in the statement's own comment
+        rule: str | None = None,  # the rule that rewrote it (soft delete, capture...), if any
     ) -> None:
         self.agent_type: Final = agent_type
         self.statement: Final = statement
@@ -35,6 +36,7 @@ class WritePlan:
         self.max_rows_affected: Final = max_rows_affected
         self.cap_rule: Final = cap_rule
         self.statement_key: Final = statement_key
+        self.rule: Final = rule
 
     def __repr__(self) -> str:
         return f"WritePlan({self.agent_type!r}, {self.statement!r})"
@@ -59,8 +61,16 @@ class WriteRun:
         task: str | None = None,
         max_writes_per_task: int | None = None,
         max_statements_per_task: int | None = None,
+        key_label: str = "",  # the key as the agent knows it, for messages
+        budget_task: str | None = None,  # the task budgets count against (the session's)
+        # rolling-window budgets: (per_agent | per_agent_type, subject, max rows written,
+        # max statements, window in seconds)
+        windows: tuple[tuple[str, str, int | None, int | None, float], ...] = (),
     ) -> None:
         self.plan: Final = plan
+        self.key_label: Final = key_label
+        self.budget_task: Final = budget_task or task
+        self.windows: Final = windows
         self.agent_id: Final = agent_id
         self.idempotency_key: Final = idempotency_key
         self.derived: Final = derived
@@ -85,7 +95,8 @@ class WriteRun:
 
     @property
     def budgeted(self) -> bool:
-        return bool(self.task and (self.max_writes_per_task or self.max_statements_per_task))
+        task_budget = self.max_writes_per_task or self.max_statements_per_task
+        return bool((self.budget_task and task_budget) or self.windows)
 
     @property
     def needs_management(self) -> bool:

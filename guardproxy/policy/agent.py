@@ -30,7 +30,7 @@ from ..analysis.catalog import Catalog
 from ..analysis.model import Op, StatementClass
 from .decision import RowsOverCap
 from .durations import to_ms
-from .models import PolicyDocument
+from .models import PolicyDocument, WindowBudgetDocument
 from .rowfilter import RowFilter
 
 
@@ -271,6 +271,19 @@ class AgentPolicy:
     @property
     def max_statements_per_task(self) -> int | None:
         return self.document.budgets.max_statements_per_task
+
+    @property
+    def window_budgets(self) -> tuple[tuple[str, WindowBudgetDocument], ...]:
+        """The rolling-window budgets, as (``per_agent`` | ``per_agent_type``, budget)."""
+        budgets = self.document.budgets
+        return tuple(
+            (scope, budget)
+            for scope, budget in (
+                ("per_agent", budgets.per_agent),
+                ("per_agent_type", budgets.per_agent_type),
+            )
+            if budget is not None
+        )
 
     @property
     def audit_on_loss(self) -> str:

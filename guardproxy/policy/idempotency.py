@@ -5,14 +5,18 @@
   ``/* idempotency_key='k-17' */`` or ``SET guard.idempotency_key = 'k-17'``);
   writes without one run as usual.
 * ``derived``: the tag when there is one, else a key derived from the agent type,
-  task, step, the statement's text (tokens without comments, so a retry with another
-  context comment is the same statement; literals kept, so ``WHERE id = 4`` and
-  ``WHERE id = 5`` are two writes) and the Bind parameters. Without a task there is
-  no key: nothing tells a retry from a second, deliberate identical write.
+  agent id, task, step, the statement's text (tokens without comments, so a retry
+  with another context comment is the same statement; literals kept, so ``WHERE id
+  = 4`` and ``WHERE id = 5`` are two writes) and the Bind parameters. A derived key
+  must name a *retry*, the same attempt sent again, never a deliberate repeat of the
+  same text: it is derived only when the write carries both a task and a step (the
+  step names the attempt). Without them there is no key.
 
-Keys are namespaced by agent type (``explicit:<type>:<key>``, ``derived:<sha256>``),
-so that two types using the same key never see each other's answers. The runtime
-stores the write's answer under the key with ``policy.idempotency_ttl``.
+Keys belong to one agent: they are namespaced by agent type and agent id
+(``explicit:<type>:<n>:<agent id>:<key>``, n the length of the agent id;
+``derived:<sha256>`` over both), so another agent can neither squat a key nor be
+answered from a key it did not use. The runtime stores the write's answer under
+the key with ``policy.idempotency_ttl``.
 """
 
 from __future__ import annotations
@@ -43,15 +47,18 @@ def derive_key(
     step: str | None,
     sql: str,
     params: Sequence[bytes | str | None] = (),
+    agent_id: str = "",
 ) -> str | None:
-    """The derived key of a write, or None without a task (see the module docstring)."""
-    if not task:
+    """The derived key of a write, or None without a task and a step (see the module
+    docstring)."""
+    if not task or not step:
         return None
     digest = hashlib.sha256()
     parts: list[bytes | None] = [
         agent_type.encode(),
+        agent_id.encode(),
         task.encode(),
-        (step or "").encode(),
+        step.encode(),
         canonical_text(sql).encode(),
         *(p.encode() if isinstance(p, str) else p for p in params),
     ]
@@ -68,14 +75,15 @@ def idempotency_key(
     step: str | None,
     sql: str,
     params: Sequence[bytes | str | None] = (),
+    agent_id: str = "",
 ) -> str | None:
-    """The key of a write by an agent of `policy`, or None (run it as usual)."""
+    """The key of a write by agent ``agent_id`` of `policy`, or None (run it as usual)."""
     mode = policy.idempotency_mode
     if mode == "off":
         return None
     explicit = tags.get(TAG)
     if explicit:
-        return f"explicit:{policy.name}:{explicit}"
+        return f"explicit:{policy.name}:{len(agent_id)}:{agent_id}:{explicit}"
     if mode == "derived":
-        return derive_key(policy.name, task, step, sql, params)
+        return derive_key(policy.name, task, step, sql, params, agent_id)
     return None

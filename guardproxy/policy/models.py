@@ -153,11 +153,33 @@ class IdempotencyDocument(_Strict):
     ttl: Duration = timedelta(hours=24)
 
 
+class WindowBudgetDocument(_Strict):
+    """What one agent (or all agents of the type) may write within a rolling ``window``,
+    whatever task names they use."""
+
+    max_rows_written: int | None = Field(default=None, ge=1)
+    max_statements: int | None = Field(default=None, ge=1)
+    window: Duration = timedelta(hours=1)
+
+    @model_validator(mode="after")
+    def _a_limit(self) -> WindowBudgetDocument:
+        if self.max_rows_written is None and self.max_statements is None:
+            raise ValueError("give max_rows_written, max_statements or both")
+        seconds = self.window.total_seconds()
+        if not 60 <= seconds <= 31 * 86400:
+            raise ValueError("window must be between 1min and 31d")
+        return self
+
+
 class BudgetsDocument(_Strict):
-    """``budgets``: what one task (context ``task``) may do, across sessions and proxies."""
+    """``budgets``: what one task (context ``task``) may do, across sessions and proxies;
+    ``per_agent`` / ``per_agent_type``: what one agent, and the whole type, may do in a
+    rolling window, whatever task names are used."""
 
     max_writes_per_task: int | None = Field(default=None, ge=1)  # rows written
     max_statements_per_task: int | None = Field(default=None, ge=1)
+    per_agent: WindowBudgetDocument | None = None
+    per_agent_type: WindowBudgetDocument | None = None
 
 
 class AuditDocument(_Strict):

@@ -55,6 +55,9 @@ class BackendState:
         self.agent_role: str | None = None
         self.settings_key: Settings | None = None  # the client settings it carries now
         self.app_name: str | None = None  # application_name the proxy set on it
+        # guard.principals / guard.task / guard.token_id as the proxy last set them here
+        # (None: unknown, set them before the next statement of a delegated session)
+        self.guard_sent: dict[str, str] | None = None
         self.created_at = time.monotonic()
         self.last_used = self.created_at
         self.closed = False

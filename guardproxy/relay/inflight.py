@@ -54,20 +54,34 @@ _ENDS_ROUND = (Pending.SYNC, Pending.QUERY)
 
 
 class Execution:
-    """One request whose result the relay watches: a Query or an Execute."""
+    """One request whose result the relay watches: a Query or an Execute.
+
+    A result is cut past ``cap`` rows or ``byte_cap`` bytes of row data (the payload
+    of its DataRow or CopyData messages). A portal or a cursor (``source``) carries
+    what earlier executions delivered, so a cap holds over all of them; a Query of
+    several statements counts each statement's result on its own (``sources`` names
+    the cursor of each, if any).
+    """
 
     __slots__ = (
         "audit",
+        "byte_cap",
+        "bytes",
         "cap",
         "cap_error",
         "cut",
+        "cut_by",
+        "delivered",
         "extended",
         "failed",
+        "failure",
+        "index",
         "offset",
         "refused",
         "rows",
         "shift",
         "source",
+        "sources",
         "written",
     )
 
@@ -79,23 +93,67 @@ class Execution:
         source: Any = None,
         audit: Any = None,
         extended: bool = False,
+        byte_cap: int = 0,
+        sources: tuple[Any, ...] = (),
     ) -> None:
         self.shift = shift  # the tag prefix: error positions move back by this much
         self.cap = cap  # limits.max_rows_returned, 0 for none
+        self.byte_cap = byte_cap  # limits.max_bytes_returned, 0 for none
         self.cap_error = cap_error
-        self.source = source  # a Portal or cursor record whose ``rows`` carry over
-        self.offset = self.rows = source.rows if source is not None else 0
+        self.sources = sources
+        self.index = 0  # the statement of a Query whose result comes now
+        self.source = sources[0] if sources else source
+        self.offset = self.rows = self.bytes = 0
+        self._start()
         self.cut = False  # rows past the cap were dropped
+        self.cut_by = ""  # "rows" or "bytes": the cap that cut
         self.refused = False  # a statement of it was refused past its cap (error mode)
         self.audit = audit  # the relay's record of an unmanaged write, completed at the end
         self.extended = extended  # an Execute (else a Query)
         self.failed = False
+        self.failure = ""  # SQLSTATE and message of the error that ended it
         self.written = 0  # rows its statements changed
+
+    def _start(self) -> None:
+        source = self.source
+        self.offset = self.rows = source.rows if source is not None else 0
+        self.bytes = source.bytes if source is not None else 0
+        self.delivered = 0  # rows of this result that went out
+
+    def counts(self) -> bool:
+        return bool(self.cap or self.byte_cap)
+
+    def take_row(self, size: int) -> bool:
+        """Counts one row of ``size`` payload bytes; False when it passes a cap (drop it)."""
+        if self.cut:
+            return False
+        self.rows += 1
+        self.bytes += size
+        if self.cap and self.rows > self.cap:
+            self.cut, self.cut_by = True, "rows"
+            return False
+        if self.byte_cap and self.bytes > self.byte_cap:
+            self.cut, self.cut_by = True, "bytes"
+            return False
+        self.delivered += 1
+        return True
+
+    def result_done(self) -> None:
+        """A result ended (CommandComplete, PortalSuspended): its source keeps the counts;
+        a Query's next statement counts anew."""
+        source = self.source
+        if source is not None:
+            source.rows, source.bytes = self.rows, self.bytes
+        if not self.extended:
+            self.index += 1
+            self.source = self.sources[self.index] if self.index < len(self.sources) else None
+            self._start()
+            self.cut = False
 
 
 class Events(Protocol):
     def on_complete(self, tag: bytes, execution: Execution | None) -> None: ...
-    def on_error(self, fields: dict[str, str], kind: Pending, payload: Any) -> None: ...
+    def on_error(self, fields: dict[str, str], kind: Pending, payload: Any) -> bytes | None: ...
     def on_cut(self, execution: Execution, tag: bytes) -> bytes: ...
     def on_ready(self, status: bytes) -> None: ...
     def on_query_done(self, execution: Execution) -> None: ...
@@ -188,7 +246,7 @@ class Inflight:
                     and (kind == m.BE_DATA_ROW or kind == m.BE_COPY_DATA)
                     and (head is None or head[1])
                 ):
-                    keep = self._count_row(head)
+                    keep = self._count_row(head, end - pos - 5)
                     if not keep:
                         if start < pos:
                             out.append(buf[start:pos])
@@ -198,7 +256,11 @@ class Inflight:
                 break
             visible = head is None or head[1]
             if kind == m.BE_DATA_ROW and visible:  # the hot path: forwarded as is
-                if head is not None and head[2] is not None and not self._count_row(head):
+                if (
+                    head is not None
+                    and head[2] is not None
+                    and not self._count_row(head, end - pos - 5)
+                ):
                     if start < pos:  # past the policy's cap: cut here
                         out.append(buf[start:pos])
                     start = end
@@ -225,18 +287,14 @@ class Inflight:
         if start < pos:
             out.append(buf[start:pos])
 
-    def _count_row(self, head: Expected | None) -> bool:
-        """Counts one row of the running result; False when it passes the cap (drop it)."""
+    def _count_row(self, head: Expected | None, size: int) -> bool:
+        """Counts one row of the running result; False when it passes a cap (drop it)."""
         if head is None:
             return True
         execution = head[2]
-        if not isinstance(execution, Execution) or not execution.cap:
+        if not isinstance(execution, Execution) or not execution.counts():
             return True
-        execution.rows += 1
-        if execution.rows > execution.cap:
-            execution.cut = True
-            return False
-        return True
+        return execution.take_row(size)
 
     def _on_message(
         self, kind: int, buf: bytes, pos: int, end: int, head: Expected | None
@@ -279,12 +337,7 @@ class Inflight:
                 if execution.cut and visible:
                     execution.refused = execution.cap_error
                     keep = self.events.on_cut(execution, tag)
-                if execution.source is not None:
-                    execution.source.rows = execution.rows
-                if not execution.extended:
-                    # the next statement of the message counts anew
-                    execution.rows = execution.offset = 0
-                    execution.cut = False
+                execution.result_done()
             if visible:
                 self.events.on_complete(tag, execution)
             return keep
@@ -300,8 +353,8 @@ class Inflight:
             if head is not None and head[0] == Pending.EXECUTE:
                 pending.popleft()
                 execution = head[2]
-                if isinstance(execution, Execution) and execution.source is not None:
-                    execution.source.rows = execution.rows
+                if isinstance(execution, Execution):
+                    execution.result_done()
             return keep
         if kind == m.BE_ROW_DESCRIPTION:
             if head is not None and head[0] == Pending.DESCRIBE:
@@ -310,7 +363,12 @@ class Inflight:
                     return codec.message(b"n")  # the agent's statement returns no rows
             return keep
         if kind == m.BE_COPY_DATA:
-            if visible and head is not None and head[2] is not None and not self._count_row(head):
+            if (
+                visible
+                and head is not None
+                and head[2] is not None
+                and not self._count_row(head, end - pos - 5)
+            ):
                 return b""
             return keep
         if kind == m.BE_PARAMETER_STATUS:
@@ -344,7 +402,9 @@ class Inflight:
             out = b""  # the proxy's own statement failed: logged by the relay
         elif isinstance(payload, Execution) and payload.shift and "P" in fields:
             out = _shift_position(fields, payload.shift)
-        self.events.on_error(fields, kind, payload)
+        told = self.events.on_error(fields, kind, payload)
+        if told is not None and kind != Pending.ABORT and (visible or kind != Pending.QUERY):
+            out = told
         if kind != Pending.QUERY:
             # extended protocol: the server skips everything up to the next Sync
             while pending and pending[0][0] not in _ENDS_ROUND:

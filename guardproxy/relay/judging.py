@@ -15,6 +15,7 @@ Pure: no sockets, no database.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
@@ -22,6 +23,9 @@ from urllib.parse import quote
 
 import pglast
 
+from guardproxy.delegation import binding
+from guardproxy.delegation.claims import Delegation
+from guardproxy.delegation.errors import RevocationsUnavailable, TokenError
 from guardproxy.jobs.write_plan import WritePlan, WriteRun
 from guardproxy.policy import (
     AgentPolicy,
@@ -35,10 +39,11 @@ from guardproxy.policy.context import CONTEXT_VALUE_SQLSTATE, context_value_prob
 from guardproxy.policy.idempotency import TAG as IDEMPOTENCY_TAG
 from guardproxy.policy.idempotency import idempotency_key
 from guardproxy.protocol import codec
-from guardproxy.protocol.errors import Denied
+from guardproxy.protocol.errors import Denied, GuardError
 from guardproxy.relay.pinning import pin_reason
 
 if TYPE_CHECKING:
+    from guardproxy.delegation.verify import Verifier
     from guardproxy.metrics import AgentStats, StatsRegistry
 
 log = logging.getLogger("guardproxy.policy")
@@ -68,16 +73,20 @@ class Judgement:
     """What judging one text produced. Plain, not a dataclass: one per judged text."""
 
     __slots__ = (
+        "byte_cap",
         "cap_error",
         "catalog",
         "context",
         "cursor",
+        "cursors",
         "decision",
         "kind",
+        "notices",
         "pins",
         "plan_check",
         "policy",
         "row_cap",
+        "rule",
         "sensitive",
         "sent",
         "settings",
@@ -104,6 +113,10 @@ class Judgement:
         pins: str | None = None,  # why running it ties the session to its server
         settings: bool = False,  # it may change session settings (set_config)
         sensitive: bool = False,  # the decision depends on the context: judge it again
+        byte_cap: int = 0,  # limits.max_bytes_returned (0: none)
+        cursors: tuple[tuple[str, str] | None, ...] = (),  # per statement, several FETCHes
+        notices: tuple[str, ...] = (),  # NoticeResponses the client gets before the answer
+        rule: str | None = None,  # the rule that rewrote it (or would have, monitored)
         context: SessionContext | None = None,
         policy: AgentPolicy | None = None,
         catalog: Catalog | None = None,
@@ -122,6 +135,10 @@ class Judgement:
         self.pins: Final = pins
         self.settings: Final = settings
         self.sensitive: Final = sensitive
+        self.byte_cap: Final = byte_cap
+        self.cursors: Final = cursors
+        self.notices: Final = notices
+        self.rule: Final = rule
         self.context: Final = context
         self.policy: Final = policy
         self.catalog: Final = catalog
@@ -143,6 +160,10 @@ class Judgement:
             pins=pins,
             settings=self.settings,
             sensitive=self.sensitive,
+            byte_cap=self.byte_cap,
+            cursors=self.cursors,
+            notices=self.notices,
+            rule=self.rule,
             context=self.context,
             policy=self.policy,
             catalog=self.catalog,
@@ -168,13 +189,23 @@ class Judging:
         context: SessionContext,
         stats: AgentStats,
         registry: StatsRegistry,
+        verifier: Verifier | None = None,
+        delegation: Delegation | None = None,
     ) -> None:
         self.judge_engine = judge
+        self.base_policy = policy  # the agent type's; ``policy``: as a token narrows it
         self.policy = policy
         self.context = context
+        self.verifier = verifier
+        self.delegation: Delegation | None = None
+        self.delegated = binding.mode(policy) != "off"  # the type takes delegation tokens
+        if delegation is not None:
+            self._bind(delegation)
         self.stats = stats
         self.registry = registry
         self.task_started: dict[str, float] = {}
+        # what this session's writes without a task count against, for task budgets
+        self.session_task = f"session:{context.agent_id}:{secrets.token_hex(6)}"
         self._tag_for: SessionContext | None = None
         self._tag = b""
         # text -> what judging it produced, for texts a session sends again and again
@@ -185,11 +216,18 @@ class Judging:
     # ------------------------------------------------------------ judging
 
     def judge(
-        self, text: bytes, query: bool, prepared: tuple[str, bytes] | None = None
+        self,
+        text: bytes,
+        query: bool,
+        prepared: tuple[str, bytes] | None = None,
+        in_transaction: bool = False,
     ) -> Judgement:
         """Judges the SQL of a Query (``query``) or Parse message; the session context
         takes what its comments and ``SET guard.*`` statements say. ``prepared``: the
-        name and text of the prepared statement an ``EXECUTE`` runs."""
+        name and text of the prepared statement an ``EXECUTE`` runs; ``in_transaction``:
+        a transaction is open (a delegation token cannot change then)."""
+        if self.delegated:
+            self.gate()
         recent = self._recent.get((text, query)) if prepared is None else None
         if recent is not None and self.current(recent, exact=True):
             self._check_task_duration(self.context)
@@ -198,14 +236,21 @@ class Judging:
         sql = text.decode(errors="replace")
         context = self.context
         if "/*" in sql:
-            context = context.with_updates(_without_key(_checked(parse_context_comment(sql))))
+            comment = _checked(parse_context_comment(sql))
+            if self.delegated:
+                self._decided(comment, "comment")
+            context = context.with_updates(_without_key(comment))
             self.context = context
         if prepared is not None:
             context = context.with_prepared(prepared[0], prepared[1].decode(errors="replace"))
         judgement, decision = self._judge(sql, context, query)
         if decision.context_updates:
-            _checked(decision.context_updates)
-            self.context = self.context.with_updates(decision.context_updates)
+            token, updates = binding.take_token(_checked(decision.context_updates))
+            if self.delegated:
+                self._decided(updates, "SET")
+            if token is not None:
+                self.present(token, in_transaction)
+            self.context = self.context.with_updates(updates)
         for name, prepared_sql in decision.prepared.items():
             self.context = self.context.with_prepared(name, prepared_sql)
         if decision.proxy_only and query:
@@ -225,6 +270,65 @@ class Judging:
             self._recent[(text, query)] = judgement
         return judgement
 
+    # ------------------------------------------------------------ delegation
+
+    def gate(self) -> None:
+        """Before every statement: the token a type requires is there, and still valid."""
+        try:
+            binding.gate(self.base_policy, self.delegation, self.verifier, time.time())
+        except TokenError as exc:
+            self.stats.denials[f"delegation.{exc.kind}"] += 1
+            raise Denied(
+                exc.message, rule="delegation", hint=exc.hint, sqlstate=exc.sqlstate
+            ) from None
+        except RevocationsUnavailable as exc:
+            raise Denied(
+                exc.message, rule="delegation", hint=exc.hint, sqlstate=exc.sqlstate
+            ) from None
+
+    def present(self, token: str, in_transaction: bool = False) -> None:
+        """A token the agent presents (SET guard.token, options, password): verified, it
+        decides the session's principals and task, and narrows its policy."""
+        if in_transaction:
+            raise Denied(
+                "a delegation token cannot change inside a transaction: the database sees "
+                "the principals it names from the start of each transaction",
+                rule="delegation",
+                hint="COMMIT or ROLLBACK first, then SET guard.token",
+                sqlstate="25001",
+            )
+        try:
+            delegation = binding.present(
+                self.base_policy, self.verifier, token, self.context.agent_id, time.time()
+            )
+        except TokenError as exc:
+            self.stats.denials[f"delegation.{exc.kind}"] += 1
+            raise Denied(
+                exc.message, rule="delegation", hint=exc.hint, sqlstate=exc.sqlstate
+            ) from None
+        self._bind(delegation)
+
+    def _bind(self, delegation: Delegation) -> None:
+        self.delegation = delegation
+        self.policy = binding.effective_policy(self.base_policy, delegation)
+        self.context = binding.bind_context(self.context, delegation)
+        self._recent.clear()
+
+    def _decided(self, updates: Mapping[str, str], source: str) -> None:
+        """Context keys a token decides are refused from the agent (principals...)."""
+        try:
+            binding.check_context_updates(self.base_policy, updates, self.delegation, source)
+        except GuardError as exc:
+            raise Denied(
+                exc.message, rule="delegation", hint=exc.hint, sqlstate=exc.sqlstate
+            ) from None
+
+    def reloaded(self, policy: AgentPolicy, judge: Judge) -> None:
+        """The policies were reloaded: this type's new policy, narrowed by the token."""
+        self.base_policy, self.judge_engine = policy, judge
+        self.delegated = binding.mode(policy) != "off"
+        self.policy = binding.effective_policy(policy, self.delegation)
+
     def forget_prepared(self, name: str | None) -> None:
         """A DEALLOCATE (None: of all) the judge must know of."""
         self.context = self.context.with_prepared(name or "", None)
@@ -232,6 +336,8 @@ class Judging:
     def rejudge(self, text: bytes) -> Judgement:
         """A prepared statement judged again under the session's context now (its own
         comments apply to it, not to the session)."""
+        if self.delegated:
+            self.gate()
         sql = text.decode(errors="replace")
         context = self.context
         if "/*" in sql:
@@ -280,7 +386,8 @@ class Judging:
         if decision.action == "rewrite" and not decision.monitored:
             label, out = "rewritten", decision.sql
         cap = decision.max_rows_returned or 0
-        cap_error = bool(cap) and decision.rows_over_cap == "error"
+        byte_cap = decision.max_bytes_returned or 0
+        cap_error = bool(cap or byte_cap) and decision.rows_over_cap == "error"
         if cap_error and query:
             self._refuse_stacked_capped_read(sql)
         tag = self.tag(context)
@@ -301,6 +408,10 @@ class Judging:
             pins=pin_reason(sent),
             settings=b"set_config" in sent.lower(),
             sensitive=not decision.cacheable,
+            byte_cap=byte_cap,
+            cursors=decision.cursors if cap else (),
+            notices=decision.notices,
+            rule=decision.rule or None if label != "allowed" else None,
             context=context,
             policy=policy,
             catalog=engine.catalog,
@@ -321,6 +432,7 @@ class Judging:
             max_rows_affected=write.max_rows_affected,
             cap_rule=write.cap_rule,
             statement_key=key or None,
+            rule=decision.rule or None if decision.action == "rewrite" else None,
         )
 
     def write_run(self, plan: WritePlan, parameters: bytes = b"") -> WriteRun:
@@ -331,8 +443,11 @@ class Judging:
             tags[IDEMPOTENCY_TAG] = plan.statement_key
         explicit = bool(tags.get(IDEMPOTENCY_TAG))
         key = None
-        if explicit or ctx.task:  # derived keys need a task: else two equal writes are two writes
-            key = idempotency_key(policy, tags, ctx.task, ctx.step, plan.statement)
+        # a derived key needs a task and a step (the attempt): else two equal writes are two
+        if explicit or (ctx.task and ctx.step):
+            key = idempotency_key(
+                policy, tags, ctx.task, ctx.step, plan.statement, agent_id=ctx.agent_id
+            )
         return WriteRun(
             plan,
             agent_id=ctx.agent_id,
@@ -346,6 +461,20 @@ class Judging:
             task=ctx.task,
             max_writes_per_task=policy.max_writes_per_task,
             max_statements_per_task=policy.max_statements_per_task,
+            key_label=repr(tags[IDEMPOTENCY_TAG])
+            if explicit
+            else f"derived from task {ctx.task!r} and step {ctx.step!r}",
+            budget_task=ctx.task or self.session_task,
+            windows=tuple(
+                (
+                    scope,
+                    ctx.agent_id if scope == "per_agent" else policy.name,
+                    budget.max_rows_written,
+                    budget.max_statements,
+                    budget.window.total_seconds(),
+                )
+                for scope, budget in policy.window_budgets
+            ),
         )
 
     def _refuse_stacked_capped_read(self, sql: str) -> None:
@@ -365,6 +494,7 @@ class Judging:
     def tag(self, ctx: SessionContext) -> bytes:
         """The sqlcommenter comment naming who runs the statement, built once per context."""
         if ctx is not self._tag_for:
+            delegation = self.delegation
             self._tag = sqlcomment(
                 {
                     "agent": ctx.agent_id,
@@ -372,6 +502,7 @@ class Judging:
                     "task": ctx.task,
                     "step": ctx.step,
                     "principals": ",".join(ctx.principals) or None,
+                    "token_id": delegation.token_id if delegation is not None else None,
                 }
             )
             self._tag_for = ctx

@@ -66,7 +66,7 @@ class Statement:
 class Portal:
     """One portal: the statement record it was bound from, and what it delivered so far."""
 
-    __slots__ = ("bind", "name", "parameters", "rows", "statement")
+    __slots__ = ("bind", "bytes", "name", "parameters", "rows", "statement")
 
     def __init__(self, name: bytes, statement: Statement, bind: bytes, parameters: bytes) -> None:
         self.name: Final = name
@@ -74,6 +74,7 @@ class Portal:
         self.bind: Final = bind  # the Bind as sent to the server (statement name translated)
         self.parameters: Final = parameters  # the Bind's values, for idempotency
         self.rows = 0  # rows delivered over its Executes (a row cap holds per portal)
+        self.bytes = 0  # bytes of row data delivered over its Executes
 
 
 class Registry:

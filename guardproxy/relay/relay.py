@@ -26,6 +26,8 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Final
 
+from guardproxy.delegation.postgres import settings_change
+from guardproxy.policy.timeouts import explain_timeout
 from guardproxy.protocol import codec
 from guardproxy.protocol import messages as m
 from guardproxy.protocol.errors import Denied, GuardError, ProtocolViolation, UpstreamError
@@ -63,6 +65,7 @@ ABORT_PARSE: Final = codec.build_parse(
 _SETTINGS_TAGS: Final = frozenset((b"SET", b"RESET", b"DISCARD ALL"))
 _DDL_PREFIXES: Final = (b"CREATE", b"ALTER", b"DROP", b"COMMENT", b"GRANT", b"REVOKE")
 _ROW_RETURNING: Final = frozenset((b"SELECT", b"FETCH", b"COPY", b"MOVE"))
+_TIMEOUT_CODES: Final = frozenset(("57014", "25P03", "25P04"))
 
 
 class Phase(Enum):
@@ -77,12 +80,13 @@ class Phase(Enum):
 
 
 class CursorRows:
-    """Rows a capped SQL cursor delivered over its FETCHes (a row cap holds per cursor)."""
+    """What a capped SQL cursor delivered over its FETCHes (a cap holds per cursor)."""
 
-    __slots__ = ("rows",)
+    __slots__ = ("bytes", "rows")
 
     def __init__(self) -> None:
         self.rows = 0
+        self.bytes = 0
 
 
 class Hooks:
@@ -140,6 +144,9 @@ class Relay:
         self.stmt_started = 0.0
         self.cursors: dict[str, CursorRows] = {}
         self._abort_at_ready = False  # a capped Query refused in error mode: abort its transaction
+        # delegation: the server must see the token's principals before the next statement
+        self.guard_dirty = False
+        self._guard_for: Any = None  # the Delegation the lent server was given
         self.queries = 0
         self.transactions = 0
         self.last_activity = time.perf_counter()
@@ -171,13 +178,15 @@ class Relay:
         self.attached_at = self.stmt_started = now = time.perf_counter()
         self.tx_started = now
         self.wants_release = False
+        self.guard_dirty = self.judging is not None and self.judging.delegated
         if self.phase is not Phase.JOB:
             self._enter(Phase.ACTIVE)
 
     def replay_settings(self, sql: str | None) -> None:
         """Sends the statement that gives the server this session's settings (hidden)."""
         if sql is not None:
-            self._send(codec.build_query(sql))
+            # straight out: the delegation settings follow it (its RESET ALL clears them)
+            self.to_backend.append(codec.build_query(sql))
             self.inflight.expect(Pending.QUERY, visible=False)
 
     def detach(self) -> BackendState | None:
@@ -275,7 +284,7 @@ class Relay:
             judgement = plain(text)
         else:
             try:
-                judgement = judging.judge(text, query=True)
+                judgement = judging.judge(text, query=True, in_transaction=self._in_transaction())
             except Denied as denial:
                 self._deny(True, denial, text)
                 return
@@ -311,22 +320,36 @@ class Relay:
             self.stmt_started = time.perf_counter()
         self.stats.statements[judgement.kind, judgement.decision] += 1
         self._note_effects(judgement)
+        self._notices(judgement)
         execution = None
-        if judgement.row_cap or audit is not None or judgement.shift:
+        if judgement.row_cap or judgement.byte_cap or audit is not None or judgement.shift:
+            cursors = judgement.cursors
             execution = Execution(
                 judgement.shift,
                 judgement.row_cap,
                 judgement.cap_error,
-                self._cursor_source(judgement),
+                self._cursor_source(judgement.cursor),
                 audit,
+                False,
+                judgement.byte_cap,
+                tuple(self._cursor_source(c) for c in cursors) if len(cursors) > 1 else (),
             )
         self._send(codec.build_query(judgement.sent))
         self.inflight.expect(Pending.QUERY, True, execution)
-        if judgement.cap_error and judgement.row_cap:
+        if judgement.cap_error:
             self._hold()  # its answer may turn into an error that aborts what follows
 
-    def _cursor_source(self, judgement: Judgement) -> CursorRows | None:
-        cursor = judgement.cursor
+    def _notices(self, judgement: Judgement) -> None:
+        """What the judge tells the client before the answer (a filter that matches
+        nothing, ...): NoticeResponses, in order."""
+        for text in judgement.notices:
+            self.inflight.expect(Pending.SYNTH, True, codec.build_notice("01000", text))
+
+    def _in_transaction(self) -> bool:
+        backend = self.backend
+        return backend is not None and (backend.status != b"I" or self.in_round)
+
+    def _cursor_source(self, cursor: tuple[str, str] | None) -> CursorRows | None:
         if cursor is None:
             return None
         verb, name = cursor
@@ -488,6 +511,7 @@ class Relay:
                     return
             self.registry.parse(statement, self.search_path)
             self.to_client.append(codec.PARSE_COMPLETE)
+            self._notices(judgement)
             return
         self.registry.parse(statement, self.search_path)
         if self.backend is None:
@@ -503,8 +527,9 @@ class Relay:
             statement.on_backend = backend.serial
             self._send(codec.build_parse(b"", statement.judgement.sent, statement.types))
             self.inflight.expect(Pending.PARSE, True, None)
-            return
-        self._prepare_on_server(statement, visible=True)
+        else:
+            self._prepare_on_server(statement, visible=True)
+        self._notices(statement.judgement)
 
     def _prepare_on_server(self, statement: Statement, visible: bool) -> None:
         """Makes the server's copy of a named statement as new as the client's Parse."""
@@ -634,7 +659,7 @@ class Relay:
                 return
             self._send_execute(raw, judgement, portal, (run, judgement))
             return
-        source = self._cursor_source(judgement) if judgement.cursor is not None else portal
+        source = self._cursor_source(judgement.cursor) if judgement.cursor is not None else portal
         self._send_execute(raw, judgement, source)
 
     def _rebind(self, portal: Portal) -> Portal | None:
@@ -676,20 +701,37 @@ class Relay:
         if not self.inflight.pending:
             self.stmt_started = time.perf_counter()
         execution = None
+        judging = self.judging
         if judgement is None:
-            self.stats.statements["query" if self.judging is None else "read", "allowed"] += 1
-            if isinstance(source, CursorRows):
-                execution = Execution(0, 0, False, source, None, True)
+            self.stats.statements["query" if judging is None else "read", "allowed"] += 1
+            if isinstance(source, CursorRows) and judging is not None:
+                # a cursor declared in SQL, run by a protocol Execute: its caps hold too
+                policy = judging.policy
+                execution = Execution(
+                    0,
+                    policy.max_rows_returned or 0,
+                    policy.on_rows_returned_over == "error",
+                    source,
+                    None,
+                    True,
+                    policy.max_bytes_returned or 0,
+                )
         else:
             self.stats.statements[judgement.kind, judgement.decision] += 1
             self._note_effects(judgement)
-            if judgement.row_cap or audit is not None or judgement.shift:
+            if judgement.row_cap or judgement.byte_cap or audit is not None or judgement.shift:
                 execution = Execution(
-                    judgement.shift, judgement.row_cap, judgement.cap_error, source, audit, True
+                    judgement.shift,
+                    judgement.row_cap,
+                    judgement.cap_error,
+                    source,
+                    audit,
+                    True,
+                    judgement.byte_cap,
                 )
         self._send(raw)
         self.inflight.expect(Pending.EXECUTE, True, execution)
-        if judgement is not None and judgement.cap_error and judgement.row_cap:
+        if execution is not None and execution.cap_error and execution.counts():
             # its answer may turn into an error that must abort what follows: let the
             # server answer it now, and take nothing more from the client until then
             self._send(codec.FLUSH)
@@ -911,13 +953,23 @@ class Relay:
         elif outcome.decision == "denied":
             stats.denials[outcome.rule or run.plan.cap_rule or "write_safety"] += 1
         if run.audit_inline is None or outcome.decision not in ("allowed", "rewritten"):
+            decision, rule, result = outcome.decision, outcome.rule, None
+            if decision in ("allowed", "rewritten"):
+                result = "succeeded"
+                rule = run.plan.rule
+            elif decision == "failed":
+                decision, result = ("rewritten" if run.plan.soft_delete else "allowed"), "failed"
+                rule = run.plan.rule
+            elif decision == "denied" and outcome.rows is not None:
+                result = "undone"  # it ran, past a cap or a budget, and was rolled back
             self._audit(
                 run.plan.statement,
-                outcome.decision,
-                rule=outcome.rule,
+                decision,
+                rule=rule,
                 reason=outcome.reason,
                 rows=outcome.rows,
                 duration_ms=outcome.seconds * 1000,
+                outcome=result,
             )
         self.to_client.append(outcome.response)
         if job.simple:
@@ -966,6 +1018,9 @@ class Relay:
             self.hooks.catalog_changed()
         if tag in _SETTINGS_TAGS:
             self.settings_dirty = True
+            if tag != b"SET" and self.backend is not None:
+                self.backend.guard_sent = None  # RESET ALL, DISCARD ALL: set them again
+                self.guard_dirty = True
         if tag == b"LISTEN":
             self._pin("LISTEN")
         if tag == b"DISCARD ALL":
@@ -977,7 +1032,7 @@ class Relay:
             if self.backend is not None:
                 self.backend.forget_statements()
 
-    def on_error(self, fields: dict[str, str], kind: Pending, payload: Any) -> None:
+    def on_error(self, fields: dict[str, str], kind: Pending, payload: Any) -> bytes | None:
         now = time.perf_counter()
         stats = self.stats
         stats.statement_time.observe(now - self.stmt_started)
@@ -995,22 +1050,39 @@ class Relay:
             stats.timeouts += 1
         if isinstance(payload, Execution) and payload.audit is not None:
             payload.failed = True
+            payload.failure = f"{code}: {fields.get('M', '')}"
             if payload.extended:
-                self._audit_write(payload, fields.get("M"))
+                self._audit_write(payload, payload.failure)
         if kind == Pending.PARSE and payload and backend is not None:
             backend.prepared.pop(payload, None)
         elif kind == Pending.BIND and payload and code == "0A000":
             # "cached plan must not change result type": every copy of it is stale
             self.hooks.stale_statement(payload)
+        if self.judging is not None and code in _TIMEOUT_CODES:
+            # a timeout says which limit of the policy ended it, and what to do
+            told = explain_timeout(self.judging.policy, fields)
+            if told is not None:
+                fields = dict(fields, M=told[0], H=told[1])
+                return codec.build_error_fields(fields)
+        return None
 
     def on_cut(self, execution: Execution, tag: bytes) -> bytes:
         """A result passed its row cap: what the client sees in place of its CommandComplete
         (``tag``)."""
-        cap = execution.cap
         self.stats.statements["read", "truncated"] += 1
+        by_bytes = execution.cut_by == "bytes"
+        rule = "limits.max_bytes_returned" if by_bytes else "limits.max_rows_returned"
+        delivered = execution.delivered
         if self.judging is not None:
-            self._audit("", "truncated", rule="limits.max_rows_returned", rows=cap)
-        hint = f"add a LIMIT of at most {cap}, aggregate, or page through the rows"
+            self._audit("", "truncated", rule=rule, rows=delivered)
+        if by_bytes:
+            cap = execution.byte_cap
+            limit = f"{cap} bytes of row data"
+            hint = "select fewer or smaller columns, aggregate less into one row, or page through the rows"
+        else:
+            cap = execution.cap
+            limit = f"{cap} rows"
+            hint = f"add a LIMIT of at most {cap}, aggregate, or page through the rows"
         if execution.cap_error:
             if execution.extended:
                 # the round goes on on the server (it saw no error): make it fail here, as
@@ -1022,22 +1094,26 @@ class Relay:
                 self._abort_at_ready = True
             return codec.build_error(
                 "54000",
-                f"the result has more than {cap} rows, the most this agent may read at once "
-                "(policy limits.max_rows_returned)",
+                f"the result has more than {limit}, the most this agent may read at once "
+                f"(policy {rule})",
                 hint=hint,
             )
         notice = codec.build_notice(
             "01000",
-            f"result truncated to {cap} rows by policy (limits.max_rows_returned)",
+            f"result truncated to {delivered} rows by policy ({rule}: at most {limit}"
+            + (
+                ", for a cursor over all its FETCHes"
+                if isinstance(execution.source, CursorRows)
+                else ""
+            )
+            + ")",
             severity="WARNING",
             hint=hint,
         )
-        if isinstance(execution.source, CursorRows):
-            # the cap holds for the cursor: what earlier FETCHes delivered counts
-            delivered = cap - execution.offset
-            return notice + codec.build_command_complete(f"FETCH {max(delivered, 0)}")
-        verb = "COPY" if tag.startswith(b"COPY") else "SELECT"
-        return notice + codec.build_command_complete(f"{verb} {cap}")
+        verb = tag.split(b" ", 1)[0].decode(errors="replace") or "SELECT"
+        if verb not in ("FETCH", "COPY"):
+            verb = "SELECT"
+        return notice + codec.build_command_complete(f"{verb} {delivered}")
 
     def on_ready(self, status: bytes) -> None:
         if status == b"I":
@@ -1059,16 +1135,20 @@ class Relay:
             self._after_round()
 
     def on_query_done(self, execution: Execution) -> None:
-        self._audit_write(execution, "the statement failed" if execution.failed else None)
+        self._audit_write(execution, execution.failure if execution.failed else None)
 
     def _audit_write(self, execution: Execution, failure: str | None) -> None:
         """An unmanaged write ended: recorded with its outcome (once)."""
         run, judgement = execution.audit
         execution.audit = None
-        if failure is not None:
-            self._audit(run.plan.statement, "failed", reason=failure)
-        else:
-            self._audit(run.plan.statement, judgement.decision, rows=execution.written)
+        self._audit(
+            run.plan.statement,
+            judgement.decision,
+            rule=judgement.rule,
+            reason=failure,
+            rows=None if failure is not None else execution.written,
+            outcome="failed" if failure is not None else "succeeded",
+        )
 
     def notification_pid(self, pid: int) -> int:
         return self.hooks.client_pid(pid)
@@ -1123,9 +1203,26 @@ class Relay:
     # ------------------------------------------------------------ bookkeeping
 
     def _send(self, data: bytes) -> None:
+        judging = self.judging
+        if judging is not None and (self.guard_dirty or judging.delegation is not self._guard_for):
+            self._guard_settings(judging)
         self.to_backend.append(data)
         if self.tx_started is None:
             self.tx_started = time.perf_counter()
+
+    def _guard_settings(self, judging: Judging) -> None:
+        """What Postgres sees of the session's delegation (guard.principals, guard.task,
+        guard.token_id) set on the lent server, hidden, before the next statement."""
+        self.guard_dirty = False
+        self._guard_for = judging.delegation
+        backend = self.backend
+        if backend is None or not judging.delegated:
+            return
+        sql, values = settings_change(backend.guard_sent, judging.delegation)
+        if sql is not None:
+            self.to_backend.append(codec.build_query(sql))
+            self.inflight.expect(Pending.QUERY, False, None)
+            backend.guard_sent = values
 
     def _note_effects(self, judgement: Judgement) -> None:
         """What running the statement does to the session: pins it, dirties its settings."""
@@ -1148,12 +1245,14 @@ class Relay:
         reason: str | None = None,
         rows: int | None = None,
         duration_ms: float | None = None,
+        outcome: str | None = None,
     ) -> None:
         record = self.hooks.audit
         judging = self.judging
         if record is None or judging is None:
             return
         ctx = judging.context
+        delegation = judging.delegation
         record(
             AuditEvent(
                 agent_id=ctx.agent_id,
@@ -1167,6 +1266,8 @@ class Relay:
                 reason=reason,
                 rows=rows,
                 duration_ms=duration_ms,
+                outcome=outcome,
+                tags=delegation.audit_tags() if delegation is not None else None,
             )
         )
 

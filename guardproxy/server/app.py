@@ -24,6 +24,9 @@ from prometheus_client import CollectorRegistry
 from guardproxy import native
 from guardproxy.analysis.catalog import CATALOG_QUERY, FOREIGN_KEYS_QUERY, SEARCH_PATH_QUERY
 from guardproxy.config import Settings, Upstream
+from guardproxy.delegation import binding, console
+from guardproxy.delegation.revocations import RevocationCache, RevocationStore
+from guardproxy.delegation.verify import Verifier as TokenVerifier
 from guardproxy.metrics import GuardproxyCollector, PoolView, StatsRegistry
 from guardproxy.onboarding.privileges import check_login
 from guardproxy.policy import AgentPolicy, Catalog, Judge, PolicyError, PolicySet, load_policy_set
@@ -97,6 +100,9 @@ class Proxy:
             self._make_pools(self.policies)
         self._catalog_task: asyncio.Task[None] | None = None
         self.audit: AuditLog | None = None
+        # delegation tokens: verified with the issuers' keys, checked against revocations
+        self.verifier: TokenVerifier | None = None
+        self.revocations: RevocationCache | None = None
         self.tls: ServerTLS | None = None
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             self.tls = ServerTLS(
@@ -143,9 +149,44 @@ class Proxy:
         if self.sessions.get(session.cancel_key) is session:
             del self.sessions[session.cancel_key]
 
-    async def admin_query(self, sql: str) -> bytes:
+    async def admin_query(self, sql: str, by: str = "") -> bytes:
         """One statement of the admin console: its whole answer (no ReadyForQuery)."""
-        return await admin.run(self, sql)
+        command = console.parse(sql)
+        if command is None:
+            return await admin.run(self, sql)
+        if self.revocations is None:
+            raise GuardError(
+                "delegation tokens are not in use: no issuer is configured "
+                "(delegation_issuers) and no policy takes tokens",
+                sqlstate="55000",
+            )
+        delegations = [
+            d
+            for s in self.sessions.values()
+            if s.relay is not None
+            and s.relay.judging is not None
+            and (d := s.relay.judging.delegation) is not None
+        ]
+        columns, rows, tag = await console.run(
+            command, self.revocations.store, self.revocations, by, delegations
+        )
+        return admin.result(columns, rows, tag)
+
+    async def _start_delegation(self) -> None:
+        """Delegation tokens, when issuers are configured or a policy takes tokens."""
+        uses = self.policies is not None and any(binding.mode(p) != "off" for p in self.policies)
+        if not (self.settings.delegation_issuers or uses) or self.settings.upstream is None:
+            return
+        self.revocations = RevocationCache(
+            RevocationStore(self.settings.upstream),
+            self.settings.delegation_revocations_refresh,
+            self.settings.delegation_clock_skew,
+        )
+        await self.revocations.start()
+        self.verifier = TokenVerifier.from_settings(self.settings, self.revocations)
+        problems = self.verifier.key_problems()
+        if problems:
+            raise ConfigError("delegation issuers: " + "; ".join(problems))
 
     def client_pid_of_backend(self, backend_pid: int) -> int:
         """The process id a client of this proxy knows for the server with ``backend_pid``
@@ -452,6 +493,7 @@ class Proxy:
             )
             self.audit.start()
         await self.load_catalog()
+        await self._start_delegation()
         if self.settings.workers > 1:
             self.relay = CancelRelay(
                 Path(tempfile.gettempdir()),
@@ -547,6 +589,8 @@ class Proxy:
             self.ops.close()
         if self.audit is not None:
             await self.audit.close()
+        if self.revocations is not None:
+            await self.revocations.close()
         log.info("guardproxy stopped")
 
 

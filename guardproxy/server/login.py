@@ -14,9 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from guardproxy.config import is_loopback_host
+from guardproxy.delegation import binding
+from guardproxy.delegation.claims import Delegation
 from guardproxy.jobs.settings import replay_sql
 from guardproxy.policy import AgentPolicy, SessionContext
 from guardproxy.policy.context import CONTEXT_VALUE_SQLSTATE, context_value_problem
@@ -69,6 +73,7 @@ class LoginResult:
     params: dict[str, str] = field(default_factory=dict)  # ParameterStatus values to send
     policy: AgentPolicy | None = None
     context: SessionContext | None = None
+    delegation: Delegation | None = None  # a verified delegation token, if one came
 
 
 def peer_host(peer: str) -> str:
@@ -85,14 +90,17 @@ async def run_login(channel: LoginChannel, proxy: ProxyServices) -> LoginResult 
     """The whole login, bounded by client_login_timeout."""
     try:
         async with asyncio.timeout(proxy.settings.client_login_timeout):
-            startup = await login_exchange(channel, proxy)
-            if startup is None:
+            exchanged = await login_exchange(channel, proxy)
+            if exchanged is None:
                 return None
+            startup, token = exchanged
             agent_id = startup.params.get("user", "")
             admin = startup.params.get("database") == ADMIN_DATABASE
             result = LoginResult(agent_id, admin, startup_settings(startup.params))
             if proxy.policies is not None and not admin:
-                result.policy, result.context = bind_policy(proxy, agent_id, startup.params)
+                result.policy, result.context, result.delegation = bind_policy(
+                    proxy, agent_id, startup.params, token
+                )
             if admin:
                 result.params = dict(ADMIN_PARAMS)
             else:
@@ -117,10 +125,11 @@ def startup_settings(params: dict[str, str]) -> Settings:
 
 
 def bind_policy(
-    proxy: ProxyServices, agent_id: str, params: dict[str, str]
-) -> tuple[AgentPolicy, SessionContext]:
+    proxy: ProxyServices, agent_id: str, params: dict[str, str], token: str | None = None
+) -> tuple[AgentPolicy, SessionContext, Delegation | None]:
     """Finds the agent's type; refuses agents no policy names, over their limits, or with
-    bad parameters. Returns the policy and the context the startup parameters give."""
+    bad parameters. Returns the policy, the context the startup parameters give, and the
+    delegation of a token presented as password (``token``) or in the options."""
     assert proxy.policies is not None and proxy.judge is not None
     policy = proxy.policies.match(agent_id)
     if policy is None:
@@ -141,12 +150,23 @@ def bind_policy(
     decision = proxy.judge.judge_startup(policy, params)
     if not decision.allowed:
         raise GuardError(decision.reason, hint=decision.hint, sqlstate=decision.sqlstate or "42501")
-    for key, value in decision.context_updates.items():
+    in_options, updates = binding.take_token(decision.context_updates)
+    for key, value in updates.items():
         problem = context_value_problem(key, value)
         if problem is not None:
             raise GuardError(problem, sqlstate=CONTEXT_VALUE_SQLSTATE)
-    context = SessionContext(agent_id=agent_id).with_updates(decision.context_updates)
-    return policy, context
+    delegation = None
+    presented = token or in_options
+    if presented is not None:
+        try:
+            delegation = binding.present(policy, proxy.verifier, presented, agent_id, time.time())
+        except GuardError:
+            if token is not None:  # the token was the login: a failed login
+                proxy.auth_failed("token", agent_id)
+            raise
+    binding.check_context_updates(policy, updates, delegation, "startup")
+    context = SessionContext(agent_id=agent_id).with_updates(updates)
+    return policy, context, delegation
 
 
 async def server_params(pool: Pool, agent_id: str, settings: Settings) -> dict[str, str]:
@@ -179,8 +199,11 @@ def parse_options(options: str) -> dict[str, str]:
     return dict(settings)
 
 
-async def login_exchange(channel: LoginChannel, proxy: ProxyServices) -> codec.Startup | None:
-    """Runs the login; returns the startup packet, or None when the connection was a cancel."""
+async def login_exchange(
+    channel: LoginChannel, proxy: ProxyServices
+) -> tuple[codec.Startup, str | None] | None:
+    """Runs the login; returns the startup packet and a delegation token the agent gave
+    as its password (verified later, with its policy), or None for a cancel request."""
     while True:
         _, body = await channel.recv_startup(typed=False)
         startup = codec.parse_startup(body)
@@ -235,9 +258,13 @@ async def login_exchange(channel: LoginChannel, proxy: ProxyServices) -> codec.S
     if proxy.settings.auth_mode == "cert" and cert_agent is None:
         proxy.auth_failed(host, user)
         raise AuthFailed(f'certificate authentication failed for user "{user}"', sqlstate="28000")
+    token = None
     if proxy.settings.auth_mode == "scram":
-        await _scram(channel, proxy, user)
-        proxy.login_limits.succeeded(host, user)
+        if user not in proxy.verifiers and proxy.verifier is not None and proxy.verifier.issuers:
+            token = await _token_password(channel, proxy, user)  # verified with its policy
+        else:
+            await _scram(channel, proxy, user)
+            proxy.login_limits.succeeded(host, user)
     # only now, to an authenticated client, anything about what is behind the proxy
     database = startup.params.get("database") or user
     upstream_db = proxy.upstream.database
@@ -250,7 +277,30 @@ async def login_exchange(channel: LoginChannel, proxy: ProxyServices) -> codec.S
             hint=f"connect to database {upstream_db!r}",
             sqlstate="3D000",
         )
-    return startup
+    return startup, token
+
+
+async def _token_password(channel: LoginChannel, proxy: ProxyServices, user: str) -> str:
+    """An agent with no password of its own logs in with a delegation token as its
+    password: a bearer secret, so only over TLS (or on a loopback listener)."""
+    if not channel.tls and not is_loopback_host(proxy.settings.listen_host):
+        raise AuthFailed(
+            f'agent "{user}" logs in with a delegation token, a bearer secret: connect with '
+            "TLS (sslmode=require or stronger)",
+            sqlstate="28000",
+        )
+    channel.write(codec.auth_request(3))
+    kind, raw = await channel.recv_startup(typed=True)
+    if kind != ord("p"):
+        raise ProtocolViolation(f"expected a password message, got message type {chr(kind)!r}")
+    token = raw[5:].rstrip(b"\x00").decode(errors="replace")
+    if not binding.looks_like_token(token):
+        proxy.auth_failed(peer_host(channel.peer), user)
+        raise AuthFailed(
+            f'password authentication failed for user "{user}": agent "{user}" has no '
+            "password here and logs in with a delegation token as its password"
+        )
+    return token
 
 
 async def _scram(channel: LoginChannel, proxy: ProxyServices, user: str) -> None:

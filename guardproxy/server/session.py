@@ -346,7 +346,15 @@ class ClientSession(asyncio.Protocol):
             self.stats = proxy.stats.for_agent(self.agent_type, label)
             judging = None
             if policy is not None and result.context is not None and proxy.judge is not None:
-                judging = Judging(proxy.judge, policy, result.context, self.stats, proxy.stats)
+                judging = Judging(
+                    proxy.judge,
+                    policy,
+                    result.context,
+                    self.stats,
+                    proxy.stats,
+                    proxy.verifier,
+                    result.delegation,
+                )
             self.relay = Relay(
                 agent_id=self.agent_id,
                 stats=self.stats,
@@ -403,7 +411,7 @@ class ClientSession(asyncio.Protocol):
                 f"{judging.policy.name}"
             )
             return
-        judging.policy, judging.judge_engine = policy, proxy.judge
+        judging.reloaded(policy, proxy.judge)
 
     # ------------------------------------------------------------ relaying
 
@@ -527,6 +535,7 @@ class ClientSession(asyncio.Protocol):
             relay.replay_settings(replay_sql(relay.settings, app))
             backend.settings_key = relay.settings
             backend.app_name = app
+            backend.guard_sent = None  # RESET ALL cleared guard.* too
         elif backend.app_name != app:
             relay.replay_settings(app_name_sql(app))
             backend.app_name = app

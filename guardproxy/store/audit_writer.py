@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import math
+import time
 from typing import Any, Final
 
 import asyncpg
@@ -52,6 +54,8 @@ COLUMNS = (
     "rows",
     "duration_ms",
     "tags",
+    "at",
+    "outcome",
 )
 # Tag naming the fields the writer changed ("task,statement"; "event" for a placeholder).
 ALTERED_TAG = "guardproxy.altered"
@@ -87,7 +91,11 @@ class AuditEvent:
         rows: int | None = None,
         duration_ms: float | None = None,
         tags: dict[str, str] | None = None,
+        at: float | None = None,  # when it happened (epoch seconds); now when not given
+        outcome: str | None = None,  # of a write upstream: succeeded, failed, undone
     ) -> None:
+        self.at: Final = time.time() if at is None else at
+        self.outcome: Final = outcome
         self.agent_id: Final = agent_id
         self.agent_type: Final = agent_type
         self.statement: Final = statement
@@ -127,7 +135,10 @@ class AuditEvent:
         )
         if c.altered:
             tags[ALTERED_TAG] = ",".join(f for f in COLUMNS if f in c.altered)
-        return (*row, json.dumps(tags) if tags else None)
+        return (*row, json.dumps(tags) if tags else None, self.when(), self.outcome)
+
+    def when(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.at, datetime.UTC)
 
     def placeholder(self, error: BaseException) -> tuple[Any, ...]:
         """A row the store takes whatever refused the event: ASCII only, every value
@@ -149,6 +160,8 @@ class AuditEvent:
             rows,
             ms if isinstance(ms, float | int) and math.isfinite(ms) else None,
             json.dumps({ALTERED_TAG: "event"}),
+            self.when(),
+            None if self.outcome is None else _ascii(self.outcome, 32),
         )
 
 

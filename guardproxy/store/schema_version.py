@@ -6,4 +6,4 @@ SQLAlchemy into every worker (they would cost each one about 30 MB of memory).
 updated.
 """
 
-SCHEMA_HEAD = "0006"
+SCHEMA_HEAD = "0007"

@@ -35,8 +35,8 @@ def test_upgrade_creates_schema_downgrade_removes_it_current_tells_which(pg: PgC
             dbname="schema_test",
         )
         assert tables == (
-            "alembic_version,audit_events,deleted_rows,idempotency_keys,proxy_instances,"
-            "task_budgets,token_revocations"
+            "alembic_version,audit_events,budget_usage,deleted_rows,idempotency_keys,"
+            "proxy_instances,task_budgets,token_revocations"
         )
         assert (
             pg.psql(

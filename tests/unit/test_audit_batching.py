@@ -98,7 +98,7 @@ def test_values_postgres_cannot_store_are_escaped_and_the_fields_named() -> None
     tags = json.loads(str(row["tags"]))
     assert tags == {ALTERED_TAG: "task,step,principals,statement"}
     for value in row.values():  # all of it encodes as UTF-8 and holds no NUL
-        text = json.dumps(value, ensure_ascii=False)
+        text = json.dumps(value, ensure_ascii=False, default=str)
         text.encode("utf-8")
         assert "\x00" not in text and "\\u0000" not in text
 

@@ -277,9 +277,12 @@ def test_derived_keys() -> None:
         derive_key("support", "T-1", "s1", sql, [b"4"]),
         derive_key("support", "T-1", "s1", sql, [None]),
         derive_key("support", "T-1", "s1", sql, [b""]),
+        derive_key("support", "T-1", "s1", sql, agent_id="support-2"),
     ]
     assert len({key, *others}) == 1 + len(others)
     assert derive_key("support", None, "s1", sql) is None
+    # without a step nothing tells a retry from a deliberate repeat: no key
+    assert derive_key("support", "T-1", None, sql) is None
 
 
 def test_idempotency_key_by_mode() -> None:
@@ -292,9 +295,15 @@ def test_idempotency_key_by_mode() -> None:
     assert support is not None and fulfillment is not None and analytics is not None
     sql = "UPDATE orders SET tracking_number = $1 WHERE id = $2"
     tagged = {"idempotency_key": "k-17"}
-    assert idempotency_key(fulfillment, tagged, "T", None, sql) == "explicit:fulfillment:k-17"
+    assert (
+        idempotency_key(fulfillment, tagged, "T", None, sql, agent_id="f-1")
+        == "explicit:fulfillment:3:f-1:k-17"
+    )
     assert idempotency_key(fulfillment, {}, "T", None, sql) is None
-    assert idempotency_key(support, tagged, "T", None, sql) == "explicit:support:k-17"
+    # one key of two agents: two ledger entries
+    assert idempotency_key(support, tagged, "T", None, sql, agent_id="s-1") != idempotency_key(
+        support, tagged, "T", None, sql, agent_id="s-2"
+    )
     assert idempotency_key(support, {}, "T", "s", sql, [b"x", b"3"]) == derive_key(
         "support", "T", "s", sql, [b"x", b"3"]
     )
