@@ -372,13 +372,17 @@ class Relay:
 
     def _prepared_command(self, text: bytes, command: Command) -> None:
         judging = self.judging
+        who = judging.policy.name if judging is not None else "an agent"
+        where = (
+            f"policy {who}, prepared statements" if judging is not None else "prepared statements"
+        )
         if isinstance(command, Mixed):
             verb = command.command
             self._deny(
                 True,
                 Denied(
-                    f"{verb} must be the only statement of its message: guardproxy resolves "
-                    "prepared statements itself (prepared statements)",
+                    f"{who} must send {verb} as the only statement of its message: guardproxy "
+                    f"resolves prepared statements itself ({where})",
                     rule="prepared",
                     hint=f"send {verb} in a message of its own",
                     sqlstate="0A000",
@@ -394,7 +398,17 @@ class Relay:
             return
         statement = self.registry.statement(command.name)
         if statement is None:
-            self._refuse(True, _no_statement(command.name))
+            self._deny(
+                True,
+                Denied(
+                    f"{who} may not EXECUTE {_show(command.name)}: prepared statement "
+                    f'"{_show(command.name)}" does not exist in this session ({where})',
+                    rule="prepared",
+                    hint=f"PREPARE {_show(command.name)} AS ... in this session first",
+                    sqlstate="26000",
+                ),
+                text,
+            )
             return
         if judging is None:
             judgement = plain(text)

@@ -32,6 +32,10 @@ def proxy_with(pg: PgCluster, tmp_path: Path, **changes: dict[str, Any]) -> Iter
             raise
 
 
+STATUSES = ("packed", "shipped", "delivered", "returned")
+STATUS_OF_5 = "SELECT fulfillment_status FROM orders WHERE id = 5"
+
+
 def log_rows(pg: PgCluster, who: str) -> int:
     return int(
         pg.psql(f"SELECT count(*) FROM order_state_log WHERE changed_by = '{who}'", dbname=SHOP_DB)
@@ -54,19 +58,20 @@ def test_another_agent_can_neither_squat_nor_replay_a_key(
         proxy_with(pg, tmp_path) as proxy,
         proxy.connect("support-a", autocommit=True) as a,
         proxy.connect("support-b", autocommit=True) as b,
+        proxy.connect("support-c", autocommit=True) as c,
     ):
         a.execute(keyed("k-shared", "support-a", "first"))
-        # the same key, another statement, another agent: its own key, it runs
-        b.execute(keyed("k-shared", "support-b", "other"))
-        # the same key and the very statement of the first agent: still not a replay
+        # the same key and the very statement of the first agent: not a replay of its answer
         notes: list[str] = []
         b.add_notice_handler(lambda d: notes.append(d.message_primary or ""))
         b.execute(keyed("k-shared", "support-a", "first"))
         assert not any("replayed" in n for n in notes), notes
+        # the same key with another statement: not refused as taken, it runs
+        c.execute(keyed("k-shared", "support-c", "other"))
         # and the first agent's own retry is replayed, as before
         a.execute(keyed("k-shared", "support-a", "first"))
-    assert log_rows(pg, "support-a") == 2  # the first agent's once, the second's copy once
-    assert log_rows(pg, "support-b") == 1
+    assert log_rows(pg, "support-a") == 2  # the first agent's once, the second agent's copy
+    assert log_rows(pg, "support-c") == 1
 
 
 def test_a_derived_key_never_swallows_a_deliberate_repeat(
@@ -104,14 +109,15 @@ def test_a_loop_over_fresh_task_names_is_stopped_by_the_agents_budget(
         done = 0
         with pytest.raises(psycopg.errors.ConfigurationLimitExceeded) as stopped:
             for i in range(10):
+                status = STATUSES[i % len(STATUSES)]
                 conn.execute(
-                    f"/* task='fresh-{i}',step='1' */ UPDATE orders SET tracking_number = 'T{i}' "
-                    "WHERE id = 5"
+                    f"/* task='fresh-{i}',step='1' */ UPDATE orders "
+                    f"SET fulfillment_status = '{status}' WHERE id = 5"
                 )
                 done += 1
         assert done == 3
         assert "budgets.per_agent" in str(stopped.value)
-    assert pg.psql("SELECT tracking_number FROM orders WHERE id = 5", dbname=SHOP_DB) == "T2"
+    assert pg.psql(STATUS_OF_5, dbname=SHOP_DB) == STATUSES[2]
 
 
 def test_writes_without_a_task_count_against_the_sessions_task(
@@ -122,9 +128,9 @@ def test_writes_without_a_task_count_against_the_sessions_task(
         proxy_with(pg, tmp_path, support={"budgets": {"max_statements_per_task": 2}}) as proxy,
         proxy.connect("support-notask", autocommit=True) as conn,
     ):
-        for i in range(2):
-            conn.execute(f"UPDATE orders SET tracking_number = 'N{i}' WHERE id = 5")
+        for status in STATUSES[:2]:
+            conn.execute(f"UPDATE orders SET fulfillment_status = '{status}' WHERE id = 5")
         with pytest.raises(psycopg.errors.ConfigurationLimitExceeded) as stopped:
-            conn.execute("UPDATE orders SET tracking_number = 'N2' WHERE id = 5")
+            conn.execute(f"UPDATE orders SET fulfillment_status = '{STATUSES[2]}' WHERE id = 5")
         assert "max_statements_per_task" in str(stopped.value)
-    assert pg.psql("SELECT tracking_number FROM orders WHERE id = 5", dbname=SHOP_DB) == "N1"
+    assert pg.psql(STATUS_OF_5, dbname=SHOP_DB) == STATUSES[1]
