@@ -199,8 +199,6 @@ class Judging:
         self.verifier = verifier
         self.delegation: Delegation | None = None
         self.delegated = binding.mode(policy) != "off"  # the type takes delegation tokens
-        if delegation is not None:
-            self._bind(delegation)
         self.stats = stats
         self.registry = registry
         self.task_started: dict[str, float] = {}
@@ -212,6 +210,8 @@ class Judging:
         # (an ORM's statements, a driver's unnamed Parse): valid while context, policy
         # and catalog are those it was judged under
         self._recent: dict[tuple[bytes, bool], Judgement] = {}
+        if delegation is not None:
+            self._bind(delegation)
 
     # ------------------------------------------------------------ judging
 
@@ -271,6 +271,15 @@ class Judging:
         return judgement
 
     # ------------------------------------------------------------ delegation
+
+    def before_execution(self) -> None:
+        """Before a prepared statement runs (Execute, EXECUTE): what holds for every
+        statement whether or not it is judged again: a valid delegation token, the
+        task's time."""
+        if self.delegated:
+            self.gate()
+        if self.policy.max_task_duration is not None:
+            self._check_task_duration(self.context)
 
     def gate(self) -> None:
         """Before every statement: the token a type requires is there, and still valid."""

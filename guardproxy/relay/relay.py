@@ -650,6 +650,12 @@ class Relay:
                 False, GuardError(f'portal "{_show(portal_name)}" does not exist', sqlstate="34000")
             )
             return
+        if self.judging is not None:
+            try:
+                self.judging.before_execution()
+            except Denied as denial:
+                self._deny(False, denial, b"")
+                return
         self.in_round = True
         if portal is None:
             # a cursor declared in SQL, or no portal at all (the server says so, in order)

@@ -485,6 +485,8 @@ class Proxy:
             await self.check_schema()
         # the slot goes into every cancel key: decided before the first client is accepted
         await self._join_registry()
+        # tokens are checked from the first client on
+        await self._start_delegation()
         self._server = await loop.create_server(self.new_session, sock=sock, backlog=1024)
         if self.policies is not None:
             assert self.settings.upstream is not None
@@ -493,7 +495,6 @@ class Proxy:
             )
             self.audit.start()
         await self.load_catalog()
-        await self._start_delegation()
         if self.settings.workers > 1:
             self.relay = CancelRelay(
                 Path(tempfile.gettempdir()),

@@ -323,20 +323,17 @@ class ClientSession(asyncio.Protocol):
             return
         if self.closed:
             return
-        self._logged_in(result)
+        try:
+            self._logged_in(result)
+        except Exception:  # a bug must end this client clearly, never leave it hanging
+            log.exception("setting up the session of %r failed", self.agent_id)
+            self.fatal(GuardError("guardproxy could not set up this session", sqlstate="XX000"))
 
     def _logged_in(self, result: LoginResult) -> None:
         proxy = self.proxy
         self.agent_id = result.agent_id
         self.admin = result.admin
         assert self.transport is not None
-        out = [codec.AUTH_OK]
-        out += [codec.build_parameter_status(k, v) for k, v in result.params.items()]
-        out.append(codec.build_backend_key(*self.cancel_key))
-        out.append(codec.ready_for_query(b"I"))
-        self.transport.writelines(out)
-        self.logged_in = True
-        proxy.register(self)
         if not self.admin:
             policy = result.policy
             if policy is not None:
@@ -364,6 +361,14 @@ class ClientSession(asyncio.Protocol):
                 hooks=self._hooks(),
                 syntax_check=syntax_error,
             )
+        # only once the session is set up: nothing it sends can reach a half-built relay
+        out = [codec.AUTH_OK]
+        out += [codec.build_parameter_status(k, v) for k, v in result.params.items()]
+        out.append(codec.build_backend_key(*self.cancel_key))
+        out.append(codec.ready_for_query(b"I"))
+        self.transport.writelines(out)
+        self.logged_in = True
+        proxy.register(self)
         self.stats.sessions += 1
         self.stats.sessions_total += 1
         log.debug("client %s logged in as agent %r", self.peer, self.agent_id)

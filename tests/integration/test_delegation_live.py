@@ -1,0 +1,237 @@
+"""Delegation tokens through the real proxy: an agent of a `required` type sees only its
+token's principals' rows, through the policy's row filters and through a real
+row-level security policy in Postgres; forged, widened, expired, unsigned and swapped
+claims change nothing; a revocation reaches a second proxy instance; the audit log says
+on behalf of whom."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import psycopg
+import pytest
+import shop
+from pgcluster import PgCluster
+from proofkit import policies_with
+from shop import SHOP_DB, ShopProxy, launch_proxy
+
+from guardproxy.delegation.mint import SigningKey, generate_key, mint
+from guardproxy.delegation.postgres import rls_policy_sql
+
+shop_db = shop.shop_db
+shop_baseline = shop.shop_baseline
+clean_shop = shop.clean_shop
+
+ISSUER = "shop-app"
+# support agents work on behalf of customers: rows filtered by their token's principals
+REQUIRED = {
+    "delegation": "required",
+    "row_filters": {"orders": "customer_id = ANY({principals})"},
+}
+
+
+@pytest.fixture
+def signing(tmp_path: Path) -> tuple[SigningKey, Path]:
+    private, public = generate_key("EdDSA")
+    (tmp_path / "issuer.pub").write_bytes(public)
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(private, password=None)
+    return SigningKey("EdDSA", key, None), tmp_path / "issuer.pub"
+
+
+def issuers(public: Path) -> str:
+    return json.dumps([{"issuer": ISSUER, "key_file": str(public), "audiences": ["guardproxy"]}])
+
+
+@contextlib.contextmanager
+def proxy_with(
+    pg: PgCluster, tmp_path: Path, public: Path, name: str = "guardproxy", **changes: Any
+) -> Iterator[ShopProxy]:
+    policies = policies_with(tmp_path / name, **changes)
+    with launch_proxy(
+        pg,
+        tmp_path / f"{name}.log",
+        policies=policies,
+        delegation_issuers=issuers(public),
+        delegation_revocations_refresh=60,
+        admin_users="admin",
+    ) as proxy:
+        try:
+            yield proxy
+        except BaseException:
+            print(f"\n----- {name} log -----\n{proxy.log()[-6000:]}")
+            raise
+
+
+def token_for(key: SigningKey, principals: list[str], agent: str = "support-7", **kw: Any) -> str:
+    return mint(key, agent=agent, principals=principals, issuer=ISSUER, **kw)
+
+
+def order_ids(conn: psycopg.Connection[Any]) -> list[int]:
+    return [r[0] for r in conn.execute("SELECT id FROM orders WHERE id > 0 ORDER BY id")]
+
+
+def connect(proxy: ShopProxy, token: str | None = None) -> psycopg.Connection[Any]:
+    options = f"-c guard.token={token}" if token else ""
+    return proxy.connect("support-7", autocommit=True, options=options)
+
+
+def test_a_required_type_sees_only_its_tokens_principals(
+    clean_shop: PgCluster, tmp_path: Path, signing: tuple[SigningKey, Path]
+) -> None:
+    key, public = signing
+    with proxy_with(clean_shop, tmp_path, public, support=REQUIRED) as proxy:
+        with connect(proxy) as conn:  # no token: logged in, but nothing runs
+            with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification) as refused:
+                conn.execute("SELECT id FROM orders WHERE id > 0")
+            assert "delegation token" in str(refused.value)
+        with connect(proxy, token_for(key, ["1"])) as conn:
+            assert order_ids(conn) == [1, 2]
+            # principals cannot be declared next to (or instead of) the token
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SET guard.principals = '1,2,3,4'")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("/* principals='2' */ SELECT id FROM orders WHERE id > 0")
+            assert order_ids(conn) == [1, 2]
+            # a fresh token for another customer, presented outside a transaction
+            conn.execute(f"SET guard.token = '{token_for(key, ['2'])}'")
+            assert order_ids(conn) == [3, 6]
+
+
+def test_forged_widened_expired_and_unsigned_tokens_change_nothing(
+    clean_shop: PgCluster, tmp_path: Path, signing: tuple[SigningKey, Path]
+) -> None:
+    key, public = signing
+    good = token_for(key, ["1"])
+    header, claims, signature = good.split(".")
+    payload = json.loads(jwt.utils.base64url_decode(claims))
+    payload["principals"] = ["1", "2", "3", "4"]  # widened, signature kept
+    widened = ".".join(
+        (header, jwt.utils.base64url_encode(json.dumps(payload).encode()).decode(), signature)
+    )
+    unsigned = jwt.encode({**payload, "exp": int(time.time()) + 600}, None, algorithm="none")
+    other_key, _ = generate_key("EdDSA")
+    from cryptography.hazmat.primitives import serialization
+
+    forged = mint(
+        SigningKey("EdDSA", serialization.load_pem_private_key(other_key, None), None),
+        agent="support-7",
+        principals=["1", "2", "3", "4"],
+        issuer=ISSUER,
+    )
+    expired = token_for(key, ["1", "2"], now=time.time() - 3600, ttl=60)
+    someone_else = token_for(key, ["1", "2", "3", "4"], agent="support-8")
+    before = clean_shop.psql("SELECT string_agg(id::text, ',') FROM orders", dbname=SHOP_DB)
+    with proxy_with(clean_shop, tmp_path, public, support=REQUIRED) as proxy:
+        for bad in (widened, unsigned, forged, expired, someone_else):
+            with pytest.raises(psycopg.OperationalError) as refused:
+                connect(proxy, bad)
+            assert bad not in str(refused.value)  # a token is never echoed
+        with connect(proxy, good) as conn:
+            for bad in (widened, unsigned, forged, expired, someone_else):
+                with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification):
+                    conn.execute(f"SET guard.token = '{bad}'")
+                assert order_ids(conn) == [1, 2]  # still the good token's principals
+            # another customer's orders: out of the token's reach, nothing deleted
+            assert conn.execute("DELETE FROM orders WHERE customer_id = 3").rowcount == 0
+    after = clean_shop.psql("SELECT string_agg(id::text, ',') FROM orders", dbname=SHOP_DB)
+    assert after == before
+
+
+def test_a_token_that_expires_mid_session_stops_the_session(
+    clean_shop: PgCluster, tmp_path: Path, signing: tuple[SigningKey, Path]
+) -> None:
+    key, public = signing
+    with proxy_with(clean_shop, tmp_path, public, support=REQUIRED) as proxy:
+        short = token_for(key, ["1"], ttl=2)
+        with connect(proxy, short) as conn:
+            assert order_ids(conn) == [1, 2]
+            deadline = time.monotonic() + 40  # the clock skew allowed is 30 s
+            with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification) as expired:
+                while time.monotonic() < deadline:
+                    order_ids(conn)
+                    time.sleep(0.5)
+            assert "expired" in str(expired.value)
+
+
+def test_principals_reach_postgres_for_row_level_security(
+    clean_shop: PgCluster, tmp_path: Path, signing: tuple[SigningKey, Path]
+) -> None:
+    key, public = signing
+    pg = clean_shop
+    pg.psql(
+        rls_policy_sql("orders", "customer_id", ["guard_support"], column_type="bigint"),
+        dbname=SHOP_DB,
+    )
+    try:
+        # no row filter in the policy: what the agent sees is Postgres's RLS, fed by the proxy
+        with proxy_with(pg, tmp_path, public, support={"delegation": "required"}) as proxy:
+            with connect(proxy, token_for(key, ["3"])) as conn:
+                assert order_ids(conn) == [4]
+                shown = conn.execute("SELECT current_setting('guard.principals')").fetchone()
+                assert shown == ("3",)
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute("SELECT set_config('guard.principals', '1,2,3,4', false)")
+                assert order_ids(conn) == [4]
+            with connect(proxy, token_for(key, ["1", "4"])) as conn:
+                assert order_ids(conn) == [1, 2, 5]
+    finally:
+        pg.psql(
+            "DROP POLICY IF EXISTS guard_principals ON orders; "
+            "ALTER TABLE orders DISABLE ROW LEVEL SECURITY",
+            dbname=SHOP_DB,
+        )
+
+
+def test_a_revocation_reaches_a_second_instance(
+    clean_shop: PgCluster, tmp_path: Path, signing: tuple[SigningKey, Path]
+) -> None:
+    key, public = signing
+    token = token_for(key, ["1"], token_id="jti-revoke-me")
+    with (
+        proxy_with(clean_shop, tmp_path, public, name="one", support=REQUIRED) as one,
+        proxy_with(clean_shop, tmp_path, public, name="two", support=REQUIRED) as two,
+    ):
+        with connect(two, token) as conn:
+            assert order_ids(conn) == [1, 2]
+            with psycopg.connect(
+                f"postgresql://admin@127.0.0.1:{one.port}/guardproxy", autocommit=True
+            ) as admin:
+                admin.execute("REVOKE TOKEN 'jti-revoke-me' REASON 'leaked'")
+            deadline = time.monotonic() + 15
+            with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification) as revoked:
+                while time.monotonic() < deadline:
+                    order_ids(conn)
+                    time.sleep(0.2)
+            assert "revoked" in str(revoked.value)
+
+
+def test_the_audit_log_says_on_behalf_of_whom(
+    clean_shop: PgCluster, tmp_path: Path, signing: tuple[SigningKey, Path]
+) -> None:
+    key, public = signing
+    pg = clean_shop
+    with (
+        proxy_with(pg, tmp_path, public, support=REQUIRED) as proxy,
+        connect(proxy, token_for(key, ["2"], token_id="jti-audit", task="T-audit")) as conn,
+    ):
+        conn.execute("DELETE FROM orders WHERE id = 3")
+    deadline = time.monotonic() + 10
+    while True:
+        row = pg.psql(
+            "SELECT principals::text || '|' || coalesce(task, '') || '|' || "
+            "(tags->>'token_id') FROM guardproxy.audit_events "
+            "WHERE tags->>'token_id' = 'jti-audit'",
+            dbname=SHOP_DB,
+        )
+        if row or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert row == "{2}|T-audit|jti-audit"
