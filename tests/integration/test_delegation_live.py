@@ -198,19 +198,19 @@ def test_a_revocation_reaches_a_second_instance(
     with (
         proxy_with(clean_shop, tmp_path, public, name="one", support=REQUIRED) as one,
         proxy_with(clean_shop, tmp_path, public, name="two", support=REQUIRED) as two,
+        connect(two, token) as conn,
     ):
-        with connect(two, token) as conn:
-            assert order_ids(conn) == [1, 2]
-            with psycopg.connect(
-                f"postgresql://admin@127.0.0.1:{one.port}/guardproxy", autocommit=True
-            ) as admin:
-                admin.execute("REVOKE TOKEN 'jti-revoke-me' REASON 'leaked'")
-            deadline = time.monotonic() + 15
-            with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification) as revoked:
-                while time.monotonic() < deadline:
-                    order_ids(conn)
-                    time.sleep(0.2)
-            assert "revoked" in str(revoked.value)
+        assert order_ids(conn) == [1, 2]
+        with psycopg.connect(
+            f"postgresql://admin@127.0.0.1:{one.port}/guardproxy", autocommit=True
+        ) as admin:
+            admin.execute("REVOKE TOKEN 'jti-revoke-me' REASON 'leaked'")
+        deadline = time.monotonic() + 15
+        with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification) as revoked:
+            while time.monotonic() < deadline:
+                order_ids(conn)
+                time.sleep(0.2)
+        assert "revoked" in str(revoked.value)
 
 
 def test_the_audit_log_says_on_behalf_of_whom(
