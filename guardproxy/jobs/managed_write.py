@@ -34,7 +34,7 @@ from typing import Final
 
 from guardproxy.jobs.ledger import Ledger, LedgerError
 from guardproxy.jobs.write_plan import WriteRun
-from guardproxy.pool.backend import Backend
+from guardproxy.pool.backend import Backend, CopyIn
 from guardproxy.protocol import codec
 from guardproxy.protocol import messages as m
 from guardproxy.protocol.errors import Denied, GuardError, UpstreamError
@@ -75,17 +75,32 @@ def rows_of(tag: bytes) -> int | None:
     return int(count) if count.isdigit() else None
 
 
-async def run(backend: Backend, request: bytes, write: WriteRun, simple: bool) -> WriteOutcome:
-    """Runs one managed write on ``backend`` (internal mode); see the module docstring."""
+async def run(
+    backend: Backend,
+    request: bytes,
+    write: WriteRun,
+    simple: bool,
+    copy_in: CopyIn | None = None,
+) -> WriteOutcome:
+    """Runs one managed write on ``backend`` (internal mode); see the module docstring.
+    ``copy_in``: where a COPY FROM STDIN gets its data (the client)."""
     started = time.perf_counter()
-    outcome = await _Run(backend, request, write, simple).go()
+    outcome = await _Run(backend, request, write, simple, copy_in).go()
     outcome.seconds = time.perf_counter() - started
     return outcome
 
 
 class _Run:
-    def __init__(self, backend: Backend, request: bytes, write: WriteRun, simple: bool) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        request: bytes,
+        write: WriteRun,
+        simple: bool,
+        copy_in: CopyIn | None = None,
+    ) -> None:
         self.backend = backend
+        self.copy_in = copy_in
         self.request = request
         self.write = write
         self.plan = write.plan
@@ -210,11 +225,13 @@ class _Run:
     async def _execute(self) -> list[tuple[int, bytes]]:
         backend = self.backend
         if self.simple:
-            return await backend.exchange(self.request)
+            return await backend.exchange(self.request, copy_in=self.copy_in)
         portal = codec.execute_target(self.request)[0]
         # the row description too, so that a replay to a simple Query can show the rows
         describe = codec.message(b"D", b"P" + portal + b"\x00")
-        answers = await backend.exchange(describe + self.request + codec.FLUSH, until_ready=False)
+        answers = await backend.exchange(
+            describe + self.request + codec.FLUSH, until_ready=False, copy_in=self.copy_in
+        )
         if answers and answers[0][0] in (m.BE_ROW_DESCRIPTION, m.BE_NO_DATA):
             kind, raw = answers.pop(0)
             self.described = raw if kind == m.BE_ROW_DESCRIPTION else b""

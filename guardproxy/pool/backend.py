@@ -286,25 +286,28 @@ class Backend(BackendState, asyncio.Protocol):
                     )
                 return rows
 
-    async def exchange(self, data: bytes, until_ready: bool = True) -> list[tuple[int, bytes]]:
+    async def exchange(
+        self, data: bytes, until_ready: bool = True, copy_in: CopyIn | None = None
+    ) -> list[tuple[int, bytes]]:
         """Sends messages in internal mode; returns every answer up to ReadyForQuery (or, with
-        ``until_ready=False``, up to the first CommandComplete, EmptyQueryResponse or error)."""
+        ``until_ready=False``, up to the first CommandComplete, EmptyQueryResponse or error).
+        A COPY FROM STDIN takes its data from ``copy_in`` (the client), or is failed."""
         self.send(data)
         answers: list[tuple[int, bytes]] = []
         while True:
             kind, raw = await self.recv()
+            if kind == m.BE_COPY_IN:
+                if copy_in is None:
+                    self.send(
+                        codec.message(b"f", b"guardproxy cannot run this COPY FROM STDIN\x00")
+                    )
+                else:
+                    await self._copy_from_client(raw, copy_in)
+                continue
             answers.append((kind, raw))
             if kind == m.BE_PARAMETER_STATUS:
                 name, value = codec.parameter_status(raw)
                 self.params[name] = value
-            elif (
-                kind == m.BE_COPY_IN
-            ):  # COPY FROM STDIN cannot be managed: fail it, the client is told
-                self.send(
-                    codec.message(
-                        b"f", b"guardproxy cannot run COPY FROM STDIN as a managed write\x00"
-                    )
-                )
             elif kind == m.BE_READY:
                 self.status = raw[5:6]
                 return answers
@@ -315,6 +318,27 @@ class Backend(BackendState, asyncio.Protocol):
                 m.BE_PORTAL_SUSPENDED,
             ):
                 return answers
+
+    async def _copy_from_client(self, response: bytes, copy_in: CopyIn) -> None:
+        """The client's COPY data, relayed to the server up to its CopyDone or CopyFail."""
+        copy_in.to_client(response)
+        while True:
+            kind, raw = await copy_in.from_client()
+            if kind in (m.FE_COPY_DATA, m.FE_COPY_DONE, m.FE_COPY_FAIL):
+                self.send(raw)
+                if kind != m.FE_COPY_DATA:
+                    return
+            elif kind not in (m.FE_FLUSH, m.FE_SYNC):  # Postgres ignores these during COPY
+                why = f"message type {chr(kind)!r} in the middle of COPY FROM STDIN"
+                self.send(codec.message(b"f", why.encode() + b"\x00"))
+                return
+
+
+class CopyIn(Protocol):
+    """Where a COPY FROM STDIN run inside a job gets its data: the client."""
+
+    def to_client(self, raw: bytes) -> None: ...
+    async def from_client(self) -> tuple[int, bytes]: ...
 
 
 def data_row(raw: bytes) -> list[str | None]:

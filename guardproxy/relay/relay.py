@@ -919,6 +919,7 @@ class Relay:
 
     def _start_job(self, job: Job) -> None:
         """Runs ``job`` on the server once it owes nothing (a server is acquired first)."""
+        self.wants_release = False  # new work: the server stays
         if self.backend is None:
             query = isinstance(job, ManagedWrite) and job.simple
             self._hold_for_server(query, self._start_job, job)
@@ -1118,18 +1119,13 @@ class Relay:
                 f"(policy {rule})",
                 hint=hint,
             )
-        notice = codec.build_notice(
-            "01000",
-            f"result truncated to {delivered} rows by policy ({rule}: at most {limit}"
-            + (
-                ", for a cursor over all its FETCHes"
-                if isinstance(execution.source, CursorRows)
-                else ""
-            )
-            + ")",
-            severity="WARNING",
-            hint=hint,
+        # the rows cap names itself; the bytes cap also says how many bytes it allows
+        shown = (
+            f"result truncated to {delivered} rows by policy ({rule}: at most {limit})"
+            if by_bytes
+            else f"result truncated to {cap} rows by policy ({rule})"
         )
+        notice = codec.build_notice("01000", shown, severity="WARNING", hint=hint)
         verb = tag.split(b" ", 1)[0].decode(errors="replace") or "SELECT"
         if verb not in ("FETCH", "COPY"):
             verb = "SELECT"
@@ -1223,6 +1219,7 @@ class Relay:
     # ------------------------------------------------------------ bookkeeping
 
     def _send(self, data: bytes) -> None:
+        self.wants_release = False  # new work: the server stays
         judging = self.judging
         if judging is not None and (self.guard_dirty or judging.delegation is not self._guard_for):
             self._guard_settings(judging)

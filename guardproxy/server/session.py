@@ -54,6 +54,33 @@ def syntax_error(query: bytes) -> GuardError | None:
     return None
 
 
+class _ClientCopy:
+    """The client's side of a COPY FROM STDIN that a managed write runs (a job): the
+    server's CopyInResponse goes to the client, its data comes back to the job."""
+
+    def __init__(self, session: ClientSession) -> None:
+        self.session = session
+
+    def to_client(self, raw: bytes) -> None:
+        self.session.write(raw)
+
+    async def from_client(self) -> tuple[int, bytes]:
+        session = self.session
+        while True:
+            msg = session.reader.next()
+            if msg is not None:
+                return msg
+            if session.closed:
+                raise ConnectionResetError("the client went away during COPY FROM STDIN")
+            session._copy_waiter = asyncio.get_running_loop().create_future()
+            session._set_reading(True)
+            try:
+                await session._copy_waiter
+            finally:
+                session._copy_waiter = None
+                session._set_reading(False)
+
+
 class ClientSession(asyncio.Protocol):
     def __init__(self, proxy: ProxyServices) -> None:
         self.proxy = proxy
@@ -81,6 +108,7 @@ class ClientSession(asyncio.Protocol):
         self._pin_counted = False
         self._reading = True
         self._admin_skip = False  # an error went out: discarding up to the next Sync
+        self._copy_waiter: asyncio.Future[None] | None = None  # a job awaits COPY data
 
     # ------------------------------------------------------------ what others read
 
@@ -167,6 +195,11 @@ class ClientSession(asyncio.Protocol):
         except ProtocolViolation as exc:
             self.fatal(exc)
             return
+        waiter = self._copy_waiter
+        if waiter is not None:  # a managed COPY FROM STDIN reads the client itself
+            if not waiter.done():
+                waiter.set_result(None)
+            return
         self._pump()
 
     def eof_received(self) -> bool | None:
@@ -174,6 +207,8 @@ class ClientSession(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
+        if self._copy_waiter is not None and not self._copy_waiter.done():
+            self._copy_waiter.set_result(None)
         self.proxy.forget(self)
         if self.logged_in:
             self.stats.sessions -= 1
@@ -475,7 +510,7 @@ class ClientSession(asyncio.Protocol):
             return
         if relay.phase is Phase.JOB and relay.job is not None and not self._job_running():
             self._task = asyncio.get_running_loop().create_task(self._run_job(relay))
-        if relay.wants_release:
+        if relay.wants_release and relay.phase is not Phase.JOB:
             self._release(relay)
             if relay.takes_messages and self.reader.pending():
                 self._pump()
@@ -620,7 +655,9 @@ class ClientSession(asyncio.Protocol):
         try:
             outcome: Any
             if isinstance(job, ManagedWrite):
-                outcome = await managed_write.run(backend, job.request, job.run, job.simple)
+                outcome = await managed_write.run(
+                    backend, job.request, job.run, job.simple, _ClientCopy(self)
+                )
             elif isinstance(job, PlanCheck):
                 judging = relay.judging
                 assert judging is not None

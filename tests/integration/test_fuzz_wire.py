@@ -637,6 +637,42 @@ def frame(stream: bytes) -> tuple[str, bool]:
     return "whole", terminated
 
 
+FOUND_STREAMS = [
+    # two managed writes and an empty query pipelined in one go: the server was given
+    # back to the pool while the second write still needed it (a hang)
+    [
+        codec.build_query(
+            "/* idempotency_key='fuzz-1' */ INSERT INTO order_state_log "
+            "(order_id, new_status, changed_by) VALUES (2, 'packed', 'fuzz')"
+        )
+    ]
+    * 2
+    + [codec.build_query("")],
+]
+
+
+@pytest.mark.parametrize("messages", FOUND_STREAMS)
+def test_streams_the_fuzzer_found_are_answered(
+    fuzz_proxy: ShopProxy, messages: list[bytes]
+) -> None:
+    conn = scram_login(fuzz_proxy.port)
+    start = len(conn.received)
+    try:
+        # every Query and the Sync get their ReadyForQuery, then a probe is served too
+        conn.send(b"".join(messages) + codec.SYNC + codec.build_query("SELECT 1"))
+        deadline = time.monotonic() + PROBE_WITHIN
+        while time.monotonic() < deadline:
+            conn.read_quiet()
+            answers = split_backend(conn.received[start:])
+            if sum(1 for kind, _ in answers if kind == ord("Z")) >= len(messages) + 2:
+                break
+        answers = split_backend(conn.received[start:])
+        assert sum(1 for kind, _ in answers if kind == ord("Z")) == len(messages) + 2, answers
+        assert answers[-3][0] == ord("D") and answers[-3][1].endswith(b"1"), answers
+    finally:
+        conn.sock.close()
+
+
 def test_fuzz_startup_path_never_crashes_hangs_or_logs_anyone_in(fuzz_proxy: ShopProxy) -> None:
     @fuzz_settings(250)
     @given(data=startup_inputs)

@@ -375,3 +375,23 @@ def _outcome() -> object:
     from guardproxy.jobs.managed_write import WriteOutcome
 
     return WriteOutcome(done("DELETE 1"), "rewritten", 1)
+
+
+def test_a_second_managed_write_pipelined_behind_the_first_keeps_the_server() -> None:
+    """Two managed simple Queries sent at once: the server must stay lent for the second
+    job once the first one is done (found by the wire fuzzer)."""
+    h = judged("support", task="t1", step="1")
+    update = "UPDATE orders SET fulfillment_status = 'packed' WHERE id = 4"
+    h.client(codec.build_query(update))
+    assert h.relay.phase is Phase.JOB
+    h.relay.backend.status = b"I"
+    h.relay.job_done(_outcome_simple())
+    assert h.relay.wants_release  # nothing else asked for yet
+    h.relay.on_client(m.FE_QUERY, codec.build_query(update))
+    assert h.relay.phase is Phase.JOB and not h.relay.wants_release
+
+
+def _outcome_simple() -> object:
+    from guardproxy.jobs.managed_write import WriteOutcome
+
+    return WriteOutcome(done("UPDATE 1") + ready(), "allowed", 1)
