@@ -27,6 +27,7 @@ from guardproxy.protocol.errors import ProtocolViolation
 
 if TYPE_CHECKING:
     from guardproxy.pool.backend import BackendState
+    from guardproxy.relay.registry import Statement, Undo
 
 _I32 = struct.Struct("!i")
 _MAX_SERVER_MESSAGE: Final = 1 << 30
@@ -36,8 +37,8 @@ STREAM_ABOVE: Final = 1 << 16
 
 
 class Pending(IntEnum):
-    PARSE = 1  # payload: the server statement name it prepares (forgotten if it fails)
-    BIND = 2  # payload: the server statement name (a stale plan marks it stale)
+    PARSE = 1  # payload: Sent (the server statement name is forgotten if it fails)
+    BIND = 2  # payload: Sent (a stale plan marks the server statement stale)
     DESCRIBE = 3  # payload: True when a RowDescription must be answered as NoData
     EXECUTE = 4  # payload: Execution or None
     CLOSE = 5
@@ -49,8 +50,30 @@ class Pending(IntEnum):
     ABORT = 9  # the proxy's failing Parse; payload: the error the client sees instead
 
 
-Expected = tuple[Pending, bool, Any]  # kind, visible, payload
+# kind, visible, payload, and the registry change to undo if the server does not take
+# the message (it fails, or comes after an error and before the Sync)
+Expected = tuple[Pending, bool, Any, "Undo | None"]
 _ENDS_ROUND = (Pending.SYNC, Pending.QUERY)
+
+
+class Sent:
+    """A Parse or Bind as sent: the statement's name on the server and the client's
+    (errors name the client's), the length of the tag before the client's text (a
+    Parse error's position leaves it out), and the client's statement record."""
+
+    __slots__ = ("client_name", "server_name", "shift", "statement")
+
+    def __init__(
+        self,
+        server_name: bytes,
+        client_name: bytes,
+        shift: int = 0,
+        statement: Statement | None = None,
+    ) -> None:
+        self.server_name: Final = server_name
+        self.client_name: Final = client_name
+        self.shift: Final = shift
+        self.statement: Final = statement
 
 
 class Execution:
@@ -157,6 +180,7 @@ class Events(Protocol):
     def on_cut(self, execution: Execution, tag: bytes) -> bytes: ...
     def on_ready(self, status: bytes) -> None: ...
     def on_query_done(self, execution: Execution) -> None: ...
+    def on_not_taken(self, entries: list[Expected], failed: bool) -> None: ...
     def notification_pid(self, pid: int) -> int: ...
 
 
@@ -171,6 +195,8 @@ class Inflight:
         "events",
         "out",
         "pending",
+        "rounds_done",
+        "rounds_sent",
         "skipping",
     )
 
@@ -179,6 +205,8 @@ class Inflight:
         self.out = out  # bytes for the client
         self.pending: deque[Expected] = deque()
         self.skipping = False  # the server skips everything up to the next Sync
+        self.rounds_sent = 0  # Syncs and Queries sent (for the registry's portals)
+        self.rounds_done = 0  # ... and answered with ReadyForQuery
         self.backend: BackendState | None = None
         self._buf = b""
         self._through = 0  # bytes still to come of a large message being streamed
@@ -186,18 +214,24 @@ class Inflight:
 
     # ------------------------------------------------------------ recording
 
-    def expect(self, kind: Pending, visible: bool = True, payload: Any = None) -> None:
+    def expect(
+        self, kind: Pending, visible: bool = True, payload: Any = None, undo: Undo | None = None
+    ) -> None:
         """Records that a message just sent (or a synthetic answer) awaits its turn."""
         if self.skipping:
             # the server discards everything after an error until Sync: no answers come
             if kind != Pending.SYNC:
+                if undo is not None:
+                    self.events.on_not_taken([(kind, visible, payload, undo)], False)
                 return
             self.skipping = False
         if kind == Pending.SYNTH and not self.pending:
             if visible and payload:
                 self.out.append(payload)
             return
-        self.pending.append((kind, visible, payload))
+        if kind == Pending.SYNC or kind == Pending.QUERY:
+            self.rounds_sent += 1
+        self.pending.append((kind, visible, payload, undo))
 
     def rounds(self) -> int:
         """ReadyForQuery messages still owed (one per Sync and per Query)."""
@@ -312,6 +346,7 @@ class Inflight:
             while pending:
                 entry = pending.popleft()
                 if entry[0] in _ENDS_ROUND:
+                    self.rounds_done += 1
                     keep = None if entry[1] else b""
                     execution = entry[2]
                     if entry[0] == Pending.QUERY and isinstance(execution, Execution):
@@ -394,23 +429,28 @@ class Inflight:
         if head is None:
             self.events.on_error(fields, Pending.SYNC, None)
             return None
-        kind, visible, payload = head
+        kind, visible, payload, _ = head
         out: bytes | None = None
         if kind == Pending.ABORT:
             out = payload  # the proxy's own error, in place of the server's syntax error
         elif not visible and kind == Pending.QUERY:
             out = b""  # the proxy's own statement failed: logged by the relay
         elif isinstance(payload, Execution) and payload.shift and "P" in fields:
-            out = _shift_position(fields, payload.shift)
+            fields = without_tag(fields, payload.shift)
+            out = codec.build_error_fields(fields)
         told = self.events.on_error(fields, kind, payload)
         if told is not None and kind != Pending.ABORT and (visible or kind != Pending.QUERY):
             out = told
         if kind != Pending.QUERY:
-            # extended protocol: the server skips everything up to the next Sync
-            while pending and pending[0][0] not in _ENDS_ROUND:
-                pending.popleft()
+            # extended protocol: the server skips everything up to the next Sync, a
+            # Query included; what it never took is reported (the first one failed)
+            not_taken = []
+            while pending and pending[0][0] != Pending.SYNC:
+                not_taken.append(pending.popleft())
             if not pending:
                 self.skipping = True
+            if not_taken:
+                self.events.on_not_taken(not_taken, True)
         return out
 
     def _cut_ready(self, execution: Execution, status: bytes, keep: bytes | None) -> bytes | None:
@@ -420,14 +460,15 @@ class Inflight:
         return codec.ready_for_query(b"E")
 
 
-def _shift_position(fields: dict[str, str], shift: int) -> bytes:
-    """The error with its position moved back past the proxy's tag prefix."""
+def without_tag(fields: dict[str, str], shift: int) -> dict[str, str]:
+    """The error's fields with its position moved back past the proxy's tag prefix."""
     try:
         position = int(fields["P"]) - shift
     except ValueError:
-        return codec.build_error_fields(fields)
+        return fields
+    changed = dict(fields)
     if position > 0:
-        fields["P"] = str(position)
+        changed["P"] = str(position)
     else:
-        del fields["P"]
-    return codec.build_error_fields(fields)
+        del changed["P"]
+    return changed

@@ -9,7 +9,14 @@ name makes a new record and cannot change what an open portal runs.
 The rules follow Postgres: a Parse of the unnamed statement replaces it, a named
 one must not exist yet; Close, ``DEALLOCATE`` and ``DISCARD ALL`` drop; a simple
 Query drops the unnamed statement and the unnamed portal; the end of a
-transaction drops every portal. Pure: no sockets.
+transaction drops every portal bound before it. Pure: no sockets.
+
+The relay records a client message here when it passes it on, before the server
+has answered it: a pipelining client's next message may use the name. Each change
+returns its ``Undo``, kept with the message's expected answer: when the server does
+not take the message (it fails, or comes after an error and before the Sync, when
+Postgres skips everything), the change is undone, so that a name is taken exactly
+when Postgres has it taken.
 
 On the servers a named statement is prepared under ``gp_<hash>`` of its sent
 text, parameter types and search_path, on each server the first time it is used
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from guardproxy.relay.judging import Judgement
@@ -66,15 +73,31 @@ class Statement:
 class Portal:
     """One portal: the statement record it was bound from, and what it delivered so far."""
 
-    __slots__ = ("bind", "bytes", "name", "parameters", "rows", "statement")
+    __slots__ = ("bind", "bytes", "name", "parameters", "round", "rows", "statement")
 
-    def __init__(self, name: bytes, statement: Statement, bind: bytes, parameters: bytes) -> None:
+    def __init__(
+        self, name: bytes, statement: Statement, bind: bytes, parameters: bytes, round: int = 0
+    ) -> None:
         self.name: Final = name
         self.statement: Final = statement
         self.bind: Final = bind  # the Bind as sent to the server (statement name translated)
         self.parameters: Final = parameters  # the Bind's values, for idempotency
+        # Syncs and Queries sent before its Bind: a transaction that ends at one of them
+        # drops it; one that ends at a later Sync (already sent, not yet answered) not
+        self.round: Final = round
         self.rows = 0  # rows delivered over its Executes (a row cap holds per portal)
         self.bytes = 0  # bytes of row data delivered over its Executes
+
+
+class Undo:
+    """One name as it was before a client message changed it."""
+
+    __slots__ = ("before", "name", "portal")
+
+    def __init__(self, portal: bool, name: bytes, before: Statement | Portal | None) -> None:
+        self.portal: Final = portal  # a portal's name, or a statement's
+        self.name: Final = name
+        self.before: Final = before  # None: the name was free
 
 
 class Registry:
@@ -82,38 +105,58 @@ class Registry:
         self.statements: dict[bytes, Statement] = {}
         self.portals: dict[bytes, Portal] = {}
 
-    def parse(self, statement: Statement, search_path: str) -> None:
+    def parse(self, statement: Statement, search_path: str) -> Undo:
         """Records a Parse; the caller has checked that a named one does not exist yet."""
         if statement.name:
             statement.server_name = server_statement_name(
                 statement.judgement.sent, statement.types, search_path
             )
+        before = self.statements.get(statement.name)
         self.statements[statement.name] = statement
+        return Undo(False, statement.name, before)
 
     def statement(self, name: bytes) -> Statement | None:
         return self.statements.get(name)
 
-    def close_statement(self, name: bytes) -> None:
-        self.statements.pop(name, None)
+    def close_statement(self, name: bytes) -> Undo:
+        return Undo(False, name, self.statements.pop(name, None))
 
-    def bind(self, portal: Portal) -> None:
+    def bind(self, portal: Portal) -> Undo:
+        before = self.portals.get(portal.name)
         self.portals[portal.name] = portal
+        return Undo(True, portal.name, before)
 
     def portal(self, name: bytes) -> Portal | None:
         return self.portals.get(name)
 
-    def close_portal(self, name: bytes) -> None:
-        self.portals.pop(name, None)
+    def close_portal(self, name: bytes) -> Undo:
+        return Undo(True, name, self.portals.pop(name, None))
+
+    def undo(self, change: Undo, failed: bool) -> None:
+        """Puts a name back as it was before a message the server did not take.
+        ``failed``: that message itself failed (it was not skipped); a failed Parse of
+        the unnamed statement leaves none, as Postgres drops the old one first."""
+        table: dict[bytes, Any] = self.portals if change.portal else self.statements
+        if change.before is None or (failed and not change.name and not change.portal):
+            table.pop(change.name, None)
+        else:
+            table[change.name] = change.before
 
     def simple_query(self) -> None:
         """A simple Query drops the unnamed statement and the unnamed portal."""
         self.statements.pop(b"", None)
         self.portals.pop(b"", None)
 
-    def end_transaction(self) -> None:
-        """Portals live until the end of their transaction."""
-        if self.portals:
+    def end_transaction(self, rounds: int | None = None) -> None:
+        """Portals live until the end of their transaction: the one that ended at the
+        answer to the ``rounds``-th Sync or Query (None: every one)."""
+        if not self.portals:
+            return
+        if rounds is None:
             self.portals.clear()
+            return
+        for name in [name for name, portal in self.portals.items() if portal.round < rounds]:
+            del self.portals[name]
 
     def deallocate_all(self) -> None:
         """DEALLOCATE ALL: every statement goes; open portals keep running."""

@@ -31,10 +31,10 @@ from guardproxy.policy.timeouts import explain_timeout
 from guardproxy.protocol import codec
 from guardproxy.protocol import messages as m
 from guardproxy.protocol.errors import Denied, GuardError, ProtocolViolation, UpstreamError
-from guardproxy.relay.inflight import Execution, Inflight, Pending
+from guardproxy.relay.inflight import Execution, Expected, Inflight, Pending, Sent, without_tag
 from guardproxy.relay.jobs import CaptureSettings, Job, ManagedWrite, PlanCheck
 from guardproxy.relay.judging import Judgement, Judging, LocalAnswer, plain
-from guardproxy.relay.registry import Portal, Registry, Statement, server_statement_name
+from guardproxy.relay.registry import Portal, Registry, Statement, Undo, server_statement_name
 from guardproxy.relay.session_sql import (
     Command,
     Deallocate,
@@ -223,11 +223,16 @@ class Relay:
 
     def on_client(self, kind: int, raw: bytes) -> None:
         """One client message (not Terminate); ProtocolViolation ends the session."""
-        if self.skip:
+        if self.skip or self.inflight.skipping:
+            # after an error in the extended protocol, Postgres discards every message up
+            # to the next Sync, a Query too: so does the relay, whoever failed
             if kind == m.FE_SYNC:
-                self.skip = False
-                self._sync_after_error()
-            return  # as the server does after an error: everything up to Sync is discarded
+                if self.skip:
+                    self.skip = False
+                    self._sync_after_error()
+                else:
+                    self._sync(raw)
+            return
         if self.pending_error is not None and kind not in (
             m.FE_COPY_DATA,
             m.FE_COPY_DONE,
@@ -273,6 +278,11 @@ class Relay:
     # ---- Query
 
     def _query(self, raw: bytes) -> None:
+        if self.in_round and self.inflight.pending and self.backend is not None:
+            # a Query before the Sync of an extended-protocol round: Postgres skips it if
+            # a message before it failed, which only the server's answers tell
+            self._wait_for_answers(self.on_client, m.FE_QUERY, raw)
+            return
         text = codec.parse_query(raw)
         self.registry.simple_query()  # as in Postgres, whatever happens next
         command = prepared_command(text)
@@ -440,9 +450,7 @@ class Relay:
         assert backend is not None
         if backend.prepared.get(statement.server_name, -1) < statement.generation:
             self._prepare_on_server(statement, visible=False)
-            self._send(codec.FLUSH)
-            self._after_hold = (self._execute_prepared_sql, (statement, judgement))
-            self._hold()
+            self._wait_for_answers(self._execute_prepared_sql, statement, judgement)
             return
         self._query_judged(codec.build_query(judgement.sent), judgement)
 
@@ -494,24 +502,50 @@ class Relay:
 
     def _parse(self, raw: bytes) -> None:
         parsed = codec.parse_parse(raw)
-        name = parsed.name
-        if name and name in self.registry.statements:
-            self._refuse(False, _exists(name))
-            return
         judging = self.judging
         if judging is None:
             judgement = plain(parsed.query)
         else:
             try:
-                judgement = judging.judge(parsed.query, query=False)
+                judgement = judging.judge(
+                    parsed.query, query=False, in_transaction=self._in_transaction()
+                )
             except Denied as denial:
                 self._deny(False, denial, parsed.query)
                 return
-            if judgement.plan_check is not None:
-                types = codec.parameter_types(parsed.tail)
-                if self._check_plan(False, judgement, types, raw):
-                    return
+        self._parse_checked(raw, parsed, judgement)
+
+    def _parse_checked(self, raw: bytes, parsed: codec.ParseMessage, judgement: Judgement) -> None:
+        if parsed.name and parsed.name in self.registry.statements:
+            self._parse_in_use(raw, parsed, judgement)
+            return
+        if judgement.plan_check is not None:
+            types = codec.parameter_types(parsed.tail)
+            if self._check_plan(False, judgement, types, raw):
+                return
         self._parse_judged(parsed, judgement)
+
+    def _parse_in_use(self, raw: bytes, parsed: codec.ParseMessage, judgement: Judgement) -> None:
+        """A Parse of a name the client has taken. The Parse that took it may still fail
+        (its answer is waited for, then the name looked up again); Postgres reports what
+        is wrong with the new statement before the name, so the server checks it first
+        under a name of the proxy's own."""
+        if self.backend is None:
+            self._hold_for_server(False, self._parse_in_use, raw, parsed, judgement)
+            return
+        if self.inflight.pending:
+            self._wait_for_answers(self._parse_again, raw, parsed, judgement)
+            return
+        self.in_round = True
+        self._send(codec.build_parse(_CHECK_NAME, judgement.sent, parsed.tail))
+        self.inflight.expect(Pending.PARSE, False, Sent(b"", parsed.name, judgement.shift))
+        self._send(codec.build_close_statement(_CHECK_NAME))
+        self.inflight.expect(Pending.CLOSE, False, None)
+        self._refuse(False, _exists(parsed.name))
+
+    def _parse_again(self, raw: bytes, parsed: codec.ParseMessage, judgement: Judgement) -> None:
+        if not self.inflight.skipping:  # else Postgres skipped the Parse: so does the relay
+            self._parse_checked(raw, parsed, judgement)
 
     def _parse_judged(self, parsed: codec.ParseMessage, judgement: Judgement) -> None:
         statement = Statement(parsed.name, parsed.query, parsed.tail, judgement)
@@ -527,25 +561,27 @@ class Relay:
             self.to_client.append(codec.PARSE_COMPLETE)
             self._notices(judgement)
             return
-        self.registry.parse(statement, self.search_path)
+        undo = self.registry.parse(statement, self.search_path)
         if self.backend is None:
-            self._hold_for_server(False, self._send_parse, statement)
+            self._hold_for_server(False, self._send_parse, statement, undo)
             return
-        self._send_parse(statement)
+        self._send_parse(statement, undo)
 
-    def _send_parse(self, statement: Statement) -> None:
+    def _send_parse(self, statement: Statement, undo: Undo) -> None:
         backend = self.backend
         assert backend is not None
         self.in_round = True
         if not statement.name:
             statement.on_backend = backend.serial
             self._send(codec.build_parse(b"", statement.judgement.sent, statement.types))
-            self.inflight.expect(Pending.PARSE, True, None)
+            self.inflight.expect(Pending.PARSE, True, _sent(b"", statement), undo)
         else:
-            self._prepare_on_server(statement, visible=True)
+            self._prepare_on_server(statement, visible=True, undo=undo)
         self._notices(statement.judgement)
 
-    def _prepare_on_server(self, statement: Statement, visible: bool) -> None:
+    def _prepare_on_server(
+        self, statement: Statement, visible: bool, undo: Undo | None = None
+    ) -> None:
         """Makes the server's copy of a named statement as new as the client's Parse."""
         backend = self.backend
         assert backend is not None
@@ -556,7 +592,7 @@ class Relay:
             backend.to_close.discard(sname)
         self._send(codec.build_parse(sname, statement.judgement.sent, statement.types))
         backend.prepared[sname] = statement.generation
-        self.inflight.expect(Pending.PARSE, visible, sname)
+        self.inflight.expect(Pending.PARSE, visible, _sent(sname, statement), undo)
 
     def _current_statement(
         self,
@@ -603,7 +639,7 @@ class Relay:
                 # the unnamed statement outlives a Sync: it may be bound on another server,
                 # whose own unnamed statement belongs to someone else and must never run
                 self._send(codec.build_parse(b"", statement.judgement.sent, statement.types))
-                self.inflight.expect(Pending.PARSE, False, None)
+                self.inflight.expect(Pending.PARSE, False, _sent(b"", statement))
                 statement.on_backend = backend.serial
             return b""
         if backend.prepared.get(statement.server_name, -1) < statement.generation:
@@ -614,12 +650,7 @@ class Relay:
 
     def _bind(self, raw: bytes) -> None:
         name, start, end = codec.bind_statement(raw)
-        portal_name = codec.bind_portal(raw)
-        if portal_name and portal_name in self.registry.portals:
-            self._refuse(
-                False, GuardError(f'portal "{_show(portal_name)}" already exists', sqlstate="42P03")
-            )
-            return
+        portal_name = codec.bind_portal(raw)  # a name in use: the server says so, in order
         statement = self._current_statement(name)
         if statement is None:
             return
@@ -635,9 +666,12 @@ class Relay:
         sname = self._statement_on_server(statement)
         if sname:
             raw = codec.replace_field(raw, start, end, sname)
-        self.registry.bind(Portal(portal_name, statement, raw, codec.bind_values(raw)))
+        portal = Portal(
+            portal_name, statement, raw, codec.bind_values(raw), self.inflight.rounds_sent
+        )
+        undo = self.registry.bind(portal)
         self._send(raw)
-        self.inflight.expect(Pending.BIND, True, sname or None)
+        self.inflight.expect(Pending.BIND, True, _sent(sname, statement), undo)
 
     # ---- Execute
 
@@ -708,10 +742,10 @@ class Relay:
         if portal.name:
             self._send(codec.message(b"C", b"P" + portal.name + b"\x00"))
             self.inflight.expect(Pending.CLOSE, False, None)
+        rebound = Portal(portal.name, statement, bind, portal.parameters, portal.round)
+        undo = self.registry.bind(rebound)
         self._send(bind)
-        self.inflight.expect(Pending.BIND, False, sname or None)
-        rebound = Portal(portal.name, statement, bind, portal.parameters)
-        self.registry.bind(rebound)
+        self.inflight.expect(Pending.BIND, False, _sent(sname, statement), undo)
         return rebound
 
     def _send_execute(
@@ -808,16 +842,16 @@ class Relay:
         if target == b"S":
             # the server's copy stays cached for reuse; the client's name goes.
             # Closing a name it never prepared closes nothing, as in Postgres.
-            self.registry.close_statement(name)
-            self.inflight.expect(Pending.SYNTH, True, codec.CLOSE_COMPLETE)
+            undo = self.registry.close_statement(name)
+            self.inflight.expect(Pending.SYNTH, True, codec.CLOSE_COMPLETE, undo)
             return
-        self.registry.close_portal(name)
+        undo = self.registry.close_portal(name)
         if self.backend is None:
             self.to_client.append(codec.CLOSE_COMPLETE)  # no server, no portal
             return
         self.in_round = True
         self._send(raw)
-        self.inflight.expect(Pending.CLOSE, True, None)
+        self.inflight.expect(Pending.CLOSE, True, None, undo)
 
     # ------------------------------------------------------------ refusing
 
@@ -852,6 +886,7 @@ class Relay:
             self.inflight.expect(Pending.SYNC, True, None)
         else:
             self.skip = True
+            self.in_round = True  # the server skips to the client's Sync: it stays lent
 
     def _fail_request(self, query: bool, error: GuardError) -> None:
         """An error for a request when no server is involved (lost, or never came)."""
@@ -870,6 +905,13 @@ class Relay:
 
     def _hold_for_server(self, query: bool, step: Callable[..., None], *args: Any) -> None:
         self.held = (step, args, query)
+
+    def _wait_for_answers(self, step: Callable[..., None], *args: Any) -> None:
+        """Goes on with ``step`` once the server answered all it was sent (Postgres
+        holds extended-protocol answers until a Flush)."""
+        self._send(codec.FLUSH)
+        self._after_hold = (step, args)
+        self._hold()
 
     def _managed(self, job: ManagedWrite, query: bool) -> None:
         run = job.run
@@ -1006,6 +1048,9 @@ class Relay:
         if self.phase is Phase.HOLDING and not self.inflight.pending:
             job, self._drained = self._drained, None
             after, self._after_hold = self._after_hold, None
+            if job is not None and self.inflight.skipping:
+                # a message before the job's Execute failed: Postgres skips that Execute
+                job = self._after_job = None
             if job is not None:
                 self.job = job
                 self._enter(Phase.JOB)
@@ -1074,11 +1119,11 @@ class Relay:
             payload.failure = f"{code}: {fields.get('M', '')}"
             if payload.extended:
                 self._audit_write(payload, payload.failure)
-        if kind == Pending.PARSE and payload and backend is not None:
-            backend.prepared.pop(payload, None)
-        elif kind == Pending.BIND and payload and code == "0A000":
-            # "cached plan must not change result type": every copy of it is stale
-            self.hooks.stale_statement(payload)
+        if isinstance(payload, Sent):
+            if kind == Pending.BIND and payload.server_name and code == "0A000":
+                # "cached plan must not change result type": every copy of it is stale
+                self.hooks.stale_statement(payload.server_name)
+            return _as_client_sees(fields, payload)
         if self.judging is not None and code in _TIMEOUT_CODES:
             # a timeout says which limit of the policy ended it, and what to do
             told = explain_timeout(self.judging.policy, fields)
@@ -1086,6 +1131,27 @@ class Relay:
                 fields = dict(fields, M=told[0], H=told[1])
                 return codec.build_error_fields(fields)
         return None
+
+    def on_not_taken(self, entries: list[Expected], failed: bool) -> None:
+        """Messages the server did not take: the first of ``entries`` failed (if
+        ``failed``), the others came after it and before the Sync. What the relay
+        recorded for them is undone, the last first."""
+        backend = self.backend
+        for index in range(len(entries) - 1, -1, -1):
+            kind, visible, payload, undo = entries[index]
+            if undo is not None:
+                self.registry.undo(undo, failed and index == 0)
+            if kind == Pending.PARSE and isinstance(payload, Sent):
+                if payload.statement is not None and not payload.server_name:
+                    payload.statement.on_backend = 0  # the server has no copy of it
+                elif payload.server_name and backend is not None:
+                    # whatever copy the server has, it is not this one: closed first next time
+                    backend.prepared.pop(payload.server_name, None)
+                    backend.to_close.add(payload.server_name)
+            elif kind == Pending.QUERY and not visible and backend is not None:
+                # the delegation settings never reached the server: sent again
+                backend.guard_sent = None
+                self.guard_dirty = True
 
     def on_cut(self, execution: Execution, tag: bytes) -> bytes:
         """A result passed its row cap: what the client sees in place of its CommandComplete
@@ -1133,7 +1199,7 @@ class Relay:
 
     def on_ready(self, status: bytes) -> None:
         if status == b"I":
-            self.registry.end_transaction()
+            self.registry.end_transaction(self.inflight.rounds_done)
             if self.cursors:
                 self.cursors.clear()  # its cursors ended with the transaction
             self.tx_started = None
@@ -1221,7 +1287,12 @@ class Relay:
     def _send(self, data: bytes) -> None:
         self.wants_release = False  # new work: the server stays
         judging = self.judging
-        if judging is not None and (self.guard_dirty or judging.delegation is not self._guard_for):
+        if judging is not None and (
+            (self.guard_dirty and not self.in_round) or judging.delegation is not self._guard_for
+        ):
+            # a statement of the proxy's own is a Query, which must not come between the
+            # messages of an extended-protocol round: a RESET ALL's effect is undone at
+            # its end (a token can change only between rounds, see _parse)
             self._guard_settings(judging)
         self.to_backend.append(data)
         if self.tx_started is None:
@@ -1294,6 +1365,28 @@ class Relay:
 
 def _show(name: bytes) -> str:
     return name.decode(errors="replace")
+
+
+# A Parse of a name the client has taken is checked on the server under this name.
+_CHECK_NAME: Final = b"gp_check"
+
+
+def _sent(server_name: bytes, statement: Statement) -> Sent:
+    return Sent(server_name, statement.name, statement.judgement.shift, statement)
+
+
+def _as_client_sees(fields: dict[str, str], sent: Sent) -> bytes | None:
+    """The server's error about a Parse or Bind as the client's own would read: its
+    statement's name, positions in its own text. None: nothing to change."""
+    changed = fields
+    if sent.server_name:
+        server = f'"{sent.server_name.decode()}"'
+        message = fields.get("M", "")
+        if server in message:
+            changed = dict(fields, M=message.replace(server, f'"{_show(sent.client_name)}"'))
+    if sent.shift and "P" in fields:
+        changed = without_tag(changed, sent.shift)
+    return None if changed is fields else codec.build_error_fields(changed)
 
 
 def _count(tag: bytes) -> int | None:

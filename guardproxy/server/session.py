@@ -229,6 +229,7 @@ class ClientSession(asyncio.Protocol):
                 relay is not None
                 and backend.status == b"I"
                 and not relay.inflight.pending
+                and not relay.in_round  # the server may hold a portal, or skip to a Sync
                 and not relay.pinned
                 and not relay.settings_dirty
                 and relay.phase is not Phase.JOB

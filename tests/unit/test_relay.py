@@ -216,12 +216,114 @@ def test_a_portal_keeps_the_statement_it_was_bound_from() -> None:
     assert h.relay.registry.statement(b"s").text == b"SELECT 2"
 
 
-def test_a_second_parse_of_a_named_statement_is_refused_as_postgres_does() -> None:
+def error(sqlstate: str, message: str) -> bytes:
+    return codec.build_error(sqlstate, message)
+
+
+def test_a_second_parse_of_a_named_statement_is_refused_after_its_text_is_checked() -> None:
     h = pooling()
     h.relay.on_client(m.FE_PARSE, parse(b"s", "SELECT 1"))
-    h.relay.on_client(m.FE_PARSE, parse(b"s", "SELECT 2"))
+    assert kinds(h.received()) == "1"
+    # Postgres reports what is wrong with the text before the name in use: the server
+    # checks it under the proxy's own name, then the refusal fails the round in order
+    h.client(parse(b"s", "SELECT 2"))
+    sent = h.sent()
+    assert kinds(sent) == "PCP"
+    assert codec.parse_parse(sent[0][1]).name == b"gp_check"
+    h.server(PARSE_OK, CLOSE_OK, error("42601", "syntax error at or near guardproxy"))
     got = h.received()
-    assert kinds(got) == "1E" and codec.error_fields(got[1][1])["C"] == "42P05"
+    assert kinds(got) == "E" and codec.error_fields(got[0][1])["C"] == "42P05"
+    assert h.relay.registry.statement(b"s").text == b"SELECT 1"
+
+
+def test_a_failed_parse_leaves_its_name_free() -> None:
+    h = pooling()
+    h.client(codec.build_query("BEGIN"))
+    h.server(done("BEGIN"), ready(b"T"))
+    h.client(parse(b"s", "SELECT nosuch"), codec.SYNC)
+    h.server(error("42703", 'column "nosuch" does not exist'), ready(b"E"))
+    assert kinds(h.received()) == "CZEZ"
+    assert h.relay.registry.statement(b"s") is None
+
+
+def test_messages_after_a_failed_one_change_nothing_until_the_sync() -> None:
+    h = pooling()
+    h.client(parse(b"s", "SELECT 1"), bind(b"p", b"s"), codec.FLUSH)
+    h.server(PARSE_OK, BIND_OK)
+    h.client(describe(b"P", b"nope"), parse(b"t", "SELECT 2"), close(b"S", b"s"))
+    h.client(close(b"P", b"p"), bind(b"p2", b"s"))
+    assert h.relay.registry.statement(b"t") is not None  # not known to fail yet
+    h.server(error("34000", 'portal "nope" does not exist'))
+    # Postgres skipped the Parse, both Closes and the Bind: the names are as before
+    assert h.relay.registry.statement(b"t") is None
+    assert h.relay.registry.statement(b"s") is not None
+    assert h.relay.registry.portal(b"p") is not None and h.relay.registry.portal(b"p2") is None
+    # and so does the relay until the Sync: a Query there is discarded, as Postgres does
+    h.sent()
+    h.client(codec.build_query("SELECT 3"), parse(b"u", "SELECT 4"))
+    assert h.sent() == [] and h.relay.registry.statement(b"u") is None
+    h.client(codec.SYNC)
+    assert kinds(h.sent()) == "S"
+    h.server(ready())
+    assert kinds(h.received()) == "12EZ"
+
+
+def test_a_query_inside_a_round_waits_to_learn_whether_postgres_skips_it() -> None:
+    h = pooling()
+    h.client(parse(b"", "SELECT 1"), bind(), describe(b"P", b"nope"))
+    h.client(codec.build_query("SELECT 2"))
+    assert kinds(h.sent()) == "PBDH"  # a Flush, and the Query waits
+    assert h.relay.phase is Phase.HOLDING
+    h.server(PARSE_OK, BIND_OK, error("34000", 'portal "nope" does not exist'))
+    assert h.sent() == [] and h.relay.takes_messages
+    h.client(codec.SYNC)
+    assert kinds(h.sent()) == "S"
+
+
+def test_a_query_inside_a_round_that_did_not_fail_runs_after_the_answers() -> None:
+    h = pooling()
+    h.client(parse(b"", "SELECT 1"), bind())
+    h.client(codec.build_query("SELECT 2"))
+    assert kinds(h.sent()) == "PBH"
+    h.server(PARSE_OK, BIND_OK)
+    assert kinds(h.sent()) == "Q"
+
+
+def test_a_portal_bound_after_a_sync_outlives_the_transaction_that_sync_ends() -> None:
+    h = pooling()
+    h.client(parse(b"", "SELECT 1"), bind(b"p"), codec.SYNC)
+    h.client(bind(b"p"), codec.FLUSH)
+    second = h.relay.registry.portal(b"p")
+    h.server(PARSE_OK, BIND_OK, ready())
+    assert h.relay.registry.portal(b"p") is second
+    h.server(BIND_OK)
+    h.client(codec.SYNC)
+    h.server(ready())
+    assert h.relay.registry.portal(b"p") is None
+
+
+def test_errors_name_the_clients_statement_and_count_positions_in_its_text() -> None:
+    h = judged("support")
+    h.client(parse(b"s1", "SELECT id FROM orders WHERE id = $1"), bind(b"", b"s1"), codec.SYNC)
+    sent = h.sent()
+    server_name = codec.parse_parse(sent[-3][1]).name
+    wrong = (
+        f"bind message supplies 0 parameters, but prepared statement "
+        f'"{server_name.decode()}" requires 1'
+    )
+    h.server(PARSE_OK, error("08P01", wrong), ready())
+    got = [m for m in h.received() if m[0] == "E"]
+    message = codec.error_fields(got[0][1])["M"]
+    assert '"s1"' in message and "gp_" not in message
+    h.client(parse(b"", "SELECT id FROM orders"), codec.SYNC)
+    sent = h.sent()
+    text = codec.parse_parse(sent[-2][1]).query
+    prefix = h.relay.registry.statement(b"").judgement.shift
+    at = text.index(b"orders") + 1
+    assert text[:prefix].startswith(b"/*") and text[prefix:].startswith(b"SELECT")
+    h.server(codec.build_error_fields({"S": "ERROR", "C": "42703", "M": "x", "P": str(at)}), ready())
+    got = [m for m in h.received() if m[0] == "E"]
+    assert codec.error_fields(got[0][1])["P"] == str(at - prefix) == str(len("SELECT id FROM o"))
 
 
 def test_portals_end_with_their_transaction() -> None:
