@@ -132,6 +132,28 @@ class Settings(BaseModel):
     max_message_size: int = Field(
         64 * 1024 * 1024, ge=1024, description="largest client message in bytes"
     )
+    max_statement_size: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="longest statement (Query or Parse text) an agent may send, in bytes; "
+        "longer ones are refused before they are parsed (SQLSTATE 54000)",
+    )
+    judge_offload_above: int = Field(
+        16 * 1024,
+        ge=0,
+        description="statements longer than this many bytes are judged in a judge worker "
+        "process, off the event loop that serves every agent; 0: always on the loop",
+    )
+    judge_workers: int = Field(
+        1, ge=1, le=16, description="judge worker processes for large statements (per worker)"
+    )
+    judge_timeout: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="seconds the analysis of one large statement may take; past it the "
+        "statement is refused (fail closed) and its judge worker replaced",
+    )
     workers: int = Field(
         1, ge=1, le=64, description="processes sharing the listen port (SO_REUSEPORT)"
     )

@@ -43,6 +43,7 @@ from guardproxy.server.instances import (
     advertised_address,
     is_loopback_address,
 )
+from guardproxy.server.judge_workers import JudgeWorkers
 from guardproxy.server.login_limits import LoginLimits
 from guardproxy.server.session import ClientSession
 from guardproxy.server.tls import ServerTLS
@@ -100,6 +101,12 @@ class Proxy:
             self._make_pools(self.policies)
         self._catalog_task: asyncio.Task[None] | None = None
         self.audit: AuditLog | None = None
+        # large statements are judged in worker processes, off the event loop
+        self.judge_workers: JudgeWorkers | None = (
+            JudgeWorkers(settings.policies, settings.judge_workers, settings.judge_timeout)
+            if settings.policies is not None and settings.judge_offload_above
+            else None
+        )
         # delegation tokens: verified with the issuers' keys, checked against revocations
         self.verifier: TokenVerifier | None = None
         self.revocations: RevocationCache | None = None
@@ -380,6 +387,8 @@ class Proxy:
         judge = Judge(policies, self.judge.catalog)
         self.policies, self.judge = policies, judge
         self._make_pools(policies)
+        if self.judge_workers is not None:
+            self.judge_workers.restart()
         for session in self.sessions.values():
             session.policies_reloaded()
         log.info("policies reloaded: %s", ", ".join(p.name for p in policies))
@@ -592,6 +601,8 @@ class Proxy:
             await self.audit.close()
         if self.revocations is not None:
             await self.revocations.close()
+        if self.judge_workers is not None:
+            self.judge_workers.close()
         log.info("guardproxy stopped")
 
 

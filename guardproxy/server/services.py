@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from guardproxy.pool.backend import Backend
     from guardproxy.pool.pool import Pool
     from guardproxy.protocol.scram import Verifier
+    from guardproxy.server.judge_workers import JudgeWorkers
     from guardproxy.server.login_limits import LoginLimits
     from guardproxy.server.tls import ServerTLS
     from guardproxy.store.audit_writer import AuditLog
@@ -61,6 +62,7 @@ class ProxyServices(Protocol):
     login_limits: LoginLimits
     pools: dict[str, Pool]
     verifier: TokenVerifier | None  # of delegation tokens
+    judge_workers: JudgeWorkers | None
 
     @property
     def pool(self) -> Pool: ...

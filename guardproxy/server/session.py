@@ -30,9 +30,9 @@ from guardproxy.metrics import AgentStats
 from guardproxy.pool.backend import Backend
 from guardproxy.protocol import codec
 from guardproxy.protocol import messages as m
-from guardproxy.protocol.errors import GuardError, ProtocolViolation, UpstreamError
-from guardproxy.relay.jobs import CaptureSettings, ManagedWrite, PlanCheck
-from guardproxy.relay.judging import Judging
+from guardproxy.protocol.errors import Denied, GuardError, ProtocolViolation, UpstreamError
+from guardproxy.relay.jobs import CaptureSettings, JudgeLarge, ManagedWrite, PlanCheck
+from guardproxy.relay.judging import Analysis, Judging
 from guardproxy.relay.relay import Hooks, Phase, Relay
 from guardproxy.server.login import LoginResult, run_login, server_app_name
 from guardproxy.server.tls import peer_common_name
@@ -395,6 +395,10 @@ class ClientSession(asyncio.Protocol):
                 pinned=proxy.settings.pool_mode == "session",
                 hooks=self._hooks(),
                 syntax_check=syntax_error,
+                max_statement_size=proxy.settings.max_statement_size,
+                offload_above=proxy.settings.judge_offload_above
+                if proxy.judge_workers is not None
+                else 0,
             )
         # only once the session is set up: nothing it sends can reach a half-built relay
         out = [codec.AUTH_OK]
@@ -649,6 +653,9 @@ class ClientSession(asyncio.Protocol):
 
     async def _run_job(self, relay: Relay) -> None:
         job = relay.job
+        if isinstance(job, JudgeLarge):
+            await self._judge_large(relay, job)
+            return
         backend = self.backend
         assert job is not None and backend is not None
         backend.client = None  # internal mode: nothing reaches the client until the outcome
@@ -698,6 +705,35 @@ class ClientSession(asyncio.Protocol):
             return
         backend.client = self
         self._forward_stashed(backend)
+        relay.job_done(outcome)
+        self._flush(relay)
+        self._pump()
+
+    async def _judge_large(self, relay: Relay, job: JudgeLarge) -> None:
+        """A large statement judged in a judge worker: the loop serves everyone meanwhile."""
+        workers, judging = self.proxy.judge_workers, relay.judging
+        assert workers is not None and judging is not None
+        try:
+            outcome: Any = await workers.analyze(
+                judging.policy.name,
+                job.text.decode(errors="replace"),
+                job.context,
+                judging.judge_engine.catalog,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a worker that cannot answer: refuse, never stall
+            log.exception("judging a large statement failed")
+            outcome = Analysis.refused(
+                Denied(
+                    f"guardproxy could not judge this statement ({exc}); it was not run",
+                    rule="limits.analysis",
+                    hint="retry; an operator should look at guardproxy's log",
+                    sqlstate="XX000",
+                )
+            )
+        if self.closed:
+            return
         relay.job_done(outcome)
         self._flush(relay)
         self._pump()
