@@ -33,6 +33,8 @@ from guardproxy.relay.judging import Analysis, analyze
 
 log = logging.getLogger("guardproxy.judge")
 
+STARTUP = 15.0  # seconds a new worker may take to start, on top of its first statement's budget
+
 
 def _catalog_parts(catalog: Catalog) -> dict[str, Any]:
     return {
@@ -75,6 +77,7 @@ class _Worker:
         child.close()
         self.catalog: Catalog | None = None  # the catalog it was given last
         self.generation = 0  # of the policies it loaded
+        self.fresh = True  # has not answered yet (is maybe still starting)
 
     def call(self, request: tuple[Any, ...], timeout: float) -> Any:
         """In a thread: the request, and its answer within ``timeout`` (TimeoutError)."""
@@ -112,11 +115,14 @@ class JudgeWorkers:
             given = None if worker.catalog is catalog else _catalog_parts(catalog)
             loop = asyncio.get_running_loop()
             try:
+                # a worker's first call also waits for it to start (imports, policies),
+                # and a new catalog to be read: not the statement's to pay for
+                grace = (STARTUP if worker.fresh else 0.0) + (1.0 if given is not None else 0.0)
                 answer = await loop.run_in_executor(
                     self._threads,
                     worker.call,
                     (policy_name, sql, context, given),
-                    self.timeout + (5.0 if given is not None else 0.0),
+                    self.timeout + grace,
                 )
             except (TimeoutError, OSError, EOFError) as exc:
                 worker.stop()
@@ -134,6 +140,7 @@ class JudgeWorkers:
                     )
                 raise
             worker.catalog = catalog
+            worker.fresh = False
             if worker.generation == self._generation:
                 self._idle.append(worker)
             else:  # the policies were reloaded while it worked
