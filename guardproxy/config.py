@@ -105,6 +105,18 @@ class Settings(BaseModel):
     client_login_timeout: float = Field(
         15.0, gt=0, description="seconds a client has to finish its login"
     )
+    client_startup_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="seconds a new connection has to send its startup packet; a silent "
+        "socket is closed then",
+    )
+    max_pending_logins: int = Field(
+        100,
+        ge=1,
+        description="connections still logging in at once; one more closes the oldest of "
+        "them (they do not count against max_client_conn, which is for logged-in clients)",
+    )
     auth_mode: Literal["trust", "scram", "cert"] = Field(
         "trust",
         description="trust (only on a loopback listen_host), scram (auth_file) or cert "

@@ -125,6 +125,8 @@ class Proxy:
         )
         self.sessions: dict[tuple[int, int], ClientSession] = {}
         self.clients = 0
+        # connections still logging in, oldest first (a dict keeps insertion order)
+        self.pending_logins: dict[ClientSession, None] = {}
         self.stats = StatsRegistry()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GuardproxyCollector(self.stats, self.pool_views))
@@ -138,10 +140,24 @@ class Proxy:
 
     def new_session(self) -> ClientSession:
         self.clients += 1
-        return ClientSession(self)
+        session = ClientSession(self)
+        pending = self.pending_logins
+        if len(pending) >= self.settings.max_pending_logins:
+            # a flood of connections that never log in cannot keep agents out: the
+            # oldest login in progress gives way (it has had the longest time)
+            oldest = next(iter(pending))
+            del pending[oldest]
+            oldest.login_evicted()
+        pending[session] = None
+        return session
+
+    def login_done(self, session: ClientSession) -> None:
+        """The session logged in (or gave up): it no longer holds a pending login."""
+        self.pending_logins.pop(session, None)
 
     def at_client_limit(self) -> bool:
-        return self.clients > self.settings.max_client_conn
+        """Logged-in clients fill max_client_conn; logins in progress do not."""
+        return len(self.sessions) >= self.settings.max_client_conn
 
     def new_cancel_key(self) -> tuple[int, int]:
         """The BackendKeyData a new client session gets: it says where a cancel must go
@@ -153,6 +169,7 @@ class Proxy:
 
     def forget(self, session: ClientSession) -> None:
         self.clients -= 1
+        self.pending_logins.pop(session, None)
         if self.sessions.get(session.cancel_key) is session:
             del self.sessions[session.cancel_key]
 

@@ -109,6 +109,7 @@ class ClientSession(asyncio.Protocol):
         self._reading = True
         self._admin_skip = False  # an error went out: discarding up to the next Sync
         self._copy_waiter: asyncio.Future[None] | None = None  # a job awaits COPY data
+        self._startup_seen = False  # the first startup packet (or SSLRequest) came
 
     # ------------------------------------------------------------ what others read
 
@@ -303,6 +304,7 @@ class ClientSession(asyncio.Protocol):
             if self.closed:
                 raise ConnectionResetError("client went away during login")
             buf = self._startup_buf
+            first = not typed and not self.tls and not self._startup_seen
             if typed:
                 reader = codec.MessageReader(min(max_size, 1 << 16))
                 reader.feed(buf)
@@ -315,10 +317,19 @@ class ClientSession(asyncio.Protocol):
                 if packet is not None:
                     consumed, body = packet
                     self._startup_buf = buf[consumed:]
+                    self._startup_seen = True
                     return 0, body
             self._login_waiter = asyncio.get_running_loop().create_future()
             try:
-                await self._login_waiter
+                if first:  # a socket that says nothing is closed early, not at the login deadline
+                    async with asyncio.timeout(self.proxy.settings.client_startup_timeout):
+                        await self._login_waiter
+                else:
+                    await self._login_waiter
+            except TimeoutError:
+                raise ProtocolViolation(
+                    "no startup packet within client_startup_timeout", sqlstate="08006"
+                ) from None
             finally:
                 self._login_waiter = None
 
@@ -344,6 +355,16 @@ class ClientSession(asyncio.Protocol):
     def peer_host(self) -> str:
         return self.peer.rpartition(":")[0]
 
+    def login_evicted(self) -> None:
+        """Too many connections are logging in at once and this one is the oldest."""
+        self.fatal(
+            ProtocolViolation(
+                "too many connections are logging in at once and this one took the longest; "
+                "connect again",
+                sqlstate="53300",
+            )
+        )
+
     async def _login(self) -> None:
         try:
             result = await run_login(self, self.proxy)
@@ -352,6 +373,8 @@ class ClientSession(asyncio.Protocol):
             return
         except (ConnectionError, asyncio.CancelledError):
             return
+        finally:
+            self.proxy.login_done(self)
         if result is None:  # a cancel request
             if self.transport is not None:
                 self.transport.close()
