@@ -105,6 +105,18 @@ class Settings(BaseModel):
     client_login_timeout: float = Field(
         15.0, gt=0, description="seconds a client has to finish its login"
     )
+    client_startup_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="seconds a new connection has to send its startup packet; a silent "
+        "socket is closed then",
+    )
+    max_pending_logins: int = Field(
+        100,
+        ge=1,
+        description="connections still logging in at once; one more closes the oldest of "
+        "them (they do not count against max_client_conn, which is for logged-in clients)",
+    )
     auth_mode: Literal["trust", "scram", "cert"] = Field(
         "trust",
         description="trust (only on a loopback listen_host), scram (auth_file) or cert "
@@ -131,6 +143,28 @@ class Settings(BaseModel):
     )
     max_message_size: int = Field(
         64 * 1024 * 1024, ge=1024, description="largest client message in bytes"
+    )
+    max_statement_size: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="longest statement (Query or Parse text) an agent may send, in bytes; "
+        "longer ones are refused before they are parsed (SQLSTATE 54000)",
+    )
+    judge_offload_above: int = Field(
+        16 * 1024,
+        ge=0,
+        description="statements longer than this many bytes are judged in a judge worker "
+        "process, off the event loop that serves every agent; 0: always on the loop",
+    )
+    judge_workers: int = Field(
+        1, ge=1, le=16, description="judge worker processes for large statements (per worker)"
+    )
+    judge_timeout: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="seconds the analysis of one large statement may take; past it the "
+        "statement is refused (fail closed) and its judge worker replaced",
     )
     workers: int = Field(
         1, ge=1, le=64, description="processes sharing the listen port (SO_REUSEPORT)"

@@ -26,10 +26,17 @@ class Denied(GuardError):
     sqlstate = "42501"
 
     def __init__(
-        self, message: str, *, rule: str, hint: str | None = None, sqlstate: str | None = None
+        self,
+        message: str,
+        *,
+        rule: str,
+        hint: str | None = None,
+        sqlstate: str | None = None,
+        kind: str | None = None,
     ) -> None:
         super().__init__(message, hint=hint, sqlstate=sqlstate)
         self.rule = rule
+        self.kind = kind  # read or write, when known: the metrics label of the refusal
 
 
 class ProtocolViolation(GuardError):

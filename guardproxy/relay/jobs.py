@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from guardproxy.jobs.write_plan import WriteRun
+    from guardproxy.policy import SessionContext
 
 
 class ManagedWrite:
@@ -37,4 +38,14 @@ class CaptureSettings:
     """Read the session settings back from the server after a statement changed them."""
 
 
-Job = ManagedWrite | PlanCheck | CaptureSettings
+class JudgeLarge:
+    """Judge a large statement in a judge worker process (``server/judge_workers.py``),
+    off the event loop; needs no server."""
+
+    def __init__(self, text: bytes, query: bool, context: SessionContext) -> None:
+        self.text: Final = text
+        self.query: Final = query
+        self.context: Final = context  # the session's, with the text's own comments
+
+
+Job = ManagedWrite | PlanCheck | CaptureSettings | JudgeLarge

@@ -18,6 +18,8 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping
+from dataclasses import replace
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 from urllib.parse import quote
 
@@ -40,7 +42,9 @@ from guardproxy.policy.idempotency import TAG as IDEMPOTENCY_TAG
 from guardproxy.policy.idempotency import idempotency_key
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import Denied, GuardError
+from guardproxy.relay.classify import statement_kind
 from guardproxy.relay.pinning import pin_reason
+from guardproxy.relay.session_sql import Command, prepared_command
 
 if TYPE_CHECKING:
     from guardproxy.delegation.verify import Verifier
@@ -170,6 +174,66 @@ class Judgement:
         )
 
 
+class Analysis:
+    """What judging a text computes from the policy alone: the engine's decision, what
+    running it would pin, and (for a denial) whether it reads or writes. A judge worker
+    process computes it for large statements (``server/judge_workers.py``)."""
+
+    __slots__ = ("command", "decision", "kind", "pins")
+
+    def __init__(
+        self,
+        decision: Decision,
+        kind: str = "read",
+        pins: str | None = None,
+        command: Command | None = None,
+    ) -> None:
+        self.decision = decision
+        self.kind = kind  # read or write, for the metrics of a denial
+        self.pins = pins
+        self.command = command  # a SQL-level PREPARE / EXECUTE / DEALLOCATE in it
+
+    @classmethod
+    def refused(cls, denial: Denied) -> Analysis:
+        return cls(
+            Decision(
+                action="deny",
+                rule=denial.rule,
+                reason=denial.message,
+                hint=denial.hint or "",
+                sqlstate=denial.sqlstate,
+                sql="",
+            )
+        )
+
+    def portable(self) -> Analysis:
+        """For the trip between processes (a read-only mapping does not pickle)."""
+        return Analysis(
+            replace(self.decision, prepared=dict(self.decision.prepared)),
+            self.kind,
+            self.pins,
+            self.command,
+        )
+
+    def restored(self) -> Analysis:
+        return Analysis(
+            replace(self.decision, prepared=MappingProxyType(dict(self.decision.prepared))),
+            self.kind,
+            self.pins,
+            self.command,
+        )
+
+
+def analyze(engine: Judge, policy: AgentPolicy, sql: str, context: SessionContext) -> Analysis:
+    """The analysis of one text (pure; in a judge worker for large statements)."""
+    decision = engine.judge(policy, sql, context)
+    if not decision.allowed:
+        return Analysis(decision, statement_kind(sql.encode()))
+    rewritten = decision.action == "rewrite" and not decision.monitored
+    text = (decision.sql if rewritten else sql).encode()
+    return Analysis(decision, pins=pin_reason(text), command=prepared_command(sql.encode()))
+
+
 def plain(text: bytes) -> Judgement:
     """The judgement of a text when no policies are configured: sent as it is."""
     lowered = text.lower()
@@ -221,11 +285,13 @@ class Judging:
         query: bool,
         prepared: tuple[str, bytes] | None = None,
         in_transaction: bool = False,
+        given: Analysis | None = None,
     ) -> Judgement:
         """Judges the SQL of a Query (``query``) or Parse message; the session context
         takes what its comments and ``SET guard.*`` statements say. ``prepared``: the
         name and text of the prepared statement an ``EXECUTE`` runs; ``in_transaction``:
-        a transaction is open (a delegation token cannot change then)."""
+        a transaction is open (a delegation token cannot change then); ``given``: the
+        analysis a judge worker made of it (a large statement)."""
         if self.delegated:
             self.gate()
         recent = self._recent.get((text, query)) if prepared is None else None
@@ -243,7 +309,7 @@ class Judging:
             self.context = context
         if prepared is not None:
             context = context.with_prepared(prepared[0], prepared[1].decode(errors="replace"))
-        judgement, decision = self._judge(sql, context, query)
+        judgement, decision = self._judge(sql, context, query, given)
         if decision.context_updates:
             token, updates = binding.take_token(_checked(decision.context_updates))
             if self.delegated:
@@ -368,15 +434,31 @@ class Judging:
             return True
         return context == self.context
 
-    def _judge(self, sql: str, context: SessionContext, query: bool) -> tuple[Judgement, Decision]:
+    def context_for(self, text: bytes) -> SessionContext:
+        """The context a text is judged under (its comments applied, the session's own
+        untouched): what a judge worker needs along with the text."""
+        if self.delegated:
+            self.gate()
+        sql = text.decode(errors="replace")
+        if "/*" not in sql:
+            return self.context
+        return self.context.with_updates(_without_key(_checked(parse_context_comment(sql))))
+
+    def _judge(
+        self, sql: str, context: SessionContext, query: bool, given: Analysis | None = None
+    ) -> tuple[Judgement, Decision]:
         self._check_task_duration(context)
         engine = self.judge_engine
-        hits = engine.hits
         policy = self.policy
-        decision = engine.judge(policy, sql, context)
-        if engine.hits != hits:
-            self.registry.cache_hits += 1
+        if given is None:
+            hits = engine.hits
+            decision = engine.judge(policy, sql, context)
+            if engine.hits != hits:
+                self.registry.cache_hits += 1
+            else:
+                self.registry.cache_misses += 1
         else:
+            decision = given.decision
             self.registry.cache_misses += 1
         if not decision.allowed:
             log.info("denied %s (%s): %s", context.agent_id, decision.rule, decision.reason)
@@ -385,6 +467,7 @@ class Judging:
                 rule=decision.rule,
                 hint=decision.hint,
                 sqlstate=decision.sqlstate or "42501",
+                kind=given.kind if given is not None else None,
             )
         label = "allowed"
         if decision.monitored:
@@ -414,7 +497,7 @@ class Judging:
             cap_error=cap_error,
             cursor=decision.cursor,
             plan_check=decision.shape if decision.plan_check and not decision.monitored else None,
-            pins=pin_reason(sent),
+            pins=given.pins if given is not None else pin_reason(sent),
             settings=b"set_config" in sent.lower(),
             sensitive=not decision.cacheable,
             byte_cap=byte_cap,

@@ -32,8 +32,8 @@ from guardproxy.protocol import codec
 from guardproxy.protocol import messages as m
 from guardproxy.protocol.errors import Denied, GuardError, ProtocolViolation, UpstreamError
 from guardproxy.relay.inflight import Execution, Expected, Inflight, Pending, Sent, without_tag
-from guardproxy.relay.jobs import CaptureSettings, Job, ManagedWrite, PlanCheck
-from guardproxy.relay.judging import Judgement, Judging, LocalAnswer, plain
+from guardproxy.relay.jobs import CaptureSettings, Job, JudgeLarge, ManagedWrite, PlanCheck
+from guardproxy.relay.judging import Analysis, Judgement, Judging, LocalAnswer, plain
 from guardproxy.relay.registry import Portal, Registry, Statement, Undo, server_statement_name
 from guardproxy.relay.session_sql import (
     Command,
@@ -66,6 +66,7 @@ _SETTINGS_TAGS: Final = frozenset((b"SET", b"RESET", b"DISCARD ALL"))
 _DDL_PREFIXES: Final = (b"CREATE", b"ALTER", b"DROP", b"COMMENT", b"GRANT", b"REVOKE")
 _ROW_RETURNING: Final = frozenset((b"SELECT", b"FETCH", b"COPY", b"MOVE"))
 _TIMEOUT_CODES: Final = frozenset(("57014", "25P03", "25P04"))
+_KIND_PARSE_MAX: Final = 1 << 16  # a denied statement longer is not parsed for its kind
 
 
 class Phase(Enum):
@@ -112,6 +113,8 @@ class Relay:
         pinned: bool = False,
         hooks: Hooks | None = None,
         syntax_check: Callable[[bytes], GuardError | None] | None = None,
+        max_statement_size: int = 0,
+        offload_above: int = 0,
     ) -> None:
         self.agent_id = agent_id
         self.stats = stats
@@ -119,6 +122,10 @@ class Relay:
         self.settings = settings
         self.hooks = hooks or Hooks()
         self.syntax_check = syntax_check
+        # statements longer than this are refused (0: no limit); longer than
+        # ``offload_above``, judged in a judge worker (0: never)
+        self.max_statement_size = max_statement_size
+        self.offload_above = offload_above
         self.phase = Phase.IDLE
         self.to_backend: list[bytes] = []
         self.to_client: list[bytes] = []
@@ -285,16 +292,23 @@ class Relay:
             return
         text = codec.parse_query(raw)
         self.registry.simple_query()  # as in Postgres, whatever happens next
+        if self._too_large(True, text) or self._offloaded(True, raw, text):
+            return
         command = prepared_command(text)
         if command is not None:
             self._prepared_command(text, command)
             return
+        self._query_text(raw, text)
+
+    def _query_text(self, raw: bytes, text: bytes, given: Analysis | None = None) -> None:
         judging = self.judging
         if judging is None:
             judgement = plain(text)
         else:
             try:
-                judgement = judging.judge(text, query=True, in_transaction=self._in_transaction())
+                judgement = judging.judge(
+                    text, query=True, in_transaction=self._in_transaction(), given=given
+                )
             except Denied as denial:
                 self._deny(True, denial, text)
                 return
@@ -377,6 +391,59 @@ class Relay:
         # a Query does in the middle of a pipeline; its EmptyQueryResponse becomes ours
         self._send(codec.build_query(b""))
         self.inflight.expect(Pending.QUERY, True, response)
+
+    # ---- large statements
+
+    def _too_large(self, query: bool, text: bytes) -> bool:
+        """A statement past max_statement_size is refused before anything reads it."""
+        limit = self.max_statement_size
+        if not limit or len(text) <= limit:
+            return False
+        self.stats.statements["query" if self.judging is None else "read", "denied"] += 1
+        self._refuse(
+            query,
+            Denied(
+                f"the statement is {len(text)} bytes long, more than max_statement_size "
+                f"({limit} bytes), the most guardproxy takes from an agent in one statement",
+                rule="limits.max_statement_size",
+                hint="send shorter statements: split a large batch into several",
+                sqlstate="54000",
+            ),
+        )
+        return True
+
+    def _offloaded(self, query: bool, raw: bytes, text: bytes) -> bool:
+        """A large statement is judged in a judge worker, off the event loop: a job."""
+        judging = self.judging
+        if judging is None or not self.offload_above or len(text) <= self.offload_above:
+            return False
+        try:
+            context = judging.context_for(text)
+        except Denied as denial:
+            self._deny(query, denial, b"")
+            return True
+        self._after_job = (self._judged_large, (query, raw, text))
+        self.job = JudgeLarge(text, query, context)
+        self._enter(Phase.JOB)
+        return True
+
+    def _judged_large(self, query: bool, raw: bytes, text: bytes, analysis: Analysis) -> None:
+        if analysis.command is not None:
+            self._deny(
+                query,
+                Denied(
+                    "PREPARE, EXECUTE and DEALLOCATE of statements this large are not supported "
+                    f"(more than {self.offload_above} bytes)",
+                    rule="limits.max_statement_size",
+                    hint="prepare the statement with the extended protocol (a Parse message)",
+                    sqlstate="54000",
+                ),
+                b"",
+            )
+        elif query:
+            self._query_text(raw, text, analysis)
+        else:
+            self._parse_text(raw, codec.parse_parse(raw), analysis)
 
     # ---- SQL-level PREPARE, EXECUTE, DEALLOCATE (see relay/session_sql.py)
 
@@ -502,13 +569,23 @@ class Relay:
 
     def _parse(self, raw: bytes) -> None:
         parsed = codec.parse_parse(raw)
+        if self._too_large(False, parsed.query) or self._offloaded(False, raw, parsed.query):
+            return
+        self._parse_text(raw, parsed)
+
+    def _parse_text(
+        self, raw: bytes, parsed: codec.ParseMessage, given: Analysis | None = None
+    ) -> None:
         judging = self.judging
         if judging is None:
             judgement = plain(parsed.query)
         else:
             try:
                 judgement = judging.judge(
-                    parsed.query, query=False, in_transaction=self._in_transaction()
+                    parsed.query,
+                    query=False,
+                    in_transaction=self._in_transaction(),
+                    given=given,
                 )
             except Denied as denial:
                 self._deny(False, denial, parsed.query)
@@ -857,7 +934,7 @@ class Relay:
 
     def _deny(self, query: bool, denial: Denied, text: bytes) -> None:
         """Refuses a statement the policy denies, and records it."""
-        self.stats.statements[_kind_of(text, self.judging), "denied"] += 1
+        self.stats.statements[denial.kind or _kind_of(text, self.judging), "denied"] += 1
         self.stats.denials[denial.rule] += 1
         self._audit(
             text.decode(errors="replace"), "denied", rule=denial.rule, reason=denial.message
@@ -992,6 +1069,12 @@ class Relay:
             if outcome is not None:
                 self.settings = outcome
             self.wants_release = True
+        elif isinstance(job, JudgeLarge):
+            after, self._after_job = self._after_job, None
+            if after is not None:
+                after[0](*after[1], outcome)
+            if self.phase is Phase.ACTIVE:
+                self._after_round()
 
     def job_failed(self, error: GuardError) -> None:
         """The job's server failed (it is closed, never reused): the client gets the error."""
@@ -1413,6 +1496,8 @@ def _no_rows(statement: Statement) -> bool:
 def _kind_of(text: bytes, judging: Judging | None) -> str:
     if judging is None:
         return "query"
+    if len(text) > _KIND_PARSE_MAX:
+        return "read"  # not parsed on the loop: a large statement's kind comes with it
     from guardproxy.relay.classify import statement_kind
 
     return statement_kind(text)

@@ -43,6 +43,7 @@ from guardproxy.server.instances import (
     advertised_address,
     is_loopback_address,
 )
+from guardproxy.server.judge_workers import JudgeWorkers
 from guardproxy.server.login_limits import LoginLimits
 from guardproxy.server.session import ClientSession
 from guardproxy.server.tls import ServerTLS
@@ -100,6 +101,12 @@ class Proxy:
             self._make_pools(self.policies)
         self._catalog_task: asyncio.Task[None] | None = None
         self.audit: AuditLog | None = None
+        # large statements are judged in worker processes, off the event loop
+        self.judge_workers: JudgeWorkers | None = (
+            JudgeWorkers(settings.policies, settings.judge_workers, settings.judge_timeout)
+            if settings.policies is not None and settings.judge_offload_above
+            else None
+        )
         # delegation tokens: verified with the issuers' keys, checked against revocations
         self.verifier: TokenVerifier | None = None
         self.revocations: RevocationCache | None = None
@@ -118,6 +125,8 @@ class Proxy:
         )
         self.sessions: dict[tuple[int, int], ClientSession] = {}
         self.clients = 0
+        # connections still logging in, oldest first (a dict keeps insertion order)
+        self.pending_logins: dict[ClientSession, None] = {}
         self.stats = StatsRegistry()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GuardproxyCollector(self.stats, self.pool_views))
@@ -131,10 +140,24 @@ class Proxy:
 
     def new_session(self) -> ClientSession:
         self.clients += 1
-        return ClientSession(self)
+        session = ClientSession(self)
+        pending = self.pending_logins
+        if len(pending) >= self.settings.max_pending_logins:
+            # a flood of connections that never log in cannot keep agents out: the
+            # oldest login in progress gives way (it has had the longest time)
+            oldest = next(iter(pending))
+            del pending[oldest]
+            oldest.login_evicted()
+        pending[session] = None
+        return session
+
+    def login_done(self, session: ClientSession) -> None:
+        """The session logged in (or gave up): it no longer holds a pending login."""
+        self.pending_logins.pop(session, None)
 
     def at_client_limit(self) -> bool:
-        return self.clients > self.settings.max_client_conn
+        """Logged-in clients fill max_client_conn; logins in progress do not."""
+        return len(self.sessions) >= self.settings.max_client_conn
 
     def new_cancel_key(self) -> tuple[int, int]:
         """The BackendKeyData a new client session gets: it says where a cancel must go
@@ -146,6 +169,7 @@ class Proxy:
 
     def forget(self, session: ClientSession) -> None:
         self.clients -= 1
+        self.pending_logins.pop(session, None)
         if self.sessions.get(session.cancel_key) is session:
             del self.sessions[session.cancel_key]
 
@@ -380,6 +404,8 @@ class Proxy:
         judge = Judge(policies, self.judge.catalog)
         self.policies, self.judge = policies, judge
         self._make_pools(policies)
+        if self.judge_workers is not None:
+            self.judge_workers.restart()
         for session in self.sessions.values():
             session.policies_reloaded()
         log.info("policies reloaded: %s", ", ".join(p.name for p in policies))
@@ -592,6 +618,8 @@ class Proxy:
             await self.audit.close()
         if self.revocations is not None:
             await self.revocations.close()
+        if self.judge_workers is not None:
+            self.judge_workers.close()
         log.info("guardproxy stopped")
 
 

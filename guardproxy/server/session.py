@@ -30,9 +30,9 @@ from guardproxy.metrics import AgentStats
 from guardproxy.pool.backend import Backend
 from guardproxy.protocol import codec
 from guardproxy.protocol import messages as m
-from guardproxy.protocol.errors import GuardError, ProtocolViolation, UpstreamError
-from guardproxy.relay.jobs import CaptureSettings, ManagedWrite, PlanCheck
-from guardproxy.relay.judging import Judging
+from guardproxy.protocol.errors import Denied, GuardError, ProtocolViolation, UpstreamError
+from guardproxy.relay.jobs import CaptureSettings, JudgeLarge, ManagedWrite, PlanCheck
+from guardproxy.relay.judging import Analysis, Judging
 from guardproxy.relay.relay import Hooks, Phase, Relay
 from guardproxy.server.login import LoginResult, run_login, server_app_name
 from guardproxy.server.tls import peer_common_name
@@ -109,6 +109,7 @@ class ClientSession(asyncio.Protocol):
         self._reading = True
         self._admin_skip = False  # an error went out: discarding up to the next Sync
         self._copy_waiter: asyncio.Future[None] | None = None  # a job awaits COPY data
+        self._startup_seen = False  # the first startup packet (or SSLRequest) came
 
     # ------------------------------------------------------------ what others read
 
@@ -304,6 +305,7 @@ class ClientSession(asyncio.Protocol):
             if self.closed:
                 raise ConnectionResetError("client went away during login")
             buf = self._startup_buf
+            first = not typed and not self.tls and not self._startup_seen
             if typed:
                 reader = codec.MessageReader(min(max_size, 1 << 16))
                 reader.feed(buf)
@@ -316,10 +318,19 @@ class ClientSession(asyncio.Protocol):
                 if packet is not None:
                     consumed, body = packet
                     self._startup_buf = buf[consumed:]
+                    self._startup_seen = True
                     return 0, body
             self._login_waiter = asyncio.get_running_loop().create_future()
             try:
-                await self._login_waiter
+                if first:  # a socket that says nothing is closed early, not at the login deadline
+                    async with asyncio.timeout(self.proxy.settings.client_startup_timeout):
+                        await self._login_waiter
+                else:
+                    await self._login_waiter
+            except TimeoutError:
+                raise ProtocolViolation(
+                    "no startup packet within client_startup_timeout", sqlstate="08006"
+                ) from None
             finally:
                 self._login_waiter = None
 
@@ -345,6 +356,16 @@ class ClientSession(asyncio.Protocol):
     def peer_host(self) -> str:
         return self.peer.rpartition(":")[0]
 
+    def login_evicted(self) -> None:
+        """Too many connections are logging in at once and this one is the oldest."""
+        self.fatal(
+            ProtocolViolation(
+                "too many connections are logging in at once and this one took the longest; "
+                "connect again",
+                sqlstate="53300",
+            )
+        )
+
     async def _login(self) -> None:
         try:
             result = await run_login(self, self.proxy)
@@ -353,6 +374,8 @@ class ClientSession(asyncio.Protocol):
             return
         except (ConnectionError, asyncio.CancelledError):
             return
+        finally:
+            self.proxy.login_done(self)
         if result is None:  # a cancel request
             if self.transport is not None:
                 self.transport.close()
@@ -396,6 +419,10 @@ class ClientSession(asyncio.Protocol):
                 pinned=proxy.settings.pool_mode == "session",
                 hooks=self._hooks(),
                 syntax_check=syntax_error,
+                max_statement_size=proxy.settings.max_statement_size,
+                offload_above=proxy.settings.judge_offload_above
+                if proxy.judge_workers is not None
+                else 0,
             )
         # only once the session is set up: nothing it sends can reach a half-built relay
         out = [codec.AUTH_OK]
@@ -650,6 +677,9 @@ class ClientSession(asyncio.Protocol):
 
     async def _run_job(self, relay: Relay) -> None:
         job = relay.job
+        if isinstance(job, JudgeLarge):
+            await self._judge_large(relay, job)
+            return
         backend = self.backend
         assert job is not None and backend is not None
         backend.client = None  # internal mode: nothing reaches the client until the outcome
@@ -699,6 +729,35 @@ class ClientSession(asyncio.Protocol):
             return
         backend.client = self
         self._forward_stashed(backend)
+        relay.job_done(outcome)
+        self._flush(relay)
+        self._pump()
+
+    async def _judge_large(self, relay: Relay, job: JudgeLarge) -> None:
+        """A large statement judged in a judge worker: the loop serves everyone meanwhile."""
+        workers, judging = self.proxy.judge_workers, relay.judging
+        assert workers is not None and judging is not None
+        try:
+            outcome: Any = await workers.analyze(
+                judging.policy.name,
+                job.text.decode(errors="replace"),
+                job.context,
+                judging.judge_engine.catalog,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a worker that cannot answer: refuse, never stall
+            log.exception("judging a large statement failed")
+            outcome = Analysis.refused(
+                Denied(
+                    f"guardproxy could not judge this statement ({exc}); it was not run",
+                    rule="limits.analysis",
+                    hint="retry; an operator should look at guardproxy's log",
+                    sqlstate="XX000",
+                )
+            )
+        if self.closed:
+            return
         relay.job_done(outcome)
         self._flush(relay)
         self._pump()

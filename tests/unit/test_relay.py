@@ -321,7 +321,9 @@ def test_errors_name_the_clients_statement_and_count_positions_in_its_text() -> 
     prefix = h.relay.registry.statement(b"").judgement.shift
     at = text.index(b"orders") + 1
     assert text[:prefix].startswith(b"/*") and text[prefix:].startswith(b"SELECT")
-    h.server(codec.build_error_fields({"S": "ERROR", "C": "42703", "M": "x", "P": str(at)}), ready())
+    h.server(
+        codec.build_error_fields({"S": "ERROR", "C": "42703", "M": "x", "P": str(at)}), ready()
+    )
     got = [m for m in h.received() if m[0] == "E"]
     assert codec.error_fields(got[0][1])["P"] == str(at - prefix) == str(len("SELECT id FROM o"))
 
