@@ -58,6 +58,10 @@ def serve(
     server_idle_timeout: Annotated[float | None, Opt(help=_about("server_idle_timeout"))] = None,
     server_lifetime: Annotated[float | None, Opt(help=_about("server_lifetime"))] = None,
     client_login_timeout: Annotated[float | None, Opt(help=_about("client_login_timeout"))] = None,
+    client_startup_timeout: Annotated[
+        float | None, Opt(help=_about("client_startup_timeout"))
+    ] = None,
+    max_pending_logins: Annotated[int | None, Opt(help=_about("max_pending_logins"))] = None,
     auth_mode: Annotated[str | None, Opt(help="trust (loopback only) | scram | cert")] = None,
     tls_cert_file: Annotated[
         Path | None, Opt(help="server certificate (PEM) for client TLS")
@@ -72,6 +76,10 @@ def serve(
     ] = None,
     auth_file: Annotated[Path | None, Opt(help="SCRAM verifiers from `guardproxy passwd`")] = None,
     max_message_size: Annotated[int | None, Opt(help=_about("max_message_size"))] = None,
+    max_statement_size: Annotated[int | None, Opt(help=_about("max_statement_size"))] = None,
+    judge_offload_above: Annotated[int | None, Opt(help=_about("judge_offload_above"))] = None,
+    judge_workers: Annotated[int | None, Opt(help=_about("judge_workers"))] = None,
+    judge_timeout: Annotated[float | None, Opt(help=_about("judge_timeout"))] = None,
     client_idle_timeout: Annotated[
         float | None, Opt(help="close clients idle this long (0: never)")
     ] = None,

@@ -197,3 +197,14 @@ def test_cli_reports_the_bad_flag_and_exits_nonzero(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 2, out
     assert "'pool_size' (from flag --pool-size)" in out.stderr
+
+
+def test_every_setting_has_a_serve_flag() -> None:
+    """The example config promises it: every key is also a flag of `guardproxy serve`."""
+    import inspect
+
+    from guardproxy import cli
+    from guardproxy.config import Settings
+
+    flags = set(inspect.signature(cli.serve).parameters)
+    assert not sorted(set(Settings.model_fields) - flags)
