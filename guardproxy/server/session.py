@@ -579,6 +579,11 @@ class ClientSession(asyncio.Protocol):
     async def _acquire(self, relay: Relay) -> None:
         try:
             backend = await self.pool.acquire()
+            while backend.closed:
+                # its connection ended between the pool handing it over and now: nobody
+                # was attached to hear it, so a message sent to it would wait forever
+                self.pool.discard(backend)
+                backend = await self.pool.acquire()
         except GuardError as exc:
             log.warning("client %s (%s): %s", self.peer, self.agent_id, exc.message)
             relay.acquire_failed(exc)

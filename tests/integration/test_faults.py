@@ -303,7 +303,20 @@ async def test_postgres_restart_under_load_gives_clear_errors_and_the_pool_heals
                     any(t > restarted for t in agents.successes.get(a, ())) for a in everyone
                 )
 
-            heal_seconds = await wait_until(healed, 30, "every agent to be served again")
+            def unserved() -> str:
+                missing = [
+                    a
+                    for a in everyone
+                    if not any(t > restarted for t in agents.successes.get(a, ()))
+                ]
+                return (
+                    f"every agent to be served again (not yet: {missing}; {agents.out.summary()})"
+                )
+
+            try:
+                heal_seconds = await wait_until(healed, 30, "every agent to be served again")
+            except AssertionError:
+                raise AssertionError(unserved()) from None
             await asyncio.sleep(1.0)
         finally:
             agents.stopping = True
