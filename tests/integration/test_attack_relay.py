@@ -703,15 +703,20 @@ def test_after_a_refused_write_in_a_transaction_the_next_gets_25p02(fresh, relay
     assert outcomes[4] == ["25P02"], outcomes
 
 
-# ---------------------------------------------------------------- reloads
+# ---------------------------------------------------------------- reloads and plan limits
+
+# a read whose plan is estimated at 27,000 rows (6 x 6 orders x 750 customers, the
+# planner's guess for the never-analysed customers), over analytics' max_plan_rows
+RUNAWAY = "SELECT o.id FROM orders o CROSS JOIN orders p CROSS JOIN customers c WHERE o.id > 0"
 
 
 @pytest.fixture(scope="module")
-def reload_proxy(
+def second_proxy(
     shop_restored: PgCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ShopProxy, Path]]:
-    directory = tmp_path_factory.mktemp("attack-reload")
-    policies = policies_with(directory)
+    """The example policies, analytics with max_plan_rows = 1000; tests may reload them."""
+    directory = tmp_path_factory.mktemp("attack-second")
+    policies = policies_with(directory, analytics={"limits": {"max_plan_rows": 1000}})
     with launch_proxy(
         shop_restored, directory / "guardproxy.log", policies=policies, admin_users="admin"
     ) as proxy:
@@ -731,7 +736,8 @@ def customers_revoked(proxy: ShopProxy, policy: Path) -> Iterator[None]:
 
     lines = original.splitlines()
     start = lines.index("  customers:")
-    revoked = "\n".join(lines[:start] + lines[start + 3 :]) + "\n"
+    end = lines.index("  orders:")
+    revoked = "\n".join(lines[:start] + lines[end:]) + "\n"
     assert "customers" not in revoked.split("tables:")[1], revoked
     reload(revoked)
     try:
@@ -740,8 +746,8 @@ def customers_revoked(proxy: ShopProxy, policy: Path) -> Iterator[None]:
         reload(original)
 
 
-def test_a_reload_revokes_prepared_statements_portals_and_sql_prepares(reload_proxy):
-    proxy, policy = reload_proxy
+def test_a_reload_revokes_prepared_statements_portals_and_sql_prepares(second_proxy):
+    proxy, policy = second_proxy
     read = "SELECT name FROM customers WHERE id > $1 ORDER BY id"
     with wire(proxy.port, "analytics-atk-reload") as agent:
         assert (
@@ -765,8 +771,8 @@ def test_a_reload_revokes_prepared_statements_portals_and_sql_prepares(reload_pr
     "reload revoked (a WITH HOLD cursor for the rest of the session), while a portal of "
     "the same read is refused",
 )
-def test_a_reload_revokes_an_open_cursor(reload_proxy):
-    proxy, policy = reload_proxy
+def test_a_reload_revokes_an_open_cursor(second_proxy):
+    proxy, policy = second_proxy
     with wire(proxy.port, "analytics-atk-cursor") as agent:
         agent.ok("BEGIN")
         agent.ok("DECLARE c CURSOR WITH HOLD FOR SELECT name FROM customers WHERE id > 0")
@@ -776,6 +782,78 @@ def test_a_reload_revokes_an_open_cursor(reload_proxy):
             got = agent.q("FETCH ALL c")
         agent.q("CLOSE c")
     assert rows(got) == [], f"{len(rows(got))} rows of a revoked table: {summary(got)}"
+
+
+PLAN_CHECKED = {
+    "simple": lambda a: a.q(RUNAWAY),
+    "extended": lambda a: a.round(parse(b"", RUNAWAY), bind(b"", b""), execute(), SYNC),
+    "named, with a parameter": lambda a: a.round(
+        parse(b"s", RUNAWAY.replace("> 0", "> $1")), bind(b"", b"s", b"0"), execute(), SYNC
+    ),
+    "cursor": lambda a: (
+        a.q("BEGIN") + a.q(f"DECLARE c CURSOR FOR {RUNAWAY}") + a.q("FETCH ALL c") + a.q("ROLLBACK")
+    ),
+}
+
+
+@pytest.mark.parametrize("path", sorted(PLAN_CHECKED))
+def test_a_runaway_read_is_refused_before_it_runs(second_proxy, path: str):
+    proxy, _ = second_proxy
+    with wire(proxy.port, "analytics-atk-plan") as agent:
+        got = PLAN_CHECKED[path](agent)
+    assert "54000" in errors(got) and rows(got) == [], summary(got)
+
+
+PLAN_UNCHECKED = {
+    "sql prepare and execute": lambda a: a.q(f"PREPARE big AS {RUNAWAY}") + a.q("EXECUTE big"),
+    "copy to stdout": lambda a: a.q(f"COPY ({RUNAWAY}) TO STDOUT"),
+    "explain analyze": lambda a: a.q(f"EXPLAIN ANALYZE {RUNAWAY}"),
+}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="M6: max_plan_rows / max_plan_cost are not checked for an SQL-level EXECUTE, a "
+    "COPY (query) TO STDOUT or an EXPLAIN ANALYZE: the runaway read runs to the end",
+)
+@pytest.mark.parametrize("path", sorted(PLAN_UNCHECKED))
+def test_a_runaway_read_is_refused_on_every_path(second_proxy, path: str):
+    proxy, _ = second_proxy
+    with wire(proxy.port, "analytics-atk-plan2") as agent:
+        got = PLAN_UNCHECKED[path](agent)
+    copied = [raw for kind, raw in got if kind == b"d"]
+    assert errors(got) and rows(got) == [] and copied == [], summary(got)[:12]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="L2: a cursor declared before the session's principals changed goes on with the "
+    "old row filter (a portal of the same read is bound again under the new principals)",
+)
+def test_a_cursor_follows_the_principals_of_the_moment(fresh: PgCluster, relay_proxy):
+    with wire(relay_proxy.port, "fulfillment-atk-cursor") as agent:
+        agent.ok("SET guard.principals = '1'")
+        agent.ok("BEGIN")
+        agent.ok("DECLARE c CURSOR FOR SELECT id FROM orders WHERE id > 0 ORDER BY id")
+        assert firsts(agent.ok("FETCH 1 c")) == ["1"]
+        agent.ok("SET guard.principals = '3'")
+        got = agent.q("FETCH ALL c")
+        agent.q("ROLLBACK")
+    assert "2" not in firsts(got), (
+        f"customer 1's order reached a request for customer 3: {summary(got)}"
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="L9: Postgres's messages about a prepared statement name the proxy's server-side "
+    "name (gp_<hash>), not the client's: the agent learns names it can use in the C1 attack",
+)
+def test_error_messages_name_the_clients_statement(fresh: PgCluster, relay_proxy):
+    with wire(relay_proxy.port, "analytics-atk-msg") as agent:
+        got = agent.round(parse(b"b", "SELECT 1"), bind(b"", b"b", b"3"), execute(), SYNC)
+    assert errors(got) == ["08P01"]
+    assert '"b"' in messages(got)[0] and "gp_" not in messages(got)[0], messages(got)
 
 
 # ================================================================ attacks that held
