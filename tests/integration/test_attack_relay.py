@@ -714,9 +714,14 @@ RUNAWAY = "SELECT o.id FROM orders o CROSS JOIN orders p CROSS JOIN customers c 
 def second_proxy(
     shop_restored: PgCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ShopProxy, Path]]:
-    """The example policies, analytics with max_plan_rows = 1000; tests may reload them."""
+    """The example policies, analytics with max_plan_rows = 1000, support's reads capped at
+    two rows with on_rows_returned_over: error; tests may reload them."""
     directory = tmp_path_factory.mktemp("attack-second")
-    policies = policies_with(directory, analytics={"limits": {"max_plan_rows": 1000}})
+    policies = policies_with(
+        directory,
+        analytics={"limits": {"max_plan_rows": 1000}},
+        support={"limits": {"max_rows_returned": 2, "on_rows_returned_over": "error"}},
+    )
     with launch_proxy(
         shop_restored, directory / "guardproxy.log", policies=policies, admin_users="admin"
     ) as proxy:
@@ -854,6 +859,35 @@ def test_error_messages_name_the_clients_statement(fresh: PgCluster, relay_proxy
         got = agent.round(parse(b"b", "SELECT 1"), bind(b"", b"b", b"3"), execute(), SYNC)
     assert errors(got) == ["08P01"]
     assert '"b"' in messages(got)[0] and "gp_" not in messages(got)[0], messages(got)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="L10: with on_rows_returned_over: error the rows up to the cap reach the client "
+    "before the error (docs/policies.md: 'an error, no rows')",
+)
+def test_a_read_over_its_cap_in_error_mode_sends_no_rows(second_proxy):
+    proxy, _ = second_proxy
+    with wire(proxy.port, "support-atk-errmode") as agent:
+        got = agent.q("SELECT id FROM orders WHERE id > 0")
+    assert errors(got) == ["54000"]
+    assert rows(got) == [], summary(got)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="C1: a statement an extended-protocol PREPARE leaves on a pooled server under the "
+    "agent's own name outlives the session: the next client of that server finds the name "
+    "taken (42P05), and can run the statement with the C1 decoy",
+)
+def test_a_clients_prepared_names_do_not_reach_the_next_client(pg: PgCluster, tmp_path: Path):
+    with throwaway_proxy(pg, tmp_path, pool_size=1) as proxy:
+        for agent_id in ("agent-atk-first", "agent-atk-second"):
+            with wire(proxy.port, agent_id, APP_DB) as agent:
+                got = agent.round(
+                    parse(b"", "PREPARE zz AS SELECT 1"), bind(b"", b""), execute(), SYNC
+                )
+            assert not errors(got), (agent_id, messages(got))
 
 
 # ================================================================ attacks that held
@@ -1448,3 +1482,43 @@ DIFFERENTIAL_CASES = {
 def test_the_plain_relay_answers_as_postgres(pg: PgCluster, plain, case: str):
     direct, proxied = differential(pg, plain, *DIFFERENTIAL_CASES[case])
     assert proxied == direct
+
+
+def test_a_denied_lock_leaves_no_lock(fresh: PgCluster, relay_proxy):
+    with wire(relay_proxy.port, "analytics-atk-lock") as agent:
+        agent.ok("BEGIN")
+        denied = agent.q("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        agent.q("ROLLBACK")
+        agent.ok("BEGIN")
+        denied += agent.q("SELECT id FROM orders WHERE id = 1 FOR UPDATE")
+        held = su(
+            fresh,
+            "SELECT mode FROM pg_locks WHERE relation = 'orders'::regclass "
+            "AND mode NOT IN ('AccessShareLock')",
+        )
+        agent.q("ROLLBACK")
+    assert errors(denied) == ["42501", "42501"], summary(denied)
+    assert held == []
+
+
+def test_a_client_that_disconnects_in_a_transaction_releases_its_locks(
+    fresh: PgCluster, relay_proxy
+):
+    agent = Wire(relay_proxy.port, "support-atk-drop")
+    agent.ok("BEGIN")
+    assert tags(agent.q("UPDATE orders SET fulfillment_status = 'returned' WHERE id = 3")) == [
+        "UPDATE 1"
+    ]
+    agent.sock.close()  # no Terminate: the connection just goes
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            su(
+                fresh,
+                "SET lock_timeout = '200ms'; UPDATE orders SET last_modified_at = "
+                "last_modified_at WHERE id = 3",
+            )
+            break
+        except psycopg.errors.LockNotAvailable:
+            assert time.monotonic() < deadline, "the row lock outlived the client"
+    assert changed_orders(fresh) == {}
