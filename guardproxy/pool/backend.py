@@ -303,6 +303,9 @@ class Backend(BackendState, asyncio.Protocol):
                     )
                 else:
                     await self._copy_from_client(raw, copy_in)
+                if not until_ready:
+                    # extended protocol: the COPY's CommandComplete waits for a Flush
+                    self.send(codec.FLUSH)
                 continue
             answers.append((kind, raw))
             if kind == m.BE_PARAMETER_STATUS:

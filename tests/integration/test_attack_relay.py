@@ -442,9 +442,6 @@ def test_an_extended_deallocate_cannot_drop_the_proxys_server_statements(plain):
     assert not errors(again) and firsts(again) == ["4243"], summary(again)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="H1: max_bytes_returned is accepted in the policy but not enforced"
-)
 @pytest.mark.parametrize(
     "sql",
     [
@@ -478,12 +475,20 @@ def test_a_read_cap_holds_over_executes_with_row_limits_in_one_round(
     assert len(rows(got)) <= 2, summary(got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="L1: a cursor's total is not kept over FETCHes in one simple Query, nor over "
-    "FETCHes pipelined in one extended-protocol round",
+@pytest.mark.parametrize(
+    "how",
+    [
+        "one simple query",
+        pytest.param(
+            "one extended round",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="L1: a cursor's total is not kept over FETCHes in one simple Query, nor over "
+                "FETCHes pipelined in one extended-protocol round",
+            ),
+        ),
+    ],
 )
-@pytest.mark.parametrize("how", ["one simple query", "one extended round"])
 def test_a_cursor_total_holds_for_fetches_sent_together(fresh: PgCluster, relay_proxy, how: str):
     with wire(relay_proxy.port, "analytics-atk-fetch") as agent:
         agent.ok("BEGIN")
@@ -550,12 +555,6 @@ def test_a_transactions_context_change_ends_with_it(
     assert firsts(after) == ORDERS_OF["1"], f"customer 3's filter outlived {end}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="M3: after an extended-protocol COPY FROM STDIN sent as libpq sends it (Sync "
-    "after Execute, CopyDone then Sync), Postgres skips the first Sync: the proxy waits "
-    "for its ReadyForQuery forever and the next managed write never runs",
-)
 def test_a_managed_write_after_an_extended_copy_is_answered(fresh: PgCluster, relay_proxy):
     agent_id = "support-atk-copy"
     copy = "COPY order_state_log (order_id, new_status, changed_by, reason) FROM STDIN"
@@ -572,12 +571,6 @@ def test_a_managed_write_after_an_extended_copy_is_answered(fresh: PgCluster, re
         end_leftovers(fresh, agent_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="M4: an unhandled AttributeError in the relay ('bytes' object has no attribute "
-    "'audit') after a failed Bind followed by simple Queries: the client gets 08006 and "
-    "then hangs",
-)
 def test_a_failed_bind_then_simple_queries_leave_the_session_usable(pg: PgCluster, plain):
     msgs = (
         parse(b"b", "SELECT 1"),
@@ -589,12 +582,6 @@ def test_a_failed_bind_then_simple_queries_leave_the_session_usable(pg: PgCluste
     assert proxied == direct
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="L6: after an error in an extended-protocol request Postgres discards every "
-    "message up to Sync, simple Queries included; the proxy answers the Queries it "
-    "handles itself (an extra ReadyForQuery, a PREPARE that Postgres never ran)",
-)
 @pytest.mark.parametrize("sql", ["DEALLOCATE a", "PREPARE a AS SELECT 9"])
 def test_queries_after_an_extended_error_are_discarded_until_sync(pg: PgCluster, plain, sql: str):
     # the name a is prepared and deallocated again after the Sync: Postgres never saw
@@ -625,13 +612,6 @@ def throwaway_proxy(pg: PgCluster, log_dir: Path, **settings: Any) -> Iterator[A
         proc.wait(WAIT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="H2: a PREPARE sent after an extended-protocol error and before Sync (which "
-    "Postgres would discard), then EXECUTE of it: the session hangs, and after the "
-    "client has gone it stays 'active' holding its server for good; a few such "
-    "connections take the pool (or an agent type's max_server_connections)",
-)
 def test_a_client_that_left_gives_its_server_back(pg: PgCluster, tmp_path: Path):
     with throwaway_proxy(pg, tmp_path, pool_size=1, pool_acquire_timeout=1) as proxy:
         with wire(proxy.port, "agent-atk-zombie", APP_DB) as attacker:
@@ -649,11 +629,6 @@ def test_a_client_that_left_gives_its_server_back(pg: PgCluster, tmp_path: Path)
         assert firsts(got) == ["served"], summary(got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="L7: a named portal outlives the implicit transaction that ended at Sync: "
-    "binding the name again fails with 42P03",
-)
 def test_a_named_portal_ends_with_its_implicit_transaction(pg: PgCluster, plain):
     msgs = (parse(b"", "SELECT 1"), bind(b"p", b""), SYNC, bind(b"p", b""), execute(b"p"))
     direct, proxied = differential(pg, plain, *msgs)
@@ -695,11 +670,6 @@ def test_an_sql_prepared_statement_runs_through_the_extended_protocol(pg: PgClus
     assert proxied == direct
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="L4: after a budget refusal in a transaction the next statement gets 53400 "
-    "'bookkeeping failed' instead of Postgres's 25P02",
-)
 def test_after_a_refused_write_in_a_transaction_the_next_gets_25p02(fresh, relay_proxy):
     write = "UPDATE orders SET fulfillment_status = 'returned' WHERE id = $1"
     with wire(relay_proxy.port, "support-atk-25p02") as agent:
@@ -860,11 +830,6 @@ def test_a_cursor_follows_the_principals_of_the_moment(fresh: PgCluster, relay_p
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="L9: Postgres's messages about a prepared statement name the proxy's server-side "
-    "name (gp_<hash>), not the client's: the agent learns names it can use in the C1 attack",
-)
 def test_error_messages_name_the_clients_statement(fresh: PgCluster, relay_proxy):
     with wire(relay_proxy.port, "analytics-atk-msg") as agent:
         got = agent.round(parse(b"b", "SELECT 1"), bind(b"", b"b", b"3"), execute(), SYNC)
