@@ -351,7 +351,9 @@ def auth_request(code: int, data: bytes = b"") -> bytes:
 
 AUTH_OK = auth_request(0)
 PARSE_COMPLETE = message(b"1")
+BIND_COMPLETE = message(b"2")
 CLOSE_COMPLETE = message(b"3")
+NO_DATA = message(b"n")
 SYNC = message(b"S")
 FLUSH = message(b"H")
 TERMINATE = message(b"X")

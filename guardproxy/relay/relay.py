@@ -576,6 +576,10 @@ class Relay:
     def _parse_text(
         self, raw: bytes, parsed: codec.ParseMessage, given: Analysis | None = None
     ) -> None:
+        command = prepared_command(parsed.query)
+        if command is not None:
+            self._parse_command(parsed, command)
+            return
         judging = self.judging
         if judging is None:
             judgement = plain(parsed.query)
@@ -591,6 +595,74 @@ class Relay:
                 self._deny(False, denial, parsed.query)
                 return
         self._parse_checked(raw, parsed, judgement)
+
+    def _parse_command(self, parsed: codec.ParseMessage, command: Command) -> None:
+        """A Parse of an SQL PREPARE, EXECUTE or DEALLOCATE. The names they use are the
+        client's, which only the registry knows (the servers have the proxy's names):
+        PREPARE and DEALLOCATE run on the registry when their portal is executed, and
+        are answered by the proxy in order; EXECUTE is refused."""
+        if isinstance(command, Prepare | Deallocate):
+            if parsed.name and parsed.name in self.registry.statements:
+                self._refuse(False, _exists(parsed.name))
+                return
+            statement = Statement(parsed.name, parsed.query, parsed.tail, plain(parsed.query))
+            statement.command = command
+            undo = self.registry.parse(statement, self.search_path)
+            self.inflight.expect(Pending.SYNTH, True, codec.PARSE_COMPLETE, undo)
+            return
+        verb = command.command if isinstance(command, Mixed) else "EXECUTE"
+        who = self.judging.policy.name if self.judging is not None else "an agent"
+        self._deny(
+            False,
+            Denied(
+                f"{who} must send {verb} as a simple Query of its own: guardproxy resolves "
+                "prepared statements itself, and the extended protocol runs them with Bind "
+                "and Execute (policy prepared statements)",
+                rule="prepared",
+                hint=f"send {verb} ... as a simple Query, or Bind and Execute the statement",
+                sqlstate="0A000",
+            ),
+            parsed.query,
+        )
+
+    def _run_command(self, statement: Statement) -> None:
+        """Executes the portal of a PREPARE or DEALLOCATE sent with a Parse message."""
+        command = statement.command
+        judging = self.judging
+        if isinstance(command, Prepare):
+            if command.name in self.registry.statements:
+                self._refuse(False, _exists(command.name))
+                return
+            if judging is None:
+                judgement = plain(command.inner)
+            else:
+                try:
+                    judging.judge(statement.text, query=False)  # comments, context
+                    judgement = judging.judge(command.inner, query=False)
+                except Denied as denial:
+                    self._deny(False, denial, statement.text)
+                    return
+            prepared = Statement(command.name, command.inner, b"\x00\x00", judgement)
+            undo = self.registry.parse(prepared, self.search_path)
+            done = codec.build_command_complete("PREPARE")
+            self.inflight.expect(Pending.SYNTH, True, done, undo)
+            return
+        assert isinstance(command, Deallocate)
+        if command.name is None:
+            self.registry.deallocate_all()
+            if judging is not None:
+                judging.forget_prepared(None)
+            done = codec.build_command_complete("DEALLOCATE ALL")
+            self.inflight.expect(Pending.SYNTH, True, done)
+            return
+        if self.registry.statement(command.name) is None:
+            self._refuse(False, _no_statement(command.name))
+            return
+        undo = self.registry.close_statement(command.name)
+        if judging is not None:
+            judging.forget_prepared(_show(command.name))
+        done = codec.build_command_complete("DEALLOCATE")
+        self.inflight.expect(Pending.SYNTH, True, done, undo)
 
     def _parse_checked(self, raw: bytes, parsed: codec.ParseMessage, judgement: Judgement) -> None:
         if parsed.name and parsed.name in self.registry.statements:
@@ -687,6 +759,8 @@ class Relay:
             self._refuse(query, _no_statement(name))
             return None
         judging = self.judging
+        if statement.command is not None:
+            return statement  # runs on the registry, judged when it runs
         if judging is not None and not describe and not judging.current(statement.judgement):
             try:
                 judgement = judging.rejudge(statement.text)
@@ -731,6 +805,11 @@ class Relay:
         statement = self._current_statement(name)
         if statement is None:
             return
+        if statement.command is not None:  # nothing for a server to bind
+            portal = Portal(portal_name, statement, raw, b"", self.inflight.rounds_sent)
+            undo = self.registry.bind(portal)
+            self.inflight.expect(Pending.SYNTH, True, codec.BIND_COMPLETE, undo)
+            return
         if self.backend is None:
             self._hold_for_server(False, self._send_bind, raw, start, end, statement, portal_name)
             return
@@ -755,6 +834,9 @@ class Relay:
     def _execute(self, raw: bytes) -> None:
         portal_name, max_rows = codec.execute_target(raw)
         portal = self.registry.portal(portal_name)
+        if portal is not None and portal.statement.command is not None:
+            self._run_command(portal.statement)
+            return
         if self.backend is None:
             # a portal lives in a transaction, on its server: with none lent there is none
             self._refuse(
@@ -893,15 +975,21 @@ class Relay:
             statement = self._current_statement(name, describe=True)
             if statement is None:
                 return
+            if statement.command is not None:  # no parameters, no rows
+                self.inflight.expect(Pending.SYNTH, True, _NO_PARAMETERS + codec.NO_DATA)
+                return
             if self.backend is None:
                 self._hold_for_server(False, self._send_describe_statement, statement)
                 return
             self._send_describe_statement(statement)
             return
+        portal = self.registry.portal(name)
+        if portal is not None and portal.statement.command is not None:
+            self.inflight.expect(Pending.SYNTH, True, codec.NO_DATA)
+            return
         if self.backend is None:
             self._hold_for_server(False, self._describe, raw)
             return
-        portal = self.registry.portal(name)
         self.in_round = True
         self._send(raw)
         self.inflight.expect(
@@ -1449,6 +1537,8 @@ class Relay:
 def _show(name: bytes) -> str:
     return name.decode(errors="replace")
 
+
+_NO_PARAMETERS: Final = codec.message(b"t", b"\x00\x00")  # ParameterDescription, none
 
 # A Parse of a name the client has taken is checked on the server under this name.
 _CHECK_NAME: Final = b"gp_check"

@@ -399,12 +399,6 @@ def differential(pg: PgCluster, proxy: Any, *msgs: bytes) -> tuple[list[str], li
 UPDATE_CUSTOMER = "UPDATE orders SET fulfillment_status = 'returned' WHERE customer_id = $1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="C1: an extended-protocol EXECUTE is sent with the agent's name untranslated, so "
-    "it runs whatever the server holds under that name (here an extended-protocol PREPARE "
-    "of a write) while the proxy judged the SQL-level PREPARE of a harmless decoy",
-)
 def test_an_extended_execute_cannot_run_a_write_behind_a_decoy(fresh: PgCluster, relay_proxy):
     with wire(relay_proxy.port, "support-atk-decoy") as agent:
         agent.ok("BEGIN")
@@ -419,12 +413,6 @@ def test_an_extended_execute_cannot_run_a_write_behind_a_decoy(fresh: PgCluster,
     assert changed_orders(fresh) == {}, "a write past max_rows_affected = 1 was committed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="C1: an extended-protocol DEALLOCATE of a name the agent prepared is sent "
-    "untranslated, so it drops the proxy's own server-side statement of that name: the "
-    "proxy still believes the server has it, and every later Bind of it fails (26000)",
-)
 def test_an_extended_deallocate_cannot_drop_the_proxys_server_statements(plain):
     with wire(plain.port, "agent-atk-dealloc", APP_DB) as agent:
         agent.ok("BEGIN")
@@ -483,8 +471,8 @@ def test_a_read_cap_holds_over_executes_with_row_limits_in_one_round(
             "one extended round",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="L1: a cursor's total is not kept over FETCHes in one simple Query, nor over "
-                "FETCHes pipelined in one extended-protocol round",
+                reason="L1: a cursor's total is not kept over FETCHes pipelined in one "
+                "extended-protocol round",
             ),
         ),
     ],
@@ -654,8 +642,8 @@ def test_prepared_statements_do_not_change_in_an_aborted_transaction(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="L3: EXECUTE of an SQL-prepared statement through the extended protocol fails "
-    "with 26000 (the name is not translated); Postgres runs it",
+    reason="L3: EXECUTE sent with a Parse message is refused (0A000, docs/pooling.md: send "
+    "it as a simple Query, or Bind the statement); Postgres runs it",
 )
 def test_an_sql_prepared_statement_runs_through_the_extended_protocol(pg: PgCluster, plain):
     msgs = (
@@ -850,12 +838,6 @@ def test_a_read_over_its_cap_in_error_mode_sends_no_rows(second_proxy):
     assert rows(got) == [], summary(got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="C1: a statement an extended-protocol PREPARE leaves on a pooled server under the "
-    "agent's own name outlives the session: the next client of that server finds the name "
-    "taken (42P05), and can run the statement with the C1 decoy",
-)
 def test_a_clients_prepared_names_do_not_reach_the_next_client(pg: PgCluster, tmp_path: Path):
     with throwaway_proxy(pg, tmp_path, pool_size=1) as proxy:
         for agent_id in ("agent-atk-first", "agent-atk-second"):
