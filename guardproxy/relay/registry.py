@@ -50,7 +50,16 @@ def server_statement_name(sent: bytes, types: bytes, search_path: str = "") -> b
 class Statement:
     """One client statement and what was decided about it."""
 
-    __slots__ = ("generation", "judgement", "name", "on_backend", "server_name", "text", "types")
+    __slots__ = (
+        "auto",
+        "generation",
+        "judgement",
+        "name",
+        "on_backend",
+        "server_name",
+        "text",
+        "types",
+    )
 
     def __init__(self, name: bytes, text: bytes, types: bytes, judgement: Judgement) -> None:
         self.name: Final = name
@@ -60,6 +69,9 @@ class Statement:
         self.server_name = b""  # set by the registry for named statements
         self.generation = next(_generations)
         self.on_backend = 0  # serial of the server where the unnamed statement is current
+        # an unnamed statement prepared on the servers under its server name (any copy
+        # there will do: relay/autoprepare.py)
+        self.auto = False
 
     def rejudged(self, judgement: Judgement, search_path: str) -> None:
         """The statement runs under a new judgement from now on: another text, another name."""
