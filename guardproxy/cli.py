@@ -86,6 +86,10 @@ def serve(
     audit_queue_size: Annotated[
         int | None, Opt(help="audit events held in memory before loss")
     ] = None,
+    auto_prepare_after: Annotated[int | None, Opt(help=_about("auto_prepare_after"))] = None,
+    max_prepared_statements: Annotated[
+        int | None, Opt(help=_about("max_prepared_statements"))
+    ] = None,
     workers: Annotated[int | None, Opt(help="worker processes sharing the port [1]")] = None,
     shutdown_timeout: Annotated[float | None, Opt(help=_about("shutdown_timeout"))] = None,
     advertise_address: Annotated[

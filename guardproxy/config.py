@@ -166,6 +166,18 @@ class Settings(BaseModel):
         description="seconds the analysis of one large statement may take; past it the "
         "statement is refused (fail closed) and its judge worker replaced",
     )
+    auto_prepare_after: int = Field(
+        2,
+        ge=0,
+        description="an unnamed extended-protocol statement sent this many times by an "
+        "agent type is prepared once per server connection and reused (0 = off)",
+    )
+    max_prepared_statements: int = Field(
+        200,
+        ge=1,
+        description="statements prepared per server connection; past it the least "
+        "recently prepared one is closed",
+    )
     workers: int = Field(
         1, ge=1, le=64, description="processes sharing the listen port (SO_REUSEPORT)"
     )

@@ -233,6 +233,12 @@ class Inflight:
             self.rounds_sent += 1
         self.pending.append((kind, visible, payload, undo))
 
+    def hide_round_end(self) -> None:
+        """The ReadyForQuery of the next Sync is the proxy's own: not forwarded."""
+        pending = self.pending
+        if pending and pending[0][0] == Pending.SYNC:
+            pending[0] = (Pending.SYNC, False, None, None)
+
     def rounds(self) -> int:
         """ReadyForQuery messages still owed (one per Sync and per Query)."""
         return sum(1 for entry in self.pending if entry[0] in _ENDS_ROUND)

@@ -51,6 +51,7 @@ class Statement:
     """One client statement and what was decided about it."""
 
     __slots__ = (
+        "auto",
         "command",
         "generation",
         "judgement",
@@ -72,6 +73,9 @@ class Statement:
         # an SQL PREPARE or DEALLOCATE sent with a Parse message: the proxy runs it on
         # its registry when the portal is executed (relay/session_sql.py)
         self.command: object = None
+        # an unnamed statement prepared on the servers under its server name (any copy
+        # there will do: relay/autoprepare.py)
+        self.auto = False
 
     def rejudged(self, judgement: Judgement, search_path: str) -> None:
         """The statement runs under a new judgement from now on: another text, another name."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Final
@@ -31,6 +32,7 @@ from guardproxy.policy.timeouts import explain_timeout
 from guardproxy.protocol import codec
 from guardproxy.protocol import messages as m
 from guardproxy.protocol.errors import Denied, GuardError, ProtocolViolation, UpstreamError
+from guardproxy.relay.autoprepare import AutoPrepare, Replay
 from guardproxy.relay.inflight import Execution, Expected, Inflight, Pending, Sent, without_tag
 from guardproxy.relay.jobs import CaptureSettings, Job, JudgeLarge, ManagedWrite, PlanCheck
 from guardproxy.relay.judging import Analysis, Judgement, Judging, LocalAnswer, plain
@@ -115,6 +117,8 @@ class Relay:
         syntax_check: Callable[[bytes], GuardError | None] | None = None,
         max_statement_size: int = 0,
         offload_above: int = 0,
+        auto_prepare: AutoPrepare | None = None,
+        max_prepared: int = 0,
     ) -> None:
         self.agent_id = agent_id
         self.stats = stats
@@ -126,6 +130,13 @@ class Relay:
         # ``offload_above``, judged in a judge worker (0: never)
         self.max_statement_size = max_statement_size
         self.offload_above = offload_above
+        self.auto_prepare = auto_prepare  # None: unnamed statements are parsed every time
+        self.max_prepared = max_prepared  # statements prepared per server (0: no bound)
+        # an auto-prepared statement whose Parse the relay answered as the first message of
+        # a round, and the round's messages from its Bind on (see relay/autoprepare.py)
+        self._replay_candidate: Statement | None = None
+        self._replay: Replay | None = None
+        self.replaying: deque[tuple[int, bytes]] = deque()  # client messages to run again
         self.phase = Phase.IDLE
         self.to_backend: list[bytes] = []
         self.to_client: list[bytes] = []
@@ -206,6 +217,7 @@ class Relay:
         self.tx_started = None
         self.registry.end_transaction()
         self.cursors.clear()
+        self._replay = self._replay_candidate = None
         if self.phase in (Phase.ACTIVE, Phase.HOLDING):
             self._enter(Phase.IDLE)
         return backend
@@ -230,13 +242,19 @@ class Relay:
 
     def on_client(self, kind: int, raw: bytes) -> None:
         """One client message (not Terminate); ProtocolViolation ends the session."""
+        replay = self._replay
+        if replay is not None:
+            if replay.closed:
+                self._replay = None  # more came after the Sync: the round cannot run again
+            else:
+                replay.messages.append((kind, raw))
         if self.skip or self.inflight.skipping:
             # after an error in the extended protocol, Postgres discards every message up
             # to the next Sync, a Query too: so does the relay, whoever failed
             if kind == m.FE_SYNC:
                 if self.skip:
                     self.skip = False
-                    self._sync_after_error()
+                    self._sync()
                 else:
                     self._sync(raw)
             return
@@ -719,14 +737,41 @@ class Relay:
     def _send_parse(self, statement: Statement, undo: Undo) -> None:
         backend = self.backend
         assert backend is not None
+        first = not self.in_round and not self.inflight.pending
         self.in_round = True
-        if not statement.name:
+        if statement.name:
+            self._prepare_on_server(statement, visible=True, undo=undo)
+        elif self._auto_prepared(statement):
+            if statement.server_name in backend.prepared and backend.status != b"E":
+                # the server has it already: nothing for Postgres to parse again
+                self.inflight.expect(Pending.SYNTH, True, codec.PARSE_COMPLETE, undo)
+                if first and backend.status == b"I":
+                    self._replay_candidate = statement
+            else:
+                self._prepare_on_server(statement, visible=True, undo=undo)
+        else:
             statement.on_backend = backend.serial
             self._send(codec.build_parse(b"", statement.judgement.sent, statement.types))
             self.inflight.expect(Pending.PARSE, True, _sent(b"", statement), undo)
-        else:
-            self._prepare_on_server(statement, visible=True, undo=undo)
         self._notices(statement.judgement)
+
+    def _auto_prepared(self, statement: Statement) -> bool:
+        """Whether this unnamed statement is prepared on the servers (a text sent often)."""
+        auto = self.auto_prepare
+        if auto is None:
+            return False
+        judging = self.judging
+        name = auto.name(
+            judging.base_policy.name if judging is not None else "",
+            statement.judgement.sent,
+            statement.types,
+            self.search_path,
+        )
+        if name is None:
+            return False
+        statement.server_name = name
+        statement.auto = True
+        return True
 
     def _prepare_on_server(
         self, statement: Statement, visible: bool, undo: Undo | None = None
@@ -735,10 +780,16 @@ class Relay:
         backend = self.backend
         assert backend is not None
         sname = statement.server_name
-        if sname in backend.prepared or sname in backend.to_close:
+        prepared = backend.prepared
+        if sname in prepared or sname in backend.to_close:
             self._send(codec.build_close_statement(sname))
             self.inflight.expect(Pending.CLOSE, False, None)
             backend.to_close.discard(sname)
+        elif self.max_prepared and len(prepared) >= self.max_prepared:
+            oldest = next(iter(prepared))  # the least recently prepared goes
+            del prepared[oldest]
+            self._send(codec.build_close_statement(oldest))
+            self.inflight.expect(Pending.CLOSE, False, oldest)
         self._send(codec.build_parse(sname, statement.judgement.sent, statement.types))
         backend.prepared[sname] = statement.generation
         self.inflight.expect(Pending.PARSE, visible, _sent(sname, statement), undo)
@@ -774,6 +825,10 @@ class Relay:
         """The statement's name on the lent server, prepared there first if needed."""
         backend = self.backend
         assert backend is not None
+        if statement.auto:
+            if statement.server_name not in backend.prepared:
+                self._prepare_on_server(statement, visible=False)
+            return statement.server_name
         if not statement.name and self.registry.statement(b"") is not statement:
             # an unnamed statement the client has replaced since (a portal bound from it
             # is bound again): prepared under a name of its own, so that the client's
@@ -819,6 +874,8 @@ class Relay:
         self, raw: bytes, start: int, end: int, statement: Statement, portal_name: bytes
     ) -> None:
         self.in_round = True
+        if self._replay_candidate is statement:
+            self._replay = Replay(raw, statement)
         sname = self._statement_on_server(statement)
         if sname:
             raw = codec.replace_field(raw, start, end, sname)
@@ -952,22 +1009,20 @@ class Relay:
 
     # ---- Sync, Describe, Close
 
-    def _sync(self, raw: bytes) -> None:
+    def _sync(self, raw: bytes = codec.SYNC) -> None:
+        """A Sync: the client's own, or (after a refusal) one that ends the round."""
         self.in_round = False
         if self.backend is None:
             self.to_client.append(codec.ready_for_query(b"I"))
             return
         self._send(raw)
-        self.inflight.expect(Pending.SYNC, True, None)
-
-    def _sync_after_error(self) -> None:
-        """The Sync that ends a round the proxy refused: its ReadyForQuery, in order."""
-        self.in_round = False
-        if self.backend is None:
-            self.to_client.append(codec.ready_for_query(b"I"))
+        replay = self._replay
+        if replay is None or replay.closed:
+            self.inflight.expect(Pending.SYNC, True, None)
             return
-        self._send(codec.SYNC)
-        self.inflight.expect(Pending.SYNC, True, None)
+        # a round that may run again: its ReadyForQuery is the proxy's if it does
+        self.inflight.expect(Pending.SYNC, not replay.failed, None)
+        replay.closed_at = self.inflight.rounds_sent
 
     def _describe(self, raw: bytes) -> None:
         target, name = codec.describe_or_close_target(raw)
@@ -1294,6 +1349,10 @@ class Relay:
             if kind == Pending.BIND and payload.server_name and code == "0A000":
                 # "cached plan must not change result type": every copy of it is stale
                 self.hooks.stale_statement(payload.server_name)
+                replay = self._replay
+                if replay is not None and replay.statement is payload.statement:
+                    replay.failed = True  # the client's unnamed statement runs again
+                    return b""
             return _as_client_sees(fields, payload)
         if self.judging is not None and code in _TIMEOUT_CODES:
             # a timeout says which limit of the policy ended it, and what to do
@@ -1308,6 +1367,9 @@ class Relay:
         ``failed``), the others came after it and before the Sync. What the relay
         recorded for them is undone, the last first."""
         backend = self.backend
+        replay = self._replay
+        if replay is not None and replay.failed and replay.closed:
+            self.inflight.hide_round_end()
         for index in range(len(entries) - 1, -1, -1):
             kind, visible, payload, undo = entries[index]
             if undo is not None:
@@ -1319,6 +1381,8 @@ class Relay:
                     # whatever copy the server has, it is not this one: closed first next time
                     backend.prepared.pop(payload.server_name, None)
                     backend.to_close.add(payload.server_name)
+            elif kind == Pending.CLOSE and payload and backend is not None:
+                backend.to_close.add(payload)  # an evicted statement the server still has
             elif kind == Pending.QUERY and not visible and backend is not None:
                 # the delegation settings never reached the server: sent again
                 backend.guard_sent = None
@@ -1369,6 +1433,11 @@ class Relay:
         return notice + codec.build_command_complete(f"{verb} {delivered}")
 
     def on_ready(self, status: bytes) -> None:
+        replay = self._replay
+        if replay is not None and replay.closed and self.inflight.rounds_done >= replay.closed_at:
+            self._replay = None
+            if replay.failed:
+                self.replaying.extend(replay.messages)
         if status == b"I":
             self.registry.end_transaction(self.inflight.rounds_done)
             if self.cursors:
@@ -1416,6 +1485,7 @@ class Relay:
             or backend.status != b"I"
             or self.in_round
             or self.held is not None
+            or self.replaying
         ):
             return
         self.last_activity = now = time.perf_counter()  # an answer just went out: idle from here
@@ -1457,6 +1527,7 @@ class Relay:
 
     def _send(self, data: bytes) -> None:
         self.wants_release = False  # new work: the server stays
+        self._replay_candidate = None  # the round has sent something: it cannot run again
         judging = self.judging
         if judging is not None and (
             (self.guard_dirty and not self.in_round) or judging.delegation is not self._guard_for

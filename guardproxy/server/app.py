@@ -34,6 +34,7 @@ from guardproxy.pool.pool import Pool
 from guardproxy.protocol import codec
 from guardproxy.protocol.errors import AuthFailed, ConfigError, GuardError
 from guardproxy.protocol.scram import Verifier, load_verifiers
+from guardproxy.relay.autoprepare import AutoPrepare
 from guardproxy.server import admin
 from guardproxy.server.cancel import NO_SLOT, new_cancel_key, send_cancel, slot_of, worker_of
 from guardproxy.server.http import OpsServer
@@ -106,6 +107,10 @@ class Proxy:
             JudgeWorkers(settings.policies, settings.judge_workers, settings.judge_timeout)
             if settings.policies is not None and settings.judge_offload_above
             else None
+        )
+        # unnamed statements sent again and again are prepared on the servers
+        self.auto_prepare: AutoPrepare | None = (
+            AutoPrepare(settings.auto_prepare_after) if settings.auto_prepare_after else None
         )
         # delegation tokens: verified with the issuers' keys, checked against revocations
         self.verifier: TokenVerifier | None = None

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from guardproxy.pool.backend import Backend
     from guardproxy.pool.pool import Pool
     from guardproxy.protocol.scram import Verifier
+    from guardproxy.relay.autoprepare import AutoPrepare
     from guardproxy.server.judge_workers import JudgeWorkers
     from guardproxy.server.login_limits import LoginLimits
     from guardproxy.server.tls import ServerTLS
@@ -63,6 +64,7 @@ class ProxyServices(Protocol):
     pools: dict[str, Pool]
     verifier: TokenVerifier | None  # of delegation tokens
     judge_workers: JudgeWorkers | None
+    auto_prepare: AutoPrepare | None
 
     @property
     def pool(self) -> Pool: ...

@@ -419,6 +419,8 @@ class ClientSession(asyncio.Protocol):
                 pinned=proxy.settings.pool_mode == "session",
                 hooks=self._hooks(),
                 syntax_check=syntax_error,
+                auto_prepare=proxy.auto_prepare,
+                max_prepared=proxy.settings.max_prepared_statements,
                 max_statement_size=proxy.settings.max_statement_size,
                 offload_above=proxy.settings.judge_offload_above
                 if proxy.judge_workers is not None
@@ -500,7 +502,8 @@ class ClientSession(asyncio.Protocol):
                     continue
                 if not relay.takes_messages:
                     break
-                msg = reader.next()
+                # a round the relay runs again comes before what the client sent next
+                msg = relay.replaying.popleft() if relay.replaying else reader.next()
                 if msg is None:
                     break
                 kind, raw = msg
@@ -635,7 +638,11 @@ class ClientSession(asyncio.Protocol):
             self.kill(f"the server broke the protocol: {exc.message}")
             return
         self._flush(relay)
-        if relay.takes_messages and relay.held is None and self.reader.pending():
+        if (
+            relay.takes_messages
+            and relay.held is None
+            and (self.reader.pending() or relay.replaying)
+        ):
             self._pump()
         else:
             self._act(relay)

@@ -269,9 +269,10 @@ class ShopProxy:
 
 @contextlib.contextmanager
 def launch_proxy(
-    pg: PgCluster, log_path: Path, policies: Path = POLICIES, **settings: Any
+    pg: PgCluster, log_path: Path, policies: Path | None = POLICIES, **settings: Any
 ) -> Iterator[ShopProxy]:
-    """``guardproxy serve`` in front of the shop database with ``policies``; stopped on exit."""
+    """``guardproxy serve`` in front of the shop database with ``policies`` (None: pooling
+    only); stopped on exit."""
     port = free_port()
     merged = {"pool_size": 5, "log_level": "info", "pool_acquire_timeout": 10, **settings}
     args = [
@@ -280,9 +281,9 @@ def launch_proxy(
         pg.dsn(dbname=SHOP_DB),
         "--listen-port",
         str(port),
-        "--policies",
-        str(policies),
     ]
+    if policies is not None:
+        args += ["--policies", str(policies)]
     for key, value in merged.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -300,8 +301,8 @@ def launch_proxy(
             wait_for_port("127.0.0.1", port, timeout=20)
         except TimeoutError:
             raise RuntimeError(f"guardproxy did not start:\n{handle.log()}") from None
-        # Judge with the upstream catalog from the first statement on.
-        handle.wait_for_log(r"catalog loaded")
+        if policies is not None:  # judge with the upstream catalog from the first statement on
+            handle.wait_for_log(r"catalog loaded")
         yield handle
     finally:
         handle.stop()
