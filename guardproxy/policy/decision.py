@@ -148,6 +148,11 @@ class Decision:
     sql: str  # what to send upstream
     monitored: bool = False
     context_updates: Mapping[str, str] = field(default_factory=FrozenMap)
+    # guard.* keys a RESET puts back to their value at login ("*": all of them, for
+    # RESET ALL and DISCARD ALL), and the keys a SET LOCAL changed (until the end of
+    # the transaction)
+    context_resets: frozenset[str] = frozenset()
+    context_local: frozenset[str] = frozenset()
     cacheable: bool = True
     proxy_only: bool = False
     prepared: Mapping[str, str | None] = field(default_factory=lambda: MappingProxyType({}))

@@ -343,7 +343,11 @@ class Judge:
             violation = self._statement(policy, statement.info, ctx, state, depth)
             if violation is not None:
                 return self._deny(policy, violation, sql, state.cacheable, key), (), None
-        forwarded = None if state.guard_only else forwarded_guard_violation(policy, state.context)
+        forwarded = (
+            None
+            if state.guard_only
+            else forwarded_guard_violation(policy, [*state.context, *state.resets])
+        )
         if forwarded is not None:
             return self._deny(policy, forwarded, sql, False, key), (), None
         analyses: list[WriteAnalysis] = []
@@ -370,10 +374,17 @@ class Judge:
             name = change.name or ""
             if name == "all" or change.action != "set":
                 state.reapply = True
+            if name == "all" and change.via == "RESET":
+                state.reset_all()
             if name.startswith("guard.") and change.via in ("SET", "RESET"):
-                state.context[name] = (
-                    ",".join(change.values or ()) if change.action == "set" else ""
-                )
+                if change.action == "set":
+                    state.context[name] = ",".join(change.values or ())
+                    state.resets.discard(name)
+                else:  # back to its value at login, as Postgres does with a setting
+                    state.context.pop(name, None)
+                    state.resets.add(name)
+                if change.local:
+                    state.local.add(name)
                 continue
             guard_only = False
             problem = setting_violation(policy, change)
@@ -383,6 +394,7 @@ class Judge:
         if info.discard == "ALL":
             state.reapply = True
             state.prepared[""] = None
+            state.reset_all()
         violation = check_statement(policy, info, self._catalog)
         if violation is not None:
             return violation
@@ -522,6 +534,8 @@ class Judge:
                 sql=out,
                 monitored=monitored,
                 context_updates=context,
+                context_resets=frozenset(state.resets),
+                context_local=frozenset(state.local),
                 cacheable=cacheable,
                 proxy_only=proxy_only,
                 prepared=prepared,
@@ -730,12 +744,29 @@ def _write_reason(policy: AgentPolicy, rule: str) -> str:
 class _MessageState:
     """What the statements of one message add up to, besides allow / deny."""
 
-    __slots__ = ("cacheable", "context", "executed", "guard_only", "prepared", "reapply")
+    __slots__ = (
+        "cacheable",
+        "context",
+        "executed",
+        "guard_only",
+        "local",
+        "prepared",
+        "reapply",
+        "resets",
+    )
 
     def __init__(self) -> None:
         self.cacheable = True
         self.context: dict[str, str] = {}
+        self.resets: set[str] = set()
+        self.local: set[str] = set()
         self.executed: dict[int, Decision] = {}  # id(StatementInfo) of an EXECUTE -> inner
         self.guard_only = True
         self.prepared: dict[str, str | None] = {}
         self.reapply = False
+
+    def reset_all(self) -> None:
+        """RESET ALL, DISCARD ALL: every guard.* key goes back to its value at login."""
+        self.context.clear()
+        self.resets = {"*"}
+        self.cacheable = False

@@ -260,6 +260,11 @@ class Judging:
         self.base_policy = policy  # the agent type's; ``policy``: as a token narrows it
         self.policy = policy
         self.context = context
+        self.login_context = context  # what RESET ALL and DISCARD ALL go back to
+        # guard.* values to go back to when the transaction ends: after a rollback
+        # (``_tx_before``), and in any case for what SET LOCAL changed (``_tx_local``)
+        self._tx_before: dict[str, str] = {}
+        self._tx_local: dict[str, str] = {}
         self.verifier = verifier
         self.delegation: Delegation | None = None
         self.delegated = binding.mode(policy) != "off"  # the type takes delegation tokens
@@ -310,13 +315,13 @@ class Judging:
         if prepared is not None:
             context = context.with_prepared(prepared[0], prepared[1].decode(errors="replace"))
         judgement, decision = self._judge(sql, context, query, given)
-        if decision.context_updates:
+        if decision.context_updates or decision.context_resets:
             token, updates = binding.take_token(_checked(decision.context_updates))
             if self.delegated:
                 self._decided(updates, "SET")
             if token is not None:
                 self.present(token, in_transaction)
-            self.context = self.context.with_updates(updates)
+            self._change_context(updates, decision, in_transaction)
         for name, prepared_sql in decision.prepared.items():
             self.context = self.context.with_prepared(name, prepared_sql)
         if decision.proxy_only and query:
@@ -329,12 +334,53 @@ class Judging:
             and not decision.monitored
             and "/*" not in sql
             and not decision.context_updates
+            and not decision.context_resets
             and not decision.prepared
         ):
             if len(self._recent) >= RECENT_MESSAGES:
                 del self._recent[next(iter(self._recent))]
             self._recent[(text, query)] = judgement
         return judgement
+
+    def _change_context(
+        self, updates: Mapping[str, str], decision: Decision, in_transaction: bool
+    ) -> None:
+        """SET and RESET of guard.* keys, as Postgres treats settings: a RESET goes back
+        to the value at login, a SET LOCAL lasts until the end of the transaction, and
+        a rollback undoes what the transaction set."""
+        before = self.context
+        after = before
+        if decision.context_resets:
+            after = after.with_updates(_login_values(before, self.login_context, decision))
+        after = after.with_updates(updates)
+        if self.delegation is not None:
+            after = binding.bind_context(after, self.delegation)  # the token's stay
+        local = {_bare(k) for k in decision.context_local}
+        for key in _changed_keys(before, after):
+            old = _context_value(before, key)
+            if key in local:
+                self._tx_local.setdefault(key, old)
+            elif in_transaction:
+                self._tx_before.setdefault(key, old)
+        self.context = after
+
+    @property
+    def transaction_changes(self) -> bool:
+        return bool(self._tx_before or self._tx_local)
+
+    def transaction_ended(self, rolled_back: bool) -> None:
+        """The transaction ended: what SET LOCAL changed goes back, and after a
+        rollback what the transaction set."""
+        restore = dict(self._tx_before) if rolled_back else {}
+        for key, value in self._tx_local.items():
+            restore.setdefault(key, value)
+        self._tx_before.clear()
+        self._tx_local.clear()
+        if restore:
+            context = self.context.with_updates(restore)
+            if self.delegation is not None:
+                context = binding.bind_context(context, self.delegation)
+            self.context = context
 
     # ------------------------------------------------------------ delegation
 
@@ -625,6 +671,38 @@ def _checked(values: Mapping[str, str]) -> Mapping[str, str]:
         if problem is not None:
             raise Denied(problem, rule="context", sqlstate=CONTEXT_VALUE_SQLSTATE)
     return values
+
+
+def _bare(key: str) -> str:
+    return key.lower().removeprefix("guard.")
+
+
+def _context_value(context: SessionContext, key: str) -> str:
+    """One guard.* key's value as SET would give it ("" when unset)."""
+    if key == "task":
+        return context.task or ""
+    if key == "step":
+        return context.step or ""
+    if key == "principals":
+        return ",".join(context.principals)
+    return context.tags.get(key, "")
+
+
+def _changed_keys(before: SessionContext, after: SessionContext) -> list[str]:
+    keys = {"task", "step", "principals", *before.tags, *after.tags}
+    return [k for k in sorted(keys) if _context_value(before, k) != _context_value(after, k)]
+
+
+def _login_values(
+    context: SessionContext, login: SessionContext, decision: Decision
+) -> dict[str, str]:
+    """The login values of the keys a RESET names (all of them for RESET ALL)."""
+    resets = decision.context_resets
+    if "*" in resets:
+        keys = {"task", "step", "principals", *context.tags, *login.tags}
+    else:
+        keys = {_bare(k) for k in resets}
+    return {key: _context_value(login, key) for key in keys}
 
 
 def _without_key(comment: Mapping[str, str]) -> dict[str, str]:

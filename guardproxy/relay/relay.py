@@ -162,6 +162,7 @@ class Relay:
         self.stmt_started = 0.0
         self.cursors: dict[str, CursorRows] = {}
         self._abort_at_ready = False  # a capped Query refused in error mode: abort its transaction
+        self._rolled_back = False  # the transaction that ends at the next ReadyForQuery "I" did
         # delegation: the server must see the token's principals before the next statement
         self.guard_dirty = False
         self._guard_for: Any = None  # the Delegation the lent server was given
@@ -1306,7 +1307,9 @@ class Relay:
                 stats.rows_returned += int(count)
             else:
                 stats.rows_affected += int(count)
-        if tag.startswith(_DDL_PREFIXES):
+        if tag == b"ROLLBACK":
+            self._rolled_back = True
+        elif tag.startswith(_DDL_PREFIXES):
             self.hooks.catalog_changed()
         if tag in _SETTINGS_TAGS:
             self.settings_dirty = True
@@ -1332,6 +1335,7 @@ class Relay:
         backend = self.backend
         if backend is not None and backend.status == b"T":
             stats.aborted_transactions += 1
+        self._rolled_back = True  # its transaction (explicit or implicit) ends rolled back
         code = fields.get("C", "")
         if code == "57014":
             if "timeout" in fields.get("M", ""):
@@ -1440,6 +1444,10 @@ class Relay:
                 self.replaying.extend(replay.messages)
         if status == b"I":
             self.registry.end_transaction(self.inflight.rounds_done)
+            judging = self.judging
+            if judging is not None and judging.transaction_changes:
+                judging.transaction_ended(self._rolled_back)
+            self._rolled_back = False
             if self.cursors:
                 self.cursors.clear()  # its cursors ended with the transaction
             self.tx_started = None

@@ -503,12 +503,6 @@ def test_a_with_hold_cursor_total_survives_the_commit(fresh: PgCluster, relay_pr
     assert len(rows(got)) <= 2, summary(got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="M1: RESET ALL and DISCARD ALL reset guard.* settings in Postgres, but the proxy "
-    "keeps the session's principals: a pooled connection that is reset between requests "
-    "keeps the previous customer's row filter",
-)
 @pytest.mark.parametrize("reset", ["RESET ALL", "DISCARD ALL"])
 def test_a_session_reset_forgets_the_principals(fresh: PgCluster, relay_proxy, reset: str):
     read = "SELECT id FROM orders WHERE id > 0 ORDER BY id"
@@ -520,11 +514,6 @@ def test_a_session_reset_forgets_the_principals(fresh: PgCluster, relay_proxy, r
     assert firsts(after) == [], "the row filter kept customer 1 after " + reset
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="M2: SET LOCAL guard.* outlives its transaction, and a SET guard.* in a "
-    "transaction that rolls back stays (Postgres reverts both)",
-)
 @pytest.mark.parametrize(
     "inner,end",
     [("SET LOCAL guard.principals = '3'", "COMMIT"), ("SET guard.principals = '3'", "ROLLBACK")],

@@ -657,8 +657,16 @@ def test_guard_settings_become_context_updates() -> None:
     assert decision.proxy_only and decision.sql == ""
     assert dict(decision.context_updates) == {"guard.task": "T-17", "guard.principals": "7,8"}
     assert not decision.cacheable
-    reset = judge("analytics", "RESET guard.step")
-    assert reset.proxy_only and dict(reset.context_updates) == {"guard.step": ""}
+    reset = judge("analytics", "RESET guard.step")  # back to its value at login
+    assert reset.proxy_only and not reset.context_updates
+    assert reset.context_resets == {"guard.step"}
+    local = judge("analytics", "SET LOCAL guard.step = 's3'")  # until the transaction ends
+    assert dict(local.context_updates) == {"guard.step": "s3"}
+    assert local.context_local == {"guard.step"}
+    for everything in ("RESET ALL", "DISCARD ALL", "SET guard.task = 'T'; RESET ALL"):
+        decision = judge("analytics", everything)
+        assert decision.context_resets == {"*"} and not decision.context_updates, everything
+        assert not decision.cacheable
     mixed = judge("analytics", "SET guard.step = 's2'; SELECT id FROM orders")
     assert mixed.action == "rewrite" and not mixed.proxy_only  # analytics' row cap
     assert mixed.sql == "SET guard.step = 's2'; SELECT id FROM orders\nLIMIT 1001"
