@@ -502,8 +502,9 @@ class Judge:
             or any(inner.max_rows_returned is not None for inner in executed_reads)
         )
         max_bytes = policy.max_bytes_returned if enforce else None
-        capped = max_rows is not None or max_bytes is not None
-        cursors = tuple(rowcap.cursor_of(s.raw) for s in statements) if capped else ()
+        # cursors are followed capped or not: a FETCH must not outlive the decision
+        # its DECLARE was made under (a reload, other principals)
+        cursors = tuple(rowcap.cursor_of(s.raw) for s in statements)
         cursor = cursors[0] if len(cursors) == 1 else None
         if not any(c is not None for c in cursors):
             cursors = ()

@@ -547,7 +547,7 @@ class Judging:
             settings=b"set_config" in sent.lower(),
             sensitive=not decision.cacheable,
             byte_cap=byte_cap,
-            cursors=decision.cursors if cap else (),
+            cursors=decision.cursors,
             notices=decision.notices,
             rule=decision.rule or None if label != "allowed" else None,
             context=context,

@@ -83,13 +83,19 @@ class Phase(Enum):
 
 
 class CursorRows:
-    """What a capped SQL cursor delivered over its FETCHes (a cap holds per cursor)."""
+    """An SQL cursor: what it delivered over its FETCHes (a cap holds per cursor), and
+    the judgement of its DECLARE (a FETCH after that decision expired is refused)."""
 
-    __slots__ = ("bytes", "rows")
+    __slots__ = ("bytes", "declared", "rows")
 
-    def __init__(self) -> None:
+    def __init__(self, declared: Judgement | None = None) -> None:
         self.rows = 0
         self.bytes = 0
+        self.declared = declared
+
+
+# SQL cursors followed per session; past this the oldest are forgotten
+_CURSORS_KEPT: Final = 256
 
 
 class Hooks:
@@ -339,6 +345,11 @@ class Relay:
         self._query_judged(raw, judgement)
 
     def _query_judged(self, raw: bytes, judgement: Judgement) -> None:
+        if judgement.cursors and self.cursors:
+            stale = self._stale_cursor(judgement)
+            if stale is not None:
+                self._deny(True, stale, judgement.sql.encode())
+                return
         write = judgement.write
         if write is not None and self.judging is not None:
             run = self.judging.write_run(write)
@@ -364,6 +375,8 @@ class Relay:
         self.stats.statements[judgement.kind, judgement.decision] += 1
         self._note_effects(judgement)
         self._notices(judgement)
+        if judgement.cursors:
+            self._declare_cursors(judgement)
         execution = None
         if judgement.row_cap or judgement.byte_cap or audit is not None or judgement.shift:
             cursors = judgement.cursors
@@ -393,13 +406,43 @@ class Relay:
         return backend is not None and (backend.status != b"I" or self.in_round)
 
     def _cursor_source(self, cursor: tuple[str, str] | None) -> CursorRows | None:
-        if cursor is None:
+        if cursor is None or cursor[0] == "declare":
             return None
-        verb, name = cursor
-        if verb == "declare":
-            self.cursors[name] = CursorRows()
+        return self.cursors.setdefault(cursor[1], CursorRows())
+
+    def _declare_cursors(self, judgement: Judgement) -> None:
+        """The cursors a statement declares, each with the judgement it runs under. A
+        cursor outlives its transaction (WITH HOLD) and a FETCH may come in any later one."""
+        cursors = self.cursors
+        for cursor in judgement.cursors:
+            if cursor is not None and cursor[0] == "declare":
+                cursors.pop(cursor[1], None)
+                if len(cursors) >= _CURSORS_KEPT:
+                    del cursors[next(iter(cursors))]
+                cursors[cursor[1]] = CursorRows(judgement)
+
+    def _stale_cursor(self, judgement: Judgement) -> Denied | None:
+        """The refusal of a FETCH from a cursor declared under a decision that expired
+        since (a policy reload, DDL, principals its rewrite used): its rows would be
+        those of a query no longer allowed as it stands."""
+        judging = self.judging
+        if judging is None:
             return None
-        return self.cursors.setdefault(name, CursorRows())
+        for cursor in judgement.cursors:
+            if cursor is None or cursor[0] != "fetch":
+                continue
+            rows = self.cursors.get(cursor[1])
+            declared = rows.declared if rows is not None else None
+            if declared is not None and not judging.current(declared):
+                who = judging.policy.name
+                return Denied(
+                    f'cursor "{cursor[1]}" was declared before the policy or the session '
+                    f"context changed: {who} may not go on reading it (policy {who}, cursors)",
+                    rule="cursors",
+                    hint=f"CLOSE {cursor[1]} and DECLARE it again",
+                    sqlstate="0A000",
+                )
+        return None
 
     def _answer_locally(self, response: bytes) -> None:
         """The proxy answers this Query itself, after whatever the server still owes."""
@@ -930,6 +973,12 @@ class Relay:
                 return
             self._send_execute(raw, judgement, portal, (run, judgement))
             return
+        if judgement.cursors:
+            stale = self._stale_cursor(judgement) if self.cursors else None
+            if stale is not None:
+                self._deny(False, stale, judgement.sql.encode())
+                return
+            self._declare_cursors(judgement)
         source = self._cursor_source(judgement.cursor) if judgement.cursor is not None else portal
         self._send_execute(raw, judgement, source)
 
@@ -1448,8 +1497,6 @@ class Relay:
             if judging is not None and judging.transaction_changes:
                 judging.transaction_ended(self._rolled_back)
             self._rolled_back = False
-            if self.cursors:
-                self.cursors.clear()  # its cursors ended with the transaction
             self.tx_started = None
         elif self.tx_started is None:
             self.tx_started = time.perf_counter()

@@ -490,9 +490,6 @@ def test_a_cursor_total_holds_for_fetches_sent_together(fresh: PgCluster, relay_
     assert len(rows(got)) <= 2, summary(got)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="L1: a WITH HOLD cursor's total starts again when its transaction ends"
-)
 def test_a_with_hold_cursor_total_survives_the_commit(fresh: PgCluster, relay_proxy):
     with wire(relay_proxy.port, "analytics-atk-hold") as agent:
         agent.ok("BEGIN")
@@ -728,12 +725,6 @@ def test_a_reload_revokes_prepared_statements_portals_and_sql_prepares(second_pr
         assert rows(got) == [] and errors(got), summary(got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="L2: a cursor declared before a reload goes on delivering rows of a table the "
-    "reload revoked (a WITH HOLD cursor for the rest of the session), while a portal of "
-    "the same read is refused",
-)
 def test_a_reload_revokes_an_open_cursor(second_proxy):
     proxy, policy = second_proxy
     with wire(proxy.port, "analytics-atk-cursor") as agent:
@@ -788,11 +779,6 @@ def test_a_runaway_read_is_refused_on_every_path(second_proxy, path: str):
     assert errors(got) and rows(got) == [] and copied == [], summary(got)[:12]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="L2: a cursor declared before the session's principals changed goes on with the "
-    "old row filter (a portal of the same read is bound again under the new principals)",
-)
 def test_a_cursor_follows_the_principals_of_the_moment(fresh: PgCluster, relay_proxy):
     with wire(relay_proxy.port, "fulfillment-atk-cursor") as agent:
         agent.ok("SET guard.principals = '1'")
