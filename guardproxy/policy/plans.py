@@ -25,8 +25,10 @@ from typing import Any
 import pglast
 import pglast.visitors
 from pglast import ast, parser
+from pglast.stream import RawStream
 
 from .agent import AgentPolicy
+from .rowcap import executed_query
 from .rules import Violation
 
 SQLSTATE_PROGRAM_LIMIT_EXCEEDED = "54000"
@@ -41,7 +43,8 @@ class PlanEstimate:
 
 def explain_statements(sql: str) -> tuple[str, ...]:
     """``EXPLAIN (FORMAT JSON) ...`` for each read of `sql` (SELECT / VALUES / TABLE,
-    DECLARE CURSOR, EXECUTE), in order; writes and other statements are skipped."""
+    DECLARE CURSOR, EXECUTE, the query of a COPY ... TO or an EXPLAIN ANALYZE), in
+    order; writes and other statements are skipped."""
     raws = pglast.parse_sql(sql)
     slices = parser.split(sql, only_slices=True)
     out: list[str] = []
@@ -51,6 +54,10 @@ def explain_statements(sql: str) -> tuple[str, ...]:
             continue
         if isinstance(stmt, _EXPLAINABLE):
             out.append(f"EXPLAIN (FORMAT JSON) {sql[where].strip()}\n")
+            continue
+        query = executed_query(stmt)  # COPY (query) TO, EXPLAIN ANALYZE: the query
+        if query is not None:
+            out.append(f"EXPLAIN (FORMAT JSON) {RawStream()(query)}\n")
     return tuple(out)
 
 

@@ -77,11 +77,32 @@ def cursor_of(raw: ast.RawStmt) -> tuple[str, str] | None:
 
 
 def explainable(raw: ast.RawStmt) -> bool:
-    """A read whose plan the runtime can estimate (SELECT without INTO, DECLARE CURSOR)."""
+    """A read whose plan the runtime can estimate (SELECT without INTO, DECLARE CURSOR,
+    and the query a COPY ... TO or an EXPLAIN ANALYZE runs)."""
     stmt = raw.stmt
     if isinstance(stmt, ast.SelectStmt):
         return stmt.intoClause is None
-    return isinstance(stmt, ast.DeclareCursorStmt)
+    return isinstance(stmt, ast.DeclareCursorStmt) or executed_query(stmt) is not None
+
+
+def executed_query(stmt: ast.Node | None) -> ast.Node | None:
+    """The read a COPY (query) TO or an EXPLAIN ANALYZE runs to the end, or None."""
+    copies = isinstance(stmt, ast.CopyStmt) and not stmt.is_from
+    if not (copies or (isinstance(stmt, ast.ExplainStmt) and _analyzes(stmt))):
+        return None
+    query = stmt.query  # type: ignore[union-attr]
+    if isinstance(query, ast.SelectStmt) and query.intoClause is None:
+        return query
+    return query if isinstance(query, ast.ExecuteStmt) else None
+
+
+def _analyzes(stmt: ast.ExplainStmt) -> bool:
+    for option in stmt.options or ():
+        if isinstance(option, ast.DefElem) and option.defname == "analyze":
+            arg = option.arg
+            value = getattr(arg, "sval", None) or getattr(arg, "boolval", None)
+            return arg is None or str(value).lower() not in ("false", "off", "0", "no")
+    return False
 
 
 def _query(raw: ast.RawStmt) -> ast.SelectStmt | None:

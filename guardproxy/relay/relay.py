@@ -27,6 +27,8 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Final
 
+import pglast
+
 from guardproxy.delegation.postgres import settings_change
 from guardproxy.policy.timeouts import explain_timeout
 from guardproxy.protocol import codec
@@ -86,12 +88,13 @@ class CursorRows:
     """An SQL cursor: what it delivered over its FETCHes (a cap holds per cursor), and
     the judgement of its DECLARE (a FETCH after that decision expired is refused)."""
 
-    __slots__ = ("bytes", "declared", "rows")
+    __slots__ = ("bytes", "declared", "rows", "text")
 
-    def __init__(self, declared: Judgement | None = None) -> None:
+    def __init__(self, declared: Judgement | None = None, text: bytes = b"") -> None:
         self.rows = 0
         self.bytes = 0
         self.declared = declared
+        self.text = text  # the client's DECLARE, when it was a message of its own
 
 
 # SQL cursors followed per session; past this the oldest are forgotten
@@ -345,11 +348,12 @@ class Relay:
         self._query_judged(raw, judgement)
 
     def _query_judged(self, raw: bytes, judgement: Judgement) -> None:
-        if judgement.cursors and self.cursors:
-            stale = self._stale_cursor(judgement)
+        if judgement.cursors:
+            stale = self._stale_cursor(judgement) if self.cursors else None
             if stale is not None:
                 self._deny(True, stale, judgement.sql.encode())
                 return
+            self._declare_cursors(judgement, codec.parse_query(raw) if raw else b"")
         write = judgement.write
         if write is not None and self.judging is not None:
             run = self.judging.write_run(write)
@@ -375,8 +379,6 @@ class Relay:
         self.stats.statements[judgement.kind, judgement.decision] += 1
         self._note_effects(judgement)
         self._notices(judgement)
-        if judgement.cursors:
-            self._declare_cursors(judgement)
         execution = None
         if judgement.row_cap or judgement.byte_cap or audit is not None or judgement.shift:
             cursors = judgement.cursors
@@ -410,7 +412,7 @@ class Relay:
             return None
         return self.cursors.setdefault(cursor[1], CursorRows())
 
-    def _declare_cursors(self, judgement: Judgement) -> None:
+    def _declare_cursors(self, judgement: Judgement, text: bytes) -> None:
         """The cursors a statement declares, each with the judgement it runs under. A
         cursor outlives its transaction (WITH HOLD) and a FETCH may come in any later one."""
         cursors = self.cursors
@@ -419,7 +421,7 @@ class Relay:
                 cursors.pop(cursor[1], None)
                 if len(cursors) >= _CURSORS_KEPT:
                     del cursors[next(iter(cursors))]
-                cursors[cursor[1]] = CursorRows(judgement)
+                cursors[cursor[1]] = CursorRows(judgement, text)
 
     def _stale_cursor(self, judgement: Judgement) -> Denied | None:
         """The refusal of a FETCH from a cursor declared under a decision that expired
@@ -434,6 +436,9 @@ class Relay:
             rows = self.cursors.get(cursor[1])
             declared = rows.declared if rows is not None else None
             if declared is not None and not judging.current(declared):
+                assert rows is not None
+                if _declared_alike(judging, rows, declared):
+                    continue  # judged again now, its DECLARE would run as it did
                 who = judging.policy.name
                 return Denied(
                     f'cursor "{cursor[1]}" was declared before the policy or the session '
@@ -581,7 +586,7 @@ class Relay:
             self._prepare_on_server(statement, visible=False)
             self._wait_for_answers(self._execute_prepared_sql, statement, judgement)
             return
-        self._query_judged(codec.build_query(judgement.sent), judgement)
+        self._execute_prepared_sql(statement, judgement)
 
     def _execute_prepared_sql(self, statement: Statement, judgement: Judgement) -> None:
         backend = self.backend
@@ -590,6 +595,12 @@ class Relay:
             # Sync: this one's ReadyForQuery ends the client's Query
             self._send(codec.SYNC)
             self.inflight.expect(Pending.SYNC, True, None)
+            return
+        if judgement.plan_check is not None and not self.in_round:
+            # its plan is the prepared statement's, asked of the server by its name there
+            executed = judgement.sent[judgement.shift :].decode(errors="replace")
+            self._after_job = (self._plan_checked, (True, judgement, b""))
+            self._start_job(PlanCheck(executed, ()))
             return
         self._query_judged(codec.build_query(judgement.sent), judgement)
 
@@ -978,7 +989,7 @@ class Relay:
             if stale is not None:
                 self._deny(False, stale, judgement.sql.encode())
                 return
-            self._declare_cursors(judgement)
+            self._declare_cursors(judgement, portal.statement.text)
         source = self._cursor_source(judgement.cursor) if judgement.cursor is not None else portal
         self._send_execute(raw, judgement, source)
 
@@ -1658,6 +1669,22 @@ class Relay:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _declared_alike(judging: Judging, rows: CursorRows, declared: Judgement) -> bool:
+    """Whether the cursor's DECLARE, judged again now, would be sent as it was (the
+    reload or catalog change did not touch it); then it is current again."""
+    text = rows.text
+    if not text or len(pglast.parser.split(text.decode(errors="replace"))) != 1:
+        return False
+    try:
+        again = judging.rejudge(text)
+    except Denied:
+        return False
+    if again.sent[again.shift :] != declared.sent[declared.shift :]:
+        return False
+    rows.declared = again
+    return True
 
 
 def _show(name: bytes) -> str:

@@ -765,11 +765,6 @@ PLAN_UNCHECKED = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="M6: max_plan_rows / max_plan_cost are not checked for an SQL-level EXECUTE, a "
-    "COPY (query) TO STDOUT or an EXPLAIN ANALYZE: the runaway read runs to the end",
-)
 @pytest.mark.parametrize("path", sorted(PLAN_UNCHECKED))
 def test_a_runaway_read_is_refused_on_every_path(second_proxy, path: str):
     proxy, _ = second_proxy
