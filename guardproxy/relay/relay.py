@@ -534,11 +534,18 @@ class Relay:
                 text,
             )
             return
-        if isinstance(command, Deallocate):
-            self._deallocate(command.name)
-            return
-        if isinstance(command, Prepare):
-            self._prepare_sql(text, command)
+        if isinstance(command, Prepare | Deallocate):
+            backend = self.backend
+            if backend is not None and self.inflight.pending:
+                # an aborted transaction changes nothing: the server's answers say
+                self._wait_for_answers(self._prepared_command, text, command)
+                return
+            if backend is not None and backend.status == b"E":
+                self._refuse(True, _ABORTED)
+            elif isinstance(command, Deallocate):
+                self._deallocate(command.name)
+            else:
+                self._prepare_sql(text, command)
             return
         statement = self.registry.statement(command.name)
         if statement is None:
@@ -1691,6 +1698,10 @@ def _show(name: bytes) -> str:
     return name.decode(errors="replace")
 
 
+_ABORTED: Final = GuardError(
+    "current transaction is aborted, commands ignored until end of transaction block",
+    sqlstate="25P02",
+)
 _NO_PARAMETERS: Final = codec.message(b"t", b"\x00\x00")  # ParameterDescription, none
 
 # A Parse of a name the client has taken is checked on the server under this name.

