@@ -105,6 +105,7 @@ class Execution:
         "shift",
         "source",
         "sources",
+        "started",
         "written",
     )
 
@@ -126,8 +127,10 @@ class Execution:
         self.sources = sources
         self.index = 0  # the statement of a Query whose result comes now
         self.source = sources[0] if sources else source
-        self.offset = self.rows = self.bytes = 0
-        self._start()
+        self.offset = self.rows = self.bytes = self.delivered = 0
+        # what the portal or cursor delivered before is read when this result starts,
+        # not now: Executes pipelined in one round each start where the last one ended
+        self.started = False
         self.cut = False  # rows past the cap were dropped
         self.cut_by = ""  # "rows" or "bytes": the cap that cut
         self.refused = False  # a statement of it was refused past its cap (error mode)
@@ -142,6 +145,7 @@ class Execution:
         self.offset = self.rows = source.rows if source is not None else 0
         self.bytes = source.bytes if source is not None else 0
         self.delivered = 0  # rows of this result that went out
+        self.started = True
 
     def counts(self) -> bool:
         return bool(self.cap or self.byte_cap)
@@ -150,6 +154,8 @@ class Execution:
         """Counts one row of ``size`` payload bytes; False when it passes a cap (drop it)."""
         if self.cut:
             return False
+        if not self.started:
+            self._start()
         self.rows += 1
         self.bytes += size
         if self.cap and self.rows > self.cap:
@@ -165,6 +171,8 @@ class Execution:
         """A result ended (CommandComplete, PortalSuspended): its source keeps the counts;
         a Query's next statement counts anew."""
         source = self.source
+        if not self.started:
+            self._start()  # a result without rows: the source's counts stay
         if source is not None:
             source.rows, source.bytes = self.rows, self.bytes
         if not self.extended:

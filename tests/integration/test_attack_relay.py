@@ -444,11 +444,6 @@ def test_max_bytes_returned_bounds_a_result(fresh: PgCluster, relay_proxy, sql: 
     assert sent <= 1000 or errors(got) == ["54000"], f"{sent} bytes of rows past a cap of 1000"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="L1: the read cap is counted per Execute, not per portal: Executes with a row "
-    "limit in one round deliver the LIMIT N+1 row too",
-)
 @pytest.mark.parametrize("limits", [(1, 1, 1), (2, 2), (1, 0)])
 def test_a_read_cap_holds_over_executes_with_row_limits_in_one_round(
     fresh: PgCluster, relay_proxy, limits: tuple[int, ...]
@@ -467,14 +462,7 @@ def test_a_read_cap_holds_over_executes_with_row_limits_in_one_round(
     "how",
     [
         "one simple query",
-        pytest.param(
-            "one extended round",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="L1: a cursor's total is not kept over FETCHes pipelined in one "
-                "extended-protocol round",
-            ),
-        ),
+        "one extended round",
     ],
 )
 def test_a_cursor_total_holds_for_fetches_sent_together(fresh: PgCluster, relay_proxy, how: str):
