@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from guardproxy.pool.server import ServerConn
 
 from guardproxy.config import Settings, Upstream
+from guardproxy.pool.backend import Backend
 from guardproxy.protocol import codec
 from guardproxy.server.app import Proxy
-from guardproxy.server.login import bind_policy
+from guardproxy.server.login import LoginResult, bind_policy
 from guardproxy.server.session import ClientSession
 
 
@@ -136,21 +136,26 @@ def _extended(statement: bytes, aid: int) -> bytes:
     )
 
 
-async def measure(rounds: int, protocol: str, policies: Path | None) -> float:
-    settings = Settings(upstream="postgresql://u@127.0.0.1/db", policies=policies)
+async def measure(
+    rounds: int, protocol: str, policies: Path | None, auto_prepare: int = 2
+) -> float:
+    settings = Settings(
+        upstream="postgresql://u@127.0.0.1/db", policies=policies, auto_prepare_after=auto_prepare
+    )
     upstream = Upstream(host="127.0.0.1", port=5432, user="u", password=None, database="db")
     proxy = Proxy(settings, upstream)
     session = ClientSession(proxy)
     session.connection_made(MemoryTransport())  # type: ignore[arg-type]
     if session._task is not None:
         session._task.cancel()
-    session.agent_id = "support-bench" if protocol == "tpcb" else "analytics-bench"
+    agent_id = "support-bench" if protocol == "tpcb" else "analytics-bench"
+    policy = context = None
     if policies is not None:
-        bind_policy(session, {"user": session.agent_id})
-    session.logged_in = True
-    server = ServerConn(upstream, 1)
+        policy, context, _ = bind_policy(proxy, agent_id, {"user": agent_id})
+    session._logged_in(LoginResult(agent_id, False, (), policy=policy, context=context))
+    server = Backend(upstream, 1)
     server.connection_made(MemoryTransport())  # type: ignore[arg-type]
-    server.settings_key = session.settings  # as if it had served this client before
+    server.settings_key = session.relay.settings  # type: ignore[union-attr]  # as if it had served this client before
     server.app_name = session.server_app_name
     session.pool.idle.append(server)
     session.pool.servers.add(server)
@@ -162,7 +167,10 @@ async def measure(rounds: int, protocol: str, policies: Path | None) -> float:
             b"", b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;", b"\x00\x00"
         )
         prefix = parse
-        answer = b"1\x00\x00\x00\x04" + b"2\x00\x00\x00\x04" + answer
+        # the relay sends the Parse until the text is auto-prepared on this server
+        # (its auto_prepare_after-th use), and answers it itself from then on
+        unprepared = b"1\x00\x00\x00\x04" + b"2\x00\x00\x00\x04" + answer
+        prepared = b"2\x00\x00\x00\x04" + answer
         statement = b""
     else:
         prefix = b""
@@ -171,7 +179,6 @@ async def measure(rounds: int, protocol: str, policies: Path | None) -> float:
         if protocol == "tpcb":  # the transaction's statements, each answered in turn
             for request, reply in _tpcb(i, in_transaction):
                 session.data_received(request)
-                server._flush()
                 server.data_received(reply)
             assert session.server is None, "the server was not given back after the transaction"
             if i % 1000 == 999:
@@ -182,7 +189,8 @@ async def measure(rounds: int, protocol: str, policies: Path | None) -> float:
             prefix + _extended(statement, aid) if protocol == "extended" else _query_messages(aid)
         )
         session.data_received(request)
-        server._flush()
+        if protocol == "extended":
+            answer = prepared if auto_prepare and i >= auto_prepare - 1 else unprepared
         server.data_received(answer)
         assert session.server is None, "the server was not given back after the transaction"
         if i % 1000 == 999:
@@ -195,6 +203,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200_000)
     parser.add_argument("--policies", type=Path)
     parser.add_argument(
+        "--auto-prepare",
+        type=int,
+        default=2,
+        help="auto_prepare_after (0: off); default: %(default)s",
+    )
+    parser.add_argument(
         "--script",
         choices=("select-only", "tpcb"),
         default="select-only",
@@ -205,7 +219,10 @@ def main() -> None:
         args.rounds //= 7  # seven statements per transaction
     for protocol in ("simple", "extended") if args.script == "select-only" else ("tpcb",):
         # the best of three: other work on the machine only ever adds time
-        per = min(uvloop.run(measure(args.rounds, protocol, args.policies)) for _ in range(3))
+        per = min(
+            uvloop.run(measure(args.rounds, protocol, args.policies, args.auto_prepare))
+            for _ in range(3)
+        )
         print(f"{protocol:9} {per * 1e6:6.2f} µs of guardproxy Python per transaction")
 
 
