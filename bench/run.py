@@ -66,7 +66,8 @@ from bench.targets import (  # noqa: E402
     start_pgbouncer,
 )
 
-TARGETS = ("direct", "pgbouncer", "guardproxy")
+TARGETS = ("direct", "pgbouncer", "guardproxy", "baseline")
+PROXIES = ("guardproxy", "baseline")  # guardproxy, and an earlier checkout of it
 
 
 def _choices(allowed: tuple[str, ...]) -> Any:
@@ -106,8 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--targets",
         type=_choices(TARGETS),
-        default=list(TARGETS),
-        help="comma-separated subset of direct,pgbouncer,guardproxy (default: all)",
+        default=list(TARGETS[:3]),
+        help="comma-separated subset of direct,pgbouncer,guardproxy,baseline (default: the "
+        "first three; baseline comes with --baseline)",
     )
     p.add_argument(
         "--scripts",
@@ -175,6 +177,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "build/native/ is (re)built with scripts/compile when missing or stale",
     )
     p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="also measure guardproxy as an earlier checkout in DIR runs it (target "
+        "'baseline', pure Python, e.g. a `git worktree add DIR COMMIT`), in the same run",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="record guardproxy with py-spy during each of its runs; collapsed stacks and a "
@@ -188,6 +197,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     args.out_dir = args.out_dir.resolve()
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if "baseline" not in args.targets:
+            args.targets.append("baseline")
+    if args.policies is not None:
+        args.policies = args.policies.resolve()  # the baseline runs in another directory
     if args.quick:
         args.duration, args.warmup = 3, min(args.warmup, 1)
     return args
@@ -230,14 +245,14 @@ POLICIES: list[Path] = []  # set by main when --policies is given
 
 def endpoint_for(target: Target, script: str) -> pgbench.Endpoint:
     """With policies, guardproxy is reached as the agent the script plays."""
-    if target.name == "guardproxy" and POLICIES:
+    if target.name in PROXIES and POLICIES:
         return pgbench.Endpoint("127.0.0.1", target.port, AGENTS[script], "", UPSTREAM_DB)
     return endpoint(target.port)
 
 
 def reachable(target: Target) -> str | None:
     """Why `SELECT 1` through the target fails, or None when it works."""
-    if target.name == "guardproxy" and POLICIES:
+    if target.name in PROXIES and POLICIES:
         ep = endpoint_for(target, "select-only")
         cmd = [f"{pgcluster.PG_BINDIR}/psql", "-X", "-A", "-t", "-c", "SELECT 1", *ep.conn_args()]
         got = subprocess.run(
@@ -273,7 +288,8 @@ def start_targets(
             continue
         say(f"starting {name}")
         log = _fresh(logs / f"{name}.log")
-        launch = Launch(pg_port, pgcluster.free_port(), args.pool_size, log, cwd=REPO)
+        where = args.baseline if name == "baseline" else REPO
+        launch = Launch(pg_port, pgcluster.free_port(), args.pool_size, log, cwd=where)
         try:
             target = start_target(name, args, launch, processes, workdir)
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -296,6 +312,13 @@ def start_target(
     command, extra = shlex.split(args.guardproxy_cmd), shlex.split(args.proxy_args)
     if args.policies is not None:
         extra += ["--policies", str(args.policies)]
+    if name == "baseline":
+        if args.baseline is None:
+            return Target(name, launch.port, skip="no --baseline DIR given")
+        # `python -m guardproxy` in DIR imports DIR's guardproxy, not this one, and as
+        # pure Python: this checkout's compiled modules are not the baseline's
+        command = ["env", "-u", NATIVE_ENV, sys.executable, "-m", "guardproxy"]
+        return start_guardproxy(processes, launch, command, extra, name="baseline")
     return start_guardproxy(processes, launch, command, extra)
 
 

@@ -163,11 +163,15 @@ def guardproxy_missing(command: list[str]) -> str | None:
 
 
 def start_guardproxy(
-    processes: Processes, launch: Launch, command: list[str], extra_args: list[str]
+    processes: Processes,
+    launch: Launch,
+    command: list[str],
+    extra_args: list[str],
+    name: str = "guardproxy",
 ) -> Target:
     """Start ``COMMAND serve ...``; COMMAND is e.g. [".venv/bin/guardproxy"]."""
     if why := guardproxy_missing(command):
-        return Target("guardproxy", launch.port, skip=why)
+        return Target(name, launch.port, skip=why)
     user = f"{UPSTREAM_USER}:{UPSTREAM_PASSWORD}"
     flags = {
         "--upstream": f"postgresql://{user}@127.0.0.1:{launch.pg_port}/{UPSTREAM_DB}",
@@ -177,7 +181,7 @@ def start_guardproxy(
         "--pool-size": str(launch.pool_size),
     }
     cmd = [*command, "serve", *itertools.chain.from_iterable(flags.items()), *extra_args]
-    return _spawn_proxy("guardproxy", processes, cmd, launch)
+    return _spawn_proxy(name, processes, cmd, launch)
 
 
 def _spawn_proxy(name: str, processes: Processes, cmd: list[str], launch: Launch) -> Target:
