@@ -72,6 +72,7 @@ from .decision import (
     WriteEffects,
 )
 from .filterhints import filter_reason, filtered_table_hint, operation_rule
+from .insertcheck import add_insert_check
 from .loader import PolicySet
 from .rowfilter import (
     RewriteError,
@@ -607,6 +608,7 @@ class Judge:
                     table_filters.readable,
                     table_filters.soft_only,
                     table_filters.columns,
+                    add_insert_check,
                 )
             for analysis in analyses:
                 rewrite_writes(analysis, deleter, self._catalog)

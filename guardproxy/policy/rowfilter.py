@@ -44,7 +44,7 @@ Rewrite (on the tree the decision was made on):
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import pglast
@@ -295,6 +295,12 @@ def principals_literal(principals: tuple[str, ...]) -> str:
     return "{" + ",".join(quoted) + "}"
 
 
+# rewrites an INSERT so that its rows must satisfy the filter (policy/insertcheck.py)
+InsertCheck = Callable[
+    [RelationRecord, "RowFilter", Mapping[str, str | None], tuple[str, ...] | None], None
+]
+
+
 def apply_row_filters(
     records: tuple[RelationRecord, ...],
     filters: Mapping[tuple[str, str], RowFilter],
@@ -302,6 +308,7 @@ def apply_row_filters(
     readable: Mapping[tuple[str, str], tuple[str, ...] | None],
     pushed: Collection[tuple[str, str]] = (),
     table_columns: Mapping[tuple[str, str], tuple[str, ...] | None] | None = None,
+    insert_check: InsertCheck | None = None,
 ) -> int:
     """Rewrite the tree the records point into; return how many places were filtered.
 
@@ -309,8 +316,9 @@ def apply_row_filters(
     (None: ``*``); `table_columns` all its columns, for an INSERT without a column
     list into a table with an insert condition. For the relations in `pushed`, a read is filtered where it is when
     that means the same (see `push_predicate`), so that the table keeps its name and
-    row type; elsewhere it is wrapped. Raises `RewriteError` for uses that cannot be
-    filtered.
+    row type; elsewhere it is wrapped. `insert_check` rewrites an INSERT into a table
+    with an insert condition (``policy/insertcheck.py``, which builds on this module).
+    Raises `RewriteError` for uses that cannot be filtered.
     """
     count = 0
     for record in records:
@@ -326,11 +334,14 @@ def apply_row_filters(
                 continue  # a per-operation filter without a condition for this use
             row_filter = table_filter
         elif role == "insert":
-            from .insertcheck import add_insert_check  # it builds on this module
-
             columns = (table_columns or {}).get(record.relation)
             if row_filter.template.strip().lower() != "true":
-                add_insert_check(record, row_filter, values, columns)
+                if insert_check is None:
+                    raise RewriteError(
+                        f"INSERT into {row_filter.table} is not possible with its row filter",
+                        row_filter.table,
+                    )
+                insert_check(record, row_filter, values, columns)
                 count += 1
             continue
         if role == "from":
