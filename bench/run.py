@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -68,6 +69,8 @@ from bench.targets import (  # noqa: E402
 
 TARGETS = ("direct", "pgbouncer", "guardproxy", "baseline")
 PROXIES = ("guardproxy", "baseline")  # guardproxy, and an earlier checkout of it
+# the baseline's own copy of the pgbench tables: its schema revisions are not ours
+BASELINE_DB = "app_baseline"
 
 
 def _choices(allowed: tuple[str, ...]) -> Any:
@@ -224,19 +227,43 @@ def psql(port: int, sql: str, dbname: str = UPSTREAM_DB) -> subprocess.Completed
     )
 
 
-def seed_policies(cluster: pgcluster.PgCluster, policies: Path) -> None:
-    """guardproxy's schema and the policies' roles, granted to the proxy's login role."""
+def seed_policies(
+    cluster: pgcluster.PgCluster, policies: Path, dbname: str = UPSTREAM_DB, migrated: bool = True
+) -> None:
+    """guardproxy's schema (unless ``migrated`` is False: the baseline makes its own)
+    and the policies' roles, granted to the proxy's login role."""
     from guardproxy.policy import load_policy_set
     from guardproxy.policy.tools import roles_sql
     from guardproxy.store import migrate
     from guardproxy.store.introspect import read_catalog
 
-    dsn = cluster.dsn(UPSTREAM_USER, UPSTREAM_DB)
-    migrate.upgrade(dsn)
+    dsn = cluster.dsn(UPSTREAM_USER, dbname)
+    if migrated:
+        migrate.upgrade(dsn)
     policy_set = load_policy_set(policies)
-    cluster.psql(roles_sql(policy_set, read_catalog(dsn)), dbname=UPSTREAM_DB)
+    cluster.psql(roles_sql(policy_set, read_catalog(dsn)), dbname=dbname)
     roles = ", ".join(f'"{p.upstream_role}"' for p in policy_set)
-    cluster.psql(f"GRANT {roles} TO {UPSTREAM_USER}", dbname=UPSTREAM_DB)
+    cluster.psql(f"GRANT {roles} TO {UPSTREAM_USER}", dbname=dbname)
+
+
+def seed_baseline(cluster: pgcluster.PgCluster, args: argparse.Namespace) -> None:
+    """The baseline's database: a copy of the pgbench tables, its own schema revisions."""
+    cluster.psql(f"DROP DATABASE IF EXISTS {BASELINE_DB}", dbname="postgres")
+    cluster.psql(
+        f"CREATE DATABASE {BASELINE_DB} TEMPLATE {UPSTREAM_DB} OWNER {UPSTREAM_USER}",
+        dbname="postgres",
+    )
+    if args.policies is None:
+        return
+    from guardproxy.store import migrate
+
+    # migrations only ever add revisions: the baseline's are ours up to its head
+    where = args.baseline / "guardproxy" / "store" / "schema_version.py"
+    found = re.search(r'SCHEMA_HEAD = "(\w+)"', where.read_text())
+    if found is None:
+        raise RuntimeError(f"no SCHEMA_HEAD in {where}")
+    migrate.upgrade(cluster.dsn(UPSTREAM_USER, BASELINE_DB), found.group(1))
+    seed_policies(cluster, args.policies, BASELINE_DB, migrated=False)
 
 
 AGENTS = {"select-only": "analytics-bench", "tpcb-like": "support-bench"}
@@ -245,8 +272,11 @@ POLICIES: list[Path] = []  # set by main when --policies is given
 
 def endpoint_for(target: Target, script: str) -> pgbench.Endpoint:
     """With policies, guardproxy is reached as the agent the script plays."""
+    dbname = BASELINE_DB if target.name == "baseline" else UPSTREAM_DB
     if target.name in PROXIES and POLICIES:
-        return pgbench.Endpoint("127.0.0.1", target.port, AGENTS[script], "", UPSTREAM_DB)
+        return pgbench.Endpoint("127.0.0.1", target.port, AGENTS[script], "", dbname)
+    if target.name == "baseline":
+        return pgbench.Endpoint("127.0.0.1", target.port, UPSTREAM_USER, UPSTREAM_PASSWORD, dbname)
     return endpoint(target.port)
 
 
@@ -318,7 +348,9 @@ def start_target(
         # `python -m guardproxy` in DIR imports DIR's guardproxy, not this one, and as
         # pure Python: this checkout's compiled modules are not the baseline's
         command = ["env", "-u", NATIVE_ENV, sys.executable, "-m", "guardproxy"]
-        return start_guardproxy(processes, launch, command, extra, name="baseline")
+        return start_guardproxy(
+            processes, launch, command, extra, name="baseline", database=BASELINE_DB
+        )
     return start_guardproxy(processes, launch, command, extra)
 
 
@@ -329,8 +361,17 @@ def _fresh(path: Path) -> Path:
 
 def reset_tpcb(cluster: pgcluster.PgCluster) -> None:
     """What pgbench does before a TPC-B-like run without -n, done directly on Postgres."""
-    for sql in ("VACUUM pgbench_branches", "VACUUM pgbench_tellers", "TRUNCATE pgbench_history"):
-        cluster.psql(sql, user=UPSTREAM_USER, dbname=UPSTREAM_DB)
+    databases = [UPSTREAM_DB]
+    known = f"SELECT 1 FROM pg_database WHERE datname = '{BASELINE_DB}'"
+    if cluster.psql(known, dbname="postgres").strip():
+        databases.append(BASELINE_DB)
+    for dbname in databases:
+        for sql in (
+            "VACUUM pgbench_branches",
+            "VACUUM pgbench_tellers",
+            "TRUNCATE pgbench_history",
+        ):
+            cluster.psql(sql, user=UPSTREAM_USER, dbname=dbname)
 
 
 def workloads(args: argparse.Namespace) -> list[pgbench.Workload]:
@@ -434,6 +475,8 @@ def benchmark(
     load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews everything
     say(f"Postgres on port {cluster.port}; pgbench -i -s {args.scale}")
     pgbench.initialize(pgcluster.PG_BINDIR, endpoint(cluster.port), args.scale)
+    if "baseline" in args.targets and args.baseline is not None:
+        seed_baseline(cluster, args)  # a copy before guardproxy's schema is added
     if args.policies is not None:
         seed_policies(cluster, args.policies)
     targets = start_targets(args, cluster.port, processes, workdir)

@@ -168,13 +168,14 @@ def start_guardproxy(
     command: list[str],
     extra_args: list[str],
     name: str = "guardproxy",
+    database: str = UPSTREAM_DB,
 ) -> Target:
     """Start ``COMMAND serve ...``; COMMAND is e.g. [".venv/bin/guardproxy"]."""
     if why := guardproxy_missing(command):
         return Target(name, launch.port, skip=why)
     user = f"{UPSTREAM_USER}:{UPSTREAM_PASSWORD}"
     flags = {
-        "--upstream": f"postgresql://{user}@127.0.0.1:{launch.pg_port}/{UPSTREAM_DB}",
+        "--upstream": f"postgresql://{user}@127.0.0.1:{launch.pg_port}/{database}",
         "--listen-host": "127.0.0.1",
         "--listen-port": str(launch.port),
         "--auth-mode": "trust",
