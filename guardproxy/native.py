@@ -50,6 +50,8 @@ COMPILED = (
     "guardproxy.relay.registry",
     "guardproxy.relay.relay",
     "guardproxy.relay.judging",
+    "guardproxy.relay.autoprepare",
+    "guardproxy.relay.session_sql",
     "guardproxy.server.session",
     "guardproxy.jobs.managed_write",
     "guardproxy.jobs.ledger",

@@ -234,15 +234,26 @@ def analyze(engine: Judge, policy: AgentPolicy, sql: str, context: SessionContex
     return Analysis(decision, pins=pin_reason(text), command=prepared_command(sql.encode()))
 
 
+_PLAIN: dict[bytes, Judgement] = {}
+_PLAIN_KEPT: Final = 1024
+
+
 def plain(text: bytes) -> Judgement:
-    """The judgement of a text when no policies are configured: sent as it is."""
-    lowered = text.lower()
-    return Judgement(
+    """The judgement of a text when no policies are configured: sent as it is (the
+    same for every session: texts sent again and again are looked up)."""
+    judgement = _PLAIN.get(text)
+    if judgement is not None:
+        return judgement
+    judgement = Judgement(
         text,
         "",
         pins=pin_reason(text),
-        settings=b"set_config" in lowered,
+        settings=b"set_config" in text.lower(),
     )
+    if len(_PLAIN) >= _PLAIN_KEPT:
+        _PLAIN.clear()  # texts that never repeat (literals inlined): start again
+    _PLAIN[text] = judgement
+    return judgement
 
 
 class Judging:
@@ -265,6 +276,7 @@ class Judging:
         # (``_tx_before``), and in any case for what SET LOCAL changed (``_tx_local``)
         self._tx_before: dict[str, str] = {}
         self._tx_local: dict[str, str] = {}
+        self.transaction_changes = False  # something to go back when the transaction ends
         self.verifier = verifier
         self.delegation: Delegation | None = None
         self.delegated = binding.mode(policy) != "off"  # the type takes delegation tokens
@@ -360,13 +372,11 @@ class Judging:
             old = _context_value(before, key)
             if key in local:
                 self._tx_local.setdefault(key, old)
+                self.transaction_changes = True
             elif in_transaction:
                 self._tx_before.setdefault(key, old)
+                self.transaction_changes = True
         self.context = after
-
-    @property
-    def transaction_changes(self) -> bool:
-        return bool(self._tx_before or self._tx_local)
 
     def transaction_ended(self, rolled_back: bool) -> None:
         """The transaction ended: what SET LOCAL changed goes back, and after a
@@ -376,6 +386,7 @@ class Judging:
             restore.setdefault(key, value)
         self._tx_before.clear()
         self._tx_local.clear()
+        self.transaction_changes = False
         if restore:
             context = self.context.with_updates(restore)
             if self.delegation is not None:

@@ -32,6 +32,8 @@ import hashlib
 import itertools
 from typing import TYPE_CHECKING, Any, Final
 
+from guardproxy.protocol import codec
+
 if TYPE_CHECKING:
     from guardproxy.relay.judging import Judgement
 
@@ -89,31 +91,27 @@ class Statement:
 class Portal:
     """One portal: the statement record it was bound from, and what it delivered so far."""
 
-    __slots__ = ("bind", "bytes", "name", "parameters", "round", "rows", "statement")
+    __slots__ = ("bind", "bytes", "name", "round", "rows", "statement")
 
-    def __init__(
-        self, name: bytes, statement: Statement, bind: bytes, parameters: bytes, round: int = 0
-    ) -> None:
+    def __init__(self, name: bytes, statement: Statement, bind: bytes, round: int = 0) -> None:
         self.name: Final = name
         self.statement: Final = statement
         self.bind: Final = bind  # the Bind as sent to the server (statement name translated)
-        self.parameters: Final = parameters  # the Bind's values, for idempotency
         # Syncs and Queries sent before its Bind: a transaction that ends at one of them
         # drops it; one that ends at a later Sync (already sent, not yet answered) not
         self.round: Final = round
         self.rows = 0  # rows delivered over its Executes (a row cap holds per portal)
         self.bytes = 0  # bytes of row data delivered over its Executes
 
+    @property
+    def parameters(self) -> bytes:
+        """The Bind's values, for idempotency (read only for writes that use them)."""
+        return codec.bind_values(self.bind)
 
-class Undo:
-    """One name as it was before a client message changed it."""
 
-    __slots__ = ("before", "name", "portal")
-
-    def __init__(self, portal: bool, name: bytes, before: Statement | Portal | None) -> None:
-        self.portal: Final = portal  # a portal's name, or a statement's
-        self.name: Final = name
-        self.before: Final = before  # None: the name was free
+# One name as it was before a client message changed it: a portal's name (or a
+# statement's), the name, and what it held (None: it was free).
+Undo = tuple[bool, bytes, "Statement | Portal | None"]
 
 
 class Registry:
@@ -129,34 +127,35 @@ class Registry:
             )
         before = self.statements.get(statement.name)
         self.statements[statement.name] = statement
-        return Undo(False, statement.name, before)
+        return (False, statement.name, before)
 
     def statement(self, name: bytes) -> Statement | None:
         return self.statements.get(name)
 
     def close_statement(self, name: bytes) -> Undo:
-        return Undo(False, name, self.statements.pop(name, None))
+        return (False, name, self.statements.pop(name, None))
 
     def bind(self, portal: Portal) -> Undo:
         before = self.portals.get(portal.name)
         self.portals[portal.name] = portal
-        return Undo(True, portal.name, before)
+        return (True, portal.name, before)
 
     def portal(self, name: bytes) -> Portal | None:
         return self.portals.get(name)
 
     def close_portal(self, name: bytes) -> Undo:
-        return Undo(True, name, self.portals.pop(name, None))
+        return (True, name, self.portals.pop(name, None))
 
     def undo(self, change: Undo, failed: bool) -> None:
         """Puts a name back as it was before a message the server did not take.
         ``failed``: that message itself failed (it was not skipped); a failed Parse of
         the unnamed statement leaves none, as Postgres drops the old one first."""
-        table: dict[bytes, Any] = self.portals if change.portal else self.statements
-        if change.before is None or (failed and not change.name and not change.portal):
-            table.pop(change.name, None)
+        portal, name, before = change
+        table: dict[bytes, Any] = self.portals if portal else self.statements
+        if before is None or (failed and not name and not portal):
+            table.pop(name, None)
         else:
-            table[change.name] = change.before
+            table[name] = before
 
     def simple_query(self) -> None:
         """A simple Query drops the unnamed statement and the unnamed portal."""

@@ -21,6 +21,7 @@ client's statements is kept on the server connection.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -139,6 +140,8 @@ class Relay:
         # ``offload_above``, judged in a judge worker (0: never)
         self.max_statement_size = max_statement_size
         self.offload_above = offload_above
+        # texts longer than this need one of those two looks (the rest skip both)
+        self._long = min((n for n in (max_statement_size, offload_above) if n), default=1 << 62)
         self.auto_prepare = auto_prepare  # None: unnamed statements are parsed every time
         self.max_prepared = max_prepared  # statements prepared per server (0: no bound)
         # an auto-prepared statement whose Parse the relay answered as the first message of
@@ -147,6 +150,7 @@ class Relay:
         self._replay: Replay | None = None
         self.replaying: deque[tuple[int, bytes]] = deque()  # client messages to run again
         self.phase = Phase.IDLE
+        self.takes_messages = True  # the phase takes client messages (IDLE, ACTIVE)
         self.to_backend: list[bytes] = []
         self.to_client: list[bytes] = []
         self.inflight = Inflight(self, self.to_client)
@@ -184,10 +188,7 @@ class Relay:
     def _enter(self, phase: Phase) -> None:
         """The one place where the phase changes."""
         self.phase = phase
-
-    @property
-    def takes_messages(self) -> bool:
-        return self.phase is Phase.IDLE or self.phase is Phase.ACTIVE
+        self.takes_messages = phase is Phase.IDLE or phase is Phase.ACTIVE
 
     @property
     def search_path(self) -> str:
@@ -320,7 +321,16 @@ class Relay:
             return
         text = codec.parse_query(raw)
         self.registry.simple_query()  # as in Postgres, whatever happens next
-        if self._too_large(True, text) or self._offloaded(True, raw, text):
+        if len(text) > self._long and (
+            self._too_large(True, text) or self._offloaded(True, raw, text)
+        ):
+            return
+        if self.judging is None and _LOOK_CLOSER.search(text.lower()) is None:
+            # pooling only, and nothing the relay must see to: sent as the client wrote it
+            if self.backend is None:
+                self._hold_for_server(True, self._send_plain_query, raw)
+            else:
+                self._send_plain_query(raw)
             return
         command = prepared_command(text)
         if command is not None:
@@ -368,11 +378,11 @@ class Relay:
         else:
             audit = None
         if self.backend is None:
-            self._hold_for_server(True, self._send_query, judgement, audit)
+            self._hold_for_server(True, self._send_query, judgement, audit, raw)
             return
-        self._send_query(judgement, audit)
+        self._send_query(judgement, audit, raw)
 
-    def _send_query(self, judgement: Judgement, audit: Any) -> None:
+    def _send_query(self, judgement: Judgement, audit: Any, raw: bytes = b"") -> None:
         self.queries += 1
         if not self.inflight.pending:
             self.stmt_started = time.perf_counter()
@@ -392,10 +402,24 @@ class Relay:
                 judgement.byte_cap,
                 tuple(self._cursor_source(c) for c in cursors) if len(cursors) > 1 else (),
             )
-        self._send(codec.build_query(judgement.sent))
+        sent = judgement.sent
+        if len(raw) == len(sent) + 6 and raw.find(sent, 5) == 5:
+            self._send(raw)  # sent as the client wrote it: no new message to build
+        else:
+            self._send(codec.build_query(sent))
         self.inflight.expect(Pending.QUERY, True, execution)
         if judgement.cap_error:
             self._hold()  # its answer may turn into an error that aborts what follows
+
+    def _send_plain_query(self, raw: bytes) -> None:
+        """A Query of pooling only that neither pins, sets, nor prepares: what
+        ``_send_query`` does for it, without the judgement it does not need."""
+        self.queries += 1
+        if not self.inflight.pending:
+            self.stmt_started = time.perf_counter()
+        self.stats.statements["query", "allowed"] += 1
+        self._send(raw)
+        self.inflight.expect(Pending.QUERY, True, None)
 
     def _notices(self, judgement: Judgement) -> None:
         """What the judge tells the client before the answer (a filter that matches
@@ -649,7 +673,9 @@ class Relay:
 
     def _parse(self, raw: bytes) -> None:
         parsed = codec.parse_parse(raw)
-        if self._too_large(False, parsed.query) or self._offloaded(False, raw, parsed.query):
+        if len(parsed.query) > self._long and (
+            self._too_large(False, parsed.query) or self._offloaded(False, raw, parsed.query)
+        ):
             return
         self._parse_text(raw, parsed)
 
@@ -923,7 +949,7 @@ class Relay:
         if statement is None:
             return
         if statement.command is not None:  # nothing for a server to bind
-            portal = Portal(portal_name, statement, raw, b"", self.inflight.rounds_sent)
+            portal = Portal(portal_name, statement, raw, self.inflight.rounds_sent)
             undo = self.registry.bind(portal)
             self.inflight.expect(Pending.SYNTH, True, codec.BIND_COMPLETE, undo)
             return
@@ -941,12 +967,12 @@ class Relay:
         sname = self._statement_on_server(statement)
         if sname:
             raw = codec.replace_field(raw, start, end, sname)
-        portal = Portal(
-            portal_name, statement, raw, codec.bind_values(raw), self.inflight.rounds_sent
-        )
+        portal = Portal(portal_name, statement, raw, self.inflight.rounds_sent)
         undo = self.registry.bind(portal)
         self._send(raw)
-        self.inflight.expect(Pending.BIND, True, _sent(sname, statement), undo)
+        # what an error about it must say otherwise: the client's name, its own positions
+        sent = _sent(sname, statement) if sname or statement.judgement.shift else None
+        self.inflight.expect(Pending.BIND, True, sent, undo)
 
     # ---- Execute
 
@@ -1026,7 +1052,7 @@ class Relay:
         if portal.name:
             self._send(codec.message(b"C", b"P" + portal.name + b"\x00"))
             self.inflight.expect(Pending.CLOSE, False, None)
-        rebound = Portal(portal.name, statement, bind, portal.parameters, portal.round)
+        rebound = Portal(portal.name, statement, bind, portal.round)
         undo = self.registry.bind(rebound)
         self._send(bind)
         self.inflight.expect(Pending.BIND, False, _sent(sname, statement), undo)
@@ -1510,7 +1536,8 @@ class Relay:
             if replay.failed:
                 self.replaying.extend(replay.messages)
         if status == b"I":
-            self.registry.end_transaction(self.inflight.rounds_done)
+            if self.registry.portals:
+                self.registry.end_transaction(self.inflight.rounds_done)
             judging = self.judging
             if judging is not None and judging.transaction_changes:
                 judging.transaction_ended(self._rolled_back)
@@ -1703,6 +1730,13 @@ _ABORTED: Final = GuardError(
     sqlstate="25P02",
 )
 _NO_PARAMETERS: Final = codec.message(b"t", b"\x00\x00")  # ParameterDescription, none
+
+# Words of a text that may pin its session, set settings or use prepared statements:
+# without any, a Query of pooling only goes straight through (pinning.py and
+# session_sql.py look closer at the others)
+_LOOK_CLOSER: Final = re.compile(  # searched in the lower-cased text (faster than re.I)
+    rb"listen|temp|advisory_lock|hold|prepare|load|execute|deallocate|set_config"
+)
 
 # A Parse of a name the client has taken is checked on the server under this name.
 _CHECK_NAME: Final = b"gp_check"

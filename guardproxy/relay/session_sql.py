@@ -26,7 +26,7 @@ from typing import Final
 import pglast
 from pglast import ast
 
-_MAYBE: Final = re.compile(rb"prepare|execute|deallocate", re.IGNORECASE)
+_MAYBE: Final = re.compile(rb"prepare|execute|deallocate")  # in the lower-cased text
 _COMMENTS: Final = frozenset(("C_COMMENT", "SQL_COMMENT"))
 
 
@@ -67,7 +67,7 @@ Command = Prepare | Execute | Deallocate | Mixed
 
 def prepared_command(text: bytes) -> Command | None:
     """What ``text`` (a simple Query) does with prepared statements, or None: nothing."""
-    if _MAYBE.search(text) is None:
+    if _MAYBE.search(text.lower()) is None:
         return None
     sql = text.decode(errors="replace")
     try:
