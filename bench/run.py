@@ -294,7 +294,7 @@ def reachable(target: Target) -> str | None:
             if ok
             else f"SELECT 1 as {ep.user} failed: {(got.stderr or got.stdout).strip()[:300]}"
         )
-    out = psql(target.port, "SELECT 1")
+    out = psql(target.port, "SELECT 1", BASELINE_DB if target.name == "baseline" else UPSTREAM_DB)
     if out.returncode == 0 and out.stdout.strip() == "1":
         return None
     return f"SELECT 1 through it failed: {(out.stderr or out.stdout).strip()[:300]}"
