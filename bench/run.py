@@ -184,7 +184,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="also measure guardproxy as an earlier checkout in DIR runs it (target "
-        "'baseline', pure Python, e.g. a `git worktree add DIR COMMIT`), in the same run",
+        "'baseline', e.g. a `git worktree add DIR COMMIT`), in the same run",
+    )
+    p.add_argument(
+        "--baseline-native",
+        type=Path,
+        default=None,
+        help="the baseline's own compiled hot path (its scripts/compile output), to compare "
+        "compiled with compiled",
     )
     p.add_argument(
         "--profile",
@@ -347,7 +354,10 @@ def start_target(
             return Target(name, launch.port, skip="no --baseline DIR given")
         # `python -m guardproxy` in DIR imports DIR's guardproxy, not this one, and as
         # pure Python: this checkout's compiled modules are not the baseline's
-        command = ["env", "-u", NATIVE_ENV, sys.executable, "-m", "guardproxy"]
+        native = ["-u", NATIVE_ENV]
+        if args.baseline_native is not None:
+            native = [f"{NATIVE_ENV}={args.baseline_native.resolve()}"]
+        command = ["env", *native, sys.executable, "-m", "guardproxy"]
         return start_guardproxy(
             processes, launch, command, extra, name="baseline", database=BASELINE_DB
         )
