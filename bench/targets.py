@@ -146,13 +146,18 @@ PREPARED_CAVEAT = (
 # --- guardproxy ----------------------------------------------------------------------
 
 
-def guardproxy_missing(command: list[str]) -> str | None:
+def guardproxy_missing(command: list[str], cwd: Path | None = None) -> str | None:
     """Why ``guardproxy serve`` cannot be used (yet), or None when it can."""
     if not shutil.which(command[0]):
         return f"{command[0]} does not exist (is guardproxy installed in the venv?)"
     try:
         out = subprocess.run(
-            [*command, "serve", "--help"], capture_output=True, text=True, timeout=60, check=False
+            [*command, "serve", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=cwd,
         )
     except subprocess.TimeoutExpired:
         return "`guardproxy serve --help` did not answer within 60s"
@@ -171,7 +176,7 @@ def start_guardproxy(
     database: str = UPSTREAM_DB,
 ) -> Target:
     """Start ``COMMAND serve ...``; COMMAND is e.g. [".venv/bin/guardproxy"]."""
-    if why := guardproxy_missing(command):
+    if why := guardproxy_missing(command, launch.cwd):
         return Target(name, launch.port, skip=why)
     user = f"{UPSTREAM_USER}:{UPSTREAM_PASSWORD}"
     flags = {
