@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import shlex
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +21,9 @@ import jwt
 import psycopg
 import pytest
 import shop
-from pgcluster import PgCluster
+from pgcluster import PG_BINDIR, PgCluster
 from proofkit import policies_with
-from shop import SHOP_DB, ShopProxy, launch_proxy
+from shop import ROOT, SHOP_DB, ShopProxy, launch_proxy
 
 from guardproxy.delegation.mint import SigningKey, generate_key, mint
 from guardproxy.delegation.postgres import rls_policy_sql
@@ -235,3 +239,68 @@ def test_the_audit_log_says_on_behalf_of_whom(
             break
         time.sleep(0.05)
     assert row == "{2}|T-audit|jti-audit"
+
+
+def _roles_rls_block() -> list[list[str]]:
+    """The commands of docs/delegation.md's ``guardproxy roles --rls`` example."""
+    doc = (ROOT / "docs" / "delegation.md").read_text()
+    [block] = [b for b in re.findall(r"^```sh\n(.*?)```", doc, re.S | re.M) if "--rls" in b]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def test_the_rls_policy_guardproxy_roles_prints_works_through_the_proxy(
+    clean_shop: PgCluster, tmp_path: Path, signing: tuple[SigningKey, Path]
+) -> None:
+    """docs/delegation.md's commands, run: `guardproxy roles --rls` against the shop,
+    its script applied with psql; then a delegated support agent (no row filter in its
+    policy: only Postgres's RLS) sees and changes only its principals' orders, while
+    analytics (delegation: off) keeps every row."""
+    key, public = signing
+    pg = clean_shop
+    delegated = {"delegation": "required"}
+    policies = policies_with(tmp_path / "roles", support=delegated)
+    dsn = pg.dsn(user="postgres", dbname=SHOP_DB)
+    roles_command, psql_command = _roles_rls_block()
+    assert roles_command[:2] == ["guardproxy", "roles"] and roles_command[-2] == ">"
+    script = tmp_path / roles_command[-1]
+    args = [str(policies) if a == "policies" else dsn if a == "$DSN" else a for a in roles_command]
+    printed = subprocess.run(
+        [sys.executable, "-m", *args[:-2]], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert printed.returncode == 0, printed.stderr
+    script.write_text(printed.stdout)
+    assert "CREATE POLICY guard_principals ON orders FOR ALL TO guard_support" in printed.stdout
+    assert "::bigint[]" in printed.stdout  # the column's type, read from the database
+    psql = [dsn if a == "$DSN" else str(script) if a == script.name else a for a in psql_command]
+    applied = subprocess.run(
+        [f"{PG_BINDIR}/psql", *psql[1:]], capture_output=True, text=True, timeout=60
+    )
+    assert applied.returncode == 0, applied.stderr
+    everything = "SELECT string_agg(id || ':' || fulfillment_status, ',' ORDER BY id) FROM orders"
+    before = pg.psql(everything, dbname=SHOP_DB)
+    try:
+        with proxy_with(pg, tmp_path, public, support=delegated) as proxy:
+            with connect(proxy, token_for(key, ["3"])) as conn:
+                assert order_ids(conn) == [4]
+                # another customer's order: out of reach, nothing changed
+                changed = conn.execute(
+                    "UPDATE orders SET fulfillment_status = 'packed' WHERE id = 1"
+                ).rowcount
+                assert changed == 0
+            with connect(proxy, token_for(key, ["1", "4"])) as conn:
+                assert order_ids(conn) == [1, 2, 5]
+            with (
+                connect(proxy) as conn,
+                pytest.raises(psycopg.errors.InvalidAuthorizationSpecification),
+            ):
+                order_ids(conn)  # no token: nothing runs
+            with proxy.connect("analytics-1", autocommit=True) as conn:
+                assert order_ids(conn) == [1, 2, 3, 4, 5, 6]  # delegation: off keeps its rows
+        assert pg.psql(everything, dbname=SHOP_DB) == before
+    finally:
+        pg.psql(
+            "DROP POLICY IF EXISTS guard_principals ON orders; "
+            "DROP POLICY IF EXISTS guard_no_delegation ON orders; "
+            "ALTER TABLE orders DISABLE ROW LEVEL SECURITY",
+            dbname=SHOP_DB,
+        )
