@@ -21,7 +21,8 @@ import jwt
 import psycopg
 import pytest
 import shop
-from pgcluster import PG_BINDIR, PgCluster
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from pgcluster import PG_BINDIR, PgCluster, free_port
 from proofkit import policies_with
 from shop import ROOT, SHOP_DB, ShopProxy, launch_proxy
 
@@ -56,8 +57,15 @@ def issuers(public: Path) -> str:
 
 @contextlib.contextmanager
 def proxy_with(
-    pg: PgCluster, tmp_path: Path, public: Path, name: str = "guardproxy", **changes: Any
+    pg: PgCluster,
+    tmp_path: Path,
+    public: Path,
+    name: str = "guardproxy",
+    settings: dict[str, Any] | None = None,
+    **changes: Any,
 ) -> Iterator[ShopProxy]:
+    """A proxy trusting the test's issuer, with the example policies changed by
+    `changes` per agent type and `settings` on top of the test's own."""
     policies = policies_with(tmp_path / name, **changes)
     with launch_proxy(
         pg,
@@ -66,6 +74,7 @@ def proxy_with(
         delegation_issuers=issuers(public),
         delegation_revocations_refresh=60,
         admin_users="admin",
+        **(settings or {}),
     ) as proxy:
         try:
             yield proxy
@@ -304,3 +313,79 @@ def test_the_rls_policy_guardproxy_roles_prints_works_through_the_proxy(
             "ALTER TABLE orders DISABLE ROW LEVEL SECURITY",
             dbname=SHOP_DB,
         )
+
+
+def _metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    import httpx2
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _refusals(samples: dict[Any, float], reason: str, at: str) -> float:
+    key = (("agent_type", "support"), ("at", at), ("reason", reason))
+    return samples.get(("guardproxy_delegation_refusals_total", key), 0.0)
+
+
+def test_refused_tokens_are_counted_by_reason(
+    clean_shop: PgCluster, tmp_path: Path, signing: tuple[SigningKey, Path]
+) -> None:
+    key, public = signing
+    port = free_port()
+    expired = token_for(key, ["1"], now=time.time() - 3600, ttl=60)
+    with proxy_with(
+        clean_shop, tmp_path, public, settings={"metrics_port": port}, support=REQUIRED
+    ) as proxy:
+        with connect(proxy) as conn:  # no token, delegation: required
+            for _ in range(2):
+                with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification):
+                    conn.execute("SELECT 1")
+        with connect(proxy, token_for(key, ["1"])) as conn:
+            with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification):
+                conn.execute(f"SET guard.token = '{expired}'")
+            assert order_ids(conn) == [1, 2]  # the good token still holds
+        samples = _metrics(port)
+    assert _refusals(samples, "missing", "statement") == 2
+    assert _refusals(samples, "expired", "statement") == 1
+    assert not [labels for name, labels in samples if "principals" in dict(labels)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the lead's hooks: Judging binds AgentStats.delegation_tally(issuer) and the "
+    "relay bumps it per statement; bind_policy counts StatsRegistry.token_refused at login",
+)
+def test_statements_under_a_token_and_refused_logins_are_counted(
+    clean_shop: PgCluster, tmp_path: Path, signing: tuple[SigningKey, Path]
+) -> None:
+    key, public = signing
+    port = free_port()
+    forged_key = SigningKey("EdDSA", ed25519.Ed25519PrivateKey.generate(), None)
+    forged = mint(forged_key, agent="support-7", principals=["1", "2", "3"], issuer=ISSUER)
+    with proxy_with(
+        clean_shop, tmp_path, public, settings={"metrics_port": port}, support=REQUIRED
+    ) as proxy:
+        for _ in range(2):
+            with pytest.raises(psycopg.OperationalError):
+                connect(proxy, forged)
+        with connect(proxy, token_for(key, ["1"])) as conn:
+            for _ in range(3):
+                assert order_ids(conn) == [1, 2]
+            with conn.cursor() as cur:  # extended protocol: Parse, Bind, Execute
+                cur.execute("SELECT id FROM orders WHERE id = %s", (1,), prepare=True)
+                cur.execute("SELECT id FROM orders WHERE id = %s", (2,), prepare=True)
+            assert conn.execute("DELETE FROM orders WHERE id = 2").rowcount == 1  # soft delete
+        with (
+            connect(proxy) as conn,
+            pytest.raises(psycopg.errors.InvalidAuthorizationSpecification),
+        ):
+            conn.execute("SELECT 1")  # refused: not a statement under a token
+        samples = _metrics(port)
+    labels = (("agent", "*"), ("agent_type", "support"), ("issuer", ISSUER))
+    assert samples["guardproxy_delegated_statements_total", labels] == 6
+    assert _refusals(samples, "signature", "login") == 2
