@@ -8,7 +8,10 @@ label lookups per message.
 Labels are bounded by configuration: ``agent_type`` (policy names), ``agent``
 (only agent ids listed in the auth file; in trust mode all agents of a type
 share the agent label ``*``), ``kind`` and ``decision`` (fixed sets), ``rule``
-(policy rule names).
+(policy rule names), ``issuer`` (the ``delegation_issuers`` of the settings: only
+verified tokens are counted by issuer), ``reason`` (`delegation.errors.KINDS`).
+Principals are never a label (there is no bound on them): audit events and
+statement tags carry them.
 """
 
 from __future__ import annotations
@@ -41,6 +44,20 @@ BUCKETS = (
     60.0,
 )
 DECISIONS = ("allowed", "denied", "rewritten", "replayed", "truncated", "monitored")
+DELEGATION_RULE = "delegation."  # denials of a token: rule delegation.<TokenError.kind>
+
+
+class Tally:
+    """One counter a session holds and bumps with ``tally.n += 1``: no lookup, no lock."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+#: The tally of sessions without a delegation token: counted nowhere.
+UNCOUNTED = Tally()
 
 
 class Histogram:
@@ -84,6 +101,16 @@ class AgentStats:
     replays: int = 0
     sessions: int = 0  # open now
     sessions_total: int = 0
+    # issuer -> statements run under its verified delegation tokens
+    delegated: dict[str, Tally] = field(default_factory=dict)
+
+    def delegation_tally(self, issuer: str) -> Tally:
+        """The tally a session bumps per statement while it holds a token of `issuer`
+        (taken once, when the token is bound: see docs/observability.md)."""
+        tally = self.delegated.get(issuer)
+        if tally is None:
+            tally = self.delegated[issuer] = Tally()
+        return tally
 
 
 class StatsRegistry:
@@ -95,6 +122,14 @@ class StatsRegistry:
         self.audit_events_lost = 0
         self.audit_events_rejected = 0
         self.auth_failures = 0
+        # (agent_type, reason) -> delegation tokens refused at login
+        self.token_refusals: defaultdict[tuple[str, str], int] = defaultdict(int)
+
+    def token_refused(self, agent_type: str, reason: str) -> None:
+        """A delegation token presented at login (password, options) was refused;
+        `reason` is its `TokenError.kind`. Refusals of statements are read from the
+        agents' ``delegation.<kind>`` denials."""
+        self.token_refusals[agent_type, reason] += 1
 
     def for_agent(self, agent_type: str, agent: str) -> AgentStats:
         key = (agent_type, agent)
@@ -157,12 +192,24 @@ class GuardproxyCollector(Collector):
         sessions = GaugeMetricFamily(
             "guardproxy_client_sessions", "Client sessions open now", labels=lab
         )
+        delegated = CounterMetricFamily(
+            "guardproxy_delegated_statements",
+            "Statements run under a verified delegation token, by its issuer",
+            labels=[*lab, "issuer"],
+        )
+        refused: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        for (agent_type, reason), count in s.token_refusals.items():
+            refused[agent_type, reason, "login"] += count
         for a in s.agents.values():
             values = [a.agent_type, a.agent]
             for (kind, decision), count in a.statements.items():
                 statements.add_metric([*values, kind, decision], count)
             for rule, count in a.denials.items():
                 denials.add_metric([*values, rule], count)
+                if rule.startswith(DELEGATION_RULE):
+                    refused[a.agent_type, rule[len(DELEGATION_RULE) :], "statement"] += count
+            for issuer, tally in a.delegated.items():
+                delegated.add_metric([*values, issuer], tally.n)
             stmt_time.add_metric(values, a.statement_time.cumulative(), a.statement_time.total)
             tx_time.add_metric(values, a.transaction_time.cumulative(), a.transaction_time.total)
             rows_ret.add_metric(values, a.rows_returned)
@@ -184,7 +231,16 @@ class GuardproxyCollector(Collector):
             aborted,
             replays,
             sessions,
+            delegated,
         )
+        refusals = CounterMetricFamily(
+            "guardproxy_delegation_refusals",
+            "Delegation tokens refused, by reason, at login or at a statement",
+            labels=["agent_type", "reason", "at"],
+        )
+        for labels, count in sorted(refused.items()):
+            refusals.add_metric(list(labels), count)
+        yield refusals
 
         cache = CounterMetricFamily(
             "guardproxy_decision_cache", "Decision cache lookups", labels=["result"]

@@ -10,7 +10,8 @@ Thin like the rest of the CLI: arguments in, a call into the package, text out.
 * ``token revoke|unrevoke (--jti ID | --principal P) [--issuer I] [--reason R]`` and
   ``token list``: the revocation list in the upstream database (``--upstream DSN``).
 * ``token rls TABLE --column C [--type bigint]``: the RLS policy of a table with a
-  principal column, for the roles of the agent types that list it.
+  principal column, for the roles of the agent types that list it (``guardproxy roles
+  --rls`` ends its script with the same).
 * `explain_token()`: the effective (narrowed) rules of an agent with a token, and what
   the token asks for that the policy does not grant; with SQL, the decision on it.
 """
@@ -209,7 +210,7 @@ def rls(
     ] = None,
     policies: Annotated[Path, Opt("--policies", envvar="GUARDPROXY_POLICIES")] = Path("policies"),
 ) -> None:
-    """Print the row-level security policy of TABLE for the agent types that use it."""
+    """Print the row-level security of TABLE: the principals' rows for the agent types with delegation tokens, every row for the others."""
     from guardproxy.policy import PolicyError, load_policy_set
 
     from .postgres import rls_for_policy_set

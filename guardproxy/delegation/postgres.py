@@ -19,13 +19,15 @@ owner can use them (as PostgREST does with its JWT claims):
 * ``RESET ALL`` / ``DISCARD ALL`` from the agent set them back to empty, which hides
   rows rather than showing more; the proxy sets them again before the next statement.
 
-`rls_policy_sql(...)` writes the RLS policy for a table with a principal column
-(``guardproxy roles`` prints it); docs/delegation.md shows it working end to end.
+`rls_policy_sql(...)` writes the RLS policy for a table with a principal column, and
+`rls_for_policy_set(...)` for the agent types of a policy set (``guardproxy roles
+--rls``, ``guardproxy token rls`` print it); docs/delegation.md shows it working end to
+end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from guardproxy.policy.names import parse_relation_name, quote_ident, quote_literal
@@ -40,6 +42,8 @@ TASK = "guard.task"
 TOKEN_ID = "guard.token_id"
 #: The settings the proxy owns in Postgres; agents may never set them there.
 RESERVED = (PRINCIPALS, TASK, TOKEN_ID)
+#: The RLS policy keeping every row for agent types without delegation tokens.
+OFF_POLICY = "guard_no_delegation"
 
 
 def delegation_settings(delegation: Delegation | None) -> dict[str, str]:
@@ -98,13 +102,17 @@ def rls_policy_sql(
     column_type: str | None = None,
     schema: str | None = None,
     policy_name: str = "guard_principals",
+    other_roles: Sequence[str] = (),
 ) -> str:
     """Row-level security for `table`: the agents' roles see and write only the rows of
     the principals of their verified token.
 
     `column_type` (``bigint``, ``uuid``, ...) compares the column with the principals
     cast to its type, which can use an index; without it the column is compared as
-    text. `roles` are the agent types' upstream roles.
+    text. `roles` are the upstream roles of the agent types that take delegation
+    tokens; `other_roles` those of agent types that use the table without tokens
+    (``delegation: off``): they get a policy keeping every row their grants give
+    them, since once RLS is on a role without a policy sees no rows.
     """
     target = quote_ident(table) if schema is None else f"{quote_ident(schema)}.{quote_ident(table)}"
     column = quote_ident(principal_column)
@@ -113,16 +121,28 @@ def rls_policy_sql(
     else:
         predicate = f"{column}::text = ANY ({principals_array()})"
     to = ", ".join(quote_ident(r) for r in roles) or "PUBLIC"
+    lines = [
+        f"-- Row-level security on {target} for {to}: their sessions see and change only",
+        "-- the rows of the principals named by the agent's verified delegation token",
+        "-- (guard.principals, set by guardproxy before each transaction; empty without a",
+        "-- token: no rows).",
+        f"ALTER TABLE {target} ENABLE ROW LEVEL SECURITY;",
+        f"DROP POLICY IF EXISTS {quote_ident(policy_name)} ON {target};",
+        f"CREATE POLICY {quote_ident(policy_name)} ON {target} FOR ALL TO {to}",
+        f"    USING ({predicate})",
+        f"    WITH CHECK ({predicate});",
+    ]
+    if other_roles:
+        others = ", ".join(quote_ident(r) for r in other_roles)
+        lines += [
+            f"-- {others}: agent types without delegation tokens (delegation: off) keep",
+            "-- the rows their grants give them (a role without a policy would see none):",
+            f"DROP POLICY IF EXISTS {quote_ident(OFF_POLICY)} ON {target};",
+            f"CREATE POLICY {quote_ident(OFF_POLICY)} ON {target} FOR ALL TO {others} USING (true);",
+        ]
     return "\n".join(
         [
-            f"-- Row-level security on {target}: {to} see and change only the rows of the",
-            "-- principals named by the agent's verified delegation token (guard.principals,",
-            "-- set by guardproxy before each transaction; empty without a token: no rows).",
-            f"ALTER TABLE {target} ENABLE ROW LEVEL SECURITY;",
-            f"DROP POLICY IF EXISTS {quote_ident(policy_name)} ON {target};",
-            f"CREATE POLICY {quote_ident(policy_name)} ON {target} FOR ALL TO {to}",
-            f"    USING ({predicate})",
-            f"    WITH CHECK ({predicate});",
+            *lines,
             "-- Once RLS is on, roles without a policy see no rows (the table owner and",
             "-- BYPASSRLS roles excepted): give the application's own roles one, e.g.",
             f"-- CREATE POLICY app_all ON {target} FOR ALL TO app_role USING (true);",
@@ -134,14 +154,29 @@ def rls_policy_sql(
 def rls_for_policy_set(
     policy_set: PolicySet, table: str, column: str, column_type: str | None = None
 ) -> str:
-    """`rls_policy_sql` for the upstream roles of every agent type whose policy lists
-    `table` (for ``guardproxy roles``); ValueError when none does or `table` is no name."""
+    """`rls_policy_sql` for the agent types whose policy lists `table` (``guardproxy
+    roles --rls``, ``guardproxy token rls``): the roles of those that take delegation
+    tokens get the principals' rows, the others keep theirs. ValueError when no type
+    that takes tokens lists `table`, or `table` is no name."""
     schema, name = parse_relation_name(table)
-    roles = [
-        policy.upstream_role
+    users = [
+        policy
         for policy in policy_set
         if any((rule.schema, rule.name) == (schema, name) for rule in policy.tables)
     ]
+    roles = _distinct(p.upstream_role for p in users if p.document.delegation != "off")
     if not roles:
-        raise ValueError(f"no agent type lists {table} in its tables")
-    return rls_policy_sql(name, column, roles, column_type, schema)
+        if not users:
+            raise ValueError(f"no agent type lists {table} in its tables")
+        raise ValueError(
+            f"no agent type that takes delegation tokens lists {table} ("
+            f"{', '.join(p.name for p in users)} list it, with delegation: off): set "
+            "delegation: optional or required in the policy of the agents that act for "
+            "principals"
+        )
+    others = [r for r in _distinct(p.upstream_role for p in users) if r not in roles]
+    return rls_policy_sql(name, column, roles, column_type, schema, other_roles=others)
+
+
+def _distinct(values: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(values))

@@ -260,15 +260,18 @@ class RevocationCache:
 
     async def _run(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that
+            # comes as a notification sets the event, and close() would wait forever
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.refresh)
+                async with asyncio.timeout(self.refresh):
+                    await self._wake.wait()
             self._wake.clear()
             await self.load()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # waits for the task without taking its CancelledError for the caller's own
+            await asyncio.wait({task})
         await self.store.close()

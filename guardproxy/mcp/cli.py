@@ -107,9 +107,17 @@ def stdio(
 @mcp_app.command()
 def http(
     tokens_file: Annotated[
-        Path,
+        Path | None,
         Opt(envvar="GUARDPROXY_MCP_TOKENS_FILE", help="agent tokens from `guardproxy mcp token`"),
-    ],
+    ] = None,
+    config: Annotated[
+        Path | None,
+        Opt(
+            "--config",
+            help="the proxy's settings file: its delegation_issuers make delegation tokens "
+            "bearer credentials too (GUARDPROXY_DELEGATION_ISSUERS does as well)",
+        ),
+    ] = None,
     host: Annotated[str, Opt(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, Opt(min=1, max=65535, help="port to listen on")] = 8808,
     path: Annotated[str, Opt(help="URL path of the endpoint")] = "/mcp",
@@ -135,7 +143,7 @@ def http(
     metrics_port: MetricsPortOpt = None,
     log_level: LogLevelOpt = "warning",
 ) -> None:
-    """Serve MCP over Streamable HTTP for the agents of a tokens file."""
+    """Serve MCP over Streamable HTTP for the agents of a tokens file, and agents with a delegation token."""
     from .config import HttpSettings
     from .run import run_http, setup_logging
 
@@ -148,6 +156,7 @@ def http(
         port=port,
         path=path,
         tokens_file=tokens_file,
+        config_file=config,
         tls_cert_file=tls_cert_file,
         tls_key_file=tls_key_file,
         allow_insecure_bind=allow_insecure_bind,

@@ -3,9 +3,11 @@
 * `check_proxy_url(url)`: the proxy's listen address as a ``postgresql://`` URL with
   no user name or password (each call logs in as its agent; passwords come from
   ``PGPASSWORD`` or a libpq password file);
-* `HttpSettings` + `check_http(settings)`: the HTTP endpoint binds loopback unless
-  told otherwise, and then only with TLS (or `allow_insecure_bind`, for a
-  TLS-terminating proxy in front); `transport_security(settings)` is the ``Host`` /
+* `HttpSettings` + `check_http(settings, delegation)`: the HTTP endpoint needs a
+  tokens file or delegation issuers (``config_file``, the proxy's settings) to know
+  anyone; it binds loopback unless told otherwise, and then only with TLS (or
+  `allow_insecure_bind`, for a TLS-terminating proxy in front);
+  `transport_security(settings)` is the ``Host`` /
   ``Origin`` allow-list that defeats DNS rebinding: the loopback names by default,
   plus the hosts and origins given.
 """
@@ -57,6 +59,7 @@ class HttpSettings:
     port: int = 8808
     path: str = "/mcp"
     tokens_file: Path | None = None
+    config_file: Path | None = None  # the proxy's settings: delegation_issuers
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     allow_insecure_bind: bool = False
@@ -71,12 +74,15 @@ class HttpSettings:
         return self.tls_cert_file is not None
 
 
-def check_http(settings: HttpSettings) -> None:
-    """Raise ConfigError when the endpoint would be unsafe or cannot start."""
-    if settings.tokens_file is None:
+def check_http(settings: HttpSettings, delegation: bool = False) -> None:
+    """Raise ConfigError when the endpoint would be unsafe or cannot start.
+    `delegation`: delegation issuers are configured (their tokens are credentials)."""
+    if settings.tokens_file is None and not delegation:
         raise ConfigError(
             "the HTTP endpoint needs --tokens-file (create tokens with "
-            "`guardproxy mcp token AGENT --tokens-file FILE`)"
+            "`guardproxy mcp token AGENT --tokens-file FILE`), or delegation_issuers in "
+            "the settings (--config FILE or GUARDPROXY_DELEGATION_ISSUERS) to accept "
+            "delegation tokens"
         )
     if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
         raise ConfigError("--tls-cert-file and --tls-key-file go together: give both or neither")

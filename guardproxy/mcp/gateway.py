@@ -4,8 +4,11 @@ One `Gateway` per ``guardproxy mcp`` process, shared by the per-agent-type serve
 (`guardproxy.mcp.tools`). For each tool call it:
 
 1. finds the caller (`Caller`): the one agent of a stdio server, or the agent id the
-   HTTP layer authenticated (`AccessToken.client_id`; a token's ``principals`` claim,
-   which delegation tokens will carry, becomes the session's principals);
+   HTTP layer authenticated (`AccessToken.client_id`). A caller that authenticated
+   with a delegation token (`delegation.Presented`) presents that token to the proxy
+   on every call, so the proxy binds its principals, task and narrowing; the policy
+   the tools describe and explain with is the type's, narrowed by the token. Its
+   metrics count under ``agent="*"``: its agent id is not bounded by a tokens file;
 2. admits it under the per-agent concurrency limit (refusal, not a queue: the agent
    is told how many of its calls run);
 3. runs it under the call timeout, through `ProxyClient` only: the proxy enforces;
@@ -14,7 +17,9 @@ One `Gateway` per ``guardproxy mcp`` process, shared by the per-agent-type serve
 
 Task state: the ``task`` tool sets the task and step of the following calls of one
 MCP session (HTTP: per ``Mcp-Session-Id``; stdio, or HTTP without a session: per
-agent). A call's own ``task`` / ``step`` arguments take precedence.
+agent, or per token for a delegation token). A call's own ``task`` / ``step``
+arguments take precedence. A delegation token that names a task decides it: another
+one is refused (`InputRefused`), as the proxy would refuse it.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 
+from ..delegation.binding import effective_policy
 from ..policy import PolicySet
 from ..policy.agent import AgentPolicy
+from .delegation import Presented, presented
 from .metrics import McpMetrics
 from .results import Bounds
 from .statements import InputRefused
@@ -56,9 +63,14 @@ class GatewayConfig:
 @dataclass(frozen=True)
 class Caller:
     agent_id: str
-    policy: AgentPolicy
+    policy: AgentPolicy  # the agent type's, narrowed by the caller's delegation token
     session_key: tuple[str, str]
-    principals: tuple[str, ...] = ()
+    presented: Presented | None = None  # the delegation token the caller authenticated with
+
+    @property
+    def metric_agent(self) -> str:
+        """The ``agent`` label: agent ids of delegation tokens share ``*``."""
+        return "*" if self.presented is not None else self.agent_id
 
 
 @dataclass
@@ -83,7 +95,7 @@ class Gateway:
     # -- who calls -----------------------------------------------------------------
 
     def caller(self, ctx: Context[Any, Any]) -> Caller:
-        principals: tuple[str, ...] = ()
+        token: Presented | None = None
         session = ""
         if self.stdio_agent is not None:
             agent_id = self.stdio_agent
@@ -93,16 +105,17 @@ class Gateway:
             if not isinstance(user, AuthenticatedUser):
                 raise ToolError("this call carries no authenticated agent; send a bearer token")
             agent_id = user.access_token.client_id
-            claims = user.access_token.claims or {}
-            raw = claims.get("principals")
-            if isinstance(raw, list | tuple):
-                principals = tuple(str(p) for p in raw)
+            token = presented(user.access_token)
             headers = ctx.headers or {}
             session = headers.get("mcp-session-id", "")
+            if not session and token is not None:
+                session = "token:" + token.delegation.token_id
         policy = self.policies.match(agent_id)
         if policy is None:
             raise ToolError(f"agent {agent_id!r} matches no agent type of the policies")
-        return Caller(agent_id, policy, (agent_id, session), principals)
+        if token is not None:
+            policy = effective_policy(policy, token.delegation)
+        return Caller(agent_id, policy, (agent_id, session), token)
 
     # -- task state ----------------------------------------------------------------
 
@@ -126,13 +139,32 @@ class Gateway:
         state = self.task_state(caller)
         # the session's step belongs to the session's task, not to one a call names
         same_task = not task or task == state.task
+        task = task or state.task
+        token = caller.presented
+        if token is not None and token.delegation.task is not None:
+            decided = token.delegation.task
+            if task not in (None, decided):
+                raise InputRefused(
+                    f"the task is {decided}, named by your delegation token: a call cannot "
+                    f"name another ({task}). Nothing was run. Leave task out, or ask for a "
+                    "token minted for that task"
+                )
+            task = None  # the proxy takes it from the token
         return CallContext(
             agent_id=caller.agent_id,
-            task=task or state.task,
+            task=task,
             step=step or (state.step if same_task else None),
-            principals=caller.principals,
             tags={k: v for k, v in (tags or {}).items() if v},
+            token=token.token if token is not None else None,
         )
+
+    @staticmethod
+    def task_of(caller: Caller, call: CallContext) -> str | None:
+        """The task the proxy runs a call under: the token's, or the call's."""
+        token = caller.presented
+        if token is not None and token.delegation.task is not None:
+            return token.delegation.task
+        return call.task
 
     # -- running a call ------------------------------------------------------------
 
@@ -141,18 +173,18 @@ class Gateway:
     ) -> T:
         """Run one tool call for its caller (see the module docstring)."""
         caller = self.caller(ctx)
-        agent, agent_type = caller.agent_id, caller.policy.name
+        agent, agent_type, label = caller.agent_id, caller.policy.name, caller.metric_agent
         started = time.monotonic()
         outcome = "error"
         limit = self.config.max_calls_per_agent
         if self._running.get(agent, 0) >= limit:
-            self.metrics.observe(agent_type, agent, tool, "refused", 0.0)
+            self.metrics.observe(agent_type, label, tool, "refused", 0.0)
             raise ToolError(
                 f"agent {agent} already has {limit} calls running (the limit per agent); "
                 "wait for one to finish, then call again. Nothing was run."
             )
         self._running[agent] = self._running.get(agent, 0) + 1
-        self.metrics.running(agent_type, agent, 1)
+        self.metrics.running(agent_type, label, 1)
         try:
             with anyio.fail_after(self.config.call_timeout):
                 result = await body(caller)
@@ -176,5 +208,5 @@ class Gateway:
             self._running[agent] -= 1
             if not self._running[agent]:
                 del self._running[agent]
-            self.metrics.running(agent_type, agent, -1)
-            self.metrics.observe(agent_type, agent, tool, outcome, time.monotonic() - started)
+            self.metrics.running(agent_type, label, -1)
+            self.metrics.observe(agent_type, label, tool, outcome, time.monotonic() - started)

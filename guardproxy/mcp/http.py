@@ -4,8 +4,10 @@ One ASGI app (Starlette, served by uvicorn), in this order for every request:
 
 1. ``Host`` and ``Origin`` are checked against the allow-list (`config.transport_security`):
    a page that rebinds its DNS name to 127.0.0.1 gets 421 / 403 before anything else;
-2. the bearer token is verified (`tokens.TokenFileVerifier`, or any `TokenVerifier`):
-   no token or an unknown one gets 401 with ``WWW-Authenticate: Bearer``;
+2. the bearer token is verified (`tokens.TokenFileVerifier`, `delegation.DelegationBearer`,
+   or any `TokenVerifier`): no token or an unknown one gets 401 with
+   ``WWW-Authenticate: Bearer``; a delegation token that is refused gets 401 with
+   ``error="invalid_token"`` and the reason (expired, signature, ...; never the token);
 3. the agent's type picks the MCP server of that type (`tools.build_server`), whose SDK
    session manager serves the request; a session is bound to the token that opened it
    (the SDK answers 404 to anyone else).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 
 from mcp.server.auth.middleware.bearer_auth import (
@@ -30,14 +33,16 @@ from mcp.server.auth.provider import TokenVerifier
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from starlette.applications import Starlette
+from starlette.authentication import AuthCredentials, AuthenticationError, BaseUser
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import HttpSettings, transport_security
+from .delegation import BearerRefused
 from .gateway import Gateway
 from .tools import build_server
 
@@ -58,6 +63,29 @@ class HostOriginGuard:
                 await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class BearerBackend(BearerAuthBackend):
+    """The SDK's bearer check; a refused delegation token becomes an error with its reason."""
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
+        try:
+            found: tuple[AuthCredentials, BaseUser] | None = await super().authenticate(conn)
+        except BearerRefused as exc:
+            raise AuthenticationError(str(exc)) from None
+        return found
+
+
+def refused_token(_conn: HTTPConnection, exc: Exception) -> Response:
+    """401 for a delegation token that is not accepted, saying why (RFC 6750)."""
+    reason = str(exc)
+    quoted = re.sub(r"[^ -~]", "?", reason)[:400]  # printable ASCII only, in a header
+    quoted = quoted.replace("\\", "\\\\").replace('"', '\\"')  # RFC 9110 quoted-string
+    return JSONResponse(
+        {"error": "invalid_token", "error_description": reason},
+        status_code=401,
+        headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{quoted}"'},
+    )
 
 
 class AgentRouter:
@@ -109,7 +137,9 @@ def build_app(gateway: Gateway, verifier: TokenVerifier, settings: HttpSettings)
         routes=[Route(settings.path, endpoint=endpoint)],
         middleware=[
             Middleware(HostOriginGuard, settings=security),
-            Middleware(AuthenticationMiddleware, backend=BearerAuthBackend(verifier)),
+            Middleware(
+                AuthenticationMiddleware, backend=BearerBackend(verifier), on_error=refused_token
+            ),
         ],
         lifespan=lifespan,
     )

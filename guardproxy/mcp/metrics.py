@@ -9,10 +9,16 @@ used which tool over which transport, with what outcome:
   refused it), ``error`` (the database or the proxy answered with an error),
   ``refused`` (bad input or a limit of the MCP server: nothing was sent);
 * ``guardproxy_mcp_tool_duration_seconds{agent_type, agent, transport, tool}``;
-* ``guardproxy_mcp_calls_in_flight{agent_type, agent, transport}``.
+* ``guardproxy_mcp_calls_in_flight{agent_type, agent, transport}``;
+* ``guardproxy_mcp_token_refusals_total{transport, reason}``: delegation tokens
+  refused as bearer credentials (HTTP answered 401), ``reason`` a
+  `guardproxy.delegation.errors.KINDS` word. The proxy counts what it refuses itself
+  (``guardproxy_delegation_refusals_total``).
 
 Labels are bounded: agent ids are the ones of the tokens file (HTTP) or the one
-agent of a stdio server; tools and outcomes are fixed sets.
+agent of a stdio server, and ``*`` for every agent that authenticated with a
+delegation token (their ids are not bounded by a file); tools, outcomes and reasons
+are fixed sets.
 """
 
 from __future__ import annotations
@@ -45,6 +51,15 @@ class McpMetrics:
             labels,
             registry=self.registry,
         )
+        self.token_refusals = Counter(
+            "guardproxy_mcp_token_refusals",
+            "Delegation tokens refused as bearer credentials, by reason",
+            ["transport", "reason"],
+            registry=self.registry,
+        )
+
+    def token_refused(self, reason: str) -> None:
+        self.token_refusals.labels(self.transport, reason).inc()
 
     def observe(self, agent_type: str, agent: str, tool: str, outcome: str, seconds: float) -> None:
         self.calls.labels(agent_type, agent, self.transport, tool, outcome).inc()

@@ -11,9 +11,8 @@ adding or removing a token needs no restart.
 
 `TokenFileVerifier` is the SDK's `TokenVerifier` for it: a known token gives an
 `AccessToken` whose ``client_id`` is the agent id. `AnyOf` tries several verifiers
-in turn: the extension point for the delegation tokens of the on-behalf-of work,
-whose verifier returns the agent id as ``client_id`` and the principals it acts for
-as ``claims["principals"]`` (the gateway passes them on as the session's principals).
+in turn: the tokens file, then delegation tokens (`delegation.DelegationBearer`,
+whose accepted tokens the gateway presents to the proxy on every call).
 """
 
 from __future__ import annotations

@@ -28,13 +28,15 @@ from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
 from ..analysis import Op
+from ..delegation import binding
+from ..delegation.errors import TokenError
 from ..policy import SessionContext
 from ..policy import tools as policy_tools
 from ..policy.agent import AgentPolicy
 from . import describe as words
 from .gateway import Caller, Gateway
 from .results import Bounds, ResultBuilder
-from .statements import check_statement
+from .statements import InputRefused, check_statement
 from .wire import DatabaseError
 
 MAX_SQL_CHARS = 100_000
@@ -148,7 +150,7 @@ def build_server(gateway: Gateway, policy: AgentPolicy) -> MCPServer:
             result = await gateway.client.run(
                 call, sql, params or [], builder, cursor=shape is not None and shape.cursor
             )
-            result["task"], result["step"] = call.task, call.step
+            result["task"], result["step"] = gateway.task_of(caller, call), call.step
             return result
 
         return _answer(await gateway.call("query", ctx, body))
@@ -198,8 +200,15 @@ def build_server(gateway: Gateway, policy: AgentPolicy) -> MCPServer:
     async def set_task(ctx: Context, task: Task = None, step: Step = None) -> CallToolResult:
         async def body(caller: Caller) -> dict[str, Any]:
             state = gateway.task_state(caller)
-            state.task = task or None
-            state.step = (step or None) if task else None
+            decided = caller.presented.delegation.task if caller.presented else None
+            if decided is not None and task not in (None, "", decided):
+                raise InputRefused(
+                    f"the task is {decided}, named by your delegation token: it cannot be "
+                    f"switched to {task}. Give only a step, or ask for a token minted for "
+                    "that task"
+                )
+            state.task = task or decided
+            state.step = (step or None) if state.task else None
             scope = "this MCP session" if caller.session_key[1] else f"agent {caller.agent_id}"
             return {"task": state.task, "step": state.step, "applies_to": scope}
 
@@ -243,12 +252,24 @@ async def _explain(
 ) -> dict[str, Any]:
     shape = check_statement(sql)
     call = gateway.call_context(caller, task, step)
+    missing = _missing_token(caller)
+    if missing is not None:
+        return missing
     rows, path = await _catalog_rows(gateway, caller)
+    token = caller.presented
     session = SessionContext(
-        agent_id=caller.agent_id, task=call.task, step=call.step, principals=call.principals
+        agent_id=caller.agent_id,
+        task=gateway.task_of(caller, call),
+        step=call.step,
+        principals=token.delegation.principals if token is not None else (),
     )
     decision = policy_tools.explain(
-        gateway.policies, caller.agent_id, sql, words.catalog_of(rows, path), session
+        gateway.policies,
+        caller.agent_id,
+        sql,
+        words.catalog_of(rows, path),
+        session,
+        policy=caller.policy,
     )
     out: dict[str, Any] = {
         "decision": decision["decision"],
@@ -266,6 +287,27 @@ async def _explain(
     else:
         out["plan"], out["plan_note"] = await _plan(gateway, call, sql, params)
     return out
+
+
+def _missing_token(caller: Caller) -> dict[str, Any] | None:
+    """The proxy's answer to every statement of a ``delegation: required`` type without a
+    token, as explain's decision (the judge alone does not know it)."""
+    if caller.presented is not None:
+        return None  # the proxy checks the token's expiry and revocation on every call
+    try:
+        binding.gate(caller.policy, None, None, 0.0)
+    except TokenError as exc:
+        return {
+            "decision": "deny",
+            "rule": "delegation",
+            "reason": exc.message,
+            "hint": exc.hint,
+            "sql_sent": None,
+            "monitor_mode": False,
+            "plan": None,
+            "plan_note": "denied: no plan",
+        }
+    return None
 
 
 async def _plan(gateway: Gateway, call: Any, sql: str, params: list[Any]) -> tuple[Any, str]:

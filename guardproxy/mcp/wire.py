@@ -13,6 +13,14 @@ guard.step=...``), which the proxy reads like ``SET guard.*``; the session names
 itself ``application_name = guardproxy-mcp``, which the proxy shows after the agent
 id in ``pg_stat_activity``.
 
+A call of an agent that authenticated with a delegation token (`delegation`) carries
+that token to the proxy as ``-c guard.token=...``, and as the password when the
+proxy asks for one in clear text (an agent without a password of its own logs in
+with its token). libpq is told to send it for nothing else (``require_auth=
+password,none``): when the proxy asks for SCRAM instead (the agent has a password
+in the auth file), the session is opened again with libpq's own password, the token
+in the options only, and the agent is remembered as one that logs in so.
+
 `ProxyClient.run()` reads the rows of a `StatementShape.cursor` read through a
 ``DECLARE``d cursor in a transaction of its own, a chunk at a time, no more than the
 result can show; every other statement runs in autocommit and its rows (the
@@ -40,6 +48,8 @@ APPLICATION_NAME = "guardproxy-mcp"
 CURSOR_NAME = "guardproxy_mcp"
 FETCH_CHUNK = 100
 CANCEL_WAIT = 5.0  # seconds to cancel an abandoned statement before closing its session
+MAX_REMEMBERED = 10_000  # agents remembered to log in with their own password
+REQUIRE_AUTH = "password,none"  # what a delegation token may answer as a password
 T = TypeVar("T")
 
 Param = str | int | float | bool | None
@@ -52,15 +62,13 @@ class CallContext:
     agent_id: str
     task: str | None = None
     step: str | None = None
-    principals: tuple[str, ...] = ()
     tags: Mapping[str, str] = field(default_factory=dict)
+    token: str | None = field(default=None, repr=False)  # a delegation token, never shown
 
     def options(self) -> str:
         """The libpq ``options`` string: ``-c guard.KEY=VALUE`` per key, escaped as
         the server reads it (a backslash before whitespace and before a backslash)."""
-        pairs = {"task": self.task, "step": self.step, **self.tags}
-        if self.principals:
-            pairs["principals"] = ",".join(self.principals)
+        pairs = {"task": self.task, "step": self.step, **self.tags, "token": self.token}
         return " ".join(f"-c guard.{key}={_escape(value)}" for key, value in pairs.items() if value)
 
 
@@ -125,25 +133,53 @@ class ProxyClient:
     def __init__(self, url: str, connect_timeout: float = 10.0) -> None:
         self.url = url
         self.connect_timeout = connect_timeout
+        # agents with a token that log in with their own password (SCRAM), not the token
+        self._own_password: set[str] = set()
 
-    def conninfo(self, ctx: CallContext) -> str:
+    def conninfo(self, ctx: CallContext, token_password: bool = False) -> str:
+        """`token_password`: the delegation token is also the password, sent only if
+        the proxy asks for one in clear text (or for none)."""
+        extra: dict[str, Any] = {}
+        if token_password and ctx.token:
+            extra = {"password": ctx.token, "require_auth": REQUIRE_AUTH}
         return conninfo.make_conninfo(
             self.url,
             user=ctx.agent_id,
             options=ctx.options() or None,
             application_name=APPLICATION_NAME,
             connect_timeout=max(1, int(self.connect_timeout)),
+            **extra,
         )
+
+    async def _connect(self, ctx: CallContext) -> psycopg.AsyncConnection[Any]:
+        """A session of the agent (see the module docstring for a delegation token)."""
+        token_password = bool(ctx.token) and ctx.agent_id not in self._own_password
+        try:
+            return await psycopg.AsyncConnection.connect(
+                self.conninfo(ctx, token_password), autocommit=True, prepare_threshold=None
+            )
+        except psycopg.Error as exc:
+            # libpq names the requirement when the proxy asked for another method
+            if not token_password or f'"{REQUIRE_AUTH}"' not in str(exc):
+                raise  # the login itself was refused
+        # the proxy asked for SCRAM, which the token must not serve: the agent's own password
+        conn = await psycopg.AsyncConnection.connect(
+            self.conninfo(ctx), autocommit=True, prepare_threshold=None
+        )
+        if len(self._own_password) >= MAX_REMEMBERED:
+            self._own_password.clear()
+        self._own_password.add(ctx.agent_id)
+        return conn
 
     @contextlib.asynccontextmanager
     async def session(
         self, ctx: CallContext, notices: list[str] | None = None
     ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                self.conninfo(ctx), autocommit=True, prepare_threshold=None
-            )
+            conn = await self._connect(ctx)
         except psycopg.Error as exc:
+            if ctx.token:
+                self._own_password.discard(ctx.agent_id)  # the next call tries the token again
             detail = DatabaseError.from_psycopg(exc)
             reason = detail.text() if detail.sqlstate else str(exc).strip()
             raise ProxyUnavailable(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -243,11 +243,22 @@ def roles(
             "the upstream roles and its rights on the guardproxy schema",
         ),
     ] = None,
+    rls: Annotated[
+        list[str] | None,
+        Opt(
+            "--rls",
+            help="TABLE:COLUMN[:TYPE] (repeatable): also row-level security on TABLE: agent "
+            "types with delegation tokens see only the rows whose COLUMN holds one of their "
+            "token's principals; TYPE comes from --upstream / --schema when not given",
+        ),
+    ] = None,
 ) -> None:
     """Print one SQL script to review and run: roles, grants, settings, the proxy login's needs.
 
     It gives the database the policies' limits (defence in depth) and guardproxy's own
     login what it needs: membership in the agent roles, rights in guardproxy's schema.
+    With --rls, it ends with the row-level security policy of each table named
+    (docs/delegation.md, "Into Postgres: row-level security").
     """
     from guardproxy.policy.tools import roles_sql
 
@@ -257,7 +268,41 @@ def roles(
 
         login = parse_dsn(upstream).user
     db = read_schema(upstream, schema)
-    typer.echo(roles_sql(policy_set(policies), db, proxy_login=login), nl=False)
+    chosen = policy_set(policies)
+    parts = [roles_sql(chosen, db, proxy_login=login)]
+    parts += [_rls_policy(chosen, db, spec) for spec in rls or ()]
+    typer.echo("\n".join(parts), nl=False)
+
+
+def _rls_policy(chosen: Any, db: Any, spec: str) -> str:
+    """The RLS policy of one ``--rls TABLE:COLUMN[:TYPE]`` (delegation/postgres.py writes
+    it); the column must exist when the schema is known, and gives its type."""
+    from guardproxy.delegation.postgres import rls_for_policy_set
+    from guardproxy.policy.names import parse_relation_name
+
+    table, _, rest = spec.partition(":")
+    column, _, column_type = rest.partition(":")
+    if not table.strip() or not column.strip():
+        fail(f"--rls {spec!r}: expected TABLE:COLUMN or TABLE:COLUMN:TYPE, e.g. orders:customer_id")
+    table, column, column_type = table.strip(), column.strip(), column_type.strip()
+    if db is not None:
+        try:
+            found = db.resolve(*parse_relation_name(table))
+        except ValueError as exc:
+            fail(f"--rls {spec!r}: {exc}")
+        if found is None:
+            fail(f"--rls {spec!r}: no table {table} in the database")
+        described = found.column(column)
+        if described is None:
+            fail(
+                f"--rls {spec!r}: table {table} has no column {column} "
+                f"(columns: {', '.join(found.column_names)})"
+            )
+        column_type = column_type or described.type
+    try:
+        return str(rls_for_policy_set(chosen, table, column, column_type or None))
+    except ValueError as exc:
+        fail(f"--rls {spec!r}: {exc}")
 
 
 def replay(

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..analysis.catalog import Catalog
 from ..analysis.model import Op
-from .agent import SoftDelete
+from .agent import AgentPolicy, SoftDelete
 from .context import SessionContext
 from .engine import Judge
 from .errors import PolicyError
@@ -68,9 +68,12 @@ def explain(
     sql: str,
     catalog: Catalog | None = None,
     ctx: SessionContext | None = None,
+    policy: AgentPolicy | None = None,
 ) -> dict[str, Any]:
-    """What the proxy would do with `sql` from `agent_id` (see the module docstring)."""
-    policy = policy_set.match(agent_id)
+    """What the proxy would do with `sql` from `agent_id` (see the module docstring);
+    `policy`: judge with it (the agent's type narrowed by a delegation token) rather
+    than with the type the agent id matches."""
+    policy = policy or policy_set.match(agent_id)
     if policy is None:
         return {
             "decision": "deny",

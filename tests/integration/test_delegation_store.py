@@ -5,6 +5,7 @@ feeds (the statement the proxy sends, then the agent role's reads and writes).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -87,6 +88,23 @@ async def test_a_revocation_reaches_another_instance(dsn: str) -> None:
     finally:
         await admin.close()
         await other.close()
+
+
+async def test_a_cache_closed_as_a_notification_arrives_stops(dsn: str) -> None:
+    """close() must not lose its cancel to a change notification that wakes the background
+    task at the same moment: the task would wait out its refresh and reload forever, and
+    close() with it (10 s stand for "never": a close takes milliseconds)."""
+    for _ in range(3):
+        cache = RevocationCache(RevocationStore(dsn), refresh=60.0)
+        await cache.start()
+        await asyncio.sleep(0)  # the task waits for a notification or its refresh
+        task = cache._task
+        cache._notified()  # what asyncpg calls when the notification arrives
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10) as bound:
+                await cache.close()
+        assert not bound.expired(), "close() did not return"
+        assert task is not None and task.cancelled()
 
 
 async def test_revoking_twice_moves_the_cut_off(dsn: str) -> None:

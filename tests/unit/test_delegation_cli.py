@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pglast
 import pytest
 
 from guardproxy.analysis.model import Op
@@ -133,11 +134,58 @@ def test_explain_refuses_a_token_for_another_agent(keys: Path, tmp_path: Path) -
     assert gp("explain", "--agent", "support-2").returncode == 2  # neither SQL nor --token
 
 
-def test_rls_prints_the_policy_for_the_roles_that_use_the_table() -> None:
-    out = gp("token", "rls", "orders", "--column", "customer_id", "--type", "bigint")
+def delegated_policies(directory: Path) -> Path:
+    """The example policies with support taking delegation tokens (delegation: required)."""
+    target = directory / "policies"
+    target.mkdir()
+    for source in (ROOT / "policies").glob("*.yaml"):
+        text = source.read_text()
+        if source.name == "support.yaml":
+            text = text.replace("\nstatements:", "\ndelegation: required\nstatements:", 1)
+        (target / source.name).write_text(text)
+    return target
+
+
+def test_rls_prints_the_policy_for_the_roles_that_use_the_table(tmp_path: Path) -> None:
+    policies = str(delegated_policies(tmp_path))
+    out = gp("token", "rls", "orders", "--column", "customer_id", "--type", "bigint",
+             "--policies", policies)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "ALTER TABLE orders ENABLE ROW LEVEL SECURITY;" in out.stdout
-    assert "TO guard_analytics, guard_fulfillment, guard_support" in out.stdout
-    assert "::bigint[]" in out.stdout
-    missing = gp("token", "rls", "nowhere", "--column", "x")
+    sql = out.stdout
+    assert "ALTER TABLE orders ENABLE ROW LEVEL SECURITY;" in sql
+    assert "CREATE POLICY guard_principals ON orders FOR ALL TO guard_support\n" in sql
+    assert "::bigint[]" in sql
+    # the types without tokens keep their rows rather than see none once RLS is on
+    keep = "CREATE POLICY guard_no_delegation ON orders FOR ALL TO guard_analytics, "
+    assert keep + "guard_fulfillment USING (true);" in sql
+    assert len(pglast.parse_sql(sql)) == 5
+    missing = gp("token", "rls", "nowhere", "--column", "x", "--policies", policies)
     assert missing.returncode == 2 and "no agent type lists nowhere" in missing.stderr
+    # a table only types without tokens use: RLS there would only hide rows from them
+    off = gp("token", "rls", "orders", "--column", "customer_id")
+    assert off.returncode == 2
+    assert "no agent type that takes delegation tokens lists orders" in off.stderr
+    assert "analytics, fulfillment, support list it, with delegation: off" in off.stderr
+
+
+def test_roles_ends_its_script_with_the_rls_of_each_table_named(tmp_path: Path) -> None:
+    policies = str(delegated_policies(tmp_path))
+    schema = str(ROOT / "sql" / "example_schema.sql")
+    out = gp("roles", "--policies", policies, "--schema", schema, "--rls", "orders:customer_id")
+    assert out.returncode == 0, out.stderr
+    alone = gp("token", "rls", "orders", "--column", "customer_id", "--type", "bigint",
+               "--policies", policies)  # fmt: skip
+    assert out.stdout.endswith("\n" + alone.stdout)  # the type comes from the schema
+    assert out.stdout.startswith(gp("roles", "--policies", policies, "--schema", schema).stdout)
+    pglast.parse_sql(out.stdout)
+    text_typed = gp("roles", "--policies", policies, "--rls", "orders:customer_id:text")
+    assert "customer_id = ANY (" in text_typed.stdout and "::text[]" in text_typed.stdout
+    for spec, problem in (
+        ("orders", "expected TABLE:COLUMN or TABLE:COLUMN:TYPE"),
+        ("orders:nope", "table orders has no column nope (columns: id, customer_id"),
+        ("nowhere:x", "no table nowhere in the database"),
+        ("payments:order_id", "no agent type lists payments"),
+    ):
+        bad = gp("roles", "--policies", policies, "--schema", schema, "--rls", spec)
+        assert bad.returncode == 2 and problem in bad.stderr, (spec, bad.stderr)
+        assert bad.stdout == ""

@@ -271,13 +271,14 @@ def test_context_travels_as_escaped_startup_options() -> None:
         "support-1",
         task="T 1",
         step="a\\b",
-        principals=("42", "43"),
         tags={"reason": "dup order"},
+        token="eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJzdXBwb3J0LTEifQ.c2ln",
     )
     assert ctx.options() == (
         "-c guard.task=T\\ 1 -c guard.step=a\\\\b -c guard.reason=dup\\ order "
-        "-c guard.principals=42,43"
+        "-c guard.token=eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJzdXBwb3J0LTEifQ.c2ln"
     )
+    assert "eyJ" not in repr(ctx)  # a delegation token is never shown
     assert CallContext("a").options() == ""
 
 
