@@ -33,10 +33,14 @@ class Denied(GuardError):
         hint: str | None = None,
         sqlstate: str | None = None,
         kind: str | None = None,
+        counted_as: str | None = None,
     ) -> None:
         super().__init__(message, hint=hint, sqlstate=sqlstate)
         self.rule = rule
         self.kind = kind  # read or write, when known: the metrics label of the refusal
+        # the denials metric's rule label, when it says more than ``rule`` (a token's
+        # refusal is counted by its kind: delegation.expired, ...)
+        self.counted_as = counted_as
 
 
 class ProtocolViolation(GuardError):

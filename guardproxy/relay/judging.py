@@ -29,6 +29,7 @@ from guardproxy.delegation import binding
 from guardproxy.delegation.claims import Delegation
 from guardproxy.delegation.errors import RevocationsUnavailable, TokenError
 from guardproxy.jobs.write_plan import WritePlan, WriteRun
+from guardproxy.metrics import UNCOUNTED, Tally
 from guardproxy.policy import (
     AgentPolicy,
     Catalog,
@@ -291,6 +292,7 @@ class Judging:
         # (an ORM's statements, a driver's unnamed Parse): valid while context, policy
         # and catalog are those it was judged under
         self._recent: dict[tuple[bytes, bool], Judgement] = {}
+        self.tally: Tally = UNCOUNTED  # statements run under the session's delegation token
         if delegation is not None:
             self._bind(delegation)
 
@@ -409,9 +411,12 @@ class Judging:
         try:
             binding.gate(self.base_policy, self.delegation, self.verifier, time.time())
         except TokenError as exc:
-            self.stats.denials[f"delegation.{exc.kind}"] += 1
             raise Denied(
-                exc.message, rule="delegation", hint=exc.hint, sqlstate=exc.sqlstate
+                exc.message,
+                rule="delegation",
+                hint=exc.hint,
+                sqlstate=exc.sqlstate,
+                counted_as=f"delegation.{exc.kind}",
             ) from None
         except RevocationsUnavailable as exc:
             raise Denied(
@@ -434,14 +439,18 @@ class Judging:
                 self.base_policy, self.verifier, token, self.context.agent_id, time.time()
             )
         except TokenError as exc:
-            self.stats.denials[f"delegation.{exc.kind}"] += 1
             raise Denied(
-                exc.message, rule="delegation", hint=exc.hint, sqlstate=exc.sqlstate
+                exc.message,
+                rule="delegation",
+                hint=exc.hint,
+                sqlstate=exc.sqlstate,
+                counted_as=f"delegation.{exc.kind}",
             ) from None
         self._bind(delegation)
 
     def _bind(self, delegation: Delegation) -> None:
         self.delegation = delegation
+        self.tally = self.stats.delegation_tally(delegation.issuer)
         self.policy = binding.effective_policy(self.base_policy, delegation)
         self.context = binding.bind_context(self.context, delegation)
         self._recent.clear()

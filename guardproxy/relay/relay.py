@@ -387,6 +387,8 @@ class Relay:
         if not self.inflight.pending:
             self.stmt_started = time.perf_counter()
         self.stats.statements[judgement.kind, judgement.decision] += 1
+        if self.judging is not None:
+            self.judging.tally.n += 1
         self._note_effects(judgement)
         self._notices(judgement)
         execution = None
@@ -1066,6 +1068,8 @@ class Relay:
             self.stmt_started = time.perf_counter()
         execution = None
         judging = self.judging
+        if judging is not None:
+            judging.tally.n += 1
         if judgement is None:
             self.stats.statements["query" if judging is None else "read", "allowed"] += 1
             if isinstance(source, CursorRows) and judging is not None:
@@ -1172,7 +1176,7 @@ class Relay:
     def _deny(self, query: bool, denial: Denied, text: bytes) -> None:
         """Refuses a statement the policy denies, and records it."""
         self.stats.statements[denial.kind or _kind_of(text, self.judging), "denied"] += 1
-        self.stats.denials[denial.rule] += 1
+        self.stats.denials[denial.counted_as or denial.rule] += 1
         self._audit(
             text.decode(errors="replace"), "denied", rule=denial.rule, reason=denial.message
         )
@@ -1328,6 +1332,8 @@ class Relay:
         run = job.run
         stats = self.stats
         stats.statements["write", outcome.decision] += 1
+        if outcome.decision != "denied" and self.judging is not None:
+            self.judging.tally.n += 1
         stats.statement_time.observe(outcome.seconds)
         if outcome.rows is not None and outcome.decision not in ("denied", "failed"):
             stats.rows_affected += outcome.rows

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from guardproxy.config import is_loopback_host
 from guardproxy.delegation import binding
 from guardproxy.delegation.claims import Delegation
+from guardproxy.delegation.errors import TokenError
 from guardproxy.jobs.settings import replay_sql
 from guardproxy.policy import AgentPolicy, SessionContext
 from guardproxy.policy.context import CONTEXT_VALUE_SQLSTATE, context_value_problem
@@ -160,9 +161,11 @@ def bind_policy(
     if presented is not None:
         try:
             delegation = binding.present(policy, proxy.verifier, presented, agent_id, time.time())
-        except GuardError:
+        except GuardError as exc:
             if token is not None:  # the token was the login: a failed login
                 proxy.auth_failed("token", agent_id)
+            if isinstance(exc, TokenError):
+                proxy.stats.token_refused(policy.name, exc.kind)
             raise
     binding.check_context_updates(policy, updates, delegation, "startup")
     context = SessionContext(agent_id=agent_id).with_updates(updates)

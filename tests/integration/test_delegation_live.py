@@ -355,11 +355,6 @@ def test_refused_tokens_are_counted_by_reason(
     assert not [labels for name, labels in samples if "principals" in dict(labels)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the lead's hooks: Judging binds AgentStats.delegation_tally(issuer) and the "
-    "relay bumps it per statement; bind_policy counts StatsRegistry.token_refused at login",
-)
 def test_statements_under_a_token_and_refused_logins_are_counted(
     clean_shop: PgCluster, tmp_path: Path, signing: tuple[SigningKey, Path]
 ) -> None:
