@@ -113,7 +113,10 @@ class Pool:
     async def acquire(self) -> Backend:
         if self.paused:
             try:
-                await asyncio.wait_for(self._resumed.wait(), self.settings.pool_acquire_timeout)
+                # asyncio.timeout, not wait_for: a cancel that comes as the pool resumes is
+                # never lost
+                async with asyncio.timeout(self.settings.pool_acquire_timeout):
+                    await self._resumed.wait()
             except TimeoutError:
                 self.timeouts_total += 1
                 raise PoolTimeout(

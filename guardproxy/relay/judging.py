@@ -45,7 +45,13 @@ from guardproxy.protocol import codec
 from guardproxy.protocol.errors import Denied, GuardError
 from guardproxy.relay.classify import statement_kind
 from guardproxy.relay.pinning import pin_reason
-from guardproxy.relay.session_sql import Command, prepared_command
+from guardproxy.relay.session_sql import (
+    Command,
+    CommandParts,
+    command_from_parts,
+    command_parts,
+    prepared_command,
+)
 
 if TYPE_CHECKING:
     from guardproxy.delegation.verify import Verifier
@@ -207,22 +213,25 @@ class Analysis:
             )
         )
 
-    def portable(self) -> Analysis:
-        """For the trip between processes (a read-only mapping does not pickle)."""
-        return Analysis(
-            replace(self.decision, prepared=dict(self.decision.prepared)),
-            self.kind,
-            self.pins,
-            self.command,
+    def portable(self) -> PortableAnalysis:
+        """Plain values for the trip between processes (neither a read-only mapping nor
+        a compiled class pickles)."""
+        command = None if self.command is None else command_parts(self.command)
+        decision = replace(self.decision, prepared=dict(self.decision.prepared))
+        return (decision, self.kind, self.pins, command)
+
+    @classmethod
+    def restored(cls, parts: PortableAnalysis) -> Analysis:
+        decision, kind, pins, command = parts
+        return cls(
+            replace(decision, prepared=MappingProxyType(dict(decision.prepared))),
+            kind,
+            pins,
+            None if command is None else command_from_parts(command),
         )
 
-    def restored(self) -> Analysis:
-        return Analysis(
-            replace(self.decision, prepared=MappingProxyType(dict(self.decision.prepared))),
-            self.kind,
-            self.pins,
-            self.command,
-        )
+
+PortableAnalysis = tuple[Decision, str, str | None, CommandParts | None]
 
 
 def analyze(engine: Judge, policy: AgentPolicy, sql: str, context: SessionContext) -> Analysis:

@@ -63,6 +63,33 @@ class Mixed:
 
 
 Command = Prepare | Execute | Deallocate | Mixed
+# A command as plain values, for a trip between processes (compiled classes do not pickle)
+CommandParts = tuple[str, bytes | str | None, bytes]
+
+
+def command_parts(command: Command) -> CommandParts:
+    if isinstance(command, Prepare):
+        return ("PREPARE", command.name, command.inner)
+    if isinstance(command, Execute):
+        return ("EXECUTE", command.name, command.args)
+    if isinstance(command, Deallocate):
+        return ("DEALLOCATE", command.name, b"")
+    return ("MIXED", command.command, b"")
+
+
+def command_from_parts(parts: CommandParts) -> Command:
+    kind, name, rest = parts
+    if kind == "PREPARE":
+        assert isinstance(name, bytes)
+        return Prepare(name, rest)
+    if kind == "EXECUTE":
+        assert isinstance(name, bytes)
+        return Execute(name, rest)
+    if kind == "DEALLOCATE":
+        assert name is None or isinstance(name, bytes)
+        return Deallocate(name)
+    assert isinstance(name, str)
+    return Mixed(name)
 
 
 def prepared_command(text: bytes) -> Command | None:

@@ -278,8 +278,11 @@ class Proxy:
             self.instances.forget(slot)
 
     def agent_label(self, agent_id: str) -> str:
-        """Agent ids become a metric label only when the auth file bounds them."""
-        return agent_id if self.settings.auth_mode == "scram" else "*"
+        """Agent ids become a metric label only when the auth file bounds them (an agent
+        that logs in with a delegation token instead is bounded only by what issuers sign)."""
+        if self.settings.auth_mode == "scram" and agent_id in self.verifiers:
+            return agent_id
+        return "*"
 
     def _make_pools(self, policies: PolicySet) -> None:
         """One pool per agent type: its upstream role, its timeouts, its connection cap."""

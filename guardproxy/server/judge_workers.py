@@ -10,8 +10,8 @@ waits. A statement whose analysis takes longer than ``judge_timeout`` is refused
 (fail closed) and its worker is replaced.
 
 Workers start on first use and are started again after a policy reload. They
-exchange plain Python values with the proxy (``relay.judging.Analysis``, made
-portable for the trip).
+exchange plain Python values with the proxy (``relay.judging.Analysis.portable``:
+compiled classes do not pickle).
 """
 
 from __future__ import annotations
@@ -148,8 +148,7 @@ class JudgeWorkers:
                 self._count -= 1
         if answer is None:
             raise RuntimeError(f"the judge workers do not know agent type {policy_name!r}")
-        assert isinstance(answer, Analysis)
-        return answer.restored()
+        return Analysis.restored(answer)
 
     def _start(self) -> _Worker:
         self._count += 1

@@ -827,7 +827,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _admin_query(self, sql: str) -> None:
         try:
-            answer = await self.proxy.admin_query(sql)
+            answer = await self.proxy.admin_query(sql, by=self.agent_id)
         except GuardError as exc:
             self.write(
                 codec.build_error(exc.sqlstate, exc.message, hint=exc.hint)
