@@ -1,0 +1,216 @@
+"""Relay bugs the differential tests found and that are not fixed yet.
+
+Each entry names the strict-xfail regression test that reproduces it
+(``tests/integration/test_differential.py``) and matches the differences it causes,
+so that the differential runs report them as known instead of failing on them,
+and keep failing on anything else. Whoever fixes a bug removes its xfail marker
+(the test then passes) and its entry here (the runs then fail if it comes back).
+A matcher is narrow on purpose: it recognises the bug's own signature, never "some
+difference in a script that also does X".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from diffwire import Query, Script, Sync
+
+Matcher = Callable[[Any, Script, Any], bool]  # (Difference, script, Postgres' Normalized)
+
+
+@dataclass(frozen=True)
+class KnownBug:
+    test: str  # the strict-xfail test in tests/integration/test_differential.py
+    summary: str
+    matches: Matcher
+
+
+def _answer_messages(value: Any) -> list[Any]:
+    """The normalized messages of one answer (batch, step, messages), or []."""
+    return value[2] if isinstance(value, tuple) and len(value) == 3 else []
+
+
+def _errors(value: Any) -> list[dict[str, str]]:
+    return [m[1] for m in _answer_messages(value) if m[0] == "E"]
+
+
+def _proxy_error(diff: Any, sqlstate: str, pattern: str) -> bool:
+    return any(
+        e.get("C") == sqlstate and re.fullmatch(pattern, e.get("M", "")) for e in _errors(diff.got)
+    )
+
+
+def _refused_round_poisons_pool(diff: Any, script: Script, postgres: Any) -> bool:
+    return diff.where == "pool" and "got no answer" in str(diff.got)
+
+
+def _query_in_failed_round(diff: Any, script: Script, postgres: Any) -> bool:
+    """Postgres ignored a Query sent after an extended-protocol error and before the Sync;
+    the first difference comes at or after that point."""
+    failed: set[tuple[int, int]] = set()
+    for batch, step, msgs in postgres.answers:
+        if any(m[0] == "E" for m in msgs):
+            failed.add((batch, step))
+    skipping = False  # the server's skip to Sync outlives a batch that ends with a Flush
+    for number, batch in enumerate(script):
+        for index, step in enumerate(batch):
+            if isinstance(step, Sync):
+                skipping = False
+            elif (number, index) in failed and not isinstance(step, Query):
+                skipping = True
+            elif skipping and isinstance(step, Query):
+                return _at_or_after(diff, number)
+    return False
+
+
+def _at_or_after(diff: Any, batch: int) -> bool:
+    where = diff.expected if isinstance(diff.expected, tuple) else diff.got
+    if isinstance(where, tuple) and len(where) == 3:
+        return bool(where[0] >= batch)
+    return diff.where == "pool" or diff.where.startswith("rows")
+
+
+def _parse_registered_though_it_failed(diff: Any, script: Script, postgres: Any) -> bool:
+    expected = _answer_messages(diff.expected)
+    return (
+        bool(expected)
+        and expected[0][0] == "1"
+        and _proxy_error(diff, "42P05", r'prepared statement ".*" already exists')
+    )
+
+
+def _portal_closed_at_sync(diff: Any, script: Script, postgres: Any) -> bool:
+    expected = _answer_messages(diff.expected)
+    return (
+        bool(expected)
+        and expected[0][0] == "2"
+        and _proxy_error(diff, "42P03", r'portal ".*" already exists')
+    )
+
+
+def _sql_deallocate_of_a_protocol_statement(diff: Any, script: Script, postgres: Any) -> bool:
+    return _proxy_error(diff, "26000", r'prepared statement ".*" does not exist') and not any(
+        e.get("C") == "26000" for e in _errors(diff.expected)
+    )
+
+
+def _name_checked_first(diff: Any, script: Script, postgres: Any) -> bool:
+    """The relay's own check of a name in use answered where Postgres failed otherwise."""
+    expected = _errors(diff.expected)
+    if len(expected) != 1:
+        return False
+    if _proxy_error(diff, "42P03", r'portal ".*" already exists'):
+        return expected[0].get("C") != "42P03" or expected[0]["M"].startswith("cursor ")
+    return _proxy_error(diff, "42P05", r'prepared statement ".*" already exists') and (
+        expected[0].get("C") != "42P05"
+    )
+
+
+def _parse_error_position(diff: Any, script: Script, postgres: Any) -> bool:
+    expected, got = _errors(diff.expected), _errors(diff.got)
+    if len(expected) != 1 or len(got) != 1 or "P" not in got[0]:
+        return False
+    return {**got[0], "P": expected[0].get("P")} == expected[0]
+
+
+_SERVER_NAME = re.compile(r'"gp_[0-9a-f]{40}"')
+
+
+def _server_name_in_error(diff: Any, script: Script, postgres: Any) -> bool:
+    expected, got = _errors(diff.expected), _errors(diff.got)
+    if len(expected) != 1 or len(got) != 1 or not _SERVER_NAME.search(got[0].get("M", "")):
+        return False
+    names = re.findall(r'"([^"]*)"', expected[0].get("M", ""))
+    return any(
+        {**got[0], "M": _SERVER_NAME.sub(f'"{name}"', got[0]["M"])} == expected[0] for name in names
+    )
+
+
+KNOWN_BUGS: dict[str, KnownBug] = {
+    "refused round poisons the pool": KnownBug(
+        "test_a_message_the_relay_refuses_does_not_leave_its_server_skipping_to_sync",
+        "a message the relay refuses itself while a server is lent (a Bind of a statement "
+        "that does not exist) sends a failing Parse; when no Sync follows in the same read, "
+        "the server goes back to the pool ignoring everything up to a Sync, and the next "
+        "client's Query on it is never answered",
+        _refused_round_poisons_pool,
+    ),
+    "query in a failed round": KnownBug(
+        "test_a_query_after_a_failed_extended_message_is_ignored_as_postgres_does",
+        "after an extended-protocol error Postgres ignores everything up to the Sync, a "
+        "Query too; the relay expects an answer to that Query, so every later answer is "
+        "taken for the request before it (the proxy's own error replaces a Query's answer)",
+        _query_in_failed_round,
+    ),
+    "parse registered though it failed": KnownBug(
+        "test_a_parse_that_failed_or_was_skipped_leaves_its_name_free",
+        "a named Parse that the server rejected, or skipped after an earlier error, stays "
+        "in the registry: the client's next Parse of that name is refused with 42P05",
+        _parse_registered_though_it_failed,
+    ),
+    "portal closed at sync still open": KnownBug(
+        "test_a_pipelined_bind_may_reuse_a_portal_closed_by_the_sync_before_it",
+        "a Sync outside a transaction block ends the implicit transaction and with it every "
+        "portal; the relay forgets them only when the ReadyForQuery arrives, so a Bind of "
+        "the same portal name in the next round, pipelined, is refused with 42P03 (and its "
+        "Execute does not run)",
+        _portal_closed_at_sync,
+    ),
+    "sql deallocate of a protocol statement": KnownBug(
+        "test_sql_deallocate_of_a_protocol_statement_deallocates_it",
+        "DEALLOCATE name of a statement prepared with Parse reaches the server under the "
+        "client's name, which the server does not know (26000); the registry keeps it",
+        _sql_deallocate_of_a_protocol_statement,
+    ),
+    "name checked first": KnownBug(
+        "test_a_name_in_use_is_reported_as_postgres_reports_it",
+        "the relay refuses a Parse of a statement name in use (42P05) and a Bind of an open "
+        "portal (42P03) before Postgres' own checks: Postgres reports the statement's "
+        "syntax or analysis error first (Parse), and a missing statement (26000) or a wrong "
+        'number of parameters (08P01) first (Bind); and it says \'cursor "p" already '
+        "exists', not 'portal'",
+        _name_checked_first,
+    ),
+    "parse error position": KnownBug(
+        "test_the_position_of_a_parse_error_leaves_out_the_proxy_tag",
+        "under a policy, the position of an error answering a Parse counts the proxy's tag "
+        "comment (positions are corrected for Query and Execute only)",
+        _parse_error_position,
+    ),
+    "server statement name in errors": KnownBug(
+        "test_errors_name_the_clients_statement_not_the_servers",
+        "server errors about a named statement show its server-side name (gp_<hash>) "
+        "instead of the client's",
+        _server_name_in_error,
+    ),
+}
+
+
+def known_bug(diff: Any, script: Script, postgres: Any) -> str | None:
+    """The name of the known bug that explains ``diff``, if one does."""
+    for name, bug in KNOWN_BUGS.items():
+        if bug.matches(diff, script, postgres):
+            return name
+    return None
+
+
+def classify(
+    diffs: list[Any],
+    script: Script,
+    postgres: Any,
+    documented: Callable[[Any, Script, Any], str | None],
+) -> list[tuple[str | None, Any]]:
+    """Each difference of one target with what explains it: a documented difference
+    (``documented`` names it) or a known bug; None when nothing does.
+
+    Only the first difference in the answers is compared; the rows left behind and the
+    state of the pool after it follow from it, so they go with its explanation when it
+    has one and nothing explains them on their own."""
+    out: list[tuple[str | None, Any]] = [
+        (documented(d, script, postgres) or known_bug(d, script, postgres), d) for d in diffs
+    ]
+    first = next((bug for bug, d in out if d.where.startswith("answer") and bug), None)
+    return [(bug or (first if not d.where.startswith("answer") else None), d) for bug, d in out]

@@ -1,0 +1,600 @@
+"""The differential harness: a schema of its own, three targets, and the comparison.
+
+* The schema: two small tables (``items``, ``events``) in a database of their own,
+  ``difftest``, put back to the same rows before every run of a script
+  (``TRUNCATE`` + ``INSERT``, a few milliseconds).
+* The targets, each reached on a fresh connection per script: Postgres directly
+  (as ``app_owner``), guardproxy with pooling only, and guardproxy with a permissive
+  policy (``PERMISSIVE_POLICY``: everything on the schema is allowed, so every
+  statement is judged, tagged and sent as the judge's text, and every answer
+  relayed through the policy path). Both proxies log in upstream as ``app_owner``.
+* ``Differential.check(script)``: runs the script on each target from the same
+  state, normalizes what came back (``DOCUMENTED_DIFFERENCES``, nothing else), and
+  returns every difference: in the answers, message by message, and in the rows
+  left in the tables.
+
+Used by ``tests/integration/test_differential.py`` (a few hundred scripts in CI)
+and ``bench/differential.py`` (the long run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from diffbugs import classify
+from diffwire import (
+    READ_TIMEOUT,
+    Answer,
+    Broken,
+    Conn,
+    Flush,
+    Give,
+    Parse,
+    Query,
+    Script,
+    Steal,
+    Sync,
+    Transcript,
+    run_script,
+)
+from pgcluster import PASSWORDS, PgCluster, free_port, wait_for_port
+
+from guardproxy.protocol import codec
+
+ROOT = Path(__file__).resolve().parent.parent
+DIFF_DB = "difftest"
+
+SCHEMA_SQL = """
+DROP TABLE IF EXISTS events, items;
+CREATE TABLE items (
+    id   int  PRIMARY KEY,
+    name text NOT NULL,
+    qty  int  NOT NULL CHECK (qty >= 0)
+);
+CREATE TABLE events (
+    id      int  PRIMARY KEY,
+    item_id int  NOT NULL REFERENCES items (id),
+    kind    text NOT NULL
+);
+"""
+
+RESET_SQL = """
+TRUNCATE events, items;
+INSERT INTO items VALUES (1, 'bolt', 5), (2, 'nut', 0), (3, 'gear', 12), (4, 'axle', 2),
+                         (5, 'cog', 7);
+INSERT INTO events VALUES (1, 1, 'made'), (2, 1, 'sold'), (3, 3, 'made');
+"""
+
+STATE_SQL = """
+SELECT json_build_object(
+  'items', (SELECT json_agg(t ORDER BY t.id) FROM items t),
+  'events', (SELECT json_agg(t ORDER BY t.id) FROM events t))
+"""
+
+# Allows everything on the schema: the judge still parses, tags and relays each statement.
+PERMISSIVE_POLICY = """\
+# The differential tests' policy: every statement class, every operation on the schema,
+# every function. Nothing is denied there, so any difference from Postgres is the relay's.
+agents: ["diff-*"]
+upstream_role: app_owner
+mode: enforce
+statements: [read, write, ddl, admin, code, notify]
+tables:
+  items: {ops: [select, insert, update, delete, truncate, references, ddl, maintain]}
+  events: {ops: [select, insert, update, delete, truncate, references, ddl, maintain]}
+  no_such_table: {ops: [select]}  # so that Postgres, not the policy, says it does not exist
+  pg_catalog.pg_prepared_statements: {ops: [select]}  # the harness's probe reads it
+functions:
+  default: allow
+  allow: ["*"]
+require_where: false
+allow_locking: true
+"""
+
+# ---------------------------------------------------------------- documented differences
+
+# Every way the answers through guardproxy may differ from Postgres' own, and why. The
+# normalization below applies exactly these and nothing else; docs/reliability.md lists
+# them for users.
+DOCUMENTED_DIFFERENCES: dict[str, str] = {
+    "backend key": (
+        "BackendKeyData carries the proxy's own process id and secret (a cancel request "
+        "goes to the proxy, which forwards it to whichever server runs the client's "
+        "request); the login is compared without it"
+    ),
+    "parameter status": (
+        "ParameterStatus messages are compared as the values the client ends up seeing "
+        "after each batch, not one by one: the proxy reports its own set at login and "
+        "the settings it replays on another server are not shown"
+    ),
+    "application_name": (
+        "the server's application_name names the agent (agent id, then the client's own "
+        "name) so that pg_stat_activity shows who runs what; the client is told the name "
+        "it set itself"
+    ),
+    "session_authorization, is_superuser": (
+        "the client logs in to the proxy under its agent id; the server session runs as "
+        "the pool's upstream role"
+    ),
+    "error source fields": (
+        "F, L and R (the file, line and routine of Postgres' source that raised an error) "
+        "are absent from the errors the proxy answers itself, with Postgres' SQLSTATE and "
+        "message, without asking a server: a Bind or Describe of a statement the client "
+        "never prepared, a Parse of a name it already prepared, an Execute of a portal "
+        "outside a transaction; they are left out of every comparison"
+    ),
+    "syntax errors under a policy": (
+        "with a policy, a statement Postgres' parser rejects is rejected by the same parser "
+        "inside the proxy (pglast) before anything is sent: same SQLSTATE 42601, the "
+        "message prefixed with 'the statement could not be parsed: ', a hint, no position"
+    ),
+    "a named Parse while no server is lent": (
+        "a named Parse that arrives while the client holds no server is answered at once "
+        "after Postgres' parser (in the proxy) found its syntax right, and prepared on the "
+        "server that first runs it (docs/pooling.md: clients that prepare while every "
+        "server is busy never wait); an error Postgres finds only when it analyses the "
+        "statement (an unknown table or column) comes at its first Bind or Describe instead"
+    ),
+    "EXECUTE of a statement never PREPAREd, under a policy": (
+        "the judge refuses EXECUTE of a name it has not seen prepared in the session with "
+        "Postgres' SQLSTATE (26000) and its own message, since it cannot judge what it has "
+        "not seen"
+    ),
+    "notification pid": (
+        "a NotificationResponse from the client's own session carries the process id of "
+        "its BackendKeyData (the proxy's), as Postgres' carries its backend's pid; both "
+        "are compared as 'own session'"
+    ),
+}
+
+_LOGIN_IGNORED = frozenset(("application_name", "session_authorization", "is_superuser"))
+
+
+def _after_lazy_parse(script: Script, postgres: Normalized) -> set[tuple[int, int]]:
+    """The steps of a round that opened, outside a transaction, with a named Parse (the
+    proxy answers it without a server): Postgres ran that Parse, the proxy did not yet."""
+    status = {(b, s): msgs[-1][1] for b, s, msgs in postgres.answers if msgs and msgs[-1][0] == "Z"}
+    out: set[tuple[int, int]] = set()
+    idle, lazy = True, False
+    for number, batch in enumerate(script):
+        for index, step in enumerate(batch):
+            if isinstance(step, (Sync, Query)):
+                if lazy:
+                    out.add((number, index))
+                lazy = False
+                idle = status.get((number, index), b"I" if idle else b"T") == b"I"
+                continue
+            if isinstance(step, Parse) and step.name and idle and not lazy:
+                lazy = True
+            elif not isinstance(step, (Flush, Steal, Give)):
+                idle = False
+            if lazy:
+                out.add((number, index))
+    return out
+
+
+def documented(diff: Any, script: Script, postgres: Normalized) -> str | None:
+    """The documented difference a difference is (the ones normalizing cannot take out)."""
+    if not diff.where.startswith("answer") or not isinstance(diff.expected, tuple):
+        return None
+    batch, step, expected = diff.expected
+    got = diff.got[2] if isinstance(diff.got, tuple) else []
+    sent = script[batch][step]
+    if (batch, step) in _after_lazy_parse(script, postgres):
+        return "a named Parse while no server is lent"
+    if (
+        isinstance(sent, Query)
+        and len(expected) == len(got) == 2
+        and expected[0][0] == got[0][0] == "E"
+        and expected[0][1].get("C") == got[0][1].get("C") == "26000"
+        and " may not EXECUTE " in got[0][1].get("M", "")
+        and expected[1] == got[1]
+    ):
+        return "EXECUTE of a statement never PREPAREd, under a policy"
+    return None
+
+
+# ---------------------------------------------------------------- the proxy
+
+
+@contextlib.contextmanager
+def launch_proxy(
+    upstream: str, log_path: Path, policies: Path | None = None, **settings: Any
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """``guardproxy serve`` in front of ``upstream`` (trust auth on loopback)."""
+    port = free_port()
+    merged = {
+        "pool_size": 5,
+        "log_level": "info",
+        "pool_acquire_timeout": 10,
+        "admin_users": "admin",
+        **settings,
+    }
+    args = ["serve", "--upstream", upstream, "--listen-port", str(port)]
+    if policies is not None:
+        args += ["--policies", str(policies)]
+    for key, value in merged.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "guardproxy", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+        )
+    try:
+        wait_for_port("127.0.0.1", port, timeout=20)
+        if policies is not None:  # judged with the upstream catalog from the first statement
+            deadline = time.monotonic() + 20
+            while "catalog loaded" not in log_path.read_text(errors="replace"):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(
+                        f"guardproxy did not load its catalog:\n{log_path.read_text()}"
+                    )
+                time.sleep(0.05)
+        yield port, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# ---------------------------------------------------------------- targets
+
+# What the server a proxy lends next must look like, whatever the client before did:
+# default settings, no prepared statement but the proxy's own, no portal, no LISTEN, no
+# advisory lock, no temporary table. Read by the other client right after a script, on
+# the server the script's client gave back last (the pool lends the most recent first).
+PROBE_SQL = (
+    "SELECT current_setting('DateStyle'), current_setting('TimeZone'),"
+    " (SELECT count(*) FROM pg_prepared_statements WHERE name NOT LIKE 'gp\\_%'),"
+    " (SELECT count(*) FROM pg_cursors),"
+    " (SELECT count(*) FROM pg_listening_channels()),"
+    " (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory'),"
+    " (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema())"
+)
+PROBE_CLEAN = ["ISO, MDY", "Etc/UTC", "0", "0", "0", "0", "0"]
+PROBE_TIMEOUT = 1.5
+
+
+class Target:
+    """One place a script runs: how to connect, and the other client that steals servers."""
+
+    def __init__(
+        self,
+        name: str,
+        address: str | tuple[str, int],
+        user: str,
+        database: str,
+        password: str,
+        proxy: bool = False,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.user = user
+        self.database = database
+        self.password = password
+        self.proxy = proxy  # a proxy: its admin console says when a client is gone
+        self.noise: Conn | None = None
+        self.console: Conn | None = None
+        self.stolen = False
+
+    def connect(self) -> tuple[Conn, list[tuple[bytes, bytes]]]:
+        return Conn.open(self.address, self.user, self.database, self.password)
+
+    # the harness actions of diffwire.Steal / Give
+    def steal(self) -> None:
+        if self.stolen:
+            return
+        if self.noise is None:
+            self.noise, _ = Conn.open(
+                self.address, self.user.replace("-1", "-noise"), self.database, self.password
+            )
+        self.noise.simple("BEGIN")  # holds the server it got until Give
+        self.stolen = True
+
+    def give(self) -> None:
+        if self.stolen and self.noise is not None:
+            self.noise.simple("COMMIT")
+        self.stolen = False
+
+    def run(self, script: Script) -> tuple[Transcript, int]:
+        """The script on a fresh connection; the transcript and the session's pid."""
+        conn, login = self.connect()
+        try:
+            transcript = run_script(conn, script, self)
+        finally:
+            self.give()
+            host, port = conn.sock.getsockname()[:2]
+            peer = f"{host}:{port}" if self.proxy else ""
+            conn.close()
+            if peer:
+                self._gone(peer)
+        transcript.login = login
+        return transcript, conn.pid
+
+    def _gone(self, peer: str) -> None:
+        """Waits until the proxy has let the client go (and given back or closed its server),
+        so that what comes next meets the pool as the client left it."""
+        if self.console is None:
+            self.console, _ = Conn.open(self.address, "admin", "guardproxy")
+        deadline = time.monotonic() + READ_TIMEOUT
+        while peer.encode() in b"".join(body for _, body in self.console.simple("SHOW CLIENTS")):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the proxy did not let {peer} go")
+            time.sleep(0.001)
+
+    def probe(self) -> str:
+        """What is wrong with the server the script's client gave back last ("" if nothing)."""
+        if self.noise is None:
+            self.noise, _ = Conn.open(
+                self.address, self.user.replace("-1", "-noise"), self.database, self.password
+            )
+        noise = self.noise
+        noise.sock.settimeout(PROBE_TIMEOUT)
+        try:
+            msgs = noise.simple(PROBE_SQL)
+        except Broken as exc:
+            # closing the connection makes the proxy close that server: the pool heals
+            self.close()
+            return f"the next client's Query on the server got no answer ({exc})"
+        finally:
+            if self.noise is not None:
+                self.noise.sock.settimeout(READ_TIMEOUT)
+        rows = [_row(body) for kind, body in msgs if kind == b"D"]
+        errors = [_fields(body) for kind, body in msgs if kind == b"E"]
+        if errors or rows != [PROBE_CLEAN]:
+            return f"the next client found the server in this state: {rows or errors}"
+        return ""
+
+    def close(self) -> None:
+        if self.noise is not None:
+            self.noise.close()
+            self.noise = None
+        if self.console is not None:
+            self.console.close()
+            self.console = None
+
+
+# ---------------------------------------------------------------- normalizing
+
+
+Normal = tuple[Any, ...]
+
+
+@dataclass
+class Normalized:
+    """A transcript with the documented differences taken out."""
+
+    login: dict[str, str]
+    answers: list[tuple[int, int, list[Normal]]]  # (batch, step, messages)
+    params: list[dict[str, str]]  # the ParameterStatus values the client knows, per batch
+    broken: str
+
+
+def normalize(transcript: Transcript, pid: int) -> Normalized:
+    params: dict[str, str] = {}
+    login: dict[str, str] = {}
+    for kind, body in transcript.login:
+        if kind == b"S":
+            name, value = _param(body)
+            params[name] = value
+            if name not in _LOGIN_IGNORED:
+                login[name] = value
+        elif kind not in (b"K", b"Z"):
+            login[f"message {kind.decode()}"] = body.hex()
+    answers: list[tuple[int, int, list[Normal]]] = []
+    seen: list[dict[str, str]] = []
+    for number, batch in enumerate(transcript.batches):
+        for answer in batch:
+            answers.append((number, answer.step, _messages(answer, params, pid)))
+        seen.append({k: v for k, v in params.items() if k not in _LOGIN_IGNORED})
+    return Normalized(login, answers, seen, transcript.broken)
+
+
+def _param(body: bytes) -> tuple[str, str]:
+    return codec.parameter_status(b"S0000" + body)
+
+
+def _messages(answer: Answer, params: dict[str, str], pid: int) -> list[Normal]:
+    out: list[Normal] = []
+    for kind, body in answer.msgs:
+        if kind == b"S":
+            name, value = _param(body)
+            params[name] = value
+        elif kind in (b"E", b"N"):
+            out.append((kind.decode(), _error(body)))
+        elif kind == b"A":
+            sender = int.from_bytes(body[:4], "big", signed=True)
+            out.append(("A", "own session" if sender == pid else "other", body[4:]))
+        else:
+            out.append((kind.decode(), body))
+    return out
+
+
+def _fields(body: bytes) -> dict[str, str]:
+    return codec.error_fields(b"E0000" + body)
+
+
+_SOURCE_FIELDS = ("F", "L", "R")
+_UNPARSED = "the statement could not be parsed: "
+
+
+def _error(body: bytes) -> dict[str, str]:
+    fields = _fields(body)
+    for code in _SOURCE_FIELDS:
+        fields.pop(code, None)
+    if fields.get("C") == "42601":
+        # "syntax errors under a policy": compared by SQLSTATE and Postgres' own message
+        message = fields["M"]
+        fields = {"S": fields["S"], "C": "42601", "M": message.removeprefix(_UNPARSED)}
+    return fields
+
+
+def _row(body: bytes) -> list[str | None]:
+    count = int.from_bytes(body[:2], "big")
+    pos, out = 2, []
+    for _ in range(count):
+        length = int.from_bytes(body[pos : pos + 4], "big", signed=True)
+        pos += 4
+        if length < 0:
+            out.append(None)
+        else:
+            out.append(body[pos : pos + length].decode())
+            pos += length
+    return out
+
+
+# ---------------------------------------------------------------- comparing
+
+
+@dataclass
+class Difference:
+    target: str
+    where: str
+    expected: Any
+    got: Any
+
+    def __str__(self) -> str:
+        return f"{self.target}: {self.where}:\n    postgres: {self.expected!r}\n    proxy:    {self.got!r}"
+
+
+def compare(name: str, direct: Normalized, other: Normalized) -> list[Difference]:
+    """The first difference in the answers (later ones usually follow from it), the login's."""
+    diffs = []
+    if direct.login != other.login:
+        diffs.append(Difference(name, "login", direct.login, other.login))
+    for i in range(max(len(direct.answers), len(other.answers))):
+        a = direct.answers[i] if i < len(direct.answers) else None
+        b = other.answers[i] if i < len(other.answers) else None
+        if a != b:
+            where = f"answer {i} (batch {a[0]}, step {a[1]})" if a else f"answer {i}"
+            diffs.append(Difference(name, where, a, b))
+            break
+    else:
+        for number, (pa, pb) in enumerate(zip(direct.params, other.params, strict=False)):
+            if pa != pb:
+                diffs.append(Difference(name, f"parameters after batch {number}", pa, pb))
+                break
+    if direct.broken != other.broken:
+        diffs.append(Difference(name, "end of the run", direct.broken, other.broken))
+    return diffs
+
+
+# ---------------------------------------------------------------- the harness
+
+
+@dataclass
+class Outcome:
+    differences: list[Difference] = field(default_factory=list)  # unexplained: failures
+    # (the name in DOCUMENTED_DIFFERENCES or diffbugs.KNOWN_BUGS, the difference)
+    known: list[tuple[str, Difference]] = field(default_factory=list)
+    transcripts: dict[str, Normalized] = field(default_factory=dict)
+
+
+class Differential:
+    """The same scripts on Postgres and on each proxy target, from the same state."""
+
+    def __init__(self, pg: PgCluster, targets: list[Target]) -> None:
+        self.pg = pg
+        self.direct = direct_target(pg)
+        self.targets = targets
+        self.admin = psycopg.connect(pg.dsn(dbname=DIFF_DB), autocommit=True)
+        self.admin.execute("SET lock_timeout = '10s'")
+        self.scripts = 0
+
+    def close(self) -> None:
+        for target in [self.direct, *self.targets]:
+            target.close()
+        self.admin.close()
+
+    def reset(self) -> None:
+        self.admin.execute(RESET_SQL)
+
+    def state(self) -> Any:
+        row = self.admin.execute(STATE_SQL).fetchone()
+        assert row is not None
+        return row[0]
+
+    def check(self, script: Script) -> Outcome:
+        self.scripts += 1
+        outcome = Outcome()
+        self.reset()
+        transcript, pid = self.direct.run(script)
+        expected = normalize(transcript, pid)
+        expected_state = self.state()
+        outcome.transcripts["postgres"] = expected
+        for target in self.targets:
+            self.reset()
+            transcript, pid = target.run(script)
+            got = normalize(transcript, pid)
+            outcome.transcripts[target.name] = got
+            found = compare(target.name, expected, got)
+            state = self.state()
+            if state != expected_state:
+                found.append(
+                    Difference(target.name, "rows after the script", expected_state, state)
+                )
+            problem = target.probe() if target.proxy else ""
+            if problem:
+                found.append(Difference(target.name, "pool", "", problem))
+            for bug, diff in classify(found, script, expected, documented):
+                if bug is None:
+                    outcome.differences.append(diff)
+                else:
+                    outcome.known.append((bug, diff))
+        return outcome
+
+
+def direct_target(pg: PgCluster) -> Target:
+    if pg.socket_dir:  # trust on the local socket: no SCRAM round trips per script
+        address: str | tuple[str, int] = os.path.join(pg.socket_dir, f".s.PGSQL.{pg.port}")
+        return Target("postgres", address, "app_owner", DIFF_DB, "")
+    return Target("postgres", (pg.host, pg.port), "app_owner", DIFF_DB, PASSWORDS["app_owner"])
+
+
+def proxy_target(name: str, port: int, user: str) -> Target:
+    return Target(name, ("127.0.0.1", port), user, DIFF_DB, "", proxy=True)
+
+
+def create_database(pg: PgCluster) -> None:
+    """The difftest database with the schema, and guardproxy's own schema (for policies)."""
+    from guardproxy.store import migrate
+
+    pg.psql(f"DROP DATABASE IF EXISTS {DIFF_DB} WITH (FORCE)", dbname="postgres")
+    pg.psql(f"CREATE DATABASE {DIFF_DB} OWNER app_owner", dbname="postgres")
+    pg.psql("GRANT ALL ON SCHEMA public TO app_owner", dbname=DIFF_DB)
+    pg.psql(SCHEMA_SQL, user="app_owner", dbname=DIFF_DB)
+    migrate.upgrade(pg.dsn(dbname=DIFF_DB))
+
+
+def write_policy(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "diff.yaml").write_text(PERMISSIVE_POLICY)
+    return directory
+
+
+def describe(outcome: Outcome) -> str:
+    return "\n".join(str(d) for d in outcome.differences)
+
+
+def dump(value: Any) -> str:
+    return json.dumps(value, default=repr, indent=1)
+
+
+__all__ = ["Broken", "Differential", "Target"]
