@@ -166,6 +166,8 @@ Step = Message | CopyData | CopyDone | CopyFail | Steal | Give
 Batch = tuple[Step, ...]
 Script = tuple[Batch, ...]
 _COPY_STEPS = (CopyData, CopyDone, CopyFail)
+# what makes the server send what it has (a COPY's end is followed by its Sync or Query)
+_FLUSHING = (Sync, Query, Flush, CopyDone, CopyFail, Steal, Give)
 
 
 # ---------------------------------------------------------------- answers
@@ -292,6 +294,8 @@ class Conn:
 
     def exchange(self, batch: Batch) -> list[Answer]:
         """Sends the batch's messages at once; its answers, one per answered step."""
+        if batch and not isinstance(batch[-1], _FLUSHING):
+            raise ValueError(f"a batch must end with a Sync, a Query or a Flush: {batch!r}")
         self.send(b"".join(step.raw() for step in batch))
         walker = self.walker
         walker.answers = []
@@ -332,7 +336,9 @@ class _Walker:
                 else:
                     self._read(index, b"CE")
                 return
-            raise AssertionError(f"the generator sent {step!r} in the middle of a COPY")
+            if isinstance(step, (Flush, Sync)):
+                return  # ignored during COPY FROM STDIN (copyfromparse.c), never answered
+            raise AssertionError(f"the script sends {step!r} in the middle of a COPY")
         if isinstance(step, Sync):
             self.skipping = False
             self._read(index, b"Z")

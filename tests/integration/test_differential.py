@@ -1,0 +1,327 @@
+"""Differential tests: the same protocol scripts on Postgres and through guardproxy.
+
+Hypothesis draws client scripts (``tests/diffgen.py``: simple and extended protocol,
+statements and portals named and unnamed reused with other texts, Describe, Close,
+Flush, Sync, Execute with and without a row limit, pipelines with errors in the
+middle, transactions, cursors, COPY, settings, another client taking the server in
+between). Each runs on a fresh connection against Postgres directly, through
+guardproxy with pooling only, and through guardproxy with a permissive policy, from
+the same rows (``tests/diffrun.py``). The answers must be Postgres' answers message
+by message, the rows left behind the same, and the server given back to the pool
+must be clean for the next client; apart from the documented differences
+(``diffrun.DOCUMENTED_DIFFERENCES``, also in docs/reliability.md).
+
+Differences caused by relay bugs found here and not fixed yet are listed in
+``tests/diffbugs.py``, each with its strict-xfail regression test below: the
+differential run counts them and fails on anything else.
+
+CI runs ``CI_SCRIPTS`` scripts with a fixed seed; ``python -m bench.differential``
+runs many more.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+from diffgen import scripts
+from diffrun import Differential, describe, differential
+from diffwire import (
+    Bind,
+    Close,
+    CopyData,
+    CopyDone,
+    Describe,
+    Execute,
+    Flush,
+    Parse,
+    Query,
+    Script,
+    Steal,
+    Sync,
+)
+from hypothesis import HealthCheck, Phase, example, given, settings
+from pgcluster import PgCluster
+
+pytestmark = pytest.mark.timeout(300)
+
+CI_SCRIPTS = 300
+TALLY: Counter[str] = Counter()
+
+
+@pytest.fixture(scope="module")
+def harness(pg: PgCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Differential]:
+    started = time.perf_counter()
+    with differential(pg, tmp_path_factory.mktemp("differential")) as harness:
+        yield harness
+    print(
+        f"\nDIFFERENTIAL: {harness.scripts} scripts on Postgres, pooling and policy in "
+        f"{time.perf_counter() - started:.1f} s; explained differences: {dict(TALLY) or 'none'}"
+    )
+
+
+def _check(harness: Differential, script: Script) -> None:
+    outcome = harness.check(script)
+    TALLY.update(name for name, _ in outcome.known)
+    assert not outcome.differences, f"{script!r}\n{describe(outcome)}"
+
+
+def _unexplained(harness: Differential, script: Script) -> str:
+    """The differences of ``script`` that the documentation does not explain (known bugs
+    included: a bug's own test wants to see it)."""
+    return describe(harness.check(script, known_bugs=False))
+
+
+# ---------------------------------------------------------------- the property
+
+
+# Scripts that found bugs (tests/diffbugs.py), and a few shapes worth running every time.
+@example(
+    script=(
+        (Query("BEGIN"),),
+        (Parse("", "SELECT n FROM generate_series(1, 5) n"), Bind("p1", "", ()), Flush()),
+        (Execute("p1", 2), Execute("p1", 2), Sync()),
+        (Steal(),),
+        (Execute("p1", 0), Sync(), Query("COMMIT")),
+    )
+)
+@example(
+    script=(
+        (Query("COPY events (id, item_id, kind) FROM STDIN"), CopyData("10\t1\tc\n"), CopyDone()),
+        (
+            Parse("", "COPY events (id, item_id, kind) FROM STDIN"),
+            Bind("", "", ()),
+            Execute(""),
+            Flush(),
+        ),
+        (CopyData("11\t1\tc\n"), CopyDone(), Sync()),
+        (Query("COPY (SELECT id, kind FROM events ORDER BY id) TO STDOUT"),),
+    )
+)
+@example(
+    script=(
+        (Parse("s1", "DELETE FROM events WHERE id = $1"), Sync()),
+        (Steal(),),
+        (Bind("", "s1", ("1",)), Execute(""), Sync(), Close("S", "s1"), Sync()),
+        (Parse("s1", "SELECT id FROM events WHERE id = $1"), Bind("", "s1", ("2",)), Flush()),
+        (Execute(""), Sync()),
+    )
+)
+@example(
+    script=(
+        (Parse("", "SELECT id FROM items WHERE id = $1"), Bind("p1", "", ("1",)), Flush()),
+        (Parse("", "UPDATE items SET qty = qty + 1 WHERE id = $1"), Flush()),
+        (Execute("p1"), Bind("", "", ("2",)), Execute(""), Sync()),
+    )
+)
+@example(
+    script=(
+        (
+            Parse("s1", "SELECT 1"),
+            Describe("P", "nope"),
+            Query("SELECT 2"),
+            Parse("s1", "SELECT 3"),
+            Sync(),
+            Query("SELECT $1 AS x"),
+        ),
+    )
+)
+@example(
+    script=(
+        (
+            Parse("s1", "SAVEPOINT sp"),
+            Bind("p1", "s1", ()),
+            Execute("p1"),
+            Sync(),
+            Parse("s2", "DELETE FROM events WHERE id = $1"),
+            Bind("p1", "s2", ("3",)),
+            Execute("p1"),
+            Sync(),
+        ),
+    )
+)
+@example(
+    script=(
+        (
+            Flush(),
+            Parse("s1", "SELECT id FROM items WHERE qty > $1"),
+            Query("BEGIN ISOLATION LEVEL REPEATABLE READ"),
+        ),
+        (Query("COMMIT"),),
+    )
+)
+@settings(
+    max_examples=CI_SCRIPTS,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    phases=(Phase.explicit, Phase.generate),  # no shrinking: bounded time, the script is printed
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(script=scripts())
+def test_the_proxy_answers_every_script_as_postgres_does(
+    harness: Differential, script: Script
+) -> None:
+    _check(harness, script)
+
+
+# ---------------------------------------------------------------- relay bugs found
+#
+# Each runs the smallest script that shows the bug and expects no difference from
+# Postgres. The lead removes the xfail marker (and the diffbugs.py entry) with the fix.
+
+
+@pytest.mark.xfail(
+    strict=True, reason="relay: a refused message leaves its server skipping to Sync"
+)
+def test_a_message_the_relay_refuses_does_not_leave_its_server_skipping_to_sync(
+    harness: Differential,
+) -> None:
+    # Postgres: SELECT 1's rows, ReadyForQuery, then 26000 for the Bind. The proxy relays
+    # the same, but it refuses the Bind by sending the server a failing Parse, and when
+    # the answer comes back with no Sync pending it returns the server to the pool still
+    # ignoring everything up to a Sync: the next client's Query there is never answered.
+    script = ((Query("SELECT 1"), Bind("", "nosuch", ()), Flush()),)
+    assert _unexplained(harness, script) == ""
+
+
+@pytest.mark.xfail(
+    strict=True, reason="session: a client gone mid-round leaves its server skipping"
+)
+def test_a_client_gone_after_a_failed_round_does_not_leave_its_server_skipping(
+    harness: Differential,
+) -> None:
+    # The client's Describe fails, so the server skips to the next Sync; the client
+    # disconnects. Its server goes back to the pool (connection_lost counts it clean:
+    # status idle, nothing pending), and the next client's Query there is never answered.
+    script = ((Describe("P", "nope"), Flush()),)
+    assert _unexplained(harness, script) == ""
+
+
+@pytest.mark.xfail(strict=True, reason="relay: a Query in a failed round desynchronizes answers")
+def test_a_query_after_a_failed_extended_message_is_ignored_as_postgres_does(
+    harness: Differential,
+) -> None:
+    # Postgres ignores the Query "SELECT 2" and the second Parse (it skips to the Sync
+    # after the Describe's error) and answers the last Query with 42P02. The proxy
+    # expects an answer to "SELECT 2", takes the Sync's ReadyForQuery for it, and
+    # answers the last Query with its own 42P05 refusal of the second Parse.
+    script = (
+        (
+            Parse("s1", "SELECT 1"),
+            Describe("P", "nope"),
+            Query("SELECT 2"),
+            Parse("s1", "SELECT 3"),
+            Sync(),
+            Query("SELECT $1 AS x"),
+        ),
+    )
+    assert _unexplained(harness, script) == ""
+
+
+@pytest.mark.xfail(strict=True, reason="relay: registry keeps a Parse the server did not take")
+def test_a_parse_that_failed_or_was_skipped_leaves_its_name_free(harness: Differential) -> None:
+    failed = (
+        (Query("BEGIN"),),
+        (Parse("s1", "SELECT nosuch FROM items"), Sync()),
+        (Query("ROLLBACK"),),
+        (Parse("s1", "SELECT 1"), Sync()),
+    )
+    skipped = (
+        (Describe("P", "nope"), Parse("s1", "SELECT 1"), Sync()),
+        (Parse("s1", "SELECT 2"), Sync()),
+    )
+    assert _unexplained(harness, failed) + _unexplained(harness, skipped) == ""
+
+
+@pytest.mark.xfail(strict=True, reason="relay: SQL DEALLOCATE misses the registry")
+def test_sql_deallocate_of_a_protocol_statement_deallocates_it(harness: Differential) -> None:
+    script = (
+        (Parse("s1", "SELECT 1"), Sync()),
+        (Query("DEALLOCATE s1"),),
+        (Parse("s1", "SELECT 2"), Sync()),
+    )
+    assert _unexplained(harness, script) == ""
+
+
+@pytest.mark.xfail(strict=True, reason="relay: name-in-use checks differ from Postgres'")
+def test_a_name_in_use_is_reported_as_postgres_reports_it(harness: Differential) -> None:
+    in_transaction = (Query("BEGIN"),)
+    two_binds = (Parse("", "SELECT 1"), Bind("p1", "", ()), Bind("p1", "", ()), Sync())
+    missing_statement = (Bind("p1", "nosuch", ()), Sync())
+    wrong_count = (Bind("p1", "", ("1",)), Sync())
+    end = (Query("ROLLBACK"),)
+    parse_error_first = (
+        (Parse("s1", "SELECT 1"), Sync()),
+        (Parse("s1", "SELECT nosuch FROM items"), Sync()),
+    )
+    assert (
+        _unexplained(harness, (in_transaction, two_binds, end))
+        + _unexplained(harness, (in_transaction, two_binds, missing_statement, end))
+        + _unexplained(harness, (in_transaction, two_binds, wrong_count, end))
+        + _unexplained(harness, parse_error_first)
+    ) == ""
+
+
+@pytest.mark.xfail(strict=True, reason="relay: a Parse error's position counts the proxy's tag")
+def test_the_position_of_a_parse_error_leaves_out_the_proxy_tag(harness: Differential) -> None:
+    script = ((Parse("", "SELECT nosuch FROM items"), Sync()),)
+    assert _unexplained(harness, script) == ""
+
+
+@pytest.mark.xfail(strict=True, reason="relay: server-side statement names in error messages")
+def test_errors_name_the_clients_statement_not_the_servers(harness: Differential) -> None:
+    script = ((Parse("s1", "SELECT $1::int AS x"), Bind("", "s1", ()), Sync()),)
+    assert _unexplained(harness, script) == ""
+
+
+@pytest.mark.xfail(strict=True, reason="relay: portals outlive the Sync that ended them")
+def test_a_pipelined_bind_may_reuse_a_portal_closed_by_the_sync_before_it(
+    harness: Differential,
+) -> None:
+    # Postgres: SAVEPOINT fails outside a transaction block, the Sync ends the implicit
+    # transaction and its portals, the second round binds p1 again and deletes event 3.
+    # The proxy refuses the second Bind (42P03, p1 "already exists") and the DELETE never
+    # runs: the rows differ too.
+    script = (
+        (
+            Parse("s1", "SAVEPOINT sp"),
+            Bind("p1", "s1", ()),
+            Execute("p1"),
+            Sync(),
+            Parse("s2", "DELETE FROM events WHERE id = $1"),
+            Bind("p1", "s2", ("3",)),
+            Execute("p1"),
+            Sync(),
+        ),
+    )
+    assert _unexplained(harness, script) == ""
+
+
+def test_the_harness_sees_a_difference_when_there_is_one(harness: Differential) -> None:
+    """The comparison is not vacuous: answers that differ are reported."""
+    from diffrun import compare, normalize
+    from diffwire import Answer, Transcript
+
+    same = Transcript(batches=[[Answer(0, [(b"C", b"SELECT 1\x00"), (b"Z", b"I")])]])
+    other = Transcript(batches=[[Answer(0, [(b"C", b"SELECT 2\x00"), (b"Z", b"I")])]])
+    assert compare("x", normalize(same, 1), normalize(same, 2)) == []
+    assert compare("x", normalize(same, 1), normalize(other, 1))
+
+
+def test_every_known_bug_has_its_strict_xfail_test() -> None:
+    """diffbugs.py and the xfail tests here go together: a fixed bug (its test no longer
+    marked xfail) must leave diffbugs.py too, or the differential runs would hide it."""
+    from diffbugs import KNOWN_BUGS
+
+    for name, bug in KNOWN_BUGS.items():
+        for test_name in bug.tests:
+            test = globals().get(test_name)
+            assert test is not None, f"known bug {name!r}: no test {test_name} here"
+            marks = [m for m in getattr(test, "pytestmark", []) if m.name == "xfail"]
+            assert marks and marks[0].kwargs.get("strict"), (
+                f"{test_name} is no longer a strict xfail: if {name!r} is fixed, remove its "
+                "entry from tests/diffbugs.py"
+            )
