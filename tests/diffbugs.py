@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from diffwire import Query, Script, Sync
+from diffwire import Execute, Query, Script, Sync
 
 Matcher = Callable[[Any, Script, Any], bool]  # (Difference, script, Postgres' Normalized)
 
@@ -195,6 +195,74 @@ KNOWN_BUGS: dict[str, KnownBug] = {
         _server_name_in_error,
     ),
 }
+
+
+# ---------------------------------------------------------------- the example policies
+# (diffpolicy.py): matchers of (problem, script, the proxy's transcript)
+
+
+def _simple_delete_hard(problem: str, script: Script, transcript: Any) -> bool:
+    soft = ("orders removed", "have no deleted_rows image")
+    return any(p in problem for p in soft) and any(
+        isinstance(step, Query) and step.sql.upper().startswith("DELETE FROM ORDERS")
+        for batch in script
+        for step in batch
+    )
+
+
+def _managed_execute_after_error(problem: str, script: Script, transcript: Any) -> bool:
+    """The session stopped answering in a batch where an extended-protocol message failed
+    and an Execute followed it before the Sync."""
+    if "stopped answering" not in problem or not transcript.batches:
+        return False
+    batch = script[len(transcript.batches) - 1]
+    failed = [a.step for a in transcript.batches[-1] if any(k == b"E" for k, _ in a.msgs)]
+    for step in failed:
+        for later in batch[step + 1 :]:
+            if isinstance(later, Sync):
+                break
+            if isinstance(later, Execute):
+                return True
+    return False
+
+
+KNOWN_POLICY_BUGS: dict[str, KnownBug] = {
+    "hidden settings replay ends the client's round": KnownBug(
+        ("test_portals_bound_before_a_settings_replay_is_answered_stay_managed",),
+        "a server last used by another agent id gets a hidden application_name replay "
+        "(a Query) ahead of the client's first message; its ReadyForQuery (idle) makes the "
+        "relay drop every portal the client bound meanwhile in the same pipelined round, and "
+        "a later Execute of such a portal is relayed unmanaged: a support UPDATE of 6 orders "
+        "passed a cap of 2, the task budget counted 0 rows, no audit event, no idempotency "
+        "(the harness's own probe uses the script's agent id, so the property runs do not "
+        "meet it; its test does)",
+        lambda problem, script, transcript: False,
+    ),
+    "simple-query managed write runs the client's text": KnownBug(
+        ("test_a_simple_query_delete_of_a_soft_deleted_table_marks_the_row",),
+        "a write the policy manages (soft delete, row cap, idempotency, budget), sent as a "
+        "simple Query, runs the client's own Query message, not the judged text: a support "
+        "agent's DELETE FROM orders removes the row instead of marking it, and no deleted_rows "
+        "image is kept (the rewrite and the proxy's tag are lost; counts and caps still apply)",
+        _simple_delete_hard,
+    ),
+    "managed execute after a failed message hangs": KnownBug(
+        ("test_a_managed_write_after_a_failed_bind_is_skipped_to_sync",),
+        "an Execute of a write the policy manages, pipelined after an extended-protocol "
+        "message that failed (a Bind with a wrong parameter count or value), starts the "
+        "managed-write job on a server that skips everything up to the Sync: the job waits "
+        "forever, the session never answers again, and its server stays taken even after the "
+        "client disconnects (six such sessions take support's whole pool)",
+        _managed_execute_after_error,
+    ),
+}
+
+
+def known_policy_bug(problem: str, script: Script, transcript: Any) -> str | None:
+    for name, bug in KNOWN_POLICY_BUGS.items():
+        if bug.matches(problem, script, transcript):
+            return name
+    return None
 
 
 def known_bug(diff: Any, script: Script, postgres: Any) -> str | None:

@@ -282,7 +282,7 @@ PROBE_SQL = (
     " (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema())"
 )
 PROBE_CLEAN = ["ISO, MDY", "Etc/UTC", "0", "0", "0", "0", "0"]
-PROBE_TIMEOUT = 1.5
+PROBE_TIMEOUT = 1.0  # a server that answers the probe answers in milliseconds
 
 
 class Target:
@@ -355,7 +355,11 @@ class Target:
             time.sleep(0.001)
 
     def probe(self) -> str:
-        """What is wrong with the server the script's client gave back last ("" if nothing)."""
+        """What is wrong with the server the script's client gave back last ("" if nothing).
+
+        The probe's Query goes out with a Sync behind it: a server left ignoring everything
+        up to a Sync answers only the Sync (unless the proxy first sent it settings to
+        replay, which it ignores too: then the probe waits PROBE_TIMEOUT)."""
         if self.noise is None:
             self.noise, _ = Conn.open(
                 self.address, self.user.replace("-1", "-noise"), self.database, self.password
@@ -363,14 +367,23 @@ class Target:
         noise = self.noise
         noise.sock.settimeout(PROBE_TIMEOUT)
         try:
-            msgs = noise.simple(PROBE_SQL)
+            query = Query(PROBE_SQL)
+            noise.walker.answers = []
+            noise.send(query.raw() + codec.SYNC)
+            noise.walker.step(0, query)
+            msgs = noise.walker.answers[0].msgs
+            skipped = [kind for kind, _ in msgs] == [b"Z"]  # only the Sync was answered
+            if not skipped:
+                noise.walker.step(1, Sync())  # the Sync's own ReadyForQuery
         except Broken as exc:
-            # closing the connection makes the proxy close that server: the pool heals
-            self.close()
-            return f"the next client's Query on the server got no answer ({exc})"
+            skipped, msgs = True, [(b"!", str(exc).encode())]
         finally:
             if self.noise is not None:
                 self.noise.sock.settimeout(READ_TIMEOUT)
+        if skipped:
+            # closing the connection makes the proxy close that server: the pool heals
+            self.close()
+            return "the next client's Query on the server got no answer"
         rows = [_row(body) for kind, body in msgs if kind == b"D"]
         errors = [_fields(body) for kind, body in msgs if kind == b"E"]
         if errors or rows != [PROBE_CLEAN]:
@@ -634,6 +647,9 @@ def differential(pg: PgCluster, workdir: Path, **settings: Any) -> Iterator[Diff
             yield harness
         finally:
             harness.close()
+    for log in ("pooling.log", "policy.log"):
+        text = (workdir / log).read_text(errors="replace")
+        assert "Traceback" not in text, f"guardproxy logged an unhandled exception:\n{text[-6000:]}"
 
 
 __all__ = ["Broken", "Differential", "Target", "differential"]

@@ -296,9 +296,9 @@ class Conn:
         """Sends the batch's messages at once; its answers, one per answered step."""
         if batch and not isinstance(batch[-1], _FLUSHING):
             raise ValueError(f"a batch must end with a Sync, a Query or a Flush: {batch!r}")
-        self.send(b"".join(step.raw() for step in batch))
         walker = self.walker
         walker.answers = []
+        self.send(b"".join(step.raw() for step in batch))
         for index, step in enumerate(batch):
             walker.step(index, step)
         return walker.answers
@@ -393,6 +393,7 @@ def run_script(conn: Conn, script: Script, harness: object | None = None) -> Tra
         try:
             transcript.batches.append(conn.exchange(batch))
         except Broken as exc:
+            transcript.batches.append(conn.walker.answers)  # what came before it stopped
             transcript.broken = str(exc)
             break
     return transcript
