@@ -168,8 +168,9 @@ class ShopChecker:
         problems = []
         orders_before = {o["id"]: o for o in before[0]}
         orders_after = {o["id"]: o for o in after[0]}
-        if orders_after.keys() != orders_before.keys():
-            problems.append(f"orders removed: {sorted(orders_before.keys() - orders_after.keys())}")
+        removed = sorted(orders_before.keys() - orders_after.keys())
+        if removed:
+            problems.append(f"orders removed: {removed}")
         changed = [i for i, o in orders_after.items() if orders_before.get(i) != o]
         marked = [i for i in changed if orders_after[i]["deleted_at"] is not None]
         added = len(after[1]) - len(before[1])
@@ -187,7 +188,7 @@ class ShopChecker:
             missing = set(marked) - set((kept or [None])[0] or [])
             if missing:
                 problems.append(f"soft-deleted orders {sorted(missing)} have no deleted_rows image")
-        total = len(changed) + added
+        total = len(removed) + len(changed) + added
         self.run.rows_changed[task] = total
         row = self.admin.execute(
             "SELECT rows_written FROM guardproxy.task_budgets WHERE task = %s", (task,)
@@ -195,8 +196,8 @@ class ShopChecker:
         counted = int(row[0]) if row else 0
         if counted < total:
             problems.append(
-                f"the task changed {total} rows ({len(changed)} orders, {added} log rows) and "
-                f"its budget counted {counted}"
+                f"the task changed {total} rows ({len(removed)} orders removed, {len(changed)} "
+                f"changed, {added} log rows) and its budget counted {counted}"
             )
         return problems
 
@@ -326,6 +327,7 @@ def shop_checker(pg: PgCluster, workdir: Path) -> Iterator[ShopChecker]:
     """guardproxy with the (capped) example policies in front of the shop database; a new
     one in its place whenever a known bug left it unable to serve (servers it keeps)."""
     from proofkit import launch
+    from shop import RawAgent
 
     policies = policies_for(workdir)
     logs = itertools.count()
@@ -336,6 +338,10 @@ def shop_checker(pg: PgCluster, workdir: Path) -> Iterator[ShopChecker]:
             log = workdir / f"shop-{next(logs)}.log"
             # a stuck session would hold a graceful shutdown for its whole timeout
             proxy = stack.enter_context(launch(pg, log, policies, shutdown_timeout=1))
+            # the agent's application_name on the first server before any script runs: a
+            # replay ahead of a script's first round meets a known bug (see _next_client_served)
+            with RawAgent(proxy.port, AGENT, dbname=SHOP_DB) as agent:
+                agent.query("SELECT 1")
             return proxy.port
 
         checker = ShopChecker(pg, start(), start)

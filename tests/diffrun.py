@@ -10,17 +10,17 @@
   relayed through the policy path). Both proxies log in upstream as ``app_owner``.
 * ``Differential.check(script)``: runs the script on each target from the same
   state, normalizes what came back (``DOCUMENTED_DIFFERENCES``, nothing else), and
-  returns every difference: in the answers, message by message, and in the rows
-  left in the tables.
+  returns every difference: in the answers, message by message, in the rows left in
+  the tables, and in the server the client gave back (``Target.probe``).
 
-Used by ``tests/integration/test_differential.py`` (a few hundred scripts in CI)
-and ``bench/differential.py`` (the long run).
+The comparison itself is in ``tests/diffcompare.py``. Used by
+``tests/integration/test_differential.py`` (a few hundred scripts in CI) and
+``bench/differential.py`` (the long run).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -32,17 +32,25 @@ from typing import Any
 
 import psycopg
 from diffbugs import classify
+from diffcompare import (
+    DOCUMENTED_DIFFERENCES,
+    Difference,
+    Normalized,
+    compare,
+    data_row,
+    documented,
+    fields_of,
+    normalize,
+)
 from diffwire import (
     READ_TIMEOUT,
-    Answer,
+    Bind,
     Broken,
     Conn,
-    Flush,
-    Give,
+    Execute,
     Parse,
     Query,
     Script,
-    Steal,
     Sync,
     Transcript,
     run_script,
@@ -100,122 +108,6 @@ functions:
 require_where: false
 allow_locking: true
 """
-
-# ---------------------------------------------------------------- documented differences
-
-# Every way the answers through guardproxy may differ from Postgres' own, and why. The
-# normalization below applies exactly these and nothing else; docs/reliability.md lists
-# them for users.
-DOCUMENTED_DIFFERENCES: dict[str, str] = {
-    "backend key": (
-        "BackendKeyData carries the proxy's own process id and secret (a cancel request "
-        "goes to the proxy, which forwards it to whichever server runs the client's "
-        "request); the login is compared without it"
-    ),
-    "parameter status": (
-        "ParameterStatus messages are compared as the values the client ends up seeing "
-        "after each batch, not one by one: the proxy reports its own set at login and "
-        "the settings it replays on another server are not shown"
-    ),
-    "application_name": (
-        "the server's application_name names the agent (agent id, then the client's own "
-        "name) so that pg_stat_activity shows who runs what; the client is told the name "
-        "it set itself"
-    ),
-    "session_authorization, is_superuser": (
-        "the client logs in to the proxy under its agent id; the server session runs as "
-        "the pool's upstream role"
-    ),
-    "error source fields": (
-        "F, L and R (the file, line and routine of Postgres' source that raised an error) "
-        "are absent from the errors the proxy answers itself, with Postgres' SQLSTATE and "
-        "message, without asking a server: a Bind or Describe of a statement the client "
-        "never prepared, a Parse of a name it already prepared, an Execute of a portal "
-        "outside a transaction; they are left out of every comparison"
-    ),
-    "syntax errors under a policy": (
-        "with a policy, a statement Postgres' parser rejects is rejected by the same parser "
-        "inside the proxy (pglast) before anything is sent: same SQLSTATE 42601, the "
-        "message prefixed with 'the statement could not be parsed: ', a hint, no position"
-    ),
-    "a named Parse while no server is lent": (
-        "a named Parse that arrives while the client holds no server is answered at once "
-        "after Postgres' parser (in the proxy) found its syntax right, and prepared on the "
-        "server that first runs it (docs/pooling.md: clients that prepare while every "
-        "server is busy never wait); an error Postgres finds only when it analyses the "
-        "statement (an unknown table or column) comes at its first Bind or Describe instead"
-    ),
-    "EXECUTE of a statement never PREPAREd, under a policy": (
-        "the judge refuses EXECUTE of a name it has not seen prepared in the session with "
-        "Postgres' SQLSTATE (26000) and its own message, since it cannot judge what it has "
-        "not seen"
-    ),
-    "notification pid": (
-        "a NotificationResponse from the client's own session carries the process id of "
-        "its BackendKeyData (the proxy's), as Postgres' carries its backend's pid; both "
-        "are compared as 'own session'"
-    ),
-}
-
-_LOGIN_IGNORED = frozenset(("application_name", "session_authorization", "is_superuser"))
-
-
-def _after_lazy_parse(script: Script, postgres: Normalized) -> set[tuple[int, int]]:
-    """The steps of a round that opened, outside a transaction, with a named Parse (the
-    proxy answers it without a server): Postgres ran that Parse, the proxy did not yet."""
-    status = {(b, s): msgs[-1][1] for b, s, msgs in postgres.answers if msgs and msgs[-1][0] == "Z"}
-    out: set[tuple[int, int]] = set()
-    idle, lazy = True, False
-    for number, batch in enumerate(script):
-        for index, step in enumerate(batch):
-            if isinstance(step, (Sync, Query)):
-                if lazy:
-                    out.add((number, index))
-                lazy = False
-                idle = status.get((number, index), b"I" if idle else b"T") == b"I"
-                continue
-            if isinstance(step, Parse) and step.name and idle and not lazy:
-                lazy = True
-            elif not isinstance(step, (Flush, Steal, Give)):
-                idle = False
-            if lazy:
-                out.add((number, index))
-    return out
-
-
-def documented(diff: Any, script: Script, postgres: Normalized) -> str | None:
-    """The documented difference a difference is (the ones normalizing cannot take out)."""
-    if not diff.where.startswith("answer") or not isinstance(diff.expected, tuple):
-        return None
-    batch, step, expected = diff.expected
-    got = diff.got[2] if isinstance(diff.got, tuple) else []
-    sent = script[batch][step]
-    lazy = "a named Parse while no server is lent"
-    if (
-        isinstance(sent, Parse)
-        and sent.name
-        and [m[0] for m in expected] == ["E"]
-        and expected[0][1].get("C") != "42601"
-        and got == [("1", b"")]
-    ):
-        return lazy  # the error Postgres found analysing it comes later
-    if (
-        isinstance(sent, Query)
-        and any(m[0] == "E" and m[1].get("C") == "25001" for m in expected)
-        and (batch, step) in _after_lazy_parse(script, postgres)
-    ):
-        return lazy  # Postgres' Parse had started the transaction a BEGIN ... ISOLATION found
-    if (
-        isinstance(sent, Query)
-        and len(expected) == len(got) == 2
-        and expected[0][0] == got[0][0] == "E"
-        and expected[0][1].get("C") == got[0][1].get("C") == "26000"
-        and " may not EXECUTE " in got[0][1].get("M", "")
-        and expected[1] == got[1]
-    ):
-        return "EXECUTE of a statement never PREPAREd, under a policy"
-    return None
-
 
 # ---------------------------------------------------------------- the proxy
 
@@ -281,6 +173,7 @@ PROBE_SQL = (
     " (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory'),"
     " (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema())"
 )
+NOISE_ROUND = (Parse("", "SELECT 'noise' AS noise"), Bind("", "", ()), Execute(""), Sync())
 PROBE_CLEAN = ["ISO, MDY", "Etc/UTC", "0", "0", "0", "0", "0"]
 PROBE_TIMEOUT = 1.0  # a server that answers the probe answers in milliseconds
 
@@ -322,8 +215,11 @@ class Target:
         self.stolen = True
 
     def give(self) -> None:
+        """The other client gives the server back, leaving an unnamed statement of its own
+        there (as any client may): the script's client must never run it."""
         if self.stolen and self.noise is not None:
             self.noise.simple("COMMIT")
+            self.noise.exchange(NOISE_ROUND)
         self.stolen = False
 
     def run(self, script: Script) -> tuple[Transcript, int]:
@@ -384,8 +280,8 @@ class Target:
             # closing the connection makes the proxy close that server: the pool heals
             self.close()
             return "the next client's Query on the server got no answer"
-        rows = [_row(body) for kind, body in msgs if kind == b"D"]
-        errors = [_fields(body) for kind, body in msgs if kind == b"E"]
+        rows = [data_row(body) for kind, body in msgs if kind == b"D"]
+        errors = [fields_of(body) for kind, body in msgs if kind == b"E"]
         if errors or rows != [PROBE_CLEAN]:
             return f"the next client found the server in this state: {rows or errors}"
         return ""
@@ -397,131 +293,6 @@ class Target:
         if self.console is not None:
             self.console.close()
             self.console = None
-
-
-# ---------------------------------------------------------------- normalizing
-
-
-Normal = tuple[Any, ...]
-
-
-@dataclass
-class Normalized:
-    """A transcript with the documented differences taken out."""
-
-    login: dict[str, str]
-    answers: list[tuple[int, int, list[Normal]]]  # (batch, step, messages)
-    params: list[dict[str, str]]  # the ParameterStatus values the client knows, per batch
-    broken: str
-
-
-def normalize(transcript: Transcript, pid: int) -> Normalized:
-    params: dict[str, str] = {}
-    login: dict[str, str] = {}
-    for kind, body in transcript.login:
-        if kind == b"S":
-            name, value = _param(body)
-            params[name] = value
-            if name not in _LOGIN_IGNORED:
-                login[name] = value
-        elif kind not in (b"K", b"Z"):
-            login[f"message {kind.decode()}"] = body.hex()
-    answers: list[tuple[int, int, list[Normal]]] = []
-    seen: list[dict[str, str]] = []
-    for number, batch in enumerate(transcript.batches):
-        for answer in batch:
-            answers.append((number, answer.step, _messages(answer, params, pid)))
-        seen.append({k: v for k, v in params.items() if k not in _LOGIN_IGNORED})
-    return Normalized(login, answers, seen, transcript.broken)
-
-
-def _param(body: bytes) -> tuple[str, str]:
-    return codec.parameter_status(b"S0000" + body)
-
-
-def _messages(answer: Answer, params: dict[str, str], pid: int) -> list[Normal]:
-    out: list[Normal] = []
-    for kind, body in answer.msgs:
-        if kind == b"S":
-            name, value = _param(body)
-            params[name] = value
-        elif kind in (b"E", b"N"):
-            out.append((kind.decode(), _error(body)))
-        elif kind == b"A":
-            sender = int.from_bytes(body[:4], "big", signed=True)
-            out.append(("A", "own session" if sender == pid else "other", body[4:]))
-        else:
-            out.append((kind.decode(), body))
-    return out
-
-
-def _fields(body: bytes) -> dict[str, str]:
-    return codec.error_fields(b"E0000" + body)
-
-
-_SOURCE_FIELDS = ("F", "L", "R")
-_UNPARSED = "the statement could not be parsed: "
-
-
-def _error(body: bytes) -> dict[str, str]:
-    fields = _fields(body)
-    for code in _SOURCE_FIELDS:
-        fields.pop(code, None)
-    if fields.get("C") == "42601":
-        # "syntax errors under a policy": compared by SQLSTATE and Postgres' own message
-        message = fields["M"]
-        fields = {"S": fields["S"], "C": "42601", "M": message.removeprefix(_UNPARSED)}
-    return fields
-
-
-def _row(body: bytes) -> list[str | None]:
-    count = int.from_bytes(body[:2], "big")
-    pos, out = 2, []
-    for _ in range(count):
-        length = int.from_bytes(body[pos : pos + 4], "big", signed=True)
-        pos += 4
-        if length < 0:
-            out.append(None)
-        else:
-            out.append(body[pos : pos + length].decode())
-            pos += length
-    return out
-
-
-# ---------------------------------------------------------------- comparing
-
-
-@dataclass
-class Difference:
-    target: str
-    where: str
-    expected: Any
-    got: Any
-
-    def __str__(self) -> str:
-        return f"{self.target}: {self.where}:\n    postgres: {self.expected!r}\n    proxy:    {self.got!r}"
-
-
-def compare(name: str, direct: Normalized, other: Normalized) -> list[Difference]:
-    """The first difference in the answers (later ones usually follow from it), the login's."""
-    diffs = []
-    if direct.login != other.login:
-        diffs.append(Difference(name, "login", direct.login, other.login))
-    for i in range(max(len(direct.answers), len(other.answers))):
-        a = direct.answers[i] if i < len(direct.answers) else None
-        b = other.answers[i] if i < len(other.answers) else None
-        if a != b:
-            where = f"answer {i} (batch {a[0]}, step {a[1]})" if a else f"answer {i}"
-            diffs.append(Difference(name, where, a, b))
-            break
-    else:
-        for number, (pa, pb) in enumerate(zip(direct.params, other.params, strict=False)):
-            if pa != pb:
-                diffs.append(Difference(name, f"parameters after batch {number}", pa, pb))
-                break
-    if direct.broken != other.broken:
-        diffs.append(Difference(name, "end of the run", direct.broken, other.broken))
-    return diffs
 
 
 # ---------------------------------------------------------------- the harness
@@ -622,10 +393,6 @@ def write_policy(directory: Path) -> Path:
 
 def describe(outcome: Outcome) -> str:
     return "\n".join(str(d) for d in outcome.differences)
-
-
-def dump(value: Any) -> str:
-    return json.dumps(value, default=repr, indent=1)
 
 
 @contextlib.contextmanager
