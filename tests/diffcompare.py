@@ -7,7 +7,8 @@ itself, the prefix of its syntax errors, a notification's process id);
 ``compare`` finds the first answer that differs, message by message, and the login
 and the parameters the client knows; ``documented`` recognises the documented
 differences that move an answer rather than change it (a named Parse answered
-without a server, EXECUTE of an unknown name under a policy). Pure.
+without a server, EXECUTE of an unknown name or an unknown column
+under a policy). Pure.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ DOCUMENTED_DIFFERENCES: dict[str, str] = {
         "the judge refuses EXECUTE of a name it has not seen prepared in the session with "
         "Postgres' SQLSTATE (26000) and its own message, since it cannot judge what it has "
         "not seen; in an aborted transaction too, where Postgres would answer 25P02"
+    ),
+    "an unknown column, under a policy": (
+        "with a policy, a column reference the judge cannot trace to a column of a table "
+        "in scope is refused before anything is sent (fail closed: it might name a denied "
+        "column through a form the analysis does not know), with 42501 and a message "
+        "saying which reference, where Postgres answers 42703 (column does not exist)"
     ),
     "notification pid": (
         "a NotificationResponse from the client's own session carries the process id of "
@@ -129,6 +136,17 @@ def documented(diff: Any, script: Script, postgres: Normalized) -> str | None:
         and expected[1] == got[1]
     ):
         return "EXECUTE of a statement never PREPAREd, under a policy"
+    if (
+        diff.target == "policy"
+        and isinstance(sent, (Query, Parse))
+        and len(expected) == len(got)
+        and expected[0][0] == got[0][0] == "E"
+        and expected[0][1].get("C") == "42703"
+        and got[0][1].get("C") == "42501"
+        and "cannot trace to a table column" in got[0][1].get("M", "")
+        and expected[1:] == got[1:]
+    ):
+        return "an unknown column, under a policy"
     return None
 
 

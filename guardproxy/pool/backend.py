@@ -37,6 +37,10 @@ LOST_HINT = "guardproxy: the server connection ended; any open transaction was r
 Settings = tuple[tuple[str, str], ...]
 
 
+# application_name of the pool's servers at startup: a RESET brings them back to it
+POOL_APP_NAME = "guardproxy"
+
+
 class BackendState:
     """What the relay knows about a server connection, without its socket."""
 
@@ -49,6 +53,9 @@ class BackendState:
         # server statement name -> generation of the client Parse it was prepared for
         self.prepared: dict[bytes, int] = {}
         self.to_close: set[bytes] = set()  # prepared here but stale: close before preparing
+        # generation of the client statement that is the unnamed statement here; 0 when
+        # it may be anyone's (another session's, or dropped by a Query of the proxy's own)
+        self.unnamed = 0
         self.own_statements: set[bytes] = set()  # the proxy's own (jobs), prepared here
         self.pool_generation = 0  # the pool's startup settings it was made with
         # the role the agent's statements run as (``role=`` at start), if not the login's
@@ -223,7 +230,7 @@ class Backend(BackendState, asyncio.Protocol):
         """Logs in (``UpstreamAuth`` checks every step, the server's proof included) and
         reads the server's parameters, up to its first ReadyForQuery."""
         up = self.upstream
-        params = {"user": up.user, "database": up.database, "application_name": "guardproxy"}
+        params = {"user": up.user, "database": up.database, "application_name": POOL_APP_NAME}
         params.update(extra or {})
         self.send(codec.build_startup(params))
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
@@ -261,6 +268,7 @@ class Backend(BackendState, asyncio.Protocol):
     async def query(self, sql: str) -> list[list[str | None]]:
         """Runs SQL in internal mode; returns the rows of the last result, raises on error."""
         self.send(codec.build_query(sql))
+        self.unnamed = 0  # a Query drops the unnamed statement
         rows: list[list[str | None]] = []
         error: dict[str, str] | None = None
         while True:
@@ -293,6 +301,7 @@ class Backend(BackendState, asyncio.Protocol):
         ``until_ready=False``, up to the first CommandComplete, EmptyQueryResponse or error).
         A COPY FROM STDIN takes its data from ``copy_in`` (the client), or is failed."""
         self.send(data)
+        self.unnamed = 0  # what a job sends may replace or drop the unnamed statement
         answers: list[tuple[int, bytes]] = []
         while True:
             kind, raw = await self.recv()

@@ -21,6 +21,7 @@ from collections import deque
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from guardproxy.pool.backend import POOL_APP_NAME
 from guardproxy.protocol import codec
 from guardproxy.protocol import messages as m
 from guardproxy.protocol.errors import ProtocolViolation
@@ -39,7 +40,7 @@ STREAM_ABOVE: Final = 1 << 16
 class Pending(IntEnum):
     PARSE = 1  # payload: Sent (the server statement name is forgotten if it fails)
     BIND = 2  # payload: Sent (a stale plan marks the server statement stale)
-    DESCRIBE = 3  # payload: True when a RowDescription must be answered as NoData
+    DESCRIBE = 3  # payload: True, or a Sent with no_rows: a RowDescription answered as NoData
     EXECUTE = 4  # payload: Execution or None
     CLOSE = 5
     SYNC = 6
@@ -57,11 +58,12 @@ _ENDS_ROUND = (Pending.SYNC, Pending.QUERY)
 
 
 class Sent:
-    """A Parse or Bind as sent: the statement's name on the server and the client's
-    (errors name the client's), the length of the tag before the client's text (a
-    Parse error's position leaves it out), and the client's statement record."""
+    """A Parse, Bind or Describe as sent: the statement's name on the server and the
+    client's (errors name the client's), the length of the tag before the client's
+    text (a Parse error's position leaves it out), and the client's statement record;
+    for a Describe, whether its rows are hidden from the client (``no_rows``)."""
 
-    __slots__ = ("client_name", "server_name", "shift", "statement")
+    __slots__ = ("client_name", "no_rows", "server_name", "shift", "statement")
 
     def __init__(
         self,
@@ -69,11 +71,13 @@ class Sent:
         client_name: bytes,
         shift: int = 0,
         statement: Statement | None = None,
+        no_rows: bool = False,
     ) -> None:
         self.server_name: Final = server_name
         self.client_name: Final = client_name
         self.shift: Final = shift
         self.statement: Final = statement
+        self.no_rows: Final = no_rows
 
 
 class Execution:
@@ -201,6 +205,7 @@ class Inflight:
         "_through_forward",
         "backend",
         "events",
+        "login_app_name",
         "out",
         "pending",
         "rounds_done",
@@ -219,6 +224,9 @@ class Inflight:
         self._buf = b""
         self._through = 0  # bytes still to come of a large message being streamed
         self._through_forward = True  # forwarded (or dropped: a row past the cap)
+        # what a RESET of application_name shows the client: its own startup value, as
+        # Postgres would, not the pool's
+        self.login_app_name = b""
 
     # ------------------------------------------------------------ recording
 
@@ -408,7 +416,10 @@ class Inflight:
         if kind == m.BE_ROW_DESCRIPTION:
             if head is not None and head[0] == Pending.DESCRIBE:
                 pending.popleft()
-                if head[2] and visible:
+                described = head[2]
+                if isinstance(described, Sent):
+                    described = described.no_rows
+                if described and visible:
                     return codec.message(b"n")  # the agent's statement returns no rows
             return keep
         if kind == m.BE_COPY_DATA:
@@ -424,6 +435,8 @@ class Inflight:
             name, value = codec.parameter_status(buf[pos:end])
             if self.backend is not None:
                 self.backend.params[name] = value
+            if name == "application_name" and value == POOL_APP_NAME and visible:
+                return codec.message(b"S", b"application_name\x00" + self.login_app_name + b"\x00")
             return keep
         if kind == m.BE_NOTIFICATION:
             (pid,) = _I32.unpack_from(buf, pos + 5)

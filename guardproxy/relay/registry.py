@@ -58,7 +58,6 @@ class Statement:
         "generation",
         "judgement",
         "name",
-        "on_backend",
         "server_name",
         "text",
         "types",
@@ -71,7 +70,6 @@ class Statement:
         self.judgement = judgement
         self.server_name = b""  # set by the registry for named statements
         self.generation = next(_generations)
-        self.on_backend = 0  # serial of the server where the unnamed statement is current
         # an SQL PREPARE or DEALLOCATE sent with a Parse message: the proxy runs it on
         # its registry when the portal is executed (relay/session_sql.py)
         self.command: object = None
@@ -83,7 +81,6 @@ class Statement:
         """The statement runs under a new judgement from now on: another text, another name."""
         self.judgement = judgement
         self.generation = next(_generations)
-        self.on_backend = 0
         if self.server_name:
             self.server_name = server_statement_name(judgement.sent, self.types, search_path)
 

@@ -154,6 +154,7 @@ class Relay:
         self.to_backend: list[bytes] = []
         self.to_client: list[bytes] = []
         self.inflight = Inflight(self, self.to_client)
+        self.inflight.login_app_name = dict(settings).get("application_name", "").encode()
         self.registry = Registry()
         self.backend: BackendState | None = None
         self.pinned = pinned  # session pooling, or a statement that keeps backend state
@@ -203,6 +204,7 @@ class Relay:
         """A server is lent to this session; replays its settings there if they differ."""
         self.backend = backend
         self.inflight.backend = backend
+        backend.unnamed = 0  # whoever had the server last may have left theirs
         self.transactions += 1
         self.attached_at = self.stmt_started = now = time.perf_counter()
         self.tx_started = now
@@ -217,6 +219,8 @@ class Relay:
             # straight out: the delegation settings follow it (its RESET ALL clears them)
             self.to_backend.append(codec.build_query(sql))
             self.inflight.expect(Pending.QUERY, visible=False)
+            if self.backend is not None:
+                self.backend.unnamed = 0
 
     def detach(self) -> BackendState | None:
         """The session gives the server back (or lost it)."""
@@ -840,7 +844,7 @@ class Relay:
             else:
                 self._prepare_on_server(statement, visible=True, undo=undo)
         else:
-            statement.on_backend = backend.serial
+            backend.unnamed = statement.generation
             self._send(codec.build_parse(b"", statement.judgement.sent, statement.types))
             self.inflight.expect(Pending.PARSE, True, _sent(b"", statement), undo)
         self._notices(statement.judgement)
@@ -931,12 +935,13 @@ class Relay:
                 self._prepare_on_server(statement, visible=False)
             return statement.server_name
         if not statement.name:
-            if statement.on_backend != backend.serial:
+            if backend.unnamed != statement.generation:
                 # the unnamed statement outlives a Sync: it may be bound on another server,
-                # whose own unnamed statement belongs to someone else and must never run
+                # or on this one after another session or a Query of the proxy's own
+                # replaced it there: what runs must never be someone else's
                 self._send(codec.build_parse(b"", statement.judgement.sent, statement.types))
                 self.inflight.expect(Pending.PARSE, False, _sent(b"", statement))
-                statement.on_backend = backend.serial
+                backend.unnamed = statement.generation
             return b""
         if backend.prepared.get(statement.server_name, -1) < statement.generation:
             self._prepare_on_server(statement, visible=False)
@@ -1153,7 +1158,13 @@ class Relay:
         self.in_round = True
         sname = self._statement_on_server(statement)
         self._send(codec.message(b"D", b"S" + sname + b"\x00"))
-        self.inflight.expect(Pending.DESCRIBE, True, _no_rows(statement))
+        no_rows = _no_rows(statement)
+        if sname != statement.name:  # its errors name the client's statement
+            self.inflight.expect(
+                Pending.DESCRIBE, True, Sent(sname, statement.name, 0, statement, no_rows)
+            )
+        else:
+            self.inflight.expect(Pending.DESCRIBE, True, no_rows)
 
     def _close(self, raw: bytes) -> None:
         target, name = codec.describe_or_close_target(raw)
@@ -1479,7 +1490,8 @@ class Relay:
                 self.registry.undo(undo, failed and index == 0)
             if kind == Pending.PARSE and isinstance(payload, Sent):
                 if payload.statement is not None and not payload.server_name:
-                    payload.statement.on_backend = 0  # the server has no copy of it
+                    if backend is not None:
+                        backend.unnamed = 0  # the server has no copy of it
                 elif payload.server_name and backend is not None:
                     # whatever copy the server has, it is not this one: closed first next time
                     backend.prepared.pop(payload.server_name, None)
@@ -1659,6 +1671,7 @@ class Relay:
             self.to_backend.append(codec.build_query(sql))
             self.inflight.expect(Pending.QUERY, False, None)
             backend.guard_sent = values
+            backend.unnamed = 0
 
     def _note_effects(self, judgement: Judgement) -> None:
         """What running the statement does to the session: pins it, dirties its settings."""
@@ -1760,6 +1773,11 @@ def _as_client_sees(fields: dict[str, str], sent: Sent) -> bytes | None:
         server = f'"{sent.server_name.decode()}"'
         message = fields.get("M", "")
         if server in message:
+            if not sent.client_name:  # Postgres' own words for the unnamed statement
+                message = message.replace(
+                    f"prepared statement {server} does not exist",
+                    "unnamed prepared statement does not exist",
+                )
             changed = dict(fields, M=message.replace(server, f'"{_show(sent.client_name)}"'))
     if sent.shift and "P" in fields:
         changed = without_tag(changed, sent.shift)

@@ -180,12 +180,10 @@ def test_the_proxy_answers_every_script_as_postgres_does(
 # ---------------------------------------------------------------- relay bugs found
 #
 # Each runs the smallest script that shows the bug and expects no difference from
-# Postgres. The lead removes the xfail marker (and the diffbugs.py entry) with the fix.
+# Postgres. All are fixed; a new one is marked strict xfail (with its diffbugs.py
+# entry) until its fix lands.
 
 
-@pytest.mark.xfail(
-    strict=True, reason="relay: a refused message leaves its server skipping to Sync"
-)
 def test_a_message_the_relay_refuses_does_not_leave_its_server_skipping_to_sync(
     harness: Differential,
 ) -> None:
@@ -197,9 +195,6 @@ def test_a_message_the_relay_refuses_does_not_leave_its_server_skipping_to_sync(
     assert _unexplained(harness, script) == ""
 
 
-@pytest.mark.xfail(
-    strict=True, reason="session: a client gone mid-round leaves its server skipping"
-)
 def test_a_client_gone_after_a_failed_round_does_not_leave_its_server_skipping(
     harness: Differential,
 ) -> None:
@@ -210,7 +205,6 @@ def test_a_client_gone_after_a_failed_round_does_not_leave_its_server_skipping(
     assert _unexplained(harness, script) == ""
 
 
-@pytest.mark.xfail(strict=True, reason="relay: a Query in a failed round desynchronizes answers")
 def test_a_query_after_a_failed_extended_message_is_ignored_as_postgres_does(
     harness: Differential,
 ) -> None:
@@ -231,7 +225,6 @@ def test_a_query_after_a_failed_extended_message_is_ignored_as_postgres_does(
     assert _unexplained(harness, script) == ""
 
 
-@pytest.mark.xfail(strict=True, reason="relay: another client's unnamed statement runs")
 def test_a_client_never_runs_the_unnamed_statement_another_client_left_on_its_server(
     harness: Differential,
 ) -> None:
@@ -253,7 +246,6 @@ def test_a_client_never_runs_the_unnamed_statement_another_client_left_on_its_se
         assert rows and b"mine" in rows[0], f"{target.name}: X ran {rows}"
 
 
-@pytest.mark.xfail(strict=True, reason="relay: the proxy's own Query drops the unnamed statement")
 def test_the_unnamed_statement_survives_the_proxys_own_settings_capture(
     harness: Differential,
 ) -> None:
@@ -267,7 +259,6 @@ def test_the_unnamed_statement_survives_the_proxys_own_settings_capture(
     assert _unexplained(harness, script) == ""
 
 
-@pytest.mark.xfail(strict=True, reason="relay: the pool's application_name reaches the client")
 def test_after_discard_all_the_client_is_told_its_own_application_name(
     harness: Differential,
 ) -> None:
@@ -276,7 +267,28 @@ def test_after_discard_all_the_client_is_told_its_own_application_name(
     assert _unexplained(harness, ((Query("DISCARD ALL"),),)) == ""
 
 
-@pytest.mark.xfail(strict=True, reason="relay: registry keeps a Parse the server did not take")
+def test_a_failed_parse_of_an_often_sent_text_leaves_no_unnamed_statement(
+    harness: Differential,
+) -> None:
+    # A text sent often is prepared on the servers under a name of the proxy's own
+    # (docs/pooling.md); when its Parse fails, Postgres has no unnamed statement left,
+    # and a Describe of it must say so in Postgres' words.
+    failing = (Parse("", "SELECT nosuch FROM items"), Sync())
+    script = (failing, failing, failing, (Describe("S", ""), Sync()))
+    assert _unexplained(harness, script) == ""
+    # pipelined, the Describe reaches the server (under the proxy's name) before the
+    # Parse's error comes back: the server's error must name the client's statement
+    pipelined = (
+        Parse("", "SELECT nosuch FROM items"),
+        Bind("", "", ()),
+        Execute("", 2),
+        Sync(),
+        Describe("S", ""),
+        Sync(),
+    )
+    assert _unexplained(harness, (pipelined, pipelined, pipelined)) == ""
+
+
 def test_a_parse_that_failed_or_was_skipped_leaves_its_name_free(harness: Differential) -> None:
     failed = (
         (Query("BEGIN"),),
@@ -291,7 +303,6 @@ def test_a_parse_that_failed_or_was_skipped_leaves_its_name_free(harness: Differ
     assert _unexplained(harness, failed) + _unexplained(harness, skipped) == ""
 
 
-@pytest.mark.xfail(strict=True, reason="relay: SQL DEALLOCATE misses the registry")
 def test_sql_deallocate_of_a_protocol_statement_deallocates_it(harness: Differential) -> None:
     script = (
         (Parse("s1", "SELECT 1"), Sync()),
@@ -301,7 +312,6 @@ def test_sql_deallocate_of_a_protocol_statement_deallocates_it(harness: Differen
     assert _unexplained(harness, script) == ""
 
 
-@pytest.mark.xfail(strict=True, reason="relay: name-in-use checks differ from Postgres'")
 def test_a_name_in_use_is_reported_as_postgres_reports_it(harness: Differential) -> None:
     in_transaction = (Query("BEGIN"),)
     two_binds = (Parse("", "SELECT 1"), Bind("p1", "", ()), Bind("p1", "", ()), Sync())
@@ -320,19 +330,16 @@ def test_a_name_in_use_is_reported_as_postgres_reports_it(harness: Differential)
     ) == ""
 
 
-@pytest.mark.xfail(strict=True, reason="relay: a Parse error's position counts the proxy's tag")
 def test_the_position_of_a_parse_error_leaves_out_the_proxy_tag(harness: Differential) -> None:
     script = ((Parse("", "SELECT nosuch FROM items"), Sync()),)
     assert _unexplained(harness, script) == ""
 
 
-@pytest.mark.xfail(strict=True, reason="relay: server-side statement names in error messages")
 def test_errors_name_the_clients_statement_not_the_servers(harness: Differential) -> None:
     script = ((Parse("s1", "SELECT $1::int AS x"), Bind("", "s1", ()), Sync()),)
     assert _unexplained(harness, script) == ""
 
 
-@pytest.mark.xfail(strict=True, reason="relay: portals outlive the Sync that ended them")
 def test_a_pipelined_bind_may_reuse_a_portal_closed_by_the_sync_before_it(
     harness: Differential,
 ) -> None:
@@ -464,7 +471,6 @@ def test_through_the_example_policies_the_database_gets_what_the_policy_says(
     assert not problems, f"{script!r}\n" + "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason="relay: a simple-Query managed write runs the client's text")
 def test_a_simple_query_delete_of_a_soft_deleted_table_marks_the_row(
     shop_run: ShopChecker, shop_db: PgCluster
 ) -> None:
@@ -482,7 +488,6 @@ def test_a_simple_query_delete_of_a_soft_deleted_table_marks_the_row(
     assert marked == "support-1", "order 5 was removed, not marked deleted"
 
 
-@pytest.mark.xfail(strict=True, reason="relay: a managed Execute after a failed Bind hangs")
 def test_a_managed_write_after_a_failed_bind_is_skipped_to_sync(shop_run: ShopChecker) -> None:
     # Postgres: ParseComplete, 22P02 for the Bind ('abc' is no bigint), then it skips the
     # Execute and answers the Sync. The proxy starts the capped UPDATE's managed-write job
@@ -499,7 +504,6 @@ def test_a_managed_write_after_a_failed_bind_is_skipped_to_sync(shop_run: ShopCh
         shop_run.reset()
 
 
-@pytest.mark.xfail(strict=True, reason="relay: a hidden settings replay drops the round's portals")
 def test_portals_bound_before_a_settings_replay_is_answered_stay_managed(
     shop_run: ShopChecker, shop_db: PgCluster
 ) -> None:
