@@ -162,6 +162,7 @@ class Relay:
         # a message waiting for a server: the step that goes on with it, its arguments,
         # and whether it is a whole request (a Query: an error ends it with ReadyForQuery)
         self.held: tuple[Callable[..., None], tuple[Any, ...], bool] | None = None
+        self._held_undo: Undo | None = None  # what the held message changed in the registry
         self.job: Job | None = None
         self._after_job: tuple[Callable[..., None], tuple[Any, ...]] | None = None
         self._drained: Job | None = None  # the job to start once the server owes nothing
@@ -240,6 +241,7 @@ class Relay:
     def run_held(self) -> None:
         """Goes on with the message that waited for a server."""
         held, self.held = self.held, None
+        self._held_undo = None
         if held is not None:
             held[0](*held[1])
 
@@ -249,9 +251,17 @@ class Relay:
     def acquire_failed(self, error: GuardError) -> None:
         """No server came: the waiting message fails like a server error would."""
         held, self.held = self.held, None
+        self._drop_held_undo()
         self._enter(Phase.IDLE)
         if held is not None:
             self._fail_request(held[2], error)
+
+    def _drop_held_undo(self) -> None:
+        """The held message never reached a server: its name is free again (a Parse
+        that failed leaves no statement, as in Postgres)."""
+        undo, self._held_undo = self._held_undo, None
+        if undo is not None:
+            self.registry.undo(undo, True)
 
     # ------------------------------------------------------------ client messages
 
@@ -825,6 +835,7 @@ class Relay:
         undo = self.registry.parse(statement, self.search_path)
         if self.backend is None:
             self._hold_for_server(False, self._send_parse, statement, undo)
+            self._held_undo = undo
             return
         self._send_parse(statement, undo)
 
@@ -1623,6 +1634,7 @@ class Relay:
         rounds = inflight.rounds()
         awaiting = bool(inflight.pending)
         self.held = None
+        self._drop_held_undo()
         self.job = self._drained = None
         self._after_job = self._after_hold = None
         self.detach()

@@ -150,6 +150,34 @@ def test_pool_acquire_timeout_fails_fast_with_53300_and_recovers(
     assert proxy.alive()
 
 
+async def test_a_parse_that_got_no_server_leaves_no_statement(start_proxy, table) -> None:
+    # The unnamed Parse waits for a server that never comes: it fails (53300), and as
+    # for any failed Parse there is no unnamed statement afterwards; a later Describe of
+    # it is told so, rather than finding the statement that was never taken.
+    proxy = start_proxy(pool_size=1, pool_acquire_timeout=1)
+    holder = connect(proxy, "holder", autocommit=False)
+    try:
+        holder.execute(f"INSERT INTO {table} VALUES (1, 'held')")  # holds the only server
+        async with await WireClient.connect(proxy.port) as raw:
+            await raw.login("waiter")
+            await raw.send(
+                codec.build_parse(b"", b"SELECT 'never taken'", b"\x00\x00") + codec.SYNC
+            )
+            failed = await raw.read_until(b"Z", timeout=WAIT)
+            assert [e["C"] for e in errors_in(failed)] == ["53300"], failed
+            holder.commit()
+            describe = codec.message(b"D", b"S\x00")
+            await raw.send(describe + codec.SYNC)
+            after = await raw.read_until(b"Z", timeout=WAIT)
+            assert [(e["C"], e["M"]) for e in errors_in(after)] == [
+                ("26000", "unnamed prepared statement does not exist")
+            ], after
+            assert not [m for m in after if m.kind in (b"t", b"T")], after
+    finally:
+        holder.close()
+    assert proxy.alive()
+
+
 def test_waiter_gets_the_server_when_it_comes_back_in_time(start_proxy, table, threads) -> None:
     proxy = start_proxy(pool_size=1, pool_acquire_timeout=20)
     with connect(proxy, "holder", autocommit=False) as holder, connect(proxy, "waiter") as waiter:
