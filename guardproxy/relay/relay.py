@@ -210,7 +210,10 @@ class Relay:
         self.attached_at = self.stmt_started = now = time.perf_counter()
         self.tx_started = now
         self.wants_release = False
-        self.guard_dirty = self.judging is not None and self.judging.delegated
+        # whatever this server was given before, by this session or another, the round's
+        # first message takes the session's own delegation settings with it (even when
+        # that message opens an extended-protocol round)
+        self._guard_for = None
         if self.phase is not Phase.JOB:
             self._enter(Phase.ACTIVE)
 
@@ -1306,6 +1309,7 @@ class Relay:
             query = isinstance(job, ManagedWrite) and job.simple
             self._hold_for_server(query, self._start_job, job)
             return
+        self._guard_check()  # the job's statements run under the session's principals
         if self.inflight.pending:
             # Postgres holds extended-protocol answers until a Flush or a Sync
             self._send(codec.FLUSH)
@@ -1658,6 +1662,14 @@ class Relay:
     def _send(self, data: bytes) -> None:
         self.wants_release = False  # new work: the server stays
         self._replay_candidate = None  # the round has sent something: it cannot run again
+        self._guard_check()
+        self.to_backend.append(data)
+        if self.tx_started is None:
+            self.tx_started = time.perf_counter()
+
+    def _guard_check(self) -> None:
+        """Before anything of the session's runs on the lent server (a message, or a job
+        of the proxy's own): the server gets the session's delegation settings first."""
         judging = self.judging
         if judging is not None and (
             (self.guard_dirty and not self.in_round) or judging.delegation is not self._guard_for
@@ -1666,9 +1678,6 @@ class Relay:
             # messages of an extended-protocol round: a RESET ALL's effect is undone at
             # its end (a token can change only between rounds, see _parse)
             self._guard_settings(judging)
-        self.to_backend.append(data)
-        if self.tx_started is None:
-            self.tx_started = time.perf_counter()
 
     def _guard_settings(self, judging: Judging) -> None:
         """What Postgres sees of the session's delegation (guard.principals, guard.task,
