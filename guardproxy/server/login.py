@@ -265,6 +265,15 @@ async def login_exchange(
     if proxy.settings.auth_mode == "scram":
         if user not in proxy.verifiers and proxy.verifier is not None and proxy.verifier.issuers:
             token = await _token_password(channel, proxy, user)  # verified with its policy
+            if proxy.policies is None or startup.params.get("database") == ADMIN_DATABASE:
+                # no agent type's policy will verify it: it is no login here
+                proxy.auth_failed(host, user)
+                raise AuthFailed(
+                    f'password authentication failed for user "{user}": a delegation '
+                    "token logs in an agent whose type's policy accepts it, never to the "
+                    "admin console or a proxy without policies; give the user a password "
+                    "in the auth file"
+                )
         else:
             await _scram(channel, proxy, user)
             proxy.login_limits.succeeded(host, user)
