@@ -273,6 +273,7 @@ def test_no_sql_spelling_widens_guard_principals(env: Env, shop_state: Any, atta
     for got in (after, inside, again):
         assert set(got[0]) <= set(customers_of("3")), (attack, got)
         assert set(got[1]) <= set(orders_of("3")), (attack, got)
+    assert again == [customers_of("3"), orders_of("3")], (attack, again)  # the session works
 
 
 def test_extended_protocol_set_config_and_case_variants_do_not_widen(env: Env, shop_state: Any):
@@ -410,8 +411,8 @@ def test_startup_parameters_do_not_widen(env: Env, shop_state: Any, params: dict
         shown = conn.q("SELECT current_setting('guard.principals', true)")
     finally:
         conn.close()
-    assert set(customers) <= {3}, customers
-    assert set(orders) <= set(orders_of("3")), orders
+    assert customers == [3], customers
+    assert orders == orders_of("3"), orders
     assert set(firsts(shown)) <= {"3", None}, firsts(shown)
 
 
@@ -520,11 +521,13 @@ def bad_tokens(env: Env) -> dict[str, str]:
 def test_bad_tokens_at_login_and_by_set_change_nothing(env: Env, shop_state: Any, rls_shop):
     bad = bad_tokens(env)
     accepted_at_login = []
+    logged_in = []
     for name, token in bad.items():
         try:
             conn = env.wire(token)
         except (ConnectionError, TimeoutError):
             continue
+        logged_in.append(name)
         try:
             got = [seen(conn, CUSTOMERS_SQL), seen(conn, ORDERS_SQL)]
         finally:
@@ -533,9 +536,11 @@ def test_bad_tokens_at_login_and_by_set_change_nothing(env: Env, shop_state: Any
             accepted_at_login.append((name, got))
     conn = env.wire(env.token(["3"]))
     accepted_by_set = []
+    set_ok = []
     try:
         for name, token in bad.items():
-            conn.q(f"SET guard.token = '{token}'")
+            if not errors(conn.q(f"SET guard.token = '{token}'")):
+                set_ok.append(name)
             got = [seen(conn, CUSTOMERS_SQL), seen(conn, ORDERS_SQL)]
             if not set(got[0]) <= {3} or not set(got[1]) <= set(orders_of("3")):
                 accepted_by_set.append((name, got))
@@ -543,6 +548,8 @@ def test_bad_tokens_at_login_and_by_set_change_nothing(env: Env, shop_state: Any
         conn.close()
     assert accepted_at_login == []
     assert accepted_by_set == []
+    assert set(logged_in) <= {"whitespace"}, logged_in
+    assert set(set_ok) <= {"whitespace"}, set_ok
     assert shop_rows(rls_shop) == shop_state
 
 
@@ -729,7 +736,6 @@ WRITE_ATTACKS = [
     "SELECT id FROM x",
     "UPDATE orders o SET fulfillment_status = 'returned' FROM customers c "
     "WHERE c.id = o.customer_id AND c.id = 1",
-    "INSERT INTO order_state_log (order_id, new_status, changed_by) VALUES (1, 'x', 'atk')",
 ]
 
 
