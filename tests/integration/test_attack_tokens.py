@@ -915,6 +915,10 @@ def test_mcp_http_hostile_arguments(env: Env, mcp_http: Mcp, shop_state: Any, rl
 
     async def main() -> dict[str, Any]:
         out: dict[str, Any] = {}
+        with anyio.fail_after(100):
+            return await calls(out)
+
+    async def calls(out: dict[str, Any]) -> dict[str, Any]:
         async with mcp_client(mcp_http, token) as client:
             for name, args in {
                 "sql-int": {"sql": 42},
@@ -959,8 +963,7 @@ def test_mcp_http_hostile_arguments(env: Env, mcp_http: Mcp, shop_state: Any, rl
             out["end"] = await tool(client, "query", sql=CUSTOMERS_SQL)
         return out
 
-    with anyio.fail_after(100):
-        out = anyio.run(main)
+    out = anyio.run(main)
     widened = {k: mcp_ids(v[2]) for k, v in out.items() if not set(mcp_ids(v[2])) <= {2, 3, 6}}
     assert widened == {}
     assert out["other-task"][0], out["other-task"][1][:300]
@@ -986,8 +989,8 @@ def test_mcp_http_refuses_bad_bearers_and_bodies(env: Env, mcp_http: Mcp, shop_s
     passed = []
     with httpx2.Client(timeout=20) as http:
         for name, token in bad.items():
-            if name == "whitespace":
-                continue
+            if name in ("whitespace", "other-agent"):
+                continue  # a valid token of support-8: the door lets support-8 in
             got = http.post(
                 mcp_http.url, json=init, headers={**headers, "Authorization": f"Bearer {token}"}
             )
