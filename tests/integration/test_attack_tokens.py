@@ -1155,3 +1155,116 @@ def test_a_shared_server_carries_no_other_sessions_principals(env: Env, one_serv
         b.close()
     assert all(s == [1] for s in seen_a), seen_a
     assert all(s == [3] for s in seen_b), seen_b
+
+
+@contextlib.contextmanager
+def shared_proxy(env: Env, pg: PgCluster, name: str, **support: Any) -> Iterator[ShopProxy]:
+    """A proxy whose support sessions share one server connection, the support policy
+    changed by ``support``."""
+    work = env.work / name
+    work.mkdir(exist_ok=True)
+    policies = policies_with(work, support={**support, "limits": {"max_server_connections": 1}})
+    with launch_proxy(
+        pg,
+        work / "guardproxy.log",
+        policies=policies,
+        delegation_issuers=json.dumps(issuers(env.public)),
+        delegation_revocations_refresh=1,
+    ) as proxy:
+        yield proxy
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: a psycopg client's parameterised query reads through RLS with the "
+    "principals of the session that used the pooled server before",
+)
+def test_a_real_clients_parameterised_reads_keep_their_own_principals(
+    env: Env, one_server: ShopProxy
+):
+    opts_a = f"-c guard.token={env.token(['1'])}"
+    opts_b = f"-c guard.token={env.token(['3'], agent='support-8')}"
+    got_a: list[list[int]] = []
+    with (
+        psycopg.connect(one_server.dsn(AGENT) + "", autocommit=True, options=opts_a) as a,
+        psycopg.connect(one_server.dsn("support-8"), autocommit=True, options=opts_b) as b,
+    ):
+        for _ in range(3):
+            b.execute("SELECT id FROM customers ORDER BY id").fetchall()
+            rows = a.execute("SELECT id FROM customers WHERE id > %s ORDER BY id", (0,))
+            got_a.append([r[0] for r in rows])
+    assert all(r == [1] for r in got_a), got_a
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: with delegation optional, a session without a token reads through RLS "
+    "with another session's verified principals (extended protocol on a pooled server)",
+)
+def test_an_optional_session_without_token_gets_no_principals(env: Env, rls_shop: PgCluster):
+    with shared_proxy(env, rls_shop, "optional", delegation="optional") as proxy:
+        b = Wire(proxy.port, "support-8", options=f"-c guard.token={env.token(['3'], agent='support-8')}")
+        a = Wire(proxy.port, AGENT)  # no token
+        try:
+            declared = [ids(a.q("SET guard.principals = '1,2,3,4'")), ids(a.q(CUSTOMERS_SQL))]
+            leaked = []
+            for _ in range(3):
+                assert ids(b.q(CUSTOMERS_SQL)) == [3]
+                leaked.append(ids(extended(a, CUSTOMERS_SQL)))
+        finally:
+            a.close()
+            b.close()
+    assert declared == [[], []], declared  # declared principals never reach Postgres
+    assert all(r == [] for r in leaked), leaked
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: an extended-protocol UPDATE changes another token's principal's row "
+    "through RLS on a pooled server (no row filter: the docs' RLS-only setup)",
+)
+def test_rls_only_writes_stay_with_the_tokens_principals_on_a_shared_server(
+    env: Env, rls_shop: PgCluster
+):
+    rls_shop.psql(
+        rls_policy_sql(
+            "orders",
+            "customer_id",
+            ["guard_support"],
+            column_type="bigint",
+            other_roles=["guard_analytics", "guard_fulfillment"],
+        ),
+        dbname=SHOP_DB,
+    )
+    before = su(rls_shop, "SELECT id, fulfillment_status FROM orders ORDER BY id")
+    try:
+        with shared_proxy(env, rls_shop, "rls-only", delegation="required") as proxy:
+            a = Wire(proxy.port, AGENT, options=f"-c guard.token={env.token(['1'])}")
+            b = Wire(proxy.port, "support-8", options=f"-c guard.token={env.token(['3'], agent='support-8')}")
+            try:
+                assert ids(a.q(ORDERS_SQL)) == orders_of("1")
+                assert ids(b.q(ORDERS_SQL)) == orders_of("3")
+                got = a.round(
+                    parse(b"", "UPDATE orders SET fulfillment_status = 'returned' WHERE id = $1"),
+                    bind(b"", b"", b"4"),
+                    execute(),
+                    SYNC,
+                )
+            finally:
+                a.close()
+                b.close()
+        after = su(rls_shop, "SELECT id, fulfillment_status FROM orders ORDER BY id")
+        assert after == before, (summary(got), after)
+    finally:
+        rls_shop.psql(
+            "DROP POLICY IF EXISTS guard_principals ON orders; "
+            "DROP POLICY IF EXISTS guard_no_delegation ON orders; "
+            "ALTER TABLE orders DISABLE ROW LEVEL SECURITY",
+            dbname=SHOP_DB,
+        )
+        su(rls_shop, "UPDATE orders SET fulfillment_status = 'pending' WHERE id = 4")
+        su(
+            rls_shop,
+            "DELETE FROM order_state_log WHERE idempotency_key IS NULL "
+            "OR idempotency_key NOT LIKE 'seed-%'",
+        )
