@@ -1385,3 +1385,78 @@ def test_the_admin_console_does_not_take_an_unverified_token(
         env.admin(f"UNREVOKE TOKENS FOR PRINCIPAL 'atk-admin' ISSUER '{ISSUER}'")
     assert after == before, "an unauthenticated client changed the revocation list"
     assert entered == []
+
+
+# ================================================================ around the row filter
+
+ROW_FILTER_READS = [
+    "TABLE orders",
+    "SELECT id FROM ONLY orders",
+    "SELECT id FROM public.orders",
+    'SELECT id FROM "orders"',
+    'SELECT id FROM public."orders" AS "o"',
+    "SELECT o.id FROM orders o",
+    "SELECT id FROM (SELECT * FROM orders) s",
+    "WITH o AS (SELECT * FROM orders) SELECT id FROM o",
+    "WITH RECURSIVE o AS (SELECT * FROM orders) SELECT id FROM o",
+    "SELECT id FROM orders UNION ALL SELECT id FROM orders",
+    "SELECT unnest((SELECT array_agg(id) FROM orders))",
+    "SELECT o.id FROM customers c JOIN orders o ON o.customer_id = c.id OR true",
+    "SELECT id FROM orders WHERE customer_id = 1 OR customer_id = 2",
+    "SELECT id FROM orders, LATERAL (SELECT 1) x",
+    "SELECT (o).id FROM orders o",
+    "SELECT id FROM orders TABLESAMPLE SYSTEM (100)",
+    "SELECT id FROM orders WHERE id IN (SELECT id FROM orders)",
+    "SELECT id FROM orders o1 WHERE EXISTS (SELECT 1 FROM orders o2 WHERE o2.id = o1.id)",
+    "COPY orders TO STDOUT",
+    "COPY (SELECT id FROM orders) TO STDOUT",
+    "SELECT query_to_xml('SELECT id FROM orders', true, false, '')",
+    "SELECT table_to_xml('orders', true, false, '')",
+    "SELECT query_to_json('SELECT id FROM orders')",
+    "SELECT xpath('//id/text()', query_to_xml('SELECT id FROM orders', true, false, ''))",
+    "SELECT schema_to_xml('public', true, false, '')",
+    "SELECT database_to_xml(true, false, '')",
+    "DECLARE c CURSOR FOR SELECT id FROM orders",
+    "EXPLAIN ANALYZE SELECT id FROM orders",
+    "PREPARE p AS SELECT id FROM orders",
+]
+
+
+def _others_orders_in(text: str) -> list[int]:
+    """Order ids of customers other than 3 that appear in ``text`` as values."""
+    import re
+
+    found = set()
+    for pattern in (r"<id>(\d+)</id>", r"(?m)^(\d+)\t", r"\"id\"\s*:\s*(\d+)"):
+        found |= {int(x) for x in re.findall(pattern, text)}
+    return sorted(found - {4})
+
+
+@pytest.mark.parametrize("attack", ROW_FILTER_READS)
+def test_reads_around_the_row_filter_see_only_the_tokens_orders(
+    env: Env, shop_state: Any, attack: str
+):
+    conn = env.wire(env.token(["3"]))
+    try:
+        conn.q("BEGIN")
+        got = conn.q(attack)
+        follow = []
+        if attack.startswith("DECLARE"):
+            follow = conn.q("FETCH ALL FROM c")
+        elif attack.startswith("PREPARE"):
+            follow = conn.q("EXECUTE p")
+        conn.q("ROLLBACK")
+    finally:
+        conn.close()
+    values = [str(v) for row in rows_of(got) + rows_of(follow) for v in row]
+    copy = b"".join(raw[5:] for kind, raw in got if kind == b"d").decode(errors="replace")
+    numbers = [int(r[0]) for r in rows_of(got) + rows_of(follow) if r and (r[0] or "").isdigit()]
+    if "EXPLAIN" not in attack:
+        assert set(numbers) <= {4}, (attack, values[:20])
+    assert _others_orders_in("\n".join(values) + "\n" + copy) == [], (attack, values[:5], copy)
+
+
+def rows_of(msgs: Any) -> list[list[str | None]]:
+    from test_attack_relay import rows
+
+    return rows(msgs) if msgs else []
