@@ -1460,3 +1460,53 @@ def rows_of(msgs: Any) -> list[list[str | None]]:
     from test_attack_relay import rows
 
     return rows(msgs) if msgs else []
+
+
+# ================================================================ revocation details
+
+
+@pytest.mark.parametrize(
+    ("principals", "revoked"),
+    [(["1", "2"], "2"), ([2, 1], "2"), (["2"], "2"), ([" 2"], " 2")],
+    ids=["one-of-two", "integers", "string", "spaced"],
+)
+def test_revoking_a_principal_stops_every_token_naming_it(
+    env: Env, shop_state: Any, principals: list[Any], revoked: str
+):
+    conn = env.wire(env.token(principals))
+    try:
+        assert seen(conn, CUSTOMERS_SQL)
+        time.sleep(1.1)  # the revocation covers tokens issued before it (seconds)
+        env.admin(f"REVOKE TOKENS FOR PRINCIPAL '{revoked}' ISSUER '{ISSUER}'")
+        try:
+            deadline = time.monotonic() + 15
+            got = conn.q(CUSTOMERS_SQL)
+            while ids(got) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                got = conn.q(CUSTOMERS_SQL)
+            assert ids(got) == [], summary(got)
+            assert "revoked" in " ".join(messages(got))
+            # a prepared statement of the revoked token, bound afterwards
+            assert ids(conn.round(parse(b"", ORDERS_SQL), bind(b"", b""), execute(), SYNC)) == []
+        finally:
+            env.admin(f"UNREVOKE TOKENS FOR PRINCIPAL '{revoked}' ISSUER '{ISSUER}'")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("agent", ["support-*", "support-?", "support-[0-9]", "*", "support-7 "])
+def test_a_glob_shaped_agent_id_cannot_use_another_agents_token(
+    env: Env, shop_state: Any, agent: str
+):
+    token = env.token(["1", "2", "3", "4"])  # support-7's
+    try:
+        conn = env.wire(token, agent=agent)
+    except (ConnectionError, TimeoutError):
+        return
+    try:
+        got = [seen(conn, CUSTOMERS_SQL), seen(conn, ORDERS_SQL)]
+        conn.q(f"SET guard.token = '{token}'")
+        got += [seen(conn, CUSTOMERS_SQL), seen(conn, ORDERS_SQL)]
+    finally:
+        conn.close()
+    assert got == [[], [], [], []], (agent, got)
