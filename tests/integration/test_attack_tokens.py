@@ -1510,3 +1510,113 @@ def test_a_glob_shaped_agent_id_cannot_use_another_agents_token(
     finally:
         conn.close()
     assert got == [[], [], [], []], (agent, got)
+
+
+# ================================================================ MCP sessions, explain, writes
+
+_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+def _rpc(method: str, params: dict[str, Any], ident: int = 1) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": ident, "method": method, "params": params}
+
+
+def _rpc_rows(text: str) -> list[int]:
+    """The ids of a tools/call answer (JSON or an SSE stream)."""
+    out: list[int] = []
+    for line in text.splitlines():
+        line = line.removeprefix("data: ").strip()
+        if not line.startswith("{"):
+            continue
+        with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+            data = json.loads(line)["result"]["structuredContent"]
+            out += mcp_ids(data)
+    return out
+
+
+def test_an_mcp_session_is_bound_to_the_token_that_opened_it(
+    env: Env, mcp_http: Mcp, shop_state: Any
+):
+    opener = env.token(["2"])
+    init = _rpc(
+        "initialize",
+        {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "atk", "version": "1"},
+        },
+    )
+    call = _rpc("tools/call", {"name": "query", "arguments": {"sql": CUSTOMERS_SQL}}, 2)
+    with httpx2.Client(timeout=20) as http:
+        opened = http.post(
+            mcp_http.url, json=init, headers={**_HEADERS, "Authorization": f"Bearer {opener}"}
+        )
+        session = opened.headers.get("mcp-session-id")
+        if session is None:
+            pytest.skip("the server runs without MCP sessions")
+        base = {**_HEADERS, "Mcp-Session-Id": session, "MCP-Protocol-Version": "2025-06-18"}
+        http.post(
+            mcp_http.url,
+            json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+            headers={**base, "Authorization": f"Bearer {opener}"},
+        )
+        own = http.post(
+            mcp_http.url, json=call, headers={**base, "Authorization": f"Bearer {opener}"}
+        )
+        answers = {}
+        for name, token in {
+            "same-agent-wider": env.token(["1", "2", "3", "4"]),
+            "other-agent": env.token(["1", "2", "3", "4"], agent="support-8"),
+            "forged": bad_tokens(env)["header-jwk"],
+        }.items():
+            got = http.post(
+                mcp_http.url, json=call, headers={**base, "Authorization": f"Bearer {token}"}
+            )
+            answers[name] = (got.status_code, _rpc_rows(got.text))
+    assert _rpc_rows(own.text) == [2], own.text[:300]
+    assert all(code in (401, 403, 404) and not rows for code, rows in answers.values()), answers
+
+
+def test_mcp_explain_never_runs_and_writes_stay_narrowed(
+    env: Env, mcp_http: Mcp, shop_state: Any, rls_shop: PgCluster
+):
+    token = env.token(["2"])
+    writes = [
+        "UPDATE orders SET fulfillment_status = 'returned' WHERE id = 4",
+        "UPDATE orders SET fulfillment_status = 'returned' WHERE id > 0",
+        "DELETE FROM orders WHERE id IN (1, 4, 5)",
+        "WITH x AS (UPDATE orders SET fulfillment_status = 'returned' WHERE id = 1 RETURNING id) "
+        "SELECT id FROM x",
+    ]
+
+    async def main() -> list[tuple[bool, str, Any]]:
+        out = []
+        with anyio.fail_after(60):
+            async with mcp_client(mcp_http, token) as client:
+                for sql in writes:
+                    out.append(await tool(client, "explain", sql=sql))
+                    out.append(await tool(client, "explain", sql="ANALYZE " + sql))
+                    out.append(await tool(client, "explain", sql=f"SELECT 1; {sql}"))
+                for sql in writes:
+                    out.append(await tool(client, "query", sql=sql, task=None))
+        return out
+
+    anyio.run(main)
+    changed = su(
+        rls_shop,
+        "SELECT id FROM orders WHERE fulfillment_status = 'returned' OR deleted_at IS NOT NULL",
+    )
+    try:
+        assert {r[0] for r in changed} <= {3, 6}, changed
+    finally:
+        su(
+            rls_shop,
+            "UPDATE orders SET fulfillment_status = CASE id WHEN 1 THEN 'delivered' WHEN 2 THEN "
+            "'shipped' WHEN 3 THEN 'packed' WHEN 6 THEN 'cancelled' ELSE 'pending' END, "
+            "deleted_at = NULL, deleted_by = NULL, delete_reason = NULL",
+        )
+        su(
+            rls_shop,
+            "DELETE FROM order_state_log WHERE idempotency_key IS NULL "
+            "OR idempotency_key NOT LIKE 'seed-%'",
+        )
