@@ -1054,7 +1054,17 @@ def test_mcp_http_many_concurrent_calls_stay_narrowed(
 # ================================================================ MCP over stdio
 
 
-def _stdio(env: Env, extra_env: dict[str, str]) -> list[tuple[bool, str, Any]]:
+def _stdio(
+    env: Env,
+    extra_env: dict[str, str],
+    port: int | None = None,
+    sqls: tuple[str, ...] = (
+        CUSTOMERS_SQL,
+        ORDERS_SQL,
+        "SET \"GUARD.PRINCIPALS\" = '1,2,3,4'",
+        CUSTOMERS_SQL,
+    ),
+) -> list[tuple[bool, str, Any]]:
     from mcp import StdioServerParameters
     from mcp.client.stdio import stdio_client
 
@@ -1068,7 +1078,7 @@ def _stdio(env: Env, extra_env: dict[str, str]) -> list[tuple[bool, str, Any]]:
             "--agent",
             AGENT,
             "--proxy",
-            f"postgresql://127.0.0.1:{env.proxy.port}/{SHOP_DB}",
+            f"postgresql://127.0.0.1:{port or env.proxy.port}/{SHOP_DB}",
             "--policies",
             str(env.work / "policies"),
         ],
@@ -1080,12 +1090,7 @@ def _stdio(env: Env, extra_env: dict[str, str]) -> list[tuple[bool, str, Any]]:
         out = []
         with anyio.fail_after(60):
             async with Client(stdio_client(params)) as client:
-                for sql in (
-                    CUSTOMERS_SQL,
-                    ORDERS_SQL,
-                    "SET \"GUARD.PRINCIPALS\" = '1,2,3,4'",
-                    CUSTOMERS_SQL,
-                ):
+                for sql in sqls:
                     out.append(await tool(client, "query", sql=sql))
         return out
 
@@ -1620,3 +1625,18 @@ def test_mcp_explain_never_runs_and_writes_stay_narrowed(
             "DELETE FROM order_state_log WHERE idempotency_key IS NULL "
             "OR idempotency_key NOT LIKE 'seed-%'",
         )
+
+
+def test_an_mcp_agent_without_token_inherits_no_principals(env: Env, rls_shop: PgCluster):
+    with shared_proxy(env, rls_shop, "mcp-optional", delegation="optional") as proxy:
+        b = Wire(
+            proxy.port,
+            "support-8",
+            options=f"-c guard.token={env.token(['3'], agent='support-8')}",
+        )
+        try:
+            assert ids(b.q(CUSTOMERS_SQL)) == [3]
+            out = _stdio(env, {}, port=proxy.port, sqls=(CUSTOMERS_SQL,))
+        finally:
+            b.close()
+    assert [mcp_ids(r[2]) for r in out] == [[]], [(r[0], r[1][:200]) for r in out]
