@@ -253,6 +253,27 @@ SETTING_ATTACKS = [
     "RESET guard.principals; SET \"GUARD.PRINCIPALS\" = '1,2,3,4'",
     "ALTER ROLE guard_support SET guard.principals = '1,2,3,4'",
     "SET ROLE app_owner",
+    "SELECT set_config(new_value => '1,2,3,4', setting_name => 'guard.principals', "
+    "is_local => false)",
+    "SELECT set_config(is_local => false, setting_name => 'guard.principals', "
+    "new_value => '1,2,3,4')",
+    "SELECT set_config('guard.principals', new_value => '1,2,3,4', is_local => false)",
+    "SELECT set_config(x, y, false) FROM (VALUES ('guard.principals', '1,2,3,4')) v(x, y)",
+    "SELECT set_config(E'guard\\x2eprincipals', '1,2,3,4', false)",
+    "SELECT set_config(U&'guard\\002eprincipals', '1,2,3,4', false)",
+    "SELECT set_config($$guard.principals$$, '1,2,3,4', false)",
+    "SELECT set_config('guard.principals'::text, '1,2,3,4', false)",
+    "SELECT set_config(('guard.principals'), '1,2,3,4', false)",
+    "SELECT set_config(' guard.principals', '1,2,3,4', false)",
+    "SELECT set_config('guard.principals ', '1,2,3,4', false)",
+    "DO $$BEGIN PERFORM set_config('guard.principals', '1,2,3,4', false); END$$",
+    "PREPARE sp(text, text) AS SELECT set_config($1, $2, false); "
+    "EXECUTE sp('guard.principals', '1,2,3,4')",
+    "SELECT current_setting('guard.principals') FROM set_config('guard.principals', "
+    "'1,2,3,4', false) AS s",
+    "VALUES (set_config('guard.principals', '1,2,3,4', false))",
+    "SELECT 1 WHERE set_config('guard.principals', '1,2,3,4', false) IS NOT NULL",
+    "SELECT 1 ORDER BY set_config('guard.principals', '1,2,3,4', false)",
     "SET SESSION AUTHORIZATION postgres",
 ]
 
