@@ -1661,3 +1661,31 @@ def test_an_mcp_agent_without_token_inherits_no_principals(env: Env, rls_shop: P
         finally:
             b.close()
     assert [mcp_ids(r[2]) for r in out] == [[]], [(r[0], r[1][:200]) for r in out]
+
+
+@pytest.mark.parametrize(
+    "suffix",
+    [
+        " -c guard.principals=1,2,3,4",
+        "\t-c guard.principals=1,2,3,4",
+        " --guard.principals=1,2,3,4",
+        "\\ -c\\ guard.principals=1,2,3,4",
+        ",eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9.",
+    ],
+    ids=["space", "tab", "dashdash", "escaped", "comma"],
+)
+def test_an_mcp_bearer_cannot_carry_extra_options(
+    env: Env, mcp_http: Mcp, shop_state: Any, suffix: str
+):
+    token = env.token(["2"])
+
+    async def main() -> Any:
+        with anyio.fail_after(30):
+            async with mcp_client(mcp_http, token + suffix) as client:
+                return await tool(client, "query", sql=CUSTOMERS_SQL)
+
+    try:
+        result = anyio.run(main)
+    except BaseException:  # refused at the door: nothing ran
+        return
+    assert set(mcp_ids(result[2])) <= {2}, result[1][:300]
