@@ -1689,3 +1689,34 @@ def test_an_mcp_bearer_cannot_carry_extra_options(
     except BaseException:  # refused at the door: nothing ran
         return
     assert set(mcp_ids(result[2])) <= {2}, result[1][:300]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: a proxy without policies but with delegation issuers lets an agent with "
+    "no password in the auth file log in with any JWS-shaped string (never verified)",
+)
+def test_a_proxy_without_policies_does_not_take_an_unverified_token(env: Env, rls_shop: PgCluster):
+    from guardproxy.protocol.scram import write_verifier
+
+    work = env.work / "no-policies"
+    work.mkdir(exist_ok=True)
+    auth = work / "agents.auth"
+    write_verifier(auth, "app-1", "app-pw")
+    with launch_proxy(
+        rls_shop,
+        work / "guardproxy.log",
+        policies=None,
+        auth_mode="scram",
+        auth_file=auth,
+        delegation_issuers=json.dumps(issuers(env.public)),
+        auth_max_failures=1000,
+    ) as proxy:
+        entered = []
+        for password in (FAKE_TOKEN, bad_tokens(env)["alg-none"]):
+            try:
+                with _login(proxy, "intruder", password) as conn:
+                    entered.append(conn.execute("SELECT count(*) FROM customers").fetchone())
+            except psycopg.Error:
+                pass
+    assert entered == []
