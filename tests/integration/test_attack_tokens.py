@@ -1720,3 +1720,57 @@ def test_a_proxy_without_policies_does_not_take_an_unverified_token(env: Env, rl
             except psycopg.Error:
                 pass
     assert entered == []
+
+
+@pytest.mark.parametrize(
+    "drop",
+    [
+        "RESET guard.token",
+        "SET guard.token = ''",
+        "SET guard.token TO DEFAULT",
+        "RESET ALL",
+        "DISCARD ALL",
+    ],
+)
+def test_a_session_logged_in_by_a_revoked_token_cannot_shed_it(
+    env: Env, rls_shop: PgCluster, drop: str
+):
+    """delegation: optional; support-7 has no password and logs in with its token. Once
+    the token is revoked, dropping it does not leave a session that declares principals."""
+    from guardproxy.protocol.scram import write_verifier
+
+    work = env.work / f"optional-scram-{abs(hash(drop))}"
+    work.mkdir(exist_ok=True)
+    auth = work / "agents.auth"
+    write_verifier(auth, "support-1", "support-pw")
+    policies = policies_with(work, support={**POLICY, "delegation": "optional"})
+    jti = f"atk-shed-{time.time_ns()}"
+    with launch_proxy(
+        rls_shop,
+        work / "guardproxy.log",
+        policies=policies,
+        auth_mode="scram",
+        auth_file=auth,
+        admin_users="support-1",
+        delegation_issuers=json.dumps(issuers(env.public)),
+        delegation_revocations_refresh=1,
+    ) as proxy:
+        with _login(proxy, AGENT, env.token(["1"], token_id=jti)) as conn:
+            assert [r[0] for r in conn.execute(ORDERS_SQL)] == orders_of("1")
+            env.admin(f"REVOKE TOKEN '{jti}' REASON 'attack test'")
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    conn.execute("SELECT 1")
+                except psycopg.Error:
+                    break
+                time.sleep(0.2)
+            got: list[Any] = []
+            for sql in (drop, "SET guard.principals = '1,2,3,4'", ORDERS_SQL):
+                try:
+                    cur = conn.execute(sql)
+                    if cur.description:
+                        got += [r[0] for r in cur.fetchall()]
+                except psycopg.Error:
+                    pass
+    assert got == [], (drop, got)
