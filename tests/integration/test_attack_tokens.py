@@ -34,6 +34,23 @@ Covered:
   huge input, non-JSON bodies, a forged / widened bearer, another task than the
   token's, many concurrent calls; MCP over stdio for a ``required`` type without a
   token, and with ``PGOPTIONS`` naming principals.
+* pooled servers: sessions of different tokens taking turns on one server connection
+  (simple and extended protocol, psycopg, an optional type without a token, RLS-only
+  writes, an MCP stdio agent);
+* tokens as passwords (SCRAM mode): bad tokens, another agent's token, an agent with a
+  password of its own, password and options tokens together; the admin console and a
+  proxy without policies reached with a JWS-shaped password; a session logged in by a
+  revoked token shedding it (RESET, DISCARD ALL) to declare principals;
+* reads around the row filter: qualified and quoted names, ONLY, CTEs, unions,
+  subqueries, LATERAL, TABLESAMPLE, COPY, cursors, PREPARE, ``query_to_xml`` and kin;
+* revocation by principal for tokens naming several principals, integer principals.
+
+Findings (xfail, strict): an extended-protocol statement on a freshly lent server runs
+under the ``guard.*`` values the previous session left there (relay.py ``_send``: the
+``guard_dirty`` re-send is skipped once ``in_round`` is set, and ``_send_parse`` sets
+it before its first ``_send``), so RLS sees another token's principals; and a login
+whose password is shaped like a token is never verified where ``bind_policy`` is not
+called (the admin console, a proxy without policies: login.py ``_token_password``).
 """
 
 from __future__ import annotations
@@ -645,7 +662,7 @@ def test_a_token_changed_between_parse_bind_and_execute(env: Env, shop_state: An
         seen_now = seen(conn, ORDERS_SQL)
     finally:
         conn.close()
-    assert set(ids(later)) <= set(orders_of("3")) | {3}, summary(later)
+    assert ids(later) == sorted([*orders_of("3"), 3]), summary(later)
     # whichever token the round ran under, never the union
     mixed_ids = set(ids(mixed))
     assert mixed_ids <= set(orders_of("1")) or mixed_ids <= set(orders_of("3")), summary(mixed)
@@ -1745,32 +1762,34 @@ def test_a_session_logged_in_by_a_revoked_token_cannot_shed_it(
     write_verifier(auth, "support-1", "support-pw")
     policies = policies_with(work, support={**POLICY, "delegation": "optional"})
     jti = f"atk-shed-{time.time_ns()}"
-    with launch_proxy(
-        rls_shop,
-        work / "guardproxy.log",
-        policies=policies,
-        auth_mode="scram",
-        auth_file=auth,
-        admin_users="support-1",
-        delegation_issuers=json.dumps(issuers(env.public)),
-        delegation_revocations_refresh=1,
-    ) as proxy:
-        with _login(proxy, AGENT, env.token(["1"], token_id=jti)) as conn:
-            assert [r[0] for r in conn.execute(ORDERS_SQL)] == orders_of("1")
-            env.admin(f"REVOKE TOKEN '{jti}' REASON 'attack test'")
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                try:
-                    conn.execute("SELECT 1")
-                except psycopg.Error:
-                    break
-                time.sleep(0.2)
-            got: list[Any] = []
-            for sql in (drop, "SET guard.principals = '1,2,3,4'", ORDERS_SQL):
-                try:
-                    cur = conn.execute(sql)
-                    if cur.description:
-                        got += [r[0] for r in cur.fetchall()]
-                except psycopg.Error:
-                    pass
+    with (
+        launch_proxy(
+            rls_shop,
+            work / "guardproxy.log",
+            policies=policies,
+            auth_mode="scram",
+            auth_file=auth,
+            admin_users="support-1",
+            delegation_issuers=json.dumps(issuers(env.public)),
+            delegation_revocations_refresh=1,
+        ) as proxy,
+        _login(proxy, AGENT, env.token(["1"], token_id=jti)) as conn,
+    ):
+        assert [r[0] for r in conn.execute(ORDERS_SQL)] == orders_of("1")
+        env.admin(f"REVOKE TOKEN '{jti}' REASON 'attack test'")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                conn.execute("SELECT 1")
+            except psycopg.Error:
+                break
+            time.sleep(0.2)
+        got: list[Any] = []
+        for sql in (drop, "SET guard.principals = '1,2,3,4'", ORDERS_SQL):
+            try:
+                cur = conn.execute(sql)
+                if cur.description:
+                    got += [r[0] for r in cur.fetchall()]
+            except psycopg.Error:
+                pass
     assert got == [], (drop, got)
