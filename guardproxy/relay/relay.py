@@ -180,7 +180,8 @@ class Relay:
         self._rolled_back = False  # the transaction that ends at the next ReadyForQuery "I" did
         # delegation: the server must see the token's principals before the next statement
         self.guard_dirty = False
-        self._guard_for: Any = None  # the Delegation the lent server was given
+        # the Delegation (None: no token) the lent server was given; _NOT_GIVEN: nothing yet
+        self._guard_for: Any = _NOT_GIVEN
         self.queries = 0
         self.transactions = 0
         self.last_activity = time.perf_counter()
@@ -212,8 +213,8 @@ class Relay:
         self.wants_release = False
         # whatever this server was given before, by this session or another, the round's
         # first message takes the session's own delegation settings with it (even when
-        # that message opens an extended-protocol round)
-        self._guard_for = None
+        # that message opens an extended-protocol round), a session without a token too
+        self._guard_for = _NOT_GIVEN
         if self.phase is not Phase.JOB:
             self._enter(Phase.ACTIVE)
 
@@ -1743,6 +1744,9 @@ class Relay:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+_NOT_GIVEN: Final = object()  # a server given no delegation settings by this session yet
 
 
 def _declared_alike(judging: Judging, rows: CursorRows, declared: Judgement) -> bool:

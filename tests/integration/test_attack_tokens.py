@@ -45,12 +45,10 @@ Covered:
   subqueries, LATERAL, TABLESAMPLE, COPY, cursors, PREPARE, ``query_to_xml`` and kin;
 * revocation by principal for tokens naming several principals, integer principals.
 
-Findings (xfail, strict): an extended-protocol statement on a freshly lent server runs
-under the ``guard.*`` values the previous session left there (relay.py ``_send``: the
-``guard_dirty`` re-send is skipped once ``in_round`` is set, and ``_send_parse`` sets
-it before its first ``_send``), so RLS sees another token's principals; and a login
-whose password is shaped like a token is never verified where ``bind_policy`` is not
-called (the admin console, a proxy without policies: login.py ``_token_password``).
+Findings, fixed (their tests now pass): an extended-protocol statement on a freshly lent
+server ran under the ``guard.*`` values the previous session left there, so RLS saw
+another token's principals; and a login whose password was shaped like a token was
+never verified where no policy binds it (the admin console, a proxy without policies).
 """
 
 from __future__ import annotations
@@ -1170,11 +1168,6 @@ def extended(conn: Wire, sql: str, name: bytes = b"") -> Any:
     return conn.round(parse(name, sql), bind(b"", name), execute(), SYNC)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: an extended-protocol statement on a freshly lent server runs under the "
-    "guard.principals the previous session left there (RLS sees another token's principals)",
-)
 def test_a_shared_server_carries_no_other_sessions_principals(env: Env, one_server: ShopProxy):
     """Sessions A (token {1}) and B (token {3}) take turns on the one server: each
     statement, simple or extended, sees its own session's principals through RLS."""
@@ -1219,11 +1212,6 @@ def shared_proxy(env: Env, pg: PgCluster, name: str, **support: Any) -> Iterator
         yield proxy
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a psycopg client's parameterised query reads through RLS with the "
-    "principals of the session that used the pooled server before",
-)
 def test_a_real_clients_parameterised_reads_keep_their_own_principals(
     env: Env, one_server: ShopProxy
 ):
@@ -1241,11 +1229,6 @@ def test_a_real_clients_parameterised_reads_keep_their_own_principals(
     assert all(r == [1] for r in got_a), got_a
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: with delegation optional, a session without a token reads through RLS "
-    "with another session's verified principals (extended protocol on a pooled server)",
-)
 def test_an_optional_session_without_token_gets_no_principals(env: Env, rls_shop: PgCluster):
     with shared_proxy(env, rls_shop, "optional", delegation="optional") as proxy:
         b = Wire(
@@ -1265,11 +1248,6 @@ def test_an_optional_session_without_token_gets_no_principals(env: Env, rls_shop
     assert all(r == [] for r in leaked), leaked
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: an extended-protocol UPDATE changes another token's principal's row "
-    "through RLS on a pooled server (no row filter: the docs' RLS-only setup)",
-)
 def test_rls_only_writes_stay_with_the_tokens_principals_on_a_shared_server(
     env: Env, rls_shop: PgCluster
 ):
@@ -1400,11 +1378,6 @@ def test_tokens_as_passwords_are_verified(env: Env, scram_proxy: ShopProxy, shop
     assert set(both) <= {3} or set(both) == {1, 2, 3, 4}, both
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: an admin user without a password in the auth file logs in to the admin "
-    "console with any JWS-shaped string as password (the token is never verified there)",
-)
 def test_the_admin_console_does_not_take_an_unverified_token(
     env: Env, scram_proxy: ShopProxy, rls_shop: PgCluster
 ):
@@ -1708,11 +1681,6 @@ def test_an_mcp_bearer_cannot_carry_extra_options(
     assert set(mcp_ids(result[2])) <= {2}, result[1][:300]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a proxy without policies but with delegation issuers lets an agent with "
-    "no password in the auth file log in with any JWS-shaped string (never verified)",
-)
 def test_a_proxy_without_policies_does_not_take_an_unverified_token(env: Env, rls_shop: PgCluster):
     from guardproxy.protocol.scram import write_verifier
 
