@@ -1,0 +1,336 @@
+"""An outsider's attack on the judge's gaps (issue 13), kept as tests.
+
+Each test sends what an agent controls (SQL text, identifiers, pipelines of raw protocol
+messages, context) through a real guardproxy in front of the shop database and judges
+the EFFECT: every byte the client received is searched for the denied values
+(customers' emails, payments), rows and bytes received are counted against the caps,
+rows are read back as superuser, and the budget and ledger tables are read. Tests
+marked ``xfail(strict=True)`` reproduce a finding: they fail today and must pass once
+it is fixed. The others are attacks the proxy withstood; they guard against
+regressions.
+
+Covered:
+
+* unresolved names fail closed: ``JOIN ... USING (k) AS j``, ``NATURAL JOIN`` and join
+  keys on a denied column, lateral, CTEs (recursive too), subqueries, set operations,
+  row constructors and comparisons, whole-row references (``c``, ``c.*``, ``(c).email``,
+  ``c.row_to_json``, casts of a row to text), functions taking a row, column aliases of
+  a FROM item, ORDER BY / GROUP BY / DISTINCT ON / WINDOW / FILTER / WITHIN GROUP on
+  the denied column, quoted and Unicode-escaped identifiers, schema- and
+  catalog-qualified names, the XML and text-search functions that run a query given as
+  text; simple and extended protocol alike;
+* read caps count what leaves: ``WITH TIES`` (top level, in a cursor, in COPY, in a
+  PREPARE, under a set operation), ``LIMIT ALL`` / ``OFFSET``, COPY of a table and of
+  a query, aggregates into one row, cursors with ``FETCH ALL`` / ``ABSOLUTE`` /
+  ``BACKWARD`` (scrollable), several statements in one Query, Execute row limits, and
+  a whole table carried out in an error message instead of a row;
+* one agent cannot stall the others: a statement at the size limit, and statements just
+  under ``judge_offload_above`` that are slow to analyse, pipelined;
+* keys and budgets belong to an agent: another agent's key (explicit, set by comment or
+  by ``SET``), a loop over fresh task names against ``per_agent`` and
+  ``per_agent_type`` budgets, task-less writes; a child row for a soft-deleted parent
+  through every insert form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import shop
+from pgcluster import PgCluster
+from proofkit import policies_with
+from shop import SECRETS, SHOP_DB, ShopProxy, launch_proxy
+
+from guardproxy.protocol import codec
+
+pytestmark = pytest.mark.timeout(120)
+
+shop_db = shop.shop_db
+shop_baseline = shop.shop_baseline
+
+WAIT = 5.0  # every read from the proxy is bounded by this (a hang detector)
+ATTACKS = 24  # slow statements sent at once by the stall attacks
+
+# The example policies, tightened so that every cap is reachable with the sample rows:
+# analytics reads two rows or 1,000 bytes per result; support may write three rows per
+# task and, whatever the task names, five write statements per agent and eight per type
+# in an hour.
+ATTACK_POLICY: dict[str, dict[str, Any]] = {
+    "analytics": {"limits": {"max_rows_returned": 2, "max_bytes_returned": 1000}},
+    "support": {
+        "budgets": {
+            "max_writes_per_task": 3,
+            "per_agent": {"max_statements": 5, "window": "1h"},
+            "per_agent_type": {"max_statements": 8, "window": "1h"},
+        },
+    },
+}
+
+EMAILS = tuple(s for s in SECRETS if "@" in s)
+
+
+# ---------------------------------------------------------------- wire messages
+
+
+def parse(name: bytes, sql: str) -> bytes:
+    return codec.message(b"P", name + b"\x00" + sql.encode() + b"\x00" + struct.pack("!h", 0))
+
+
+def bind(portal: bytes = b"", statement: bytes = b"") -> bytes:
+    body = portal + b"\x00" + statement + b"\x00" + struct.pack("!hhh", 0, 0, 0)
+    return codec.message(b"B", body)
+
+
+def execute(portal: bytes = b"", limit: int = 0) -> bytes:
+    return codec.message(b"E", portal + b"\x00" + struct.pack("!i", limit))
+
+
+def query(sql: str) -> bytes:
+    return codec.message(b"Q", sql.encode() + b"\x00")
+
+
+SYNC = codec.message(b"S", b"")
+
+Msgs = list[tuple[bytes, bytes]]
+
+
+def errors(msgs: Msgs) -> list[str]:
+    return [codec.error_fields(raw).get("C", "?") for kind, raw in msgs if kind == b"E"]
+
+
+def messages(msgs: Msgs) -> list[str]:
+    return [codec.error_fields(raw).get("M", "") for kind, raw in msgs if kind in b"EN"]
+
+
+def rows(msgs: Msgs) -> list[list[str | None]]:
+    out = []
+    for kind, raw in msgs:
+        if kind != b"D":
+            continue
+        payload = raw[5:]
+        (count,) = struct.unpack_from("!h", payload, 0)
+        pos, row = 2, []
+        for _ in range(count):
+            (size,) = struct.unpack_from("!i", payload, pos)
+            pos += 4
+            row.append(None if size < 0 else payload[pos : pos + size].decode())
+            pos += max(size, 0)
+        out.append(row)
+    return out
+
+
+def row_bytes(msgs: Msgs) -> int:
+    """Bytes of row data received: DataRow and CopyData payloads."""
+    return sum(len(raw) - 5 for kind, raw in msgs if kind in (b"D", b"d"))
+
+
+def copy_lines(msgs: Msgs) -> list[bytes]:
+    return [raw[5:] for kind, raw in msgs if kind == b"d"]
+
+
+class Wire:
+    """One raw protocol connection (trust login) that keeps every byte it received."""
+
+    def __init__(self, port: int, user: str, **params: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        self.sock.sendall(codec.build_startup({"user": user, "database": SHOP_DB, **params}))
+        self.buf = b""
+        self.received = b""
+        self.until(b"Z")
+
+    def send(self, *msgs: bytes) -> None:
+        self.sock.sendall(b"".join(msgs))
+
+    def until(self, kind: bytes = b"Z", count: int = 1, timeout: float = WAIT) -> Msgs:
+        got: Msgs = []
+        seen = 0
+        deadline = time.monotonic() + timeout
+        while True:
+            while len(self.buf) >= 5:
+                (length,) = struct.unpack_from("!i", self.buf, 1)
+                if len(self.buf) < 1 + length:
+                    break
+                raw, self.buf = self.buf[: 1 + length], self.buf[1 + length :]
+                got.append((raw[:1], raw))
+                if raw[:1] == kind:
+                    seen += 1
+                    if seen == count:
+                        return got
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {kind!r} within {timeout}s; got {len(got)} messages")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise ConnectionError("connection closed")
+            self.buf += chunk
+            self.received += chunk
+
+    def q(self, sql: str, timeout: float = WAIT) -> Msgs:
+        self.send(query(sql))
+        return self.until(b"Z", timeout=timeout)
+
+    def ok(self, sql: str) -> Msgs:
+        got = self.q(sql)
+        assert not errors(got), (sql, messages(got))
+        return got
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(codec.TERMINATE)
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def wire(port: int, user: str, **params: str) -> Iterator[Wire]:
+    conn = Wire(port, user, **params)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def leaked(data: bytes, secrets: tuple[str, ...] = EMAILS) -> list[str]:
+    """The secrets found in ``data`` (also in their hex, base64-free plain forms)."""
+    text = data.decode("utf-8", errors="replace").lower()
+    found = [s for s in secrets if s.lower() in text]
+    found += [s for s in secrets if s.encode().hex() in text]
+    return found
+
+
+# ---------------------------------------------------------------- the shop, as superuser
+
+
+def su(pg: PgCluster, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(
+        pg.dsn("postgres", dbname=SHOP_DB), autocommit=True, connect_timeout=int(WAIT)
+    ) as conn:
+        cur = conn.execute(sql, args or None)
+        return cur.fetchall() if cur.description else []
+
+
+_RESET_SQL = [
+    "UPDATE orders SET deleted_at = NULL, deleted_by = NULL, delete_reason = NULL "
+    "WHERE deleted_by LIKE '%atk13%'",
+    "DELETE FROM order_state_log WHERE changed_by LIKE '%atk13%'",
+    "DELETE FROM guardproxy.task_budgets WHERE task LIKE 'atk13-%'",
+    "DELETE FROM guardproxy.idempotency_keys WHERE agent_id LIKE '%atk13%'",
+    "DELETE FROM guardproxy.deleted_rows WHERE agent_id LIKE '%atk13%'",
+    "DELETE FROM guardproxy.budget_usage",
+]
+
+
+def reset(pg: PgCluster) -> None:
+    for sql in _RESET_SQL:
+        su(pg, sql)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def shop_restored(shop_db: PgCluster, shop_baseline: dict[str, Any]) -> Iterator[PgCluster]:
+    yield shop_db
+    if shop.snapshot(shop_db) != shop_baseline:
+        shop.restore_shop(shop_db)
+
+
+@pytest.fixture(scope="module")
+def judge_proxy(
+    shop_restored: PgCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ShopProxy]:
+    directory = tmp_path_factory.mktemp("attack-judge")
+    policies = policies_with(directory, **ATTACK_POLICY)
+    with launch_proxy(shop_restored, directory / "guardproxy.log", policies=policies) as proxy:
+        yield proxy
+        assert "Traceback" not in proxy.log(), proxy.log()[-4000:]
+
+
+@pytest.fixture
+def fresh(
+    shop_restored: PgCluster, judge_proxy: ShopProxy, request: pytest.FixtureRequest
+) -> Iterator[PgCluster]:
+    reset(shop_restored)
+    since = len(judge_proxy.log())
+    yield shop_restored
+    shop.dump_log_on_failure(request, judge_proxy, since)
+    reset(shop_restored)
+
+
+# ================================================================ one agent cannot stall the others
+
+
+def nested_subqueries(limit: int, salt: int) -> str:
+    """The deepest ``SELECT id FROM (SELECT id FROM (...) s1) s0`` of at most ``limit``
+    bytes: slow to analyse for its size (each level is a scope). ``salt`` makes each text
+    distinct, so that no cache answers it."""
+    depth, sql = 0, ""
+    while True:
+        inner = f"SELECT id FROM orders WHERE id = {salt}"
+        for i in range(depth + 1):
+            inner = f"SELECT id FROM ({inner}) s{i}"
+        if len(inner) > limit:
+            return sql
+        depth, sql = depth + 1, inner
+
+
+def victim_latency(port: int, attack: Any) -> float:
+    """Seconds another agent waited for ``SELECT 1`` while ``attack()`` ran in a thread
+    (bounded: a reply that has not come within WAIT is a hang, reported as WAIT)."""
+    with wire(port, "analytics-atk13-victim") as victim:
+        victim.ok("SELECT 1")  # connected and served before the attack
+        worker = threading.Thread(target=attack, daemon=True)
+        worker.start()
+        time.sleep(0.3)  # the attack's messages are on their way
+        start = time.monotonic()
+        try:
+            victim.q("SELECT 1", timeout=WAIT)
+            waited = time.monotonic() - start
+        except TimeoutError:
+            waited = WAIT
+        worker.join(90)
+        return waited
+
+
+@pytest.mark.parametrize("how", ["parse pipeline", "query pipeline", "sessions"])
+def test_statements_under_the_offload_size_do_not_stall_another_agent(
+    fresh: PgCluster, judge_proxy: ShopProxy, how: str
+) -> None:
+    """Statements just under judge_offload_above (16 KB) are judged on the event loop; a
+    deeply nested one takes about a second to analyse, so eight sent at once freeze every
+    other agent for several seconds."""
+    # each of its own depth and literal: no cache of texts or of shapes answers them
+    texts = [nested_subqueries(16000 - 40 * salt, salt) for salt in range(ATTACKS)]
+
+    def attack() -> None:
+        if how == "sessions":
+            conns = [Wire(judge_proxy.port, f"analytics-atk13-s{i}") for i in range(ATTACKS)]
+            for conn, text in zip(conns, texts, strict=True):
+                conn.send(query(text))
+            for conn in conns:
+                with contextlib.suppress(TimeoutError, ConnectionError):
+                    conn.until(b"Z", timeout=60)
+                conn.close()
+            return
+        with wire(judge_proxy.port, "analytics-atk13-attacker") as attacker:
+            if how == "parse pipeline":
+                attacker.send(*(parse(f"n{i}".encode(), t) for i, t in enumerate(texts)), SYNC)
+            else:
+                attacker.send(*(query(t) for t in texts))
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                attacker.until(b"Z", count=1 if how == "parse pipeline" else ATTACKS, timeout=60)
+
+    waited = victim_latency(judge_proxy.port, attack)
+    print(f"{how}: waited {waited:.2f}s")
+    assert waited < WAIT, f"another agent's SELECT 1 waited {waited:.1f}s during the attack"
