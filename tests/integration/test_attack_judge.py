@@ -303,34 +303,50 @@ def victim_latency(port: int, attack: Any) -> float:
         return waited
 
 
-@pytest.mark.parametrize("how", ["parse pipeline", "query pipeline", "sessions"])
-def test_statements_under_the_offload_size_do_not_stall_another_agent(
-    fresh: PgCluster, judge_proxy: ShopProxy, how: str
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: Parse messages under judge_offload_above are judged back to back on the "
+    "event loop; a pipeline of deeply nested 16 KB statements freezes every other agent",
+)
+def test_a_pipeline_of_slow_statements_under_the_offload_size_does_not_stall_others(
+    fresh: PgCluster, judge_proxy: ShopProxy
 ) -> None:
-    """Statements just under judge_offload_above (16 KB) are judged on the event loop; a
-    deeply nested one takes about a second to analyse, so eight sent at once freeze every
-    other agent for several seconds."""
+    """Statements up to judge_offload_above (16 KB) are judged on the event loop that
+    serves every agent; a deeply nested one takes about a second to analyse, and a
+    pipeline of them (Parse messages before one Sync) is judged in one go: the victim's
+    SELECT 1 gets no answer within the hang detector's WAIT."""
     # each of its own depth and literal: no cache of texts or of shapes answers them
     texts = [nested_subqueries(16000 - 40 * salt, salt) for salt in range(ATTACKS)]
+    assert all(len(t) <= 16384 for t in texts)
 
     def attack() -> None:
-        if how == "sessions":
-            conns = [Wire(judge_proxy.port, f"analytics-atk13-s{i}") for i in range(ATTACKS)]
-            for conn, text in zip(conns, texts, strict=True):
-                conn.send(query(text))
-            for conn in conns:
-                with contextlib.suppress(TimeoutError, ConnectionError):
-                    conn.until(b"Z", timeout=60)
-                conn.close()
-            return
         with wire(judge_proxy.port, "analytics-atk13-attacker") as attacker:
-            if how == "parse pipeline":
-                attacker.send(*(parse(f"n{i}".encode(), t) for i, t in enumerate(texts)), SYNC)
-            else:
-                attacker.send(*(query(t) for t in texts))
+            attacker.send(*(parse(f"n{i}".encode(), t) for i, t in enumerate(texts)), SYNC)
             with contextlib.suppress(TimeoutError, ConnectionError):
-                attacker.until(b"Z", count=1 if how == "parse pipeline" else ATTACKS, timeout=60)
+                attacker.until(b"Z", timeout=90)
 
     waited = victim_latency(judge_proxy.port, attack)
-    print(f"{how}: waited {waited:.2f}s")
     assert waited < WAIT, f"another agent's SELECT 1 waited {waited:.1f}s during the attack"
+
+
+def test_a_statement_at_the_size_limit_is_refused_without_stalling_others(
+    fresh: PgCluster, judge_proxy: ShopProxy
+) -> None:
+    """A denied statement of about a megabyte (the issue's example) and one just past
+    max_statement_size: refused, and the other agent is served meanwhile."""
+    big_denied = "SELECT email FROM customers WHERE name IN (" + ", ".join(
+        f"'n{i}'" for i in range(90_000)
+    ) + ")"
+    past = "SELECT 1 -- " + "x" * (1 << 20)
+    replies: list[Msgs] = []
+
+    def attack() -> None:
+        with wire(judge_proxy.port, "analytics-atk13-attacker") as attacker:
+            replies.append(attacker.q(big_denied, timeout=60))
+            replies.append(attacker.q(past, timeout=60))
+            replies.append(attacker.q("SELECT 1", timeout=60))
+
+    waited = victim_latency(judge_proxy.port, attack)
+    assert waited < WAIT, f"another agent's SELECT 1 waited {waited:.1f}s during the attack"
+    assert [errors(r) for r in replies] == [["42501"], ["54000"], []], [messages(r) for r in replies]
+    assert not leaked(b"".join(raw for r in replies for _, raw in r))
