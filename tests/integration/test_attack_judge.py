@@ -250,11 +250,18 @@ def shop_restored(shop_db: PgCluster, shop_baseline: dict[str, Any]) -> Iterator
 def judge_proxy(
     shop_restored: PgCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ShopProxy]:
+    # The judge alone stands between analytics and customers.email: the column grants of
+    # `guardproxy roles` (the database's defence in depth) are widened, as in a deployment
+    # that never ran the script, so that a judge gap shows as a leak and not as
+    # Postgres's "permission denied".
+    su(shop_restored, "GRANT SELECT ON customers, payments TO guard_analytics")
     directory = tmp_path_factory.mktemp("attack-judge")
     policies = policies_with(directory, **ATTACK_POLICY)
     with launch_proxy(shop_restored, directory / "guardproxy.log", policies=policies) as proxy:
         yield proxy
         assert "Traceback" not in proxy.log(), proxy.log()[-4000:]
+    su(shop_restored, "REVOKE SELECT ON customers, payments FROM guard_analytics")
+    su(shop_restored, "GRANT SELECT (id, name, created_at) ON customers TO guard_analytics")
 
 
 @pytest.fixture
@@ -266,6 +273,140 @@ def fresh(
     yield shop_restored
     shop.dump_log_on_failure(request, judge_proxy, since)
     reset(shop_restored)
+
+
+# ================================================================ unresolved names fail closed
+
+# Every way found to reach customers.email (denied to analytics): read, compare, sort,
+# group, hash or carry it. Each must be refused, and no email may reach the client.
+EMAIL_READS = [
+    # join columns: the alias of USING, NATURAL JOIN, keys compared by joins
+    "SELECT j.email FROM customers a JOIN customers b USING (email) AS j",
+    "SELECT j.* FROM customers a JOIN customers b USING (email) AS j",
+    "SELECT count(*) FROM customers a JOIN customers b USING (email)",
+    "SELECT count(*) FROM customers a NATURAL JOIN customers b",
+    "SELECT count(*) FROM customers c1 JOIN customers c2 USING (id, email)",
+    "SELECT count(*) FROM (VALUES ('ada@example.com')) v(email) JOIN customers USING (email)",
+    "SELECT count(*) FROM customers a JOIN customers b ON a.email = b.email",
+    "SELECT j.email FROM (customers a JOIN orders b ON a.id = b.customer_id) j",
+    "SELECT j.x FROM (customers a JOIN orders b ON a.id = b.customer_id) j(p, q, x)",
+    "SELECT j FROM (customers a JOIN orders b ON a.id = b.customer_id) j",
+    # column aliases of FROM items, subqueries, CTEs, lateral
+    "SELECT s.x FROM (SELECT * FROM customers) s(a, b, x, d)",
+    "SELECT s.x FROM (TABLE customers) s(a, b, x, d)",
+    "SELECT e2 FROM customers AS x(id, name, e2)",
+    "SELECT x.e FROM customers c, LATERAL (SELECT c.email AS e) x",
+    "SELECT x.email FROM customers c, LATERAL (SELECT c.*) x",
+    "SELECT t.e FROM customers c CROSS JOIN LATERAL (VALUES (c.email)) t(e)",
+    "SELECT * FROM customers c CROSS JOIN LATERAL unnest(ARRAY[c.email]) u",
+    "WITH t(e) AS (SELECT email FROM customers) SELECT e FROM t",
+    "WITH t AS (SELECT * FROM customers) SELECT email FROM t",
+    "WITH a(x, y, z) AS (SELECT * FROM customers) SELECT z FROM a",
+    "WITH customers AS (SELECT * FROM customers) SELECT email FROM customers",
+    "WITH RECURSIVE t(e) AS (SELECT email FROM customers UNION SELECT e FROM t) SELECT e FROM t",
+    "SELECT (SELECT c.email) FROM customers c",
+    "SELECT (SELECT 1 WHERE c.email LIKE 'a%') FROM customers c",
+    # set operations, row constructors and comparisons
+    "SELECT name FROM customers UNION ALL SELECT email FROM customers",
+    "SELECT email FROM customers EXCEPT SELECT 'x'",
+    "SELECT count(*) FROM customers c WHERE (c.id, c.email) = (1, 'ada@example.com')",
+    "SELECT 'ada@example.com' = ANY (SELECT email FROM customers)",
+    # whole-row references and functions that take a row
+    "SELECT c FROM customers c",
+    "SELECT customers FROM customers",
+    "SELECT c::text FROM customers c",
+    "SELECT (c).email FROM customers c",
+    "SELECT (c).* FROM customers c",
+    "SELECT (c.*).* FROM customers c",
+    "SELECT c.row_to_json FROM customers c",
+    "SELECT c.text FROM customers c",
+    "SELECT s.to_jsonb FROM (SELECT c.* FROM customers c) s",
+    "SELECT to_jsonb(c) FROM customers c",
+    "SELECT json_agg(c) FROM customers c",
+    "SELECT json_object_agg(c.id, c) FROM customers c",
+    "SELECT format('%s', c) FROM customers c",
+    "SELECT concat(c) FROM customers c",
+    "SELECT ARRAY(SELECT ROW(c.*) FROM customers c)",
+    "SELECT (ROW(c.*)::customers).email FROM customers c",
+    "SELECT (jsonb_populate_record(NULL::customers, to_jsonb(c))).email FROM customers c",
+    "SELECT x FROM customers c, LATERAL (SELECT c) s(x)",
+    "WITH a AS (SELECT * FROM customers) SELECT a FROM a",
+    "SELECT id FROM customers c WHERE c::text LIKE '%ada%'",
+    "SELECT id FROM customers c WHERE to_tsvector(c) @@ 'ada'",
+    "SELECT hashtext(c::text) FROM customers c",
+    "SELECT count(DISTINCT c) FROM customers c",
+    # ordering, grouping, windows on the denied column (an oracle of its order)
+    "SELECT name FROM customers ORDER BY email",
+    "SELECT name FROM customers ORDER BY email USING <",
+    "SELECT id FROM customers c ORDER BY c",
+    "SELECT DISTINCT ON (email) id FROM customers",
+    "SELECT DISTINCT ON (2) id, email FROM customers",
+    "SELECT * FROM (SELECT id, email FROM customers) s(a) ORDER BY 2",
+    "SELECT id FROM customers GROUP BY email, id",
+    "SELECT id FROM customers GROUP BY GROUPING SETS ((id), (email))",
+    "SELECT row_number() OVER w FROM customers WINDOW w AS (ORDER BY email)",
+    "SELECT first_value(name) OVER (PARTITION BY email) FROM customers",
+    "SELECT count(*) FILTER (WHERE email LIKE 'a%') FROM customers",
+    "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY email) FROM customers",
+    "SELECT string_agg(name, ',' ORDER BY email) FROM customers",
+    "SELECT 1 FROM customers HAVING bool_or(email LIKE 'a%')",
+    # names: quoted, Unicode escapes, qualified
+    'SELECT "customers"."email" FROM "customers"',
+    'SELECT U&"\\0065mail" FROM customers',
+    "SELECT U&\"!0065mail\" UESCAPE '!' FROM customers",
+    'SELECT U&"\\0063ustomers".U&"\\0065mail" FROM customers',
+    "SELECT public.customers.email FROM public.customers",
+    "SELECT shop.public.customers.email FROM public.customers",
+    "SELECT customers.email FROM public.customers",
+    "SELECT x.email FROM customers x JOIN orders email ON true",
+    # functions that run a query given as text
+    "SELECT query_to_xml('select email from customers', true, false, '')",
+    "SELECT table_to_xml('customers', true, false, '')",
+    "SELECT * FROM ts_stat('select to_tsvector(email) from customers')",
+    "SELECT database_to_xml(true, false, '')",
+    # cursors and prepared statements carry the same reads
+    "DECLARE k CURSOR FOR SELECT j.email FROM customers a JOIN customers b USING (email) AS j",
+    "PREPARE k AS SELECT (c).email FROM customers c",
+    "COPY (SELECT j.email FROM customers a JOIN customers b USING (email) AS j) TO STDOUT",
+    "COPY customers TO STDOUT",
+    "EXPLAIN ANALYZE SELECT email FROM customers",
+]
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+@pytest.mark.parametrize("sql", EMAIL_READS)
+def test_no_form_reaches_a_denied_column(
+    fresh: PgCluster, judge_proxy: ShopProxy, protocol: str, sql: str
+) -> None:
+    with wire(judge_proxy.port, "analytics-atk13-cols") as agent:
+        if protocol == "simple":
+            got = agent.q(sql)
+        else:
+            agent.send(parse(b"", sql), bind(), execute(), SYNC)
+            got = agent.until(b"Z")
+        assert errors(got) and errors(got)[0] == "42501", (errors(got), messages(got))
+        assert not rows(got)
+        assert not leaked(agent.received), leaked(agent.received)
+        agent.ok("SELECT 1")  # the session stays usable
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT (ROW(c.id, c.name)).f1 FROM customers c",
+        "SELECT x FROM customers c, LATERAL (SELECT c.name) s(x)",
+        "WITH a AS (SELECT id, name FROM customers) SELECT * FROM a",
+        "SELECT id, name, created_at FROM customers ORDER BY id",
+        "SELECT count(*) FROM customers a JOIN customers b USING (id)",
+    ],
+)
+def test_reads_of_the_allowed_columns_still_work(
+    fresh: PgCluster, judge_proxy: ShopProxy, sql: str
+) -> None:
+    with wire(judge_proxy.port, "analytics-atk13-cols") as agent:
+        got = agent.ok(sql)
+        assert rows(got)
+        assert not leaked(agent.received)
 
 
 # ================================================================ one agent cannot stall the others
@@ -334,9 +475,11 @@ def test_a_statement_at_the_size_limit_is_refused_without_stalling_others(
 ) -> None:
     """A denied statement of about a megabyte (the issue's example) and one just past
     max_statement_size: refused, and the other agent is served meanwhile."""
-    big_denied = "SELECT email FROM customers WHERE name IN (" + ", ".join(
-        f"'n{i}'" for i in range(90_000)
-    ) + ")"
+    big_denied = (
+        "SELECT email FROM customers WHERE name IN ("
+        + ", ".join(f"'n{i}'" for i in range(90_000))
+        + ")"
+    )
     past = "SELECT 1 -- " + "x" * (1 << 20)
     replies: list[Msgs] = []
 
@@ -348,5 +491,7 @@ def test_a_statement_at_the_size_limit_is_refused_without_stalling_others(
 
     waited = victim_latency(judge_proxy.port, attack)
     assert waited < WAIT, f"another agent's SELECT 1 waited {waited:.1f}s during the attack"
-    assert [errors(r) for r in replies] == [["42501"], ["54000"], []], [messages(r) for r in replies]
+    assert [errors(r) for r in replies] == [["42501"], ["54000"], []], [
+        messages(r) for r in replies
+    ]
     assert not leaked(b"".join(raw for r in replies for _, raw in r))
