@@ -228,6 +228,7 @@ _RESET_SQL = [
     "DELETE FROM guardproxy.idempotency_keys WHERE agent_id LIKE '%atk13%'",
     "DELETE FROM guardproxy.deleted_rows WHERE agent_id LIKE '%atk13%'",
     "DELETE FROM guardproxy.budget_usage",
+    "UPDATE orders SET fulfillment_status = 'pending' WHERE id IN (4, 5)",
 ]
 
 
@@ -584,6 +585,290 @@ def test_a_table_cannot_leave_in_an_error_message(
         assert errors(got)
         carried = sum(len(m) for m in messages(got))
         assert carried <= BYTE_CAP, f"{carried} bytes of table data left in an error"
+
+
+# ================================================================ keys and budgets belong to an agent
+
+LOG_COLUMNS = "(order_id, previous_status, new_status, changed_by, reason, idempotency_key)"
+
+
+def log_insert(who: str, reason: str, order_id: int | str = 2) -> str:
+    return (
+        f"INSERT INTO order_state_log {LOG_COLUMNS} "
+        f"VALUES ({order_id}, 'shipped', 'delivered', '{who}', '{reason}', NULL) RETURNING id"
+    )
+
+
+def log_rows_of(pg: PgCluster, who: str) -> list[tuple[Any, ...]]:
+    return su(pg, "SELECT id, reason FROM order_state_log WHERE changed_by = %s ORDER BY id", who)
+
+
+def keyed_write(agent: Wire, how: str, key: str, sql: str) -> Msgs:
+    """``sql`` run by ``agent`` with idempotency key ``key``, set ``how``."""
+    if how == "comment":
+        return agent.q(f"/* idempotency_key='{key}' */ {sql}")
+    if how == "set":
+        agent.ok(f"SET guard.idempotency_key = '{key}'")
+        got = agent.q(sql)
+        agent.ok("RESET guard.idempotency_key")
+        return got
+    agent.send(parse(b"", f"/* idempotency_key='{key}' */ {sql}"), bind(), execute(), SYNC)
+    return agent.until(b"Z")
+
+
+@pytest.mark.parametrize("how", ["comment", "set", "extended"])
+def test_a_key_taken_first_by_another_agent_neither_blocks_nor_answers_the_owner(
+    fresh: PgCluster, judge_proxy: ShopProxy, how: str
+) -> None:
+    """The attacker takes the victim's key first, with the very statement the victim
+    will send: the victim's write still runs, and gets its own row back, not the
+    attacker's stored answer; each agent's retry is replayed to itself only."""
+    pg = fresh
+    victim_sql = log_insert("support-atk13-victim", "victim")
+    with (
+        wire(judge_proxy.port, "support-atk13-squatter") as squatter,
+        wire(judge_proxy.port, "support-atk13-victim") as victim,
+    ):
+        first = keyed_write(squatter, how, "k-atk13", victim_sql)
+        assert not errors(first), messages(first)
+        mine = keyed_write(victim, how, "k-atk13", victim_sql)
+        assert not errors(mine), messages(mine)
+        assert not any("replay" in m for m in messages(mine)), messages(mine)
+        assert rows(mine) != rows(first)
+        again = keyed_write(victim, how, "k-atk13", victim_sql)  # the victim's own retry
+        assert rows(again) == rows(mine)
+    got = log_rows_of(pg, "support-atk13-victim")
+    assert len(got) == 2, got  # the squatter's copy and the victim's own, nothing more
+    assert [[str(got[1][0])]] == rows(mine)
+
+
+def budget_loop(port: int, how: str, agent_id: str, count: int) -> list[Msgs]:
+    """``count`` writes of ``agent_id``, each under a fresh task name set ``how``."""
+    sqls = [
+        f"/* task='atk13-{how}-{i}' */ " + log_insert(agent_id, f"loop-{i}") for i in range(count)
+    ]
+    if how == "reconnect":
+        out = []
+        for i in range(count):
+            with wire(port, agent_id, options=f"-c guard.task=atk13-r-{i}") as agent:
+                out.append(agent.q(log_insert(agent_id, f"loop-{i}")))
+        return out
+    with wire(port, agent_id) as agent:
+        if how == "comment":
+            return [agent.q(sql) for sql in sqls]
+        if how == "set":
+            out = []
+            for i in range(count):
+                agent.ok(f"SET guard.task = 'atk13-set-{i}'")
+                out.append(agent.q(log_insert(agent_id, f"loop-{i}")))
+            return out
+        if how == "no task":
+            return [agent.q(log_insert(agent_id, f"loop-{i}")) for i in range(count)]
+        if how == "one query":
+            return [agent.q("; ".join(sqls))]
+        if how == "parse pipeline":
+            agent.send(*(m for sql in sqls for m in (parse(b"", sql), bind(), execute())), SYNC)
+            return [agent.until(b"Z")]
+        if how == "transaction":
+            out = [agent.q("BEGIN")]
+            out += [agent.q(sql) for sql in sqls]
+            out.append(agent.q("COMMIT"))
+            return out
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["comment", "set", "reconnect", "no task", "one query", "parse pipeline", "transaction"],
+)
+def test_a_loop_over_fresh_task_names_is_stopped_by_the_agents_budget(
+    fresh: PgCluster, judge_proxy: ShopProxy, how: str
+) -> None:
+    """per_agent.max_statements is 5: whatever the task names, and however the writes
+    are sent, no more than five rows land, and the budget table says so."""
+    pg = fresh
+    agent_id = f"support-atk13-loop-{how.replace(' ', '-')}"
+    budget_loop(judge_proxy.port, how, agent_id, 8)
+    landed = log_rows_of(pg, agent_id)
+    assert len(landed) <= 5, landed
+    used = su(
+        pg,
+        "SELECT coalesce(sum(statements), 0) FROM guardproxy.budget_usage "
+        "WHERE scope = 'per_agent' AND subject = %s",
+        agent_id,
+    )[0][0]
+    assert used == len(landed), (used, landed)
+    with wire(judge_proxy.port, "support-atk13-other") as other:  # another agent still writes
+        assert not errors(other.q(log_insert("support-atk13-other", "after")))
+
+
+def test_many_agents_of_one_type_are_stopped_by_the_types_budget(
+    fresh: PgCluster, judge_proxy: ShopProxy
+) -> None:
+    """per_agent_type.max_statements is 8: four agents of three writes each (each
+    within its own budget of five) land at most eight rows together."""
+    pg = fresh
+    agents = [f"support-atk13-t{i}" for i in range(4)]
+    for agent_id in agents:
+        budget_loop(judge_proxy.port, "comment", agent_id, 3)
+    landed = sum(len(log_rows_of(pg, a)) for a in agents)
+    assert landed <= 8, landed
+    used = su(
+        pg,
+        "SELECT coalesce(sum(statements), 0) FROM guardproxy.budget_usage "
+        "WHERE scope = 'per_agent_type' AND subject = 'support'",
+    )[0][0]
+    assert used == landed
+
+
+@pytest.mark.parametrize("how", ["one query", "simple", "extended same text", "sql prepared"])
+def test_a_derived_key_never_swallows_a_deliberate_repeat(
+    fresh: PgCluster, judge_proxy: ShopProxy, how: str
+) -> None:
+    """packed, pending, packed in one task without a step: three writes, the order ends
+    packed (a swallowed third write would leave it pending)."""
+    pg = fresh
+    values = ("packed", "pending", "packed")
+    update = "UPDATE orders SET fulfillment_status = '{}' WHERE id = 4"
+    with wire(judge_proxy.port, "support-atk13-repeat") as agent:
+        agent.ok("SET guard.task = 'atk13-repeat'")
+        if how == "simple":
+            for v in values:
+                assert not errors(agent.q(update.format(v)))
+        elif how == "extended same text":
+            for v in values:
+                agent.send(
+                    codec.message(
+                        b"P",
+                        b"\x00UPDATE orders SET fulfillment_status = $1 WHERE id = 4\x00"
+                        + struct.pack("!h", 0),
+                    ),
+                    codec.message(
+                        b"B",
+                        b"\x00\x00"
+                        + struct.pack("!hh", 0, 1)
+                        + struct.pack("!i", len(v))
+                        + v.encode()
+                        + struct.pack("!h", 0),
+                    ),
+                    execute(),
+                    SYNC,
+                )
+                got = agent.until(b"Z")
+                assert not errors(got), messages(got)
+        else:
+            agent.ok("PREPARE u(text) AS UPDATE orders SET fulfillment_status = $1 WHERE id = 4")
+            for v in values:
+                assert not errors(agent.q(f"EXECUTE u('{v}')"))
+        assert not any("replay" in m for m in messages(agent.q("SELECT 1")))
+    assert su(pg, "SELECT fulfillment_status FROM orders WHERE id = 4")[0][0] == "packed"
+
+
+# The forms of an INSERT whose foreign key points at a soft-deleted order (6, deleted
+# before the test): each must be refused and write nothing.
+CHILD_OF_DELETED = {
+    "values": log_insert("support-atk13-child", "child"),
+    "text literal": log_insert("support-atk13-child", "child", "'6'"),
+    "expression": log_insert("support-atk13-child", "child", "5 + 1"),
+    "scalar subquery": log_insert("support-atk13-child", "child", "(SELECT 6)"),
+    "multi-row, one live": (
+        f"INSERT INTO order_state_log {LOG_COLUMNS} VALUES "
+        "(2, 'a', 'b', 'support-atk13-child', 'child', NULL), "
+        "(6, 'a', 'b', 'support-atk13-child', 'child', NULL)"
+    ),
+    "select from values": (
+        f"INSERT INTO order_state_log {LOG_COLUMNS} SELECT x, 'a', 'b', "
+        "'support-atk13-child', 'child', NULL FROM (VALUES (6)) v(x)"
+    ),
+    "select from a series": (
+        f"INSERT INTO order_state_log {LOG_COLUMNS} SELECT g, 'a', 'b', "
+        "'support-atk13-child', 'child', NULL FROM generate_series(6, 6) g"
+    ),
+    "select unnest": (
+        f"INSERT INTO order_state_log {LOG_COLUMNS} SELECT unnest(ARRAY[6]), 'a', 'b', "
+        "'support-atk13-child', 'child', NULL"
+    ),
+    "cte source": (
+        f"WITH v(x) AS (VALUES (6)) INSERT INTO order_state_log {LOG_COLUMNS} "
+        "SELECT x, 'a', 'b', 'support-atk13-child', 'child', NULL FROM v"
+    ),
+    "on conflict do nothing": log_insert("support-atk13-child", "child").replace(
+        " RETURNING id", " ON CONFLICT DO NOTHING"
+    ),
+    "union source": (
+        f"INSERT INTO order_state_log {LOG_COLUMNS} SELECT 6, 'a', 'b', "
+        "'support-atk13-child', 'child', NULL UNION ALL SELECT 6, 'a', 'b', "
+        "'support-atk13-child', 'child', NULL"
+    ),
+    "column order swapped": (
+        "INSERT INTO order_state_log (reason, changed_by, new_status, previous_status, "
+        "order_id) VALUES ('child', 'support-atk13-child', 'b', 'a', 6)"
+    ),
+}
+
+
+@pytest.mark.parametrize("form", sorted(CHILD_OF_DELETED))
+def test_a_child_row_of_a_soft_deleted_order_is_refused(
+    fresh: PgCluster, judge_proxy: ShopProxy, form: str
+) -> None:
+    pg = fresh
+    su(
+        pg,
+        "UPDATE orders SET deleted_at = now(), deleted_by = 'support-atk13-setup' WHERE id = 6",
+    )
+    with wire(judge_proxy.port, "support-atk13-child") as agent:
+        got = agent.q(CHILD_OF_DELETED[form].replace("VALUES (2,", "VALUES (6,", 1))
+        assert errors(got), form
+        agent.ok("SELECT 1")
+    assert log_rows_of(pg, "support-atk13-child") == []
+
+
+@pytest.mark.parametrize("how", ["prepared before", "extended parameter", "copy"])
+def test_a_child_row_of_a_soft_deleted_order_is_refused_on_every_path(
+    fresh: PgCluster, judge_proxy: ShopProxy, how: str
+) -> None:
+    pg = fresh
+    who = "support-atk13-child"
+    with wire(judge_proxy.port, who) as agent:
+        if how == "prepared before":  # prepared while the order was live
+            agent.ok(
+                f"PREPARE c(bigint) AS INSERT INTO order_state_log {LOG_COLUMNS} "
+                f"VALUES ($1, 'a', 'b', '{who}', 'child', NULL)"
+            )
+        su(pg, f"UPDATE orders SET deleted_at = now(), deleted_by = '{who}-setup' WHERE id = 6")
+        if how == "prepared before":
+            got = agent.q("EXECUTE c(6)")
+        elif how == "extended parameter":
+            sql = (
+                f"INSERT INTO order_state_log {LOG_COLUMNS} "
+                f"VALUES ($1::bigint, 'a', 'b', '{who}', 'child', NULL)"
+            )
+            agent.send(
+                parse(b"", sql),
+                codec.message(
+                    b"B",
+                    b"\x00\x00" + struct.pack("!hhi", 0, 1, 1) + b"6" + struct.pack("!h", 0),
+                ),
+                execute(),
+                SYNC,
+            )
+            got = agent.until(b"Z")
+        else:
+            agent.send(
+                query(
+                    "COPY order_state_log (order_id, previous_status, new_status, changed_by, "
+                    "reason) FROM STDIN"
+                )
+            )
+            got = agent.until(b"G")
+            agent.send(
+                codec.message(b"d", f"6\ta\tb\t{who}\tchild\n".encode()),
+                codec.message(b"c", b""),
+            )
+            got += agent.until(b"Z")
+        assert errors(got), how
+        agent.ok("SELECT 1")
+    assert log_rows_of(pg, who) == []
 
 
 # ================================================================ one agent cannot stall the others
