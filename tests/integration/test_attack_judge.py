@@ -410,6 +410,44 @@ def test_reads_of_the_allowed_columns_still_work(
         assert not leaked(agent.received)
 
 
+@pytest.mark.parametrize("leave", ["stays connected", "disconnects"])
+def test_another_agents_held_cursor_is_not_visible_through_the_pool(
+    fresh: PgCluster, judge_proxy: ShopProxy, leave: str
+) -> None:
+    """pg_cursors and pg_cursor() are allowed catalogs; they show the cursors of the
+    server session, statement text included. An agent of the same type whose WITH HOLD
+    cursor outlives its transaction must not lend it, nor its text, to another agent
+    served by the same pooled server."""
+    secret = "victim-secret-7f3a"
+    victim = Wire(judge_proxy.port, "analytics-atk13-victim", options="-c guard.task=atk13-vt")
+    try:
+        victim.ok("BEGIN")
+        victim.ok(
+            "DECLARE k CURSOR WITH HOLD FOR SELECT id FROM orders "
+            f"WHERE coalesce(tracking_number, '') <> '{secret}'"
+        )
+        victim.ok("COMMIT")
+        if leave == "disconnects":
+            victim.close()
+        spies = [Wire(judge_proxy.port, f"analytics-atk13-spy{i}") for i in range(6)]
+        try:
+            for _ in range(3):
+                for spy in spies:
+                    spy.q("SELECT name, statement FROM pg_cursors")
+                    spy.q("SELECT name, statement FROM pg_cursor()")
+                    spy.q("FETCH ALL FROM k")
+            seen = b"".join(spy.received for spy in spies)
+            assert secret.encode() not in seen
+            assert b"atk13-vt" not in seen
+        finally:
+            for spy in spies:
+                spy.close()
+        if leave == "stays connected":
+            assert rows(victim.ok("FETCH 1 FROM k"))  # still the victim's own
+    finally:
+        victim.close()
+
+
 # ================================================================ read caps count what leaves
 
 ROW_CAP, BYTE_CAP = 2, 1000  # analytics, as tightened in ATTACK_POLICY
