@@ -595,6 +595,50 @@ def test_executes_with_row_limits_share_the_portals_cap(
         assert len(rows(got)) <= ROW_CAP, rows(got)
 
 
+@pytest.mark.parametrize(
+    "how", ["fetches", "scroll back", "with hold", "extended portal", "extended fetches"]
+)
+def test_a_cursor_returns_at_most_the_byte_cap_over_all_its_fetches(
+    fresh: PgCluster, judge_proxy: ShopProxy, how: str
+) -> None:
+    """Rows of 600 bytes: one fits under max_bytes_returned (1,000), two do not, however
+    they are fetched."""
+    wide = "SELECT g, repeat('w', 600) FROM generate_series(1, 2) g"
+    with wire(judge_proxy.port, "analytics-atk13-bytes") as agent:
+        got: Msgs = []
+        if how == "extended portal":
+            agent.send(parse(b"w", wide), bind(b"p", b"w"), execute(b"p", 1), execute(b"p", 1))
+            agent.send(SYNC)
+            got = agent.until(b"Z")
+        elif how == "extended fetches":
+            agent.ok("BEGIN")
+            agent.send(
+                parse(b"", f"DECLARE k SCROLL CURSOR FOR {wide}"),
+                bind(),
+                execute(),
+                *(m for _ in range(3) for m in (parse(b"", "FETCH 1 FROM k"), bind(), execute())),
+                SYNC,
+            )
+            got = agent.until(b"Z")
+            assert not errors(got), messages(got)
+            agent.q("ROLLBACK")
+        else:
+            agent.ok("BEGIN")
+            hold = " WITH HOLD" if how == "with hold" else ""
+            agent.ok(f"DECLARE k SCROLL CURSOR{hold} FOR {wide}")
+            got += agent.q("FETCH 1 FROM k")
+            if how == "with hold":
+                agent.ok("COMMIT")
+            if how == "scroll back":
+                got += agent.q("FETCH ABSOLUTE 2 FROM k")
+                got += agent.q("FETCH BACKWARD 1 FROM k")
+            got += agent.q("FETCH 1 FROM k")
+            got += agent.q("FETCH ALL FROM k")
+            agent.q("ROLLBACK")
+            agent.q("CLOSE k")
+        assert row_bytes(got) <= BYTE_CAP, row_bytes(got)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="finding: a result that the byte and row caps would cut leaves whole inside an "
