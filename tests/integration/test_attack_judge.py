@@ -65,7 +65,18 @@ ATTACKS = 24  # slow statements sent at once by the stall attacks
 # in an hour.
 ATTACK_POLICY: dict[str, dict[str, Any]] = {
     "analytics": {"limits": {"max_rows_returned": 2, "max_bytes_returned": 1000}},
+    # fulfillment may also rename customers, never read nor write their email
+    "fulfillment": {
+        "tables": {
+            "customers": {
+                "ops": ["select", "insert", "update"],
+                "update_columns": ["name"],
+                "deny_columns": ["email"],
+            }
+        }
+    },
     "support": {
+        "limits": {"max_bytes_returned": 2000},
         "budgets": {
             "max_writes_per_task": 3,
             "per_agent": {"max_statements": 5, "window": "1h"},
@@ -235,6 +246,15 @@ _RESET_SQL = [
 def reset(pg: PgCluster) -> None:
     for sql in _RESET_SQL:
         su(pg, sql)
+    for i, name in CUSTOMER_NAMES.items():
+        su(pg, "UPDATE customers SET name = %s WHERE id = %s AND name <> %s", name, i, name)
+
+
+def customer_names(pg: PgCluster) -> dict[int, str]:
+    return {int(i): str(n) for i, n in su(pg, "SELECT id, name FROM customers ORDER BY id")}
+
+
+CUSTOMER_NAMES: dict[int, str] = {}  # as loaded, filled in by the module's proxy fixture
 
 
 # ---------------------------------------------------------------- fixtures
@@ -256,12 +276,15 @@ def judge_proxy(
     # that never ran the script, so that a judge gap shows as a leak and not as
     # Postgres's "permission denied".
     su(shop_restored, "GRANT SELECT ON customers, payments TO guard_analytics")
+    su(shop_restored, "GRANT SELECT, INSERT, UPDATE ON customers TO guard_fulfillment")
+    CUSTOMER_NAMES.update(customer_names(shop_restored))
     directory = tmp_path_factory.mktemp("attack-judge")
     policies = policies_with(directory, **ATTACK_POLICY)
     with launch_proxy(shop_restored, directory / "guardproxy.log", policies=policies) as proxy:
         yield proxy
         assert "Traceback" not in proxy.log(), proxy.log()[-4000:]
     su(shop_restored, "REVOKE SELECT ON customers, payments FROM guard_analytics")
+    su(shop_restored, "REVOKE ALL ON customers FROM guard_fulfillment")
     su(shop_restored, "GRANT SELECT (id, name, created_at) ON customers TO guard_analytics")
 
 
@@ -389,6 +412,67 @@ def test_no_form_reaches_a_denied_column(
         assert not rows(got)
         assert not leaked(agent.received), leaked(agent.received)
         agent.ok("SELECT 1")  # the session stays usable
+
+
+# Writes of fulfillment (customers.email denied, name updatable) that would read the
+# email: RETURNING, SET from it, joins and conditions on it, ON CONFLICT on its index.
+EMAIL_IN_WRITES = [
+    "UPDATE customers SET name = name WHERE id = 1 RETURNING email",
+    "UPDATE customers SET name = name WHERE id = 1 RETURNING *",
+    "UPDATE customers c SET name = name WHERE id = 1 RETURNING c",
+    "UPDATE customers c SET name = name WHERE id = 1 RETURNING c::text",
+    "UPDATE customers c SET name = name WHERE id = 1 RETURNING to_jsonb(c)",
+    "UPDATE customers c SET name = name WHERE id = 1 RETURNING (c).email",
+    "UPDATE customers SET name = email WHERE id = 1",
+    "UPDATE customers c SET name = c::text WHERE id = 1",
+    "UPDATE customers SET name = (SELECT d.email FROM customers d WHERE d.id = 2) WHERE id = 1",
+    "UPDATE customers SET (name) = (SELECT email FROM customers d WHERE d.id = 1) WHERE id = 1",
+    "UPDATE customers c SET name = d.email FROM customers d WHERE c.id = 1 AND d.id = 2",
+    "UPDATE customers c SET name = d.x FROM (SELECT * FROM customers) d(a, b, x) "
+    "WHERE c.id = 1 AND d.a = 2",
+    "UPDATE customers c SET name = j.email FROM customers a JOIN customers b USING (email) AS j "
+    "WHERE c.id = 1",
+    "UPDATE customers SET name = name WHERE email LIKE 'ada%'",
+    "UPDATE customers SET name = name WHERE id = 1 AND email = 'ada@example.com'",
+    "WITH u AS (UPDATE customers SET name = name WHERE id = 1 RETURNING *) SELECT email FROM u",
+    "INSERT INTO customers (id, name) SELECT 100, email FROM customers WHERE id = 1",
+    "INSERT INTO customers (id, name) VALUES (1, 'x') ON CONFLICT (email) DO NOTHING",
+    "INSERT INTO customers (id, name) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE "
+    "SET name = customers.email",
+    "INSERT INTO customers (id, name) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE "
+    "SET name = excluded.name WHERE customers.email LIKE 'a%'",
+    "MERGE INTO customers c USING (VALUES (1)) v(i) ON c.id = v.i "
+    "WHEN MATCHED THEN UPDATE SET name = c.email",
+    "MERGE INTO customers c USING (VALUES ('ada@example.com')) v(e) ON c.email = v.e "
+    "WHEN MATCHED THEN UPDATE SET name = name",
+]
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+@pytest.mark.parametrize("sql", EMAIL_IN_WRITES)
+def test_no_write_reads_a_denied_column(
+    fresh: PgCluster, judge_proxy: ShopProxy, protocol: str, sql: str
+) -> None:
+    pg = fresh
+    with wire(judge_proxy.port, "fulfillment-atk13-w") as agent:
+        if protocol == "simple":
+            got = agent.q(sql)
+        else:
+            agent.send(parse(b"", sql), bind(), execute(), SYNC)
+            got = agent.until(b"Z")
+        assert errors(got), rows(got)
+        assert not leaked(agent.received), leaked(agent.received)
+        agent.ok("SELECT 1")
+    assert customer_names(pg) == CUSTOMER_NAMES
+    assert not su(pg, "SELECT id FROM customers WHERE id = 100")
+
+
+def test_an_allowed_rename_still_works(fresh: PgCluster, judge_proxy: ShopProxy) -> None:
+    pg = fresh
+    with wire(judge_proxy.port, "fulfillment-atk13-w") as agent:
+        got = agent.ok("UPDATE customers SET name = 'Renamed' WHERE id = 1 RETURNING id, name")
+        assert rows(got) == [["1", "Renamed"]]
+    assert customer_names(pg)[1] == "Renamed"
 
 
 @pytest.mark.parametrize(
