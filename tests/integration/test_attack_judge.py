@@ -723,6 +723,55 @@ def test_a_cursor_returns_at_most_the_byte_cap_over_all_its_fetches(
         assert row_bytes(got) <= BYTE_CAP, row_bytes(got)
 
 
+SUPPORT_BYTE_CAP = 2000  # support's max_bytes_returned, as tightened in ATTACK_POLICY
+WIDE_RETURNING = (
+    "UPDATE orders SET fulfillment_status = fulfillment_status WHERE id <= 3 "
+    "RETURNING id, repeat(fulfillment_status, 120)"
+)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT id, repeat(fulfillment_status, 120) FROM orders WHERE id <= 3",
+        "COPY (SELECT id, repeat(fulfillment_status, 120) FROM orders WHERE id <= 3) TO STDOUT",
+    ],
+)
+def test_a_support_read_is_bounded_by_its_byte_cap(
+    fresh: PgCluster, judge_proxy: ShopProxy, sql: str
+) -> None:
+    """The control: the same rows read by support are cut at its byte cap."""
+    with wire(judge_proxy.port, "support-atk13-ret") as agent:
+        got = agent.q(sql)
+        assert row_bytes(got) <= SUPPORT_BYTE_CAP, row_bytes(got)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: the RETURNING rows of a managed write (and their replay to a retry) "
+    "are not counted against max_bytes_returned",
+)
+@pytest.mark.parametrize("how", ["plain", "keyed", "keyed retry", "extended"])
+def test_returning_rows_of_a_write_are_bounded_by_the_byte_cap_even_when_replayed(
+    fresh: PgCluster, judge_proxy: ShopProxy, how: str
+) -> None:
+    """Three RETURNING rows of about 900 bytes: past support's byte cap (2,000) whether
+    the write runs or its stored answer is replayed to a retry."""
+    with wire(judge_proxy.port, "support-atk13-ret") as agent:
+        sql = WIDE_RETURNING
+        if how.startswith("keyed"):
+            sql = f"/* idempotency_key='atk13-ret' */ {sql}"
+        if how == "extended":
+            agent.send(parse(b"", sql), bind(), execute(), SYNC)
+            got = agent.until(b"Z")
+        else:
+            got = agent.q(sql)
+            if how == "keyed retry":
+                got = agent.q(sql)
+                assert any("replay" in m for m in messages(got)), messages(got)
+        assert row_bytes(got) <= SUPPORT_BYTE_CAP, row_bytes(got)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="finding: a result that the byte and row caps would cut leaves whole inside an "
