@@ -1172,3 +1172,41 @@ def test_a_statement_at_the_size_limit_is_refused_without_stalling_others(
         messages(r) for r in replies
     ]
     assert not leaked(b"".join(raw for r in replies for _, raw in r))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: the judge workers are one queue for every agent: one agent's slow "
+    "large statements, each refused only after judge_timeout, hold up another agent's "
+    "large statement for their sum",
+)
+def test_slow_large_statements_of_one_agent_do_not_hold_up_anothers(
+    fresh: PgCluster, judge_proxy: ShopProxy
+) -> None:
+    """Statements over judge_offload_above go to the judge workers (one by default), and
+    each may take judge_timeout (2 s) before it is refused. Six sessions of one agent
+    send a 57 KB statement each (three
+    nested chains, some seconds of analysis); another agent's ordinary 20 KB statement must
+    still be answered (and allowed) within the hang detector's WAIT."""
+    slow = [
+        " UNION ALL ".join(f"({nested_subqueries(19_000 - 40 * i, 100 * i + k)})" for k in range(3))
+        for i in range(6)
+    ]
+    attackers = [Wire(judge_proxy.port, f"analytics-atk13-big{i}") for i in range(6)]
+    try:
+        for conn, text in zip(attackers, slow, strict=True):
+            conn.send(query(text))
+        time.sleep(0.3)
+        with wire(judge_proxy.port, "analytics-atk13-victim") as victim:
+            big = "SELECT length('" + "v" * 20_000 + "')"
+            start = time.monotonic()
+            got = victim.q(big, timeout=60)  # bounded; judged against WAIT below
+            waited = time.monotonic() - start
+            print(f"victim waited {waited:.2f}s: {messages(got)}")
+            assert waited < WAIT and rows(got) == [["20000"]], (waited, messages(got))
+        for conn in attackers:
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                print("attacker:", messages(conn.until(b"Z", timeout=60)))
+    finally:
+        for conn in attackers:
+            conn.close()
