@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote as url_quote
 
 import psycopg
 import pytest
@@ -1210,3 +1211,40 @@ def test_slow_large_statements_of_one_agent_do_not_hold_up_anothers(
     finally:
         for conn in attackers:
             conn.close()
+
+
+# ================================================================ the proxy's own SQL
+
+HOSTILE_REASONS = [
+    "x'); UPDATE orders SET fulfillment_status = 'returned'; --",
+    "$$ $guard$ $a$ \\ end",
+    "*/ UPDATE orders SET fulfillment_status = 'returned' /*",
+    "E'\\x27' || chr(39)",
+    "é ☃ \u2028 line",
+]
+
+
+@pytest.mark.parametrize("how", ["comment", "set"])
+@pytest.mark.parametrize("reason", HOSTILE_REASONS)
+def test_a_hostile_soft_delete_reason_is_kept_as_data(
+    fresh: PgCluster, judge_proxy: ShopProxy, reason: str, how: str
+) -> None:
+    """The reason tag goes into the soft-delete rewrite (orders.delete_reason and the
+    image in guardproxy.deleted_rows): it must land byte for byte, and nothing else may
+    change."""
+    pg = fresh
+    who = "support-atk13-reason"
+    before = su(pg, "SELECT id, fulfillment_status FROM orders ORDER BY id")
+    with wire(judge_proxy.port, who) as agent:
+        delete = "DELETE FROM orders WHERE id = 6"
+        if how == "comment":
+            got = agent.q(f"/* reason='{url_quote(reason, safe='')}' */ {delete}")
+        else:
+            agent.ok("SET guard.reason = '" + reason.replace("'", "''") + "'")
+            got = agent.q(delete)
+        assert not errors(got), messages(got)
+    assert su(pg, "SELECT id, fulfillment_status FROM orders ORDER BY id") == before
+    assert su(pg, "SELECT delete_reason, deleted_by FROM orders WHERE id = 6") == [(reason, who)]
+    assert su(pg, "SELECT reason FROM guardproxy.deleted_rows WHERE agent_id = %s", who) == [
+        (reason,)
+    ]
