@@ -1220,7 +1220,7 @@ HOSTILE_REASONS = [
     "$$ $guard$ $a$ \\ end",
     "*/ UPDATE orders SET fulfillment_status = 'returned' /*",
     "E'\\x27' || chr(39)",
-    "é ☃ \u2028 line",
+    "é ☃ line %27 %s",
 ]
 
 
