@@ -1148,6 +1148,23 @@ def test_a_pipeline_of_slow_statements_under_the_offload_size_does_not_stall_oth
     assert waited < WAIT, f"another agent's SELECT 1 waited {waited:.1f}s during the attack"
 
 
+def test_one_slow_statement_sent_again_and_again_does_not_stall_others(
+    fresh: PgCluster, judge_proxy: ShopProxy
+) -> None:
+    """The same slow statement (about a second of analysis) pipelined many times: judged
+    once, the victim's SELECT 1 is answered within WAIT."""
+    slow = nested_subqueries(16000, 7)
+
+    def attack() -> None:
+        with wire(judge_proxy.port, "analytics-atk13-attacker") as attacker:
+            attacker.send(*(query(slow) for _ in range(ATTACKS)))
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                attacker.until(b"Z", count=ATTACKS, timeout=90)
+
+    waited = victim_latency(judge_proxy.port, attack)
+    assert waited < WAIT, f"another agent's SELECT 1 waited {waited:.1f}s during the attack"
+
+
 def test_a_statement_at_the_size_limit_is_refused_without_stalling_others(
     fresh: PgCluster, judge_proxy: ShopProxy
 ) -> None:
