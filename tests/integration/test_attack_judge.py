@@ -885,6 +885,14 @@ def budget_loop(port: int, how: str, agent_id: str, count: int) -> list[Msgs]:
         if how == "parse pipeline":
             agent.send(*(m for sql in sqls for m in (parse(b"", sql), bind(), execute())), SYNC)
             return [agent.until(b"Z")]
+        if how == "rebind":  # parsed once, bound again under each fresh task
+            agent.send(parse(b"w", log_insert(agent_id, "rebind")), SYNC)
+            out = [agent.until(b"Z")]
+            for i in range(count):
+                agent.ok(f"SET guard.task = 'atk13-rebind-{i}'")
+                agent.send(bind(b"", b"w"), execute(), SYNC)
+                out.append(agent.until(b"Z"))
+            return out
         if how == "transaction":
             out = [agent.q("BEGIN")]
             out += [agent.q(sql) for sql in sqls]
@@ -895,7 +903,16 @@ def budget_loop(port: int, how: str, agent_id: str, count: int) -> list[Msgs]:
 
 @pytest.mark.parametrize(
     "how",
-    ["comment", "set", "reconnect", "no task", "one query", "parse pipeline", "transaction"],
+    [
+        "comment",
+        "set",
+        "reconnect",
+        "no task",
+        "one query",
+        "parse pipeline",
+        "rebind",
+        "transaction",
+    ],
 )
 def test_a_loop_over_fresh_task_names_is_stopped_by_the_agents_budget(
     fresh: PgCluster, judge_proxy: ShopProxy, how: str
