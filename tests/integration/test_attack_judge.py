@@ -665,6 +665,30 @@ def test_a_scrollable_cursor_returns_at_most_the_cap_over_all_its_fetches(
         agent.q("CLOSE k")
 
 
+@pytest.mark.parametrize("how", ["one message", "declared by parse, fetched by query"])
+def test_a_cursor_cap_holds_across_message_kinds(
+    fresh: PgCluster, judge_proxy: ShopProxy, how: str
+) -> None:
+    cursor = "DECLARE k SCROLL CURSOR FOR SELECT g FROM generate_series(1, 50) g"
+    with wire(judge_proxy.port, "analytics-atk13-caps") as agent:
+        if how == "one message":
+            got = agent.q(
+                f"BEGIN; {cursor}; FETCH ALL FROM k; FETCH BACKWARD ALL FROM k; "
+                "FETCH ABSOLUTE 40 FROM k; FETCH ALL FROM k; COMMIT"
+            )
+        else:
+            agent.ok("BEGIN")
+            agent.send(parse(b"", cursor), bind(), execute(), SYNC)
+            got = agent.until(b"Z")
+            for fetch in ("FETCH ALL FROM k", "FETCH BACKWARD ALL FROM k", "FETCH LAST FROM k"):
+                got += agent.q(fetch)
+            agent.send(parse(b"", "FETCH ABSOLUTE 30 FROM k"), bind(), execute(), SYNC)
+            got += agent.until(b"Z")
+            agent.q("COMMIT")
+        values = [r[0] for r in rows(got)]
+        assert len(values) <= ROW_CAP, values
+
+
 @pytest.mark.parametrize("limits", [(1, 1, 1, 1), (3, 3), (0,)])
 def test_executes_with_row_limits_share_the_portals_cap(
     fresh: PgCluster, judge_proxy: ShopProxy, limits: tuple[int, ...]
