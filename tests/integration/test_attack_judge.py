@@ -1206,6 +1206,31 @@ def test_one_slow_statement_sent_again_and_again_does_not_stall_others(
     assert waited < WAIT, f"another agent's SELECT 1 waited {waited:.1f}s during the attack"
 
 
+@pytest.mark.parametrize("kind", ["query", "parse"])
+def test_a_message_near_the_protocol_limit_is_refused_without_stalling_others(
+    fresh: PgCluster, judge_proxy: ShopProxy, kind: str
+) -> None:
+    """A 40 MB statement (max_statement_size is 1 MB, the message limit 64 MB), trickled
+    in small writes: refused with 54000, the victim served meanwhile."""
+    text = "SELECT 1 -- " + "z" * (40 << 20)
+    message = query(text) if kind == "query" else parse(b"", text)
+    replies: list[Msgs] = []
+
+    def attack() -> None:
+        with wire(judge_proxy.port, "analytics-atk13-huge") as attacker:
+            for start in range(0, len(message), 1 << 16):
+                attacker.sock.sendall(message[start : start + (1 << 16)])
+            if kind == "parse":
+                attacker.send(bind(), execute(), SYNC)
+            replies.append(attacker.until(b"Z", timeout=60))
+            replies.append(attacker.q("SELECT 1"))
+
+    waited = victim_latency(judge_proxy.port, attack)
+    assert waited < WAIT, f"another agent's SELECT 1 waited {waited:.1f}s during the attack"
+    assert errors(replies[0])[:1] == ["54000"], messages(replies[0])
+    assert not errors(replies[1])
+
+
 def test_a_statement_at_the_size_limit_is_refused_without_stalling_others(
     fresh: PgCluster, judge_proxy: ShopProxy
 ) -> None:
