@@ -9,27 +9,46 @@ marked ``xfail(strict=True)`` reproduce a finding: they fail today and must pass
 it is fixed. The others are attacks the proxy withstood; they guard against
 regressions.
 
-Covered:
+Covered (the policies are the examples, tightened in ``ATTACK_POLICY``; the database's
+own column grants are widened so that the judge alone stands in the way):
 
 * unresolved names fail closed: ``JOIN ... USING (k) AS j``, ``NATURAL JOIN`` and join
-  keys on a denied column, lateral, CTEs (recursive too), subqueries, set operations,
-  row constructors and comparisons, whole-row references (``c``, ``c.*``, ``(c).email``,
-  ``c.row_to_json``, casts of a row to text), functions taking a row, column aliases of
-  a FROM item, ORDER BY / GROUP BY / DISTINCT ON / WINDOW / FILTER / WITHIN GROUP on
-  the denied column, quoted and Unicode-escaped identifiers, schema- and
-  catalog-qualified names, the XML and text-search functions that run a query given as
-  text; simple and extended protocol alike;
-* read caps count what leaves: ``WITH TIES`` (top level, in a cursor, in COPY, in a
-  PREPARE, under a set operation), ``LIMIT ALL`` / ``OFFSET``, COPY of a table and of
-  a query, aggregates into one row, cursors with ``FETCH ALL`` / ``ABSOLUTE`` /
-  ``BACKWARD`` (scrollable), several statements in one Query, Execute row limits, and
-  a whole table carried out in an error message instead of a row;
-* one agent cannot stall the others: a statement at the size limit, and statements just
-  under ``judge_offload_above`` that are slow to analyse, pipelined;
-* keys and budgets belong to an agent: another agent's key (explicit, set by comment or
-  by ``SET``), a loop over fresh task names against ``per_agent`` and
-  ``per_agent_type`` budgets, task-less writes; a child row for a soft-deleted parent
-  through every insert form.
+  keys on a denied column, join aliases with and without column lists, lateral, CTEs
+  (recursive, shadowing the table), subqueries, set operations, row constructors and
+  comparisons, whole-row references (``c``, ``c.*``, ``(c).email``, ``c.row_to_json``,
+  ``c.text``, casts of a row to text), functions taking a row, column aliases of FROM
+  items, ORDER BY / GROUP BY / GROUPING SETS / DISTINCT ON (ordinals too) / WINDOW /
+  FILTER / WITHIN GROUP on the denied column, quoted and Unicode-escaped identifiers
+  (UESCAPE too), schema- and catalog-qualified names, the XML and text-search
+  functions that run a query given as text, cursors, PREPARE, COPY and EXPLAIN
+  ANALYZE; simple and extended protocol. Writes: RETURNING (``*``, whole row, casts),
+  SET from the column or a subquery, UPDATE ... FROM joins, writable CTEs, INSERT ...
+  SELECT, ON CONFLICT on the column's index or reading it in DO UPDATE, MERGE. Another
+  agent's WITH HOLD cursor through pg_cursors / pg_cursor() on pooled servers;
+* read caps count what leaves: ``WITH TIES`` (top level, after OFFSET, under a CTE, in
+  a set operation, in a subquery, in a cursor, in COPY, with Execute row limits),
+  ``LIMIT ALL`` / ``NULL`` / a subquery, ``OFFSET``, set-returning functions, COPY of a
+  table, of a query, of VALUES, CSV with header and binary, aggregates into one row,
+  SHOW ALL and EXPLAIN ANALYZE (bytes), several statements in one Query, scrollable
+  cursors with ``FETCH ALL`` / ``ABSOLUTE`` / ``BACKWARD`` / ``LAST`` / ``PRIOR`` /
+  ``MOVE`` (rows and bytes, WITH HOLD, declared by Parse and fetched by Query),
+  RETURNING rows of writes and their idempotent replay (finding), and a whole table
+  carried out in an error message instead of a row (finding);
+* one agent cannot stall the others: a 1 MB denied statement, one past
+  max_statement_size, a 40 MB Query or Parse trickled in, the same slow statement
+  pipelined, a pipeline of distinct slow statements under ``judge_offload_above``
+  (finding), and slow statements over it queued in front of another agent's (finding);
+* keys and budgets belong to an agent: a key taken first by another agent (comment,
+  SET, extended protocol), a loop over fresh task names (comment, SET, startup options
+  with reconnects, no task, one Query, a Parse pipeline, one Parse bound again under
+  each task, a transaction) against ``per_agent``, four agents against
+  ``per_agent_type``, a deliberate repeat without a step (simple, extended with
+  parameters, SQL PREPARE), a child row of a soft-deleted order through every insert
+  form (literals, expressions, subqueries, multi-row, INSERT ... SELECT from VALUES, a
+  series, unnest, a CTE, ON CONFLICT, UNION, a statement prepared before the delete,
+  a parameter, COPY);
+* the proxy's own SQL: hostile soft-delete reasons (quotes, dollar-quote tags, comment
+  ends, percent signs) by comment and by SET land as data.
 """
 
 from __future__ import annotations
