@@ -997,7 +997,41 @@ def test_many_agents_of_one_type_are_stopped_by_the_types_budget(
     assert used == landed
 
 
-@pytest.mark.parametrize("how", ["one query", "simple", "extended same text", "sql prepared"])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DELETE FROM orders WHERE id <= {n}",
+        "DELETE FROM orders o USING customers c WHERE o.customer_id = c.id AND o.id <= {n}",
+        "UPDATE orders SET fulfillment_status = 'returned' WHERE id <= {n}",
+        "UPDATE orders o SET fulfillment_status = 'returned' FROM customers c "
+        "WHERE o.customer_id = c.id AND o.id <= {n}",
+        "INSERT INTO order_state_log (order_id, previous_status, new_status, changed_by, "
+        "reason) SELECT id, 'a', 'b', 'support-atk13-rows', 'rows' FROM orders WHERE id <= {n}",
+    ],
+)
+def test_a_task_budget_counts_the_rows_a_write_changed(
+    fresh: PgCluster, judge_proxy: ShopProxy, sql: str
+) -> None:
+    """max_writes_per_task is 3 rows: a write of four rows under a fresh task is undone
+    whole (soft deletes, joins and INSERT ... SELECT included), one of three runs and the
+    budget table says three."""
+    pg = fresh
+    before = su(pg, "SELECT id, fulfillment_status, deleted_at FROM orders ORDER BY id")
+    with wire(judge_proxy.port, "support-atk13-rows") as agent:
+        agent.ok("SET guard.task = 'atk13-rows-4'")
+        got = agent.q(sql.format(n=4))
+        assert errors(got), messages(got)
+        assert su(pg, "SELECT id, fulfillment_status, deleted_at FROM orders ORDER BY id") == before
+        assert log_rows_of(pg, "support-atk13-rows") == []
+        agent.ok("SET guard.task = 'atk13-rows-3'")
+        agent.ok(sql.format(n=3))
+    used = su(
+        pg, "SELECT task, rows_written FROM guardproxy.task_budgets WHERE task LIKE 'atk13-rows-%'"
+    )
+    assert [(t, int(n)) for t, n in used if n] == [("atk13-rows-3", 3)], used
+
+
+@pytest.mark.parametrize("how", ["simple", "extended same text", "sql prepared"])
 def test_a_derived_key_never_swallows_a_deliberate_repeat(
     fresh: PgCluster, judge_proxy: ShopProxy, how: str
 ) -> None:
