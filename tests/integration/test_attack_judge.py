@@ -710,6 +710,20 @@ def test_a_cursor_cap_holds_across_message_kinds(
         assert len(values) <= ROW_CAP, values
 
 
+def test_a_portal_executed_over_several_rounds_of_one_transaction_shares_the_cap(
+    fresh: PgCluster, judge_proxy: ShopProxy
+) -> None:
+    with wire(judge_proxy.port, "analytics-atk13-caps") as agent:
+        agent.ok("BEGIN")
+        agent.send(parse(b"w", "SELECT g FROM generate_series(1, 50) g"), bind(b"p", b"w"), SYNC)
+        got = agent.until(b"Z")
+        for limit in (1, 1, 1, 0, 0):
+            agent.send(execute(b"p", limit), SYNC)
+            got += agent.until(b"Z")
+        agent.q("COMMIT")
+        assert len(rows(got)) <= ROW_CAP, rows(got)
+
+
 @pytest.mark.parametrize("limits", [(1, 1, 1, 1), (3, 3), (0,)])
 def test_executes_with_row_limits_share_the_portals_cap(
     fresh: PgCluster, judge_proxy: ShopProxy, limits: tuple[int, ...]
