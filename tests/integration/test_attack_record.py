@@ -56,7 +56,9 @@ from test_attack_relay import (
     errors,
     execute,
     messages,
+    Wire,
     parse,
+    rows,
     su,
     summary,
     wire,
@@ -69,7 +71,12 @@ shop_baseline = shop.shop_baseline
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT = 5.0
-GUARD_TABLES = ("deleted_rows", "idempotency_keys", "task_budgets", "proxy_instances")
+GUARD_TABLES = {
+    "deleted_rows": "t",
+    "idempotency_keys": "t",
+    "task_budgets": "t",
+    "proxy_instances": "(t.slot, t.address, t.owner)",  # heartbeats move on their own
+}
 SEED = {1: "delivered", 2: "shipped", 3: "packed", 4: "pending", 5: "pending", 6: "cancelled"}
 _RESET = [
     "UPDATE orders SET fulfillment_status = v.s, deleted_at = NULL, deleted_by = NULL, "
@@ -115,13 +122,14 @@ def events(pg: PgCluster, agent: str, at_least: int = 1) -> list[dict[str, Any]]
 def guard_state(pg: PgCluster) -> dict[str, Any]:
     """guardproxy's own tables (but the audit log, which denials append to) and sequences."""
     out: dict[str, Any] = {}
-    for table in GUARD_TABLES:
-        out[table] = su(pg, f"SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) "
-                        f"FROM guardproxy.{table} t")[0][0]  # fmt: skip
+    for table, what in GUARD_TABLES.items():
+        out[table] = su(pg, f"SELECT md5(coalesce(string_agg({what}::text, '|' ORDER BY {what}::text), "
+                        f"'')) FROM guardproxy.{table} t")[0][0]  # fmt: skip
     out["sequences"] = su(
         pg,
         "SELECT string_agg(sequencename || '=' || coalesce(last_value, 0)::text, ',' "
-        "ORDER BY sequencename) FROM pg_sequences WHERE schemaname = 'guardproxy'",
+        "ORDER BY sequencename) FROM pg_sequences WHERE schemaname = 'guardproxy' "
+        "AND sequencename <> 'audit_events_id_seq'",
     )[0][0]
     out["audit"] = su(pg, "SELECT count(*), max(id) FROM guardproxy.audit_events")[0]
     return out
@@ -251,8 +259,6 @@ HOSTILE_CONTEXT: dict[str, tuple[dict[str, str], list[str]]] = {
 def _send_write(
     proxy: ShopProxy, agent: str, params: dict[str, str], stmts: list[str]
 ) -> list[str]:
-    from test_attack_relay import Wire
-
     conn = Wire(proxy.port, agent, SHOP_DB, **params)
     try:
         codes: list[str] = []
@@ -335,3 +341,163 @@ def test_a_delete_reason_cannot_break_out_of_the_soft_delete_rewrite(fresh, reco
         assert deleted == [(5,)] and len(recorded) == 1, recorded
         assert recorded[0][1:] == ("public.orders", '{"id": 5}') or recorded[0][1] in ("orders",)
         assert status(fresh, 1) == ("delivered", False)
+
+
+# ================================================================ guardproxy's own schema
+
+SCHEMA_ATTEMPTS = {
+    "nextval in a string literal": "SELECT nextval('guardproxy.deleted_rows_id_seq')",
+    "setval in a string literal": "SELECT setval('guardproxy.deleted_rows_id_seq', 1, false)",
+    "nextval via regclass cast": "SELECT nextval('guardproxy.deleted_rows_id_seq'::regclass)",
+    "quoted schema and table": 'DELETE FROM "guardproxy"."task_budgets" WHERE true',
+    "unicode-escaped schema": 'UPDATE U&"guardpro\\0078y".idempotency_keys SET key = key WHERE true',
+    "explain analyze": "EXPLAIN ANALYZE DELETE FROM guardproxy.deleted_rows WHERE true",
+    "copy from stdin": "COPY guardproxy.deleted_rows (agent_id) FROM STDIN",
+    "truncate": "TRUNCATE guardproxy.proxy_instances",
+    "insert forged deleted row": "INSERT INTO guardproxy.deleted_rows (agent_id, table_name, "
+    "primary_key, row_image) VALUES ('x', 'public.orders', '{\"id\": 1}', '{}')",
+    "writable cte": "WITH d AS (DELETE FROM guardproxy.task_budgets RETURNING 1) SELECT count(*) FROM d",
+    "function of the schema": "SELECT guardproxy.refuse_soft_deleted(now(), 'x')",
+    "function via ROWS FROM": "SELECT * FROM ROWS FROM (guardproxy.check_insert(true, 'a', 'b'))",
+    "set_config search_path in a where": "SELECT id FROM orders WHERE "
+    "set_config('search_path', 'guardproxy', true) IS NOT NULL",
+    "lock the ledger": "LOCK TABLE guardproxy.idempotency_keys",
+    "comment on": "COMMENT ON TABLE guardproxy.audit_events IS 'x'",
+    "prepare": "PREPARE gx AS DELETE FROM guardproxy.deleted_rows",
+    "declare cursor": "DECLARE gc CURSOR FOR SELECT * FROM guardproxy.idempotency_keys",
+    "select into": "SELECT * INTO TEMP t_gx FROM guardproxy.audit_events",
+    "table": "TABLE guardproxy.audit_events",
+    "pg_read of table file": "SELECT pg_read_binary_file(pg_relation_filepath('guardproxy.audit_events'))",
+    "dblink-like": "SELECT * FROM dblink('dbname=shop', 'DELETE FROM guardproxy.task_budgets') AS t(x int)",
+    "truncate through orders cascade": "TRUNCATE orders CASCADE",
+}
+
+
+@pytest.mark.parametrize("how", ["simple", "extended"])
+@pytest.mark.parametrize("attempt", sorted(SCHEMA_ATTEMPTS))
+def test_an_agent_cannot_reach_guardproxys_schema(fresh, record_proxy, attempt: str, how: str):
+    proxy, _, _ = record_proxy
+    su(fresh, "INSERT INTO guardproxy.task_budgets (task, agent_type, statements, rows_written) "
+              "VALUES ('rec-canary', 'support', 1, 1) ON CONFLICT DO NOTHING")  # fmt: skip
+    before = guard_state(fresh)
+    sql = SCHEMA_ATTEMPTS[attempt]
+    for agent_type in ("support", "analytics"):
+        with wire(proxy.port, f"{agent_type}-rec-schema-{uid()}") as conn:
+            conn.q("BEGIN")
+            if how == "simple":
+                got = conn.q(sql)
+            else:
+                got = conn.round(parse(b"", sql), bind(b"", b""), execute(), SYNC)
+            conn.q("COMMIT")
+        assert errors(got), (agent_type, summary(got))
+        assert not rows(got) or attempt == "set_config search_path in a where", summary(got)
+    after = guard_state(fresh)
+    before.pop("audit")
+    after.pop("audit")
+    assert after == before
+    assert su(fresh, "SELECT count(*) FROM guardproxy.task_budgets WHERE task = 'rec-canary'") == [
+        (1,)
+    ]
+    assert su(fresh, "SELECT count(*) FROM orders WHERE deleted_at IS NULL") == [(6,)]
+
+
+@pytest.mark.parametrize(
+    "options",
+    ["-c search_path=guardproxy,public", "-c role=app_owner", "-c session_authorization=postgres"],
+)
+def test_startup_options_cannot_change_whose_schema_or_role_the_session_uses(
+    fresh, record_proxy, options
+):
+    proxy, _, _ = record_proxy
+    try:
+        conn = Wire(proxy.port, f"support-rec-opt-{uid()}", SHOP_DB, options=options)
+    except ConnectionError:
+        return  # refused at login: fine
+    try:
+        got = conn.q("SELECT current_user, current_setting('search_path')")
+    finally:
+        conn.close()
+    if not errors(got):
+        user, path = rows(got)[0]
+        assert user == "guard_support" and "guardproxy" not in (path or ""), rows(got)
+
+
+# ================================================================ monitoring views and labels
+
+
+def test_prometheus_labels_stay_bounded_and_unforgeable_under_agent_chosen_names(
+    fresh, record_proxy
+):
+    proxy, metrics_port, _ = record_proxy
+    before = metrics_text(metrics_port)
+    agent = f"support-rec-labels-{uid()}"
+    forged = 'x"} 1\nguardproxy_forged_total{agent_type="support'
+    with wire(proxy.port, agent) as conn:
+        for n in range(40):
+            conn.q(f'SET "rec_setting_{uid()}_{n}" = 1')
+            conn.q(f"SELECT rec_fn_{uid()}_{n}(1)")
+            conn.q(f'SELECT * FROM "rec_table_{uid()}_{n}"')
+        conn.q(f'SET "{forged.replace(chr(34), chr(34) * 2)}" = 1')
+        conn.q(f'SELECT * FROM "{forged.replace(chr(34), chr(34) * 2)}"')
+        conn.q(f"/* task='{urllib.parse.quote(forged, safe='')}' */ SELECT 1")
+    after = metrics_text(metrics_port)
+    lines = [line for line in after.splitlines() if line and not line.startswith("#")]
+    assert not any(line.startswith("guardproxy_forged") for line in lines)
+    assert "rec_setting_" not in after and "rec_fn_" not in after and "rec_table_" not in after, [
+        line for line in lines if "rec_" in line
+    ][:5]
+    new_series = len(lines) - len([x for x in before.splitlines() if x and not x.startswith("#")])
+    assert new_series < 40, new_series
+
+
+MONITORING = ROOT / "sql" / "monitoring.sql"
+
+
+@pytest.mark.parametrize(
+    "comment",
+    [
+        "/* agent_type='fulfillment',agent='fulfillment-1' */",
+        "/*agent='fulfillment-1',agent_type='fulfillment'*/",
+        "-- agent_type='fulfillment'\n",
+        "/* a /* nested agent_type='fulfillment' */ */",
+    ],
+)
+def test_monitoring_views_show_the_real_agent_type(fresh, record_proxy, comment: str):
+    proxy, _, _ = record_proxy
+    su(fresh, MONITORING.read_text())
+    agent = f"support-rec-mon-{uid()}"
+    with wire(proxy.port, agent, SHOP_DB) as conn:
+        conn.q("BEGIN")
+        conn.q(f"{comment} SELECT id FROM orders WHERE id = 1")
+        seen = su(
+            fresh,
+            "SELECT agent, agent_type FROM guardproxy_monitoring.agent_activity "
+            "WHERE agent LIKE 'support-rec-mon%%' OR agent_type = 'fulfillment'",
+        )
+        conn.q("ROLLBACK")
+    assert seen and all(t == "support" for _, t in seen), seen
+    assert all(a == agent for a, _ in seen), seen
+
+
+def test_application_name_cannot_pass_for_another_agent(fresh, record_proxy):
+    proxy, _, _ = record_proxy
+    agent = f"support-rec-app-{uid()}"
+    for name in ("fulfillment-1", "\rfulfillment-1", "x\nfulfillment-1"):
+        conn = Wire(proxy.port, agent, SHOP_DB, application_name=name)
+        try:
+            conn.q("SET application_name = 'fulfillment-2'")
+            conn.q("BEGIN")
+            conn.q("SELECT 1")
+            apps = [
+                a
+                for (a,) in su(
+                    fresh,
+                    "SELECT application_name FROM pg_stat_activity WHERE datname = 'shop' "
+                    "AND state = 'idle in transaction' AND query LIKE %s",
+                    f"%agent='{agent}'%",
+                )
+            ]
+            conn.q("ROLLBACK")
+        finally:
+            conn.close()
+        assert apps and all(a.startswith(agent) for a in apps), apps
