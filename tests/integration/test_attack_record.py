@@ -52,11 +52,11 @@ from proofkit import policies_with
 from shop import SHOP_DB, ShopProxy, launch_proxy
 from test_attack_relay import (
     SYNC,
+    Wire,
     bind,
     errors,
     execute,
     messages,
-    Wire,
     parse,
     rows,
     su,
