@@ -227,8 +227,8 @@ def policy_changed(
         else:
             assert "reloaded" in str(admin(proxy, "RELOAD")), proxy.log()[since:]
 
-    reload(original.replace(old, new))
     try:
+        reload(original.replace(old, new))
         yield
     finally:
         reload(original)
@@ -501,3 +501,111 @@ def test_application_name_cannot_pass_for_another_agent(fresh, record_proxy):
         finally:
             conn.close()
         assert apps and all(a.startswith(agent) for a in apps), apps
+
+
+# ================================================================ reloads revoke
+
+ORDERS_READ = "SELECT id FROM orders WHERE id > $1 ORDER BY id"
+NO_ORDERS = ("  orders:\n    ops: [select]\n", "")  # analytics loses orders
+
+
+@pytest.mark.parametrize("how", ["RELOAD", "SIGHUP"])
+def test_a_reload_stops_a_portal_already_half_read(fresh, record_proxy, how: str):
+    proxy, _, policies = record_proxy
+    with wire(proxy.port, f"analytics-rec-half-{uid()}") as agent:
+        agent.q("BEGIN")
+        first = agent.round(
+            parse(b"s", ORDERS_READ, (20,)), bind(b"p", b"s", b"0"), execute(b"p", 1), SYNC
+        )
+        assert rows(first) == [["1"]], summary(first)
+        with policy_changed(proxy, policies / "analytics.yaml", *NO_ORDERS, how=how):
+            rest = agent.round(execute(b"p", 0), SYNC)
+        agent.q("ROLLBACK")
+    assert rows(rest) == [], f"{len(rows(rest))} rows of a revoked table after the reload"
+
+
+def test_a_reload_stops_a_cursor_declared_in_the_transaction(fresh, record_proxy):
+    proxy, _, policies = record_proxy
+    with wire(proxy.port, f"analytics-rec-cur-{uid()}") as agent:
+        agent.q("BEGIN")
+        agent.q("DECLARE c NO SCROLL CURSOR FOR SELECT id FROM orders WHERE id > 0 ORDER BY id")
+        assert rows(agent.q("FETCH 1 FROM c")) == [["1"]]
+        agent.round(parse(b"", "FETCH 1 FROM c"), bind(b"fp", b""), SYNC)
+        with policy_changed(proxy, policies / "analytics.yaml", *NO_ORDERS):
+            simple = agent.q("FETCH ALL FROM c")
+            moved = agent.q("MOVE BACKWARD 0 FROM c")
+            portal = agent.round(execute(b"fp"), SYNC)
+        agent.q("ROLLBACK")
+    assert rows(simple) == [] and rows(portal) == [], (summary(simple), summary(portal))
+    del moved
+
+
+UPDATE_PARAM = "UPDATE orders SET fulfillment_status = 'packed' WHERE id = $1"
+NO_UPDATE = (
+    "ops: [select, update, delete]\n    update_columns: [fulfillment_status]\n",
+    "ops: [select, delete]\n",
+)
+
+
+@pytest.mark.parametrize(
+    "path", ["named statement", "bound portal", "sql prepare", "sql prepare in txn"]
+)
+def test_a_reload_revokes_a_write_prepared_before_it(fresh, record_proxy, path: str):
+    proxy, _, policies = record_proxy
+    with wire(proxy.port, f"support-rec-rw-{uid()}") as agent:
+        if path == "named statement":
+            agent.round(parse(b"u", UPDATE_PARAM, (20,)), SYNC)
+        elif path == "bound portal":
+            agent.q("BEGIN")
+            agent.round(parse(b"u", UPDATE_PARAM, (20,)), bind(b"up", b"u", b"4"), SYNC)
+        else:
+            if path.endswith("txn"):
+                agent.q("BEGIN")
+            agent.q(f"PREPARE u AS {UPDATE_PARAM.replace('$1', '$1::bigint')}")
+        with policy_changed(proxy, policies / "support.yaml", *NO_UPDATE):
+            if path == "named statement":
+                got = agent.round(bind(b"", b"u", b"4"), execute(), SYNC)
+            elif path == "bound portal":
+                got = agent.round(execute(b"up"), SYNC)
+                agent.q("COMMIT")
+            else:
+                got = agent.q("EXECUTE u(4)")
+                if path.endswith("txn"):
+                    agent.q("COMMIT")
+    assert status(fresh, 4) == ("pending", False), summary(got)
+
+
+def test_a_reload_reaches_a_session_whose_agent_id_no_longer_matches(fresh, record_proxy):
+    proxy, _, policies = record_proxy
+    with wire(proxy.port, f"support-rec-gone-{uid()}") as agent:
+        agent.round(parse(b"r", "SELECT id FROM orders WHERE id = $1", (20,)), SYNC)
+        with policy_changed(
+            proxy, policies / "support.yaml", 'agents: ["support-*"]', 'agents: ["support-ok-*"]'
+        ):
+            try:
+                simple = agent.q("SELECT id FROM orders WHERE id = 1")
+                extended = agent.round(bind(b"", b"r", b"1"), execute(), SYNC)
+                write = agent.q("UPDATE orders SET fulfillment_status = 'packed' WHERE id = 4")
+            except ConnectionError:
+                return  # the session was ended: fine
+    assert rows(simple) == [] and rows(extended) == [], (summary(simple), summary(extended))
+    assert status(fresh, 4) == ("pending", False), summary(write)
+
+
+def test_a_reload_adding_deny_columns_reaches_a_prepared_read(fresh, record_proxy):
+    proxy, _, policies = record_proxy
+    read = "SELECT email FROM customers WHERE id = $1"
+    with wire(proxy.port, f"support-rec-cols-{uid()}") as agent:
+        before = agent.round(parse(b"e", read, (20,)), bind(b"", b"e", b"1"), execute(), SYNC)
+        assert rows(before) == [["ada@example.com"]], summary(before)
+        agent.q("PREPARE e2 AS SELECT email FROM customers WHERE id = 2")
+        with policy_changed(
+            proxy,
+            policies / "support.yaml",
+            "  customers:\n    ops: [select]\n",
+            "  customers:\n    ops: [select]\n    deny_columns: [email]\n",
+        ):
+            extended = agent.round(bind(b"", b"e", b"1"), execute(), SYNC)
+            sql_level = agent.q("EXECUTE e2")
+    assert "ada@example.com" not in str(rows(extended)), summary(extended)
+    assert "grace@example.com" not in str(rows(sql_level)), summary(sql_level)
