@@ -609,3 +609,152 @@ def test_a_reload_adding_deny_columns_reaches_a_prepared_read(fresh, record_prox
             sql_level = agent.q("EXECUTE e2")
     assert "ada@example.com" not in str(rows(extended)), summary(extended)
     assert "grace@example.com" not in str(rows(sql_level)), summary(sql_level)
+
+
+# ================================================================ the idempotency ledger
+
+
+def keyed(key: str, reason: str) -> str:
+    return (
+        f"/* idempotency_key='{key}' */ INSERT INTO order_state_log "
+        "(order_id, previous_status, new_status, changed_by, reason) "
+        f"VALUES (4, 'pending', 'packed', 'rec', '{key}:{reason}')"
+    )
+
+
+def logged_rows(pg: PgCluster, key: str) -> list[str]:
+    got = su(pg, "SELECT reason FROM order_state_log WHERE reason LIKE %s ORDER BY id", f"{key}:%")
+    return [r.split(":", 1)[1] for (r,) in got]
+
+
+def expire(pg: PgCluster, key: str) -> None:
+    moved = su(
+        pg,
+        "UPDATE guardproxy.idempotency_keys SET expires_at = now() - interval '1 second', "
+        "created_at = now() - interval '25 hours' WHERE key LIKE %s RETURNING 1",
+        f"%{key}%",
+    )
+    assert moved, "the key is not in the ledger"
+
+
+def test_an_expired_key_reclaimed_protects_again(fresh, record_proxy):
+    proxy, _, _ = record_proxy
+    agent = f"support-rec-idem-{uid()}"
+    key = f"rec-key-{uid()}"
+    try:
+        with wire(proxy.port, agent) as conn:
+            assert not errors(conn.q(keyed(key, "first")))
+            assert not errors(conn.q(keyed(key, "first")))  # replayed
+            assert logged_rows(fresh, key) == ["first"]
+            expire(fresh, key)
+            assert not errors(conn.q(keyed(key, "second")))  # an expired key may be claimed again
+            conn.q(keyed(key, "second"))  # a retry: replayed
+            refused = conn.q(keyed(key, "third"))  # same key, other statement: refused
+            expire(fresh, key)
+            conn.q(keyed(key, "first"))  # claimed a third time, with the first statement again
+            conn.q(keyed(key, "first"))
+            other = conn.q(keyed(key, "fourth"))
+        assert "22023" in errors(refused) and "22023" in errors(other), (
+            summary(refused),
+            summary(other),
+        )
+        assert logged_rows(fresh, key) == ["first", "second", "first"]
+    finally:
+        su(fresh, "DELETE FROM order_state_log WHERE reason LIKE %s", f"{key}:%")
+
+
+def test_an_expired_key_reclaimed_by_two_sessions_at_once_runs_once(fresh, record_proxy):
+    proxy, _, _ = record_proxy
+    agent = f"support-rec-idem2-{uid()}"
+    key = f"rec-key2-{uid()}"
+    try:
+        with wire(proxy.port, agent) as conn:
+            assert not errors(conn.q(keyed(key, "first")))
+        expire(fresh, key)
+        with wire(proxy.port, agent) as a, wire(proxy.port, agent) as b:
+            a.q("BEGIN")
+            b.q("BEGIN")
+            from test_attack_relay import query
+
+            a.send(query(keyed(key, "again")))
+            b.send(query(keyed(key, "again")))
+            time.sleep(0.5)
+            a.until(b"Z")
+            a.q("COMMIT")
+            b.until(b"Z", timeout=15)
+            b.q("COMMIT")
+        assert logged_rows(fresh, key) == ["first", "again"]
+    finally:
+        su(fresh, "DELETE FROM order_state_log WHERE reason LIKE %s", f"{key}:%")
+
+
+# ================================================================ undo of prepared deletes
+
+
+def undo(pg: PgCluster, task: str) -> str:
+    return gp("undo", "--task", task, "--yes", "--upstream", pg.dsn(dbname=SHOP_DB))
+
+
+DELETE_PARAM = "DELETE FROM orders WHERE id = $1"
+
+
+def _extended_then_set(agent: Any, task: str) -> None:
+    agent.q("SET guard.task = 'rec-prepared-under'")
+    agent.round(parse(b"d", DELETE_PARAM, (20,)), SYNC)
+    agent.q(f"SET guard.task = '{task}'")
+    agent.round(bind(b"", b"d", b"5"), execute(), SYNC)
+
+
+def _portal_then_set(agent: Any, task: str) -> None:
+    agent.q("BEGIN")
+    agent.q("SET guard.task = 'rec-bound-under'")
+    agent.round(parse(b"d", DELETE_PARAM, (20,)), bind(b"dp", b"d", b"5"), SYNC)
+    agent.q(f"SET LOCAL guard.task = '{task}'")
+    agent.round(execute(b"dp"), SYNC)
+    agent.q("COMMIT")
+
+
+def _sql_prepare_then_comment(agent: Any, task: str) -> None:
+    agent.q("/* task='rec-prepare-under' */ PREPARE d(bigint) AS DELETE FROM orders WHERE id = $1")
+    agent.q(f"/* task='{task}' */ EXECUTE d(5)")
+
+
+def _sql_prepare_then_set(agent: Any, task: str) -> None:
+    agent.q("SET guard.task = 'rec-prepare-under2'")
+    agent.q("PREPARE d(bigint) AS DELETE FROM orders WHERE id = $1")
+    agent.q(f"SET guard.task = '{task}'")
+    agent.q("EXECUTE d(5)")
+
+
+PREPARED_DELETES = {
+    "extended, task set after Parse": _extended_then_set,
+    "extended, portal bound before SET LOCAL": _portal_then_set,
+    "sql prepare, task in the EXECUTE comment": _sql_prepare_then_comment,
+    "sql prepare, task set before EXECUTE": _sql_prepare_then_set,
+}
+
+
+@pytest.mark.parametrize("path", sorted(PREPARED_DELETES))
+def test_undo_restores_a_delete_under_the_context_it_executed_in(fresh, record_proxy, path: str):
+    proxy, _, _ = record_proxy
+    agent_id = f"support-rec-undo-{uid()}"
+    task = f"rec-undo-{uid()}"
+    with wire(proxy.port, agent_id) as agent:
+        PREDELETE = status(fresh, 5)
+        assert PREDELETE == ("pending", False)
+        PREPARED_DELETES[path](agent, task)
+    assert status(fresh, 5)[1], "the delete did not happen"
+    audited = [
+        e["task"]
+        for e in events(fresh, agent_id)
+        if "DELETE" in e["statement"].upper() or "EXECUTE" in e["statement"].upper()
+    ]
+    recorded = [
+        t
+        for (t,) in su(
+            fresh, "SELECT task FROM guardproxy.deleted_rows WHERE agent_id = %s", agent_id
+        )
+    ]
+    out = undo(fresh, task)
+    assert status(fresh, 5) == ("pending", False), (audited, recorded, out)
+    assert recorded == [task], (audited, recorded)
