@@ -31,6 +31,7 @@ Covered:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -758,3 +759,118 @@ def test_undo_restores_a_delete_under_the_context_it_executed_in(fresh, record_p
     out = undo(fresh, task)
     assert status(fresh, 5) == ("pending", False), (audited, recorded, out)
     assert recorded == [task], (audited, recorded)
+
+
+# ================================================================ operator tools and hostile text
+
+HOSTILE = (
+    "rec\x1b[2J\x1b]0;pwned\x07\u202eevil\r\nFORGED-LINE [/] [bold red]x[/bold red] "
+    "\u2028y\x9b31m\u200fz\x08\x7f\u2066end"
+)
+
+
+def _plant_raw_rows(pg: PgCluster, marker: str) -> None:
+    """Rows as an older writer (or any writer the sanitiser missed) may have left them."""
+    su(
+        pg,
+        "INSERT INTO guardproxy.audit_events (agent_id, agent_type, task, step, statement, "
+        "decision, rule, reason, rows, tags, outcome) VALUES (%s, 'support', %s, %s, %s, "
+        "'denied', %s, %s, 1, %s, %s)",
+        f"support-{marker}{HOSTILE}",
+        marker,
+        HOSTILE,
+        f"SELECT 1 /* {HOSTILE} */\nFORGED-LINE",
+        HOSTILE,
+        HOSTILE,
+        json.dumps({"trace": HOSTILE}),
+        HOSTILE,
+    )
+    su(
+        pg,
+        "INSERT INTO guardproxy.audit_events (agent_id, agent_type, task, statement, decision, rows) "
+        "VALUES (%s, 'support', %s, %s, 'allowed', 1)",
+        f"support-{marker}",
+        marker,
+        f"UPDATE orders SET fulfillment_status = 'packed' WHERE id = 4 -- {HOSTILE}",
+    )
+    su(
+        pg,
+        "INSERT INTO guardproxy.deleted_rows (agent_id, task, step, reason, table_name, primary_key, "
+        "row_image) VALUES (%s, %s, %s, %s, 'public.orders', '{\"id\": 6}', %s::jsonb)",
+        f"support-{marker}",
+        marker,
+        HOSTILE,
+        HOSTILE,
+        '{"id": 6, "note": "\\u001b[2J\\u202e"}',
+    )
+
+
+CLI_VIEWS = [
+    ("audit", "deletes", "--task", "{m}"),
+    ("audit", "writes", "--task", "{m}"),
+    ("audit", "denials", "--task", "{m}"),
+    ("audit", "task", "{m}"),
+    ("audit", "deletes", "--agent", "support-{m}"),
+    ("undo", "--task", "{m}", "--dry-run"),
+]
+
+
+@pytest.mark.parametrize("layout", ["table", "records"])
+@pytest.mark.parametrize("view", [" ".join(v) for v in CLI_VIEWS])
+def test_the_audit_cli_prints_hostile_stored_text_as_data(fresh, view: str, layout: str):
+    marker = f"rec-cli-{uid()}"
+    _plant_raw_rows(fresh, marker)
+    try:
+        args = [a.format(m=marker) for a in view.split()]
+        if args[0] == "audit":
+            args += ["--layout", layout]
+        out = gp(
+            *args, "--upstream", fresh.dsn(dbname=SHOP_DB), columns=200 if layout == "table" else 60
+        )
+    finally:
+        su(fresh, "DELETE FROM guardproxy.audit_events WHERE task = %s", marker)
+        su(fresh, "DELETE FROM guardproxy.deleted_rows WHERE task = %s", marker)
+    assert "Traceback" not in out, out[-3000:]
+    assert marker in out, out[-2000:]
+    assert raw_controls(out) == [], (raw_controls(out), out[-2000:])
+    assert not any(line.lstrip(" |│").startswith("FORGED-LINE") for line in out.splitlines()), out
+
+
+def test_the_audit_cli_prints_hostile_text_that_came_through_the_proxy(fresh, record_proxy):
+    proxy, _, _ = record_proxy
+    marker = f"rec-thru-{uid()}"
+    agent = f"support-{marker}-\x1b[31m\u202e"
+    with wire(proxy.port, agent) as conn:
+        conn.q(f"SET guard.task = '{marker}'")
+        conn.q(f"SET guard.reason = E'why\\x1b[2J\\u202e\\r\\nFORGED-LINE'")
+        conn.q("SELECT card_last4 FROM payments /* \x1b]0;x\x07 */\r\nFORGED-LINE")
+        conn.q("DELETE FROM orders WHERE id = 6")
+    events(fresh, marker, 2)
+    for view in ("audit task {m}", "audit deletes --task {m}", "audit denials --task {m}"):
+        args = [a.format(m=marker) for a in view.split()]
+        out = gp(*args, "--upstream", fresh.dsn(dbname=SHOP_DB), columns=80)
+        assert "Traceback" not in out and raw_controls(out) == [], (view, raw_controls(out), out)
+        assert not any(line.lstrip(" |│").startswith("FORGED-LINE") for line in out.splitlines())
+
+
+def test_the_admin_console_shows_hostile_agent_text_as_data(fresh, record_proxy):
+    proxy, _, _ = record_proxy
+    agent = f"support-rec-adm-\x1b[2J\u202e\r\nFORGED\x9b{uid()}"
+    with wire(proxy.port, agent) as conn:
+        conn.q("SET guard.task = E'task\\x1b]0;t\\x07\\u2028\\u202e'")
+        conn.q("SELECT 1")
+        texts = []
+        for view in ("SHOW CLIENTS", "SHOW AGENTS", "SHOW SERVERS", "SHOW STATS", "SHOW POOLS"):
+            texts.append(str(admin(proxy, view)))
+    joined = "\n".join(texts)
+    assert "rec-adm" in joined
+    assert raw_controls(joined.replace("\n", "")) == [], raw_controls(joined)
+    top = subprocess.run(
+        [sys.executable, "-m", "guardproxy", "top", "--dsn",
+         f"postgresql://admin@127.0.0.1:{proxy.port}/guardproxy", "--iterations", "1"],
+        capture_output=True, cwd=ROOT, timeout=60, check=False,
+        env=dict(os.environ, COLUMNS="200", TERM="dumb"),
+    )  # fmt: skip
+    shown = (top.stdout + top.stderr).decode("utf-8", errors="surrogateescape")
+    assert "Traceback" not in shown, shown[-2000:]
+    assert "\x1b[2J" not in shown and "\u202e" not in shown and "\x9b" not in shown, shown[-2000:]
