@@ -35,6 +35,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -842,7 +843,7 @@ def test_the_audit_cli_prints_hostile_text_that_came_through_the_proxy(fresh, re
     agent = f"support-{marker}-\x1b[31m\u202e"
     with wire(proxy.port, agent) as conn:
         conn.q(f"SET guard.task = '{marker}'")
-        conn.q(f"SET guard.reason = E'why\\x1b[2J\\u202e\\r\\nFORGED-LINE'")
+        conn.q("SET guard.reason = E'why\\x1b[2J\\u202e\\r\\nFORGED-LINE'")
         conn.q("SELECT card_last4 FROM payments /* \x1b]0;x\x07 */\r\nFORGED-LINE")
         conn.q("DELETE FROM orders WHERE id = 6")
     events(fresh, marker, 2)
@@ -874,3 +875,92 @@ def test_the_admin_console_shows_hostile_agent_text_as_data(fresh, record_proxy)
     shown = (top.stdout + top.stderr).decode("utf-8", errors="surrogateescape")
     assert "Traceback" not in shown, shown[-2000:]
     assert "\x1b[2J" not in shown and "\u202e" not in shown and "\x9b" not in shown, shown[-2000:]
+
+
+# ================================================================ credentials on operator screens
+
+DSNS = {
+    "uri": "postgresql://app_owner:S3CRET-a@127.0.0.1:{port}/shop",
+    "uri with unencoded @ and :": "postgresql://app_owner:S3CR@T:-b@127.0.0.1:{port}/shop",
+    "percent-encoded password": "postgresql://app_owner:S3CRET%2Dc%40x@127.0.0.1:{port}/shop",
+    "password query parameter": "postgresql://app_owner@127.0.0.1:{port}/shop?password=S3CRET-d",
+    "percent-encoded key": "postgresql://app_owner@127.0.0.1:{port}/shop?sslmode=disable&pass%77ord=S3CRET-e",
+    "sslpassword": "postgresql://app_owner@127.0.0.1:{port}/shop?sslpassword=S3CRET-f&sslmode=disable",
+    "secret with & inside": "postgresql://app_owner@127.0.0.1:{port}/shop?password=S3CRET-g&x&sslmode=disable",
+    "multi-host": "postgresql://app_owner:S3CRET-h@127.0.0.1:{port},127.0.0.1:{port}/shop",
+    "uppercase scheme": "POSTGRESQL://app_owner:S3CRET-i@127.0.0.1:{port}/shop",
+    "keyword": "host=127.0.0.1 port={port} dbname=shop user=app_owner password=S3CRET-j",
+    "keyword quoted with escapes": "host=127.0.0.1 port={port} dbname=shop user=app_owner password = 'it\\'s S3CRET-k'",
+    "keyword backslash-escaped space": "host=127.0.0.1 port={port} dbname=shop user=app_owner password=a\\ S3CRET-l",
+    "keyword newline separated": "host=127.0.0.1\nport={port}\ndbname=shop\nuser=app_owner\npassword=S3CRET-m",
+    "keyword tab before =": "host=127.0.0.1 port={port} dbname=shop user=app_owner password\t=\tS3CRET-n",
+    "nested dbname": "dbname='postgresql://app_owner:S3CRET-o@127.0.0.1:{port}/shop' host=127.0.0.1 port={port}",
+    "password in fragment-looking userinfo": "postgresql://app_owner:S3#CRET-p@127.0.0.1:{port}/shop",
+    "password with slash": "postgresql://app_owner:S3/CRET-q@127.0.0.1:{port}/shop",
+}
+
+
+def _secret_of(case: str, dsn: str) -> list[str]:
+    tail = dsn.split("S3", 1)[1]
+    letter = re.search(r"(?:-|%2D)([a-z])", tail)
+    assert letter
+    return ["S3CRET-" + letter.group(1), "CRET-" + letter.group(1), "CRET%2D" + letter.group(1)]
+
+
+@contextlib.contextmanager
+def bare_proxy(
+    upstream: str, log: Path, **settings: Any
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    args = ["serve", "--upstream", upstream, "--listen-port", str(port), "--admin-users", "admin",
+            "--log-level", "debug"]  # fmt: skip
+    for key, value in settings.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDPROXY_")}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "guardproxy", *args], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT, env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                break
+            time.sleep(0.1)
+        yield port, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.mark.parametrize("case", sorted(DSNS))
+def test_show_config_and_logs_never_show_an_upstream_password(shop_restored, tmp_path, case: str):
+    dsn = DSNS[case].format(port=shop_restored.port)
+    secrets = _secret_of(case, dsn)
+    log = tmp_path / "guardproxy.log"
+    shown = ""
+    with bare_proxy(dsn, log) as (port, proc):
+        if proc.poll() is None:
+            admin_dsn = f"postgresql://admin@127.0.0.1:{port}/guardproxy"
+            with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5) as conn:
+                shown = str(conn.execute("SHOW CONFIG").fetchall())
+                shown += str(conn.execute("SHOW POOLS").fetchall())
+                shown += str(conn.execute("SHOW SERVERS").fetchall())
+            assert "***" in shown, shown  # the DSN is shown, masked
+            # an agent's session makes the proxy log in upstream (and fail: wrong password)
+            with (
+                contextlib.suppress(psycopg.Error),
+                psycopg.connect(
+                    f"postgresql://agent-1@127.0.0.1:{port}/shop", connect_timeout=5
+                ) as c,
+            ):
+                c.execute("SELECT 1")
+    text = shown + log.read_text(errors="replace")
+    for secret in secrets:
+        assert secret not in text, (
+            secret,
+            [line for line in text.splitlines() if secret in line][:3],
+        )
