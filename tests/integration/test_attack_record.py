@@ -964,3 +964,163 @@ def test_show_config_and_logs_never_show_an_upstream_password(shop_restored, tmp
             secret,
             [line for line in text.splitlines() if secret in line][:3],
         )
+
+
+# ================================================================ before authentication
+
+PASSWORDS = {"agent-a": "right-a", "ops": "right-ops"}
+
+
+@pytest.fixture(scope="module")
+def scram_proxy(pg: PgCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from wirekit import launched_proxy
+
+    from guardproxy.protocol.scram import write_verifier
+
+    directory = tmp_path_factory.mktemp("attack-record-scram")
+    auth_file = directory / "agents.auth"
+    for agent, password in PASSWORDS.items():
+        write_verifier(auth_file, agent, password)
+    with launched_proxy(
+        pg,
+        directory,
+        auth_mode="scram",
+        auth_file=auth_file,
+        auth_max_failures=2,
+        admin_users="ops",
+        max_pending_logins=4,
+        max_client_conn=3,
+        client_startup_timeout=2,
+        client_login_timeout=3,
+    ) as handle:
+        yield handle
+
+
+def _login(proxy: Any, agent: str, dbname: str = "app") -> None:
+    dsn = proxy.dsn(agent, PASSWORDS[agent], dbname=dbname)
+    with psycopg.connect(dsn, connect_timeout=5, autocommit=True) as conn:
+        conn.execute("SHOW STATS" if dbname == "guardproxy" else "SELECT 1").fetchall()
+
+
+def _raw_from(port: int, source: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT, source_address=(source, 0))
+    return sock
+
+
+def _read_some(sock: socket.socket) -> bytes:
+    with contextlib.suppress(OSError):
+        return sock.recv(65536)
+    return b""
+
+
+def _aborted_login(port: int, source: str, agent: str, how: str) -> None:
+    """A login of ``agent`` from ``source`` that never finishes properly."""
+
+    sock = _raw_from(port, source)
+    sock.settimeout(1.0)
+    try:
+        _abort(sock, agent, how)
+    except OSError:
+        pass  # the proxy hung up first
+    finally:
+        sock.close()
+
+
+def _abort(sock: socket.socket, agent: str, how: str) -> None:
+    from guardproxy.protocol import codec
+
+    if True:
+        sock.sendall(codec.build_startup({"user": agent, "database": "app"}))
+        _read_some(sock)  # AuthenticationSASL
+        if how == "bad mechanism":
+            sock.sendall(codec.build_sasl_initial("SCRAM-SHA-1", b"n,,n=x,r=abc"))
+        elif how == "malformed client-first":
+            sock.sendall(codec.build_sasl_initial("SCRAM-SHA-256", b"\xff\x00garbage"))
+        elif how == "channel binding claimed":
+            sock.sendall(
+                codec.build_sasl_initial("SCRAM-SHA-256", b"p=tls-server-end-point,,n=,r=abc")
+            )
+        elif how == "bogus final":
+            sock.sendall(codec.build_sasl_initial("SCRAM-SHA-256", b"n,,n=,r=abcdefgh"))
+            _read_some(sock)
+            sock.sendall(codec.build_password(b"c=biws,r=abcdefghX,p=AAAA"))
+        elif how == "hang up":
+            return
+        _read_some(sock)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "bad mechanism",
+        "malformed client-first",
+        "channel binding claimed",
+        "bogus final",
+        "hang up",
+    ],
+)
+def test_aborted_logins_from_other_addresses_do_not_lock_out_the_agent(scram_proxy, how: str):
+    for n in range(2, 8):
+        for _ in range(4):
+            for agent in ("agent-a", "ops"):
+                _aborted_login(scram_proxy.port, f"127.0.1.{n}", agent, how)
+    _login(scram_proxy, "agent-a")
+    _login(scram_proxy, "ops", "guardproxy")
+
+
+def test_trickling_and_stalled_logins_do_not_keep_the_agent_out(scram_proxy):
+    from guardproxy.protocol import codec
+
+    port = scram_proxy.port
+    packet = codec.build_startup({"user": "agent-a", "database": "app"})
+    socks: list[socket.socket] = []
+    try:
+        for round_ in range(3):
+            for n in range(8):  # stalled inside SCRAM: startup sent, nothing more
+                sock = _raw_from(port, f"127.0.2.{n + 2}")
+                sock.sendall(packet)
+                socks.append(sock)
+            for n in range(8):  # trickling the startup packet, a byte at a time
+                sock = _raw_from(port, f"127.0.3.{n + 2}")
+                sock.sendall(packet[:1])
+                socks.append(sock)
+            for i in range(4):
+                for sock in socks[-8:]:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(packet[1 + i : 2 + i])
+                time.sleep(0.1)
+            started = time.monotonic()
+            _login(scram_proxy, "agent-a")
+            _login(scram_proxy, "ops", "guardproxy")
+            assert time.monotonic() - started < 5, round_
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("user", "x\r2026-12-06 INFO guardproxy: forged-cr"),
+        ("user", "x\u20282026-12-06 INFO guardproxy: forged-ls"),
+        ("user", "x\u00852026-12-06 INFO guardproxy: forged-nel"),
+        ("database", "x\n2026-12-06 INFO guardproxy: forged-db"),
+        ("application_name", "x\n2026-12-06 INFO guardproxy: forged-app"),
+        ("options", "-c x=\n2026-12-06 INFO guardproxy: forged-opt"),
+    ],
+)
+def test_startup_text_cannot_forge_a_log_line(scram_proxy, field: str, value: str):
+    from guardproxy.protocol import codec
+
+    params = {"user": "agent-a", "database": "app", field: value}
+    sock = _raw_from(scram_proxy.port, "127.0.4.2")
+    try:
+        sock.sendall(codec.build_startup(params))
+        _read_some(sock)
+    finally:
+        sock.close()
+    time.sleep(0.3)
+    log = scram_proxy.log_path.read_bytes().decode("utf-8", errors="replace")
+    marker = value.split("guardproxy: ")[1]
+    for line in re.split("[\r\n\u2028\u2029\u0085\x0b\x0c]", log):
+        assert not line.startswith("2026-12-06 INFO guardproxy: " + marker), line
