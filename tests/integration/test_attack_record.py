@@ -1124,3 +1124,74 @@ def test_startup_text_cannot_forge_a_log_line(scram_proxy, field: str, value: st
     marker = value.split("guardproxy: ")[1]
     for line in re.split("[\r\n\u2028\u2029\u0085\x0b\x0c]", log):
         assert not line.startswith("2026-12-06 INFO guardproxy: " + marker), line
+
+
+# ================================================================ every write path on record, every delete undoable
+
+WRITE_PATHS = {
+    "writable cte in a select": (
+        "WITH u AS (UPDATE orders SET fulfillment_status = 'packed' WHERE id = 4 RETURNING id) "
+        "SELECT id FROM u"
+    ),
+    "explain analyze": "EXPLAIN ANALYZE UPDATE orders SET fulfillment_status = 'packed' WHERE id = 4",
+    "merge update": (
+        "MERGE INTO orders o USING (VALUES (4)) AS v(id) ON o.id = v.id "
+        "WHEN MATCHED THEN UPDATE SET fulfillment_status = 'packed'"
+    ),
+    "update from": (
+        "UPDATE orders o SET fulfillment_status = 'packed' FROM customers c "
+        "WHERE c.id = o.customer_id AND o.id = 4"
+    ),
+    "in a committed transaction": "BEGIN; UPDATE orders SET fulfillment_status = 'packed' WHERE id = 4; COMMIT",
+    "update returning": "UPDATE orders SET fulfillment_status = 'packed' WHERE id = 4 RETURNING id",
+}
+
+
+@pytest.mark.parametrize("how", ["simple", "extended"])
+@pytest.mark.parametrize("path", sorted(WRITE_PATHS))
+def test_every_write_path_is_on_record(fresh, record_proxy, path: str, how: str):
+    proxy, _, _ = record_proxy
+    agent = f"support-rec-path-{uid()}"
+    sql = WRITE_PATHS[path]
+    with wire(proxy.port, agent) as conn:
+        if how == "simple" or ";" in sql:
+            got = conn.q(sql)
+        else:
+            got = conn.round(parse(b"", sql), bind(b"", b""), execute(b"", 1), SYNC)
+    if status(fresh, 4) != ("packed", False):
+        assert errors(got), summary(got)
+        return
+    mine = [e for e in events(fresh, agent) if e["decision"] != "denied"]
+    assert any(e["rows"] == 1 and "orders" in e["statement"] for e in mine), (summary(got), mine)
+
+
+DELETE_PATHS = {
+    "writable cte": "WITH d AS (DELETE FROM orders WHERE id = 5 RETURNING id) SELECT id FROM d",
+    "delete using": "DELETE FROM orders o USING customers c WHERE c.id = o.customer_id AND o.id = 5",
+    "merge delete": (
+        "MERGE INTO orders o USING (VALUES (5)) AS v(id) ON o.id = v.id WHEN MATCHED THEN DELETE"
+    ),
+    "delete returning": "DELETE FROM orders WHERE id = 5 RETURNING *",
+    "delete in subquery": "DELETE FROM orders WHERE id IN (SELECT 5)",
+    "explain analyze": "EXPLAIN ANALYZE DELETE FROM orders WHERE id = 5",
+    "where current of": "BEGIN; DECLARE dc CURSOR FOR SELECT id FROM orders WHERE id = 5; "
+    "FETCH 1 FROM dc; DELETE FROM orders WHERE CURRENT OF dc; COMMIT",
+}
+
+
+@pytest.mark.parametrize("path", sorted(DELETE_PATHS))
+def test_every_delete_path_is_soft_recorded_and_undone(fresh, record_proxy, path: str):
+    proxy, _, _ = record_proxy
+    agent = f"support-rec-dpath-{uid()}"
+    task = f"rec-dpath-{uid()}"
+    with wire(proxy.port, agent) as conn:
+        conn.q(f"SET guard.task = '{task}'")
+        got = conn.q(DELETE_PATHS[path])
+        conn.q("ROLLBACK")
+    present = su(fresh, "SELECT count(*) FROM orders WHERE id = 5")[0][0]
+    assert present == 1, f"order 5 was deleted for good: {summary(got)}"
+    if not status(fresh, 5)[1]:
+        assert errors(got), summary(got)
+        return
+    out = undo(fresh, task)
+    assert status(fresh, 5) == ("pending", False), (summary(got), out)
