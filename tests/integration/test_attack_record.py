@@ -1223,12 +1223,13 @@ def test_a_flood_of_denials_does_not_cost_another_agent_its_write_events(shop_re
         )
         finished: list[int] = []
 
-        def flood(k: int) -> None:
-            with wire(proxy.port, f"analytics-rec-flood-{k}") as conn:
-                conn.send(blast)
-                finished.append(len(conn.until(b"Z", count=per_conn, timeout=150)))
+        floods = [Wire(proxy.port, f"analytics-rec-flood-{k}") for k in range(2)]
 
-        threads = [threading.Thread(target=flood, args=(k,)) for k in range(2)]
+        def flood(conn: Wire) -> None:
+            conn.send(blast)
+            finished.append(len(conn.until(b"Z", count=per_conn, timeout=150)))
+
+        threads = [threading.Thread(target=flood, args=(c,)) for c in floods]
         writes = 0
         with proxy.connect(other, autocommit=True) as conn:
             conn.execute("UPDATE orders SET tracking_number = 'TRK-flood-start' WHERE id = 3")
@@ -1242,11 +1243,17 @@ def test_a_flood_of_denials_does_not_cost_another_agent_its_write_events(shop_re
                 writes += 1
         for thread in threads:
             thread.join(160)
-        recorded = len(events(shop_restored, other, writes))
+        for c in floods:
+            c.close()
+        deadline = time.monotonic() + 30
+        while True:  # the queue drains; wait (bounded) for the events still in it
+            recorded = len(events(shop_restored, other, writes))
+            if recorded == writes or time.monotonic() > deadline:
+                break
         lost = [
-            l
-            for l in metrics_text(metrics_port).splitlines()
-            if l.startswith("guardproxy_audit_events_lost")
+            line
+            for line in metrics_text(metrics_port).splitlines()
+            if line.startswith("guardproxy_audit_events_lost")
         ]
     su(
         shop_restored,
