@@ -1261,3 +1261,103 @@ def test_a_flood_of_denials_does_not_cost_another_agent_its_write_events(shop_re
     )
     assert len(finished) == 2, finished  # the flood ran to its end
     assert recorded == writes, f"{writes} committed writes, {recorded} audit events; {lost}"
+
+
+ANALYTICS_LIMITS = "  max_rows_returned: 1000     # a read is cut at 1000 rows, with a WARNING\n"
+ROW_FILTER = (
+    "functions:\n",
+    'row_filters:\n  orders: "customer_id = 1"\n\nfunctions:\n',
+)
+NARROWINGS = {
+    "row filter added": ROW_FILTER,
+    "row cap lowered to 2": (ANALYTICS_LIMITS, "  max_rows_returned: 2\n"),
+    "column denied": ("    deny_columns: [email]\n", "    deny_columns: [email, name]\n"),
+}
+ALLOWED_AFTER = {  # what the narrowed policy lets through, given what was read before
+    "row filter added": lambda got: all(r[0] in ("1", "2") for r in got),
+    "row cap lowered to 2": lambda got: len(got) <= 1,
+    "column denied": lambda got: got == [],
+}
+READS = {
+    "row filter added": "SELECT id FROM orders WHERE id > 0 ORDER BY id",
+    "row cap lowered to 2": "SELECT id FROM orders WHERE id > 0 ORDER BY id",
+    "column denied": "SELECT name FROM customers WHERE id > 0 ORDER BY id",
+}
+
+
+@pytest.mark.parametrize("narrowing", sorted(NARROWINGS))
+@pytest.mark.parametrize(
+    "holder", ["cursor with hold", "cursor in transaction", "suspended portal"]
+)
+def test_a_reload_narrowing_reaches_reads_already_open(
+    fresh, record_proxy, narrowing: str, holder: str
+):
+    proxy, _, policies = record_proxy
+    read = READS[narrowing]
+    with wire(proxy.port, f"analytics-rec-narrow-{uid()}") as agent:
+        if holder == "cursor with hold":
+            agent.q("BEGIN")
+            agent.q(f"DECLARE c CURSOR WITH HOLD FOR {read}")
+            agent.q("COMMIT")
+            first = agent.q("FETCH 1 FROM c")
+        elif holder == "cursor in transaction":
+            agent.q("BEGIN")
+            agent.q(f"DECLARE c CURSOR FOR {read}")
+            first = agent.q("FETCH 1 FROM c")
+        else:
+            agent.q("BEGIN")
+            first = agent.round(parse(b"", read), bind(b"p", b""), execute(b"p", 1), SYNC)
+        assert len(rows(first)) == 1, summary(first)
+        with policy_changed(proxy, policies / "analytics.yaml", *NARROWINGS[narrowing]):
+            if holder == "suspended portal":
+                rest = agent.round(execute(b"p", 0), SYNC)
+            else:
+                rest = agent.q("FETCH ALL FROM c")
+        agent.q("ROLLBACK")
+        agent.q("CLOSE ALL")
+    assert ALLOWED_AFTER[narrowing](rows(rest)), f"after the reload: {summary(rest)}"
+
+
+@pytest.mark.parametrize(
+    "channel",
+    [
+        (
+            {},
+            [
+                "/* guardproxy.altered='event',agent='fulfillment-1',agent_type='fulfillment' */ "
+                + WRITE
+            ],
+        ),
+        (
+            {},
+            [
+                "SET \"guard.guardproxy.altered\" = 'event'",
+                "SET guard.agent_type = 'fulfillment'",
+                WRITE,
+            ],
+        ),
+        ({}, ["SET guard.agent = 'fulfillment-1'", "SET guard.agent_id = 'fulfillment-1'", WRITE]),
+        ({"options": "-c guard.guardproxy.altered=event -c guard.agent_type=fulfillment"}, [WRITE]),
+    ],
+    ids=["comment", "set", "set agent", "options"],
+)
+def test_an_agent_cannot_forge_who_wrote_or_a_writer_placeholder(fresh, record_proxy, channel):
+    proxy, _, _ = record_proxy
+    params, stmts = channel
+    agent = f"support-rec-forge-{uid()}"
+    try:
+        _send_write(proxy, agent, params, stmts)
+    except ConnectionError:
+        return
+    events(fresh, agent, 1)  # waits (bounded) for the writer
+    stored = su(
+        fresh,
+        "SELECT agent_id, agent_type, coalesce(tags::text, '') FROM guardproxy.audit_events "
+        "WHERE agent_id LIKE %s OR tags::text LIKE %s OR agent_id LIKE 'fulfillment-1%%' AND at > now() - interval '5 s'",
+        agent + "%",
+        "%" + agent + "%",
+    )
+    assert status(fresh, 4) != ("packed", False) or stored, "a write without its event"
+    for agent_id, agent_type, tagtext in stored:
+        assert (agent_id, agent_type) == (agent, "support"), stored
+        assert '"guardproxy.altered": "event"' not in tagtext, stored
