@@ -1361,3 +1361,70 @@ def test_an_agent_cannot_forge_who_wrote_or_a_writer_placeholder(fresh, record_p
     for agent_id, agent_type, tagtext in stored:
         assert (agent_id, agent_type) == (agent, "support"), stored
         assert '"guardproxy.altered": "event"' not in tagtext, stored
+
+
+def test_fail_closed_never_acknowledges_a_write_unrecorded_during_another_agents_flood(
+    shop_restored, tmp_path
+):
+    """With ``audit: {on_loss: fail_closed}`` the flood may refuse support's writes, but every
+    write that was acknowledged (an order_state_log row) has its event."""
+    import threading
+
+    policies = policies_with(tmp_path, support={"audit": {"on_loss": "fail_closed"}})
+    with launch_proxy(shop_restored, tmp_path / "guardproxy.log", policies=policies) as proxy:
+        writer = f"support-rec-fc-{uid()}"
+        per_conn = 30000
+        blast = b"".join(
+            parse(b"", f"SELECT card_last4 FROM payments WHERE id = {n}") + SYNC
+            for n in range(per_conn)
+        )
+        floods = [Wire(proxy.port, f"analytics-rec-fc-{k}") for k in range(2)]
+
+        def flood(conn: Wire) -> None:
+            conn.send(blast)
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                conn.until(b"Z", count=per_conn, timeout=150)
+
+        threads = [threading.Thread(target=flood, args=(c,)) for c in floods]
+        acknowledged: list[str] = []
+        with proxy.connect(writer, autocommit=True) as conn:
+            for thread in threads:
+                thread.start()
+            n = 0
+            while any(t.is_alive() for t in threads) or n < 20:
+                reason = f"{writer}:{n}"
+                n += 1
+                try:
+                    conn.execute(
+                        "INSERT INTO order_state_log (order_id, previous_status, new_status, changed_by, "
+                        f"reason) VALUES (4, 'pending', 'packed', 'rec', '{reason}')"
+                    )
+                    acknowledged.append(reason)
+                except psycopg.Error:
+                    pass
+        for thread in threads:
+            thread.join(160)
+        for c in floods:
+            c.close()
+        stored_rows = [
+            r
+            for (r,) in su(
+                shop_restored,
+                "SELECT reason FROM order_state_log WHERE reason LIKE %s",
+                writer + ":%",
+            )
+        ]
+        deadline = time.monotonic() + 30
+        while True:
+            recorded = [
+                e
+                for e in events(shop_restored, writer, len(stored_rows))
+                if e["decision"] != "denied"
+            ]
+            if len(recorded) >= len(stored_rows) or time.monotonic() > deadline:
+                break
+    su(shop_restored, "DELETE FROM order_state_log WHERE reason LIKE %s", writer + ":%")
+    assert sorted(stored_rows) == sorted(acknowledged)
+    assert len(recorded) == len(stored_rows), (
+        f"{len(stored_rows)} rows written, {len(recorded)} events"
+    )
