@@ -1029,24 +1029,21 @@ def _aborted_login(port: int, source: str, agent: str, how: str) -> None:
 def _abort(sock: socket.socket, agent: str, how: str) -> None:
     from guardproxy.protocol import codec
 
-    if True:
-        sock.sendall(codec.build_startup({"user": agent, "database": "app"}))
-        _read_some(sock)  # AuthenticationSASL
-        if how == "bad mechanism":
-            sock.sendall(codec.build_sasl_initial("SCRAM-SHA-1", b"n,,n=x,r=abc"))
-        elif how == "malformed client-first":
-            sock.sendall(codec.build_sasl_initial("SCRAM-SHA-256", b"\xff\x00garbage"))
-        elif how == "channel binding claimed":
-            sock.sendall(
-                codec.build_sasl_initial("SCRAM-SHA-256", b"p=tls-server-end-point,,n=,r=abc")
-            )
-        elif how == "bogus final":
-            sock.sendall(codec.build_sasl_initial("SCRAM-SHA-256", b"n,,n=,r=abcdefgh"))
-            _read_some(sock)
-            sock.sendall(codec.build_password(b"c=biws,r=abcdefghX,p=AAAA"))
-        elif how == "hang up":
-            return
+    sock.sendall(codec.build_startup({"user": agent, "database": "app"}))
+    _read_some(sock)  # AuthenticationSASL
+    if how == "bad mechanism":
+        sock.sendall(codec.build_sasl_initial("SCRAM-SHA-1", b"n,,n=x,r=abc"))
+    elif how == "malformed client-first":
+        sock.sendall(codec.build_sasl_initial("SCRAM-SHA-256", b"\xff\x00garbage"))
+    elif how == "channel binding claimed":
+        sock.sendall(codec.build_sasl_initial("SCRAM-SHA-256", b"p=tls-server-end-point,,n=,r=abc"))
+    elif how == "bogus final":
+        sock.sendall(codec.build_sasl_initial("SCRAM-SHA-256", b"n,,n=,r=abcdefgh"))
         _read_some(sock)
+        sock.sendall(codec.build_password(b"c=biws,r=abcdefghX,p=AAAA"))
+    elif how == "hang up":
+        return
+    _read_some(sock)
 
 
 @pytest.mark.parametrize(
@@ -1428,3 +1425,61 @@ def test_fail_closed_never_acknowledges_a_write_unrecorded_during_another_agents
     assert len(recorded) == len(stored_rows), (
         f"{len(stored_rows)} rows written, {len(recorded)} events"
     )
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GET /metrics?x=<script>\x1b[2J HTTP/1.1",
+        b"GET /\x1b]0;pwned\x07<b>x</b> HTTP/1.1",
+        b"POST /metrics HTTP/1.1",
+        b"GET /readyz HTTP/1.1\r\nX-Forged: \xe2\x80\xae<svg onload=1>",
+    ],
+)
+def test_the_http_port_echoes_nothing(record_proxy, request_line: bytes):
+    _, metrics_port, _ = record_proxy
+    with socket.create_connection(("127.0.0.1", metrics_port), timeout=WAIT) as sock:
+        sock.sendall(request_line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    for needle in (b"<script>", b"\x1b", b"<b>", b"<svg", b"\xe2\x80\xae", b"pwned"):
+        assert needle not in answer, answer[:500]
+    assert b"text/html" not in head.lower(), head
+
+
+def test_a_steady_trickle_of_new_silent_connections_does_not_evict_logins(scram_proxy):
+    """50 new silent connections a second (more than max_pending_logins = 4 in the time a
+    login takes): the agent and the admin still log in."""
+    import threading
+
+    stop = threading.Event()
+    socks: list[socket.socket] = []
+
+    def trickle() -> None:
+        n = 0
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                socks.append(_raw_from(scram_proxy.port, f"127.0.5.{2 + n % 200}"))
+            n += 1
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    failures: list[str] = []
+    try:
+        time.sleep(0.5)
+        for _ in range(5):
+            for agent, db in (("agent-a", "app"), ("ops", "guardproxy")):
+                try:
+                    _login(scram_proxy, agent, db)
+                except psycopg.Error as exc:
+                    failures.append(f"{agent}: {exc}")
+    finally:
+        stop.set()
+        thread.join(10)
+        for sock in socks:
+            sock.close()
+    assert failures == [], failures
