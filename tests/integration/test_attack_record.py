@@ -9,23 +9,41 @@ log in. Tests marked ``xfail(strict=True)`` reproduce a finding: they fail today
 must pass once it is fixed; the others are attacks the proxy withstood.
 
 Covered:
-- hostile context (escape sequences, bidi controls, invalid UTF-8, over-long values,
-  NUL) on every channel (comment, ``SET guard.*``, startup ``options``, extended
-  protocol), with another agent's writes in the same batch;
-- a delete reason that tries to break out of the soft-delete rewrite into
-  ``guardproxy.deleted_rows``;
-- guardproxy's schema by name, quoted, Unicode-escaped, COPY, TRUNCATE, EXPLAIN,
-  extended protocol, functions of the schema, search_path (SET, set_config, startup
-  options), sequences named in string literals (nextval / setval);
-- Prometheus labels and ``pg_stat_activity``/monitoring views with agent-chosen text;
-- reloads narrowing what an already-running portal, a prepared write, a logged-in
-  session and an already-prepared statement may do;
-- an expired idempotency key re-claimed (expiry moved in the ledger);
-- undo of a delete prepared under one context and executed under another;
-- the audit CLI and the admin console with hostile text from several fields;
-- SHOW CONFIG with credential forms in the upstream DSN;
-- failed logins from other addresses, slow (trickling) pre-auth connections, log lines
-  forged with other line separators.
+- hostile context (escape sequences, bidi controls, invalid UTF-8, lone surrogates,
+  over-long values, NUL) on every channel (comment, ``SET guard.*``, startup
+  ``options``, application_name, extended protocol), with another agent's write in
+  the same batch; tags that imitate the writer's ``guardproxy.altered`` or name
+  another agent;
+- a pipelined flood of denials from other agents filling the audit queue, with
+  ``on_loss: count`` (finding) and ``fail_closed`` (held);
+- every write path on record (writable CTE, EXPLAIN ANALYZE, MERGE, UPDATE FROM,
+  RETURNING, transaction) and every delete path soft and undoable (CTE, USING,
+  MERGE ... DELETE, RETURNING, subquery, EXPLAIN ANALYZE, WHERE CURRENT OF);
+- a delete reason that tries to break out of the soft-delete rewrite;
+- guardproxy's schema by name, quoted, Unicode-escaped, COPY, TRUNCATE (also
+  CASCADE), EXPLAIN, LOCK, COMMENT, PREPARE, DECLARE, SELECT INTO, writable CTE,
+  functions of the schema, search_path (SET, set_config, startup options),
+  sequences named in string literals (nextval / setval), file and dblink
+  functions, in simple and extended protocol, as two agent types;
+- Prometheus labels under agent-chosen setting, function and table names;
+  ``pg_stat_activity`` application_name; ``guardproxy_monitoring`` views against
+  comments that imitate the proxy's tag; the HTTP port echoing requests;
+- reloads (RELOAD and SIGHUP) narrowing what a half-read portal, a cursor (with
+  hold or in a transaction), a prepared write (named, bound, SQL PREPARE), a
+  logged-in session whose id no longer matches, and a prepared read may do: table
+  revoked, row filter added, row cap lowered, column denied;
+- an expired idempotency key re-claimed, serially and by two sessions at once
+  (expiry moved in the ledger);
+- undo of a delete prepared under one context and executed under another
+  (extended protocol, bound portal + SET LOCAL, SQL PREPARE with comment or SET);
+- the audit CLI (deletes, writes, denials, task, undo --dry-run; table and records
+  layouts), the admin console and ``top`` with hostile stored and live text;
+- SHOW CONFIG, SHOW POOLS/SERVERS and the log with 17 credential forms in the
+  upstream DSN;
+- failed and aborted logins (bad mechanism, malformed SCRAM, claimed channel
+  binding, bogus proof, hang-up) from other addresses; stalled and trickling
+  pre-auth connections, and a steady stream of new ones; log lines forged with CR,
+  U+2028, NEL and through database, application_name and options.
 """
 
 from __future__ import annotations
@@ -1444,7 +1462,7 @@ def test_the_http_port_echoes_nothing(record_proxy, request_line: bytes):
         with contextlib.suppress(OSError):
             while chunk := sock.recv(65536):
                 answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
+    head = answer.partition(b"\r\n\r\n")[0]
     for needle in (b"<script>", b"\x1b", b"<b>", b"<svg", b"\xe2\x80\xae", b"pwned"):
         assert needle not in answer, answer[:500]
     assert b"text/html" not in head.lower(), head
