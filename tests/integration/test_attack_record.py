@@ -15,7 +15,7 @@ Covered:
   the same batch; tags that imitate the writer's ``guardproxy.altered`` or name
   another agent;
 - a pipelined flood of denials from other agents filling the audit queue, with
-  ``on_loss: count`` (finding) and ``fail_closed`` (held);
+  ``on_loss: count`` (a finding, fixed) and ``fail_closed`` (held);
 - every write path on record (writable CTE, EXPLAIN ANALYZE, MERGE, UPDATE FROM,
   RETURNING, transaction) and every delete path soft and undoable (CTE, USING,
   MERGE ... DELETE, RETURNING, subquery, EXPLAIN ANALYZE, WHERE CURRENT OF);
@@ -1212,14 +1212,9 @@ def test_every_delete_path_is_soft_recorded_and_undone(fresh, record_proxy, path
     assert status(fresh, 5) == ("pending", False), (summary(got), out)
 
 
-# ================================================================ findings (xfail)
+# ================================================================ findings (fixed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: one agent's pipelined flood of cheap denials fills the audit queue and "
-    "another agent's committed writes lose their events (on_loss: count)",
-)
 def test_a_flood_of_denials_does_not_cost_another_agent_its_write_events(shop_restored, tmp_path):
     import threading
 
