@@ -36,6 +36,19 @@ def _header(kind: bytes, payload_len: int) -> bytes:
     return _HDR.pack(kind, payload_len + 4)
 
 
+def split_messages(data: bytes) -> list[tuple[int, bytes]]:
+    """(type, whole message) of each message in ``data``: whole messages the proxy holds
+    already (a job's answer), never bytes straight from a socket."""
+    out: list[tuple[int, bytes]] = []
+    pos, size = 0, len(data)
+    while pos + 5 <= size:
+        (length,) = _I32.unpack_from(data, pos + 1)
+        end = pos + 1 + max(length, 4)
+        out.append((data[pos], data[pos:end]))
+        pos = end
+    return out
+
+
 def message(kind: bytes, payload: bytes = b"") -> bytes:
     return _header(kind, len(payload)) + payload
 

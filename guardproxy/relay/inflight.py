@@ -398,6 +398,13 @@ class Inflight:
             if visible:
                 self.events.on_complete(tag, execution)
             return keep
+        if kind == m.BE_NOTICE and visible and head is not None:
+            execution = head[2]
+            if isinstance(execution, Execution) and execution.byte_cap:
+                fields = codec.error_fields(buf[pos:end])
+                cut = within_bytes(fields, execution.byte_cap)
+                return None if cut is None else codec.build_error_fields(cut, b"N")
+            return keep
         if kind == m.BE_ERROR:
             return self._on_error(buf[pos:end], head)
         if kind in (m.BE_PARSE_COMPLETE, m.BE_BIND_COMPLETE, m.BE_CLOSE_COMPLETE, m.BE_NO_DATA):
@@ -462,9 +469,14 @@ class Inflight:
             out = payload  # the proxy's own error, in place of the server's syntax error
         elif not visible and kind == Pending.QUERY:
             out = b""  # the proxy's own statement failed: logged by the relay
-        elif isinstance(payload, Execution) and payload.shift and "P" in fields:
-            fields = without_tag(fields, payload.shift)
-            out = codec.build_error_fields(fields)
+        elif isinstance(payload, Execution):
+            if payload.byte_cap:
+                cut = within_bytes(fields, payload.byte_cap)
+                if cut is not None:
+                    fields, out = cut, codec.build_error_fields(cut)
+            if payload.shift and "P" in fields:
+                fields = without_tag(fields, payload.shift)
+                out = codec.build_error_fields(fields)
         told = self.events.on_error(fields, kind, payload)
         if told is not None and kind != Pending.ABORT and (visible or kind != Pending.QUERY):
             out = told
@@ -485,6 +497,34 @@ class Inflight:
         if status != b"T" or keep == b"":
             return keep
         return codec.ready_for_query(b"E")
+
+
+# what an error or notice says that a statement chose: the whole of a value can be in it
+# ('invalid input syntax for type integer: "<a table aggregated into text>"')
+_TEXT_FIELDS: Final = ("M", "D", "W", "H")
+_CUT_MARK: Final = " [cut by guardproxy: limits.max_bytes_returned]"
+
+
+def within_bytes(fields: dict[str, str], limit: int) -> dict[str, str] | None:
+    """An error's or notice's fields with their text cut to ``limit`` bytes in all, as a
+    row is (None: nothing to cut): result data must not leave as an error's text."""
+    sizes = [len(fields.get(code, "").encode()) for code in _TEXT_FIELDS]
+    if sum(sizes) <= limit:
+        return None
+    budget = max(limit - len(_CUT_MARK), 0)
+    changed = dict(fields)
+    for code, size in zip(_TEXT_FIELDS, sizes, strict=True):
+        if code not in changed:
+            continue
+        if size <= budget:
+            budget -= size
+            continue
+        kept = changed[code].encode()[:budget].decode(errors="ignore")
+        changed[code] = kept + _CUT_MARK if code == "M" or kept else ""
+        budget = 0
+        if not changed[code]:
+            del changed[code]
+    return changed
 
 
 def without_tag(fields: dict[str, str], shift: int) -> dict[str, str]:

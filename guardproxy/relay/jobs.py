@@ -20,10 +20,16 @@ if TYPE_CHECKING:
 class ManagedWrite:
     """Run one write under the proxy's control (see ``guardproxy.jobs.managed_write``)."""
 
-    def __init__(self, request: bytes, run: WriteRun, simple: bool) -> None:
+    def __init__(
+        self, request: bytes, run: WriteRun, simple: bool, row_cap: int = 0, byte_cap: int = 0
+    ) -> None:
         self.request: Final = request  # the Query, or the Execute of the write's portal
         self.run: Final = run
         self.simple: Final = simple  # a simple Query (else an Execute inside a round)
+        # the read caps its RETURNING rows are cut at (limits.max_rows_returned and
+        # max_bytes_returned; 0: none), as any result
+        self.row_cap: Final = row_cap
+        self.byte_cap: Final = byte_cap
 
 
 class PlanCheck:

@@ -390,7 +390,9 @@ class Relay:
                     self._deny(True, _alone(write.agent_type), judgement.sql.encode())
                     return
                 request = codec.build_query(judgement.sent)
-                self._managed(ManagedWrite(request, run, simple=True), True)
+                self._managed(
+                    ManagedWrite(request, run, True, judgement.row_cap, judgement.byte_cap), True
+                )
                 return
             audit: Any = (run, judgement)
         else:
@@ -1035,7 +1037,9 @@ class Relay:
                 if max_rows:
                     self._refuse(False, _no_row_limit(write.agent_type))
                     return
-                self._managed(ManagedWrite(raw, run, simple=False), False)
+                self._managed(
+                    ManagedWrite(raw, run, False, judgement.row_cap, judgement.byte_cap), False
+                )
                 return
             self._send_execute(raw, judgement, portal, (run, judgement))
             return
@@ -1387,12 +1391,30 @@ class Relay:
                 duration_ms=outcome.seconds * 1000,
                 outcome=result,
             )
-        self.to_client.append(outcome.response)
+        response = outcome.response
+        if (job.row_cap or job.byte_cap) and outcome.decision != "denied":
+            response = self._capped_write_answer(response, job)
+        self.to_client.append(response)
         if job.simple:
             self._after_round()
         elif outcome.aborted:
             self.skip = True  # the server skips to the client's Sync; so does the proxy
             self.inflight.skipping = True
+
+    def _capped_write_answer(self, response: bytes, job: ManagedWrite) -> bytes:
+        """A managed write's answer (run, or replayed from the ledger) with its RETURNING
+        rows cut at the read caps, as any result is; the count of rows it changed stays
+        (they changed), after a WARNING that says what was cut."""
+        execution = Execution(cap=job.row_cap, byte_cap=job.byte_cap)
+        out: list[bytes] = []
+        for kind, raw in codec.split_messages(response):
+            if kind == m.BE_DATA_ROW and not execution.take_row(len(raw) - 5):
+                continue
+            if kind == m.BE_COMMAND_COMPLETE and execution.cut:
+                out.append(self._cut_notice(execution))
+                execution = Execution(cap=job.row_cap, byte_cap=job.byte_cap)
+            out.append(raw)
+        return b"".join(out)
 
     # ------------------------------------------------------------ server answers
 
@@ -1551,17 +1573,30 @@ class Relay:
                 f"(policy {rule})",
                 hint=hint,
             )
-        # the rows cap names itself; the bytes cap also says how many bytes it allows
-        shown = (
-            f"result truncated to {delivered} rows by policy ({rule}: at most {limit})"
-            if by_bytes
-            else f"result truncated to {cap} rows by policy ({rule})"
-        )
-        notice = codec.build_notice("01000", shown, severity="WARNING", hint=hint)
+        notice = self._cut_notice(execution)
         verb = tag.split(b" ", 1)[0].decode(errors="replace") or "SELECT"
+        if verb in ("INSERT", "UPDATE", "DELETE", "MERGE"):
+            # a write's RETURNING rows were cut, not what it changed: its count stays
+            return notice + codec.build_command_complete(tag.decode(errors="replace"))
         if verb not in ("FETCH", "COPY"):
             verb = "SELECT"
         return notice + codec.build_command_complete(f"{verb} {delivered}")
+
+    def _cut_notice(self, execution: Execution) -> bytes:
+        """The WARNING a truncated result ends with: which cap cut it, and what to do."""
+        delivered = execution.delivered
+        if execution.cut_by == "bytes":
+            rule = "limits.max_bytes_returned"
+            shown = (
+                f"result truncated to {delivered} rows by policy ({rule}: at most "
+                f"{execution.byte_cap} bytes of row data)"
+            )
+            hint = "select fewer or smaller columns, aggregate less into one row, or page through the rows"
+        else:
+            rule = "limits.max_rows_returned"
+            shown = f"result truncated to {execution.cap} rows by policy ({rule})"
+            hint = f"add a LIMIT of at most {execution.cap}, aggregate, or page through the rows"
+        return codec.build_notice("01000", shown, severity="WARNING", hint=hint)
 
     def on_ready(self, status: bytes) -> None:
         replay = self._replay

@@ -806,11 +806,6 @@ def test_a_support_read_is_bounded_by_its_byte_cap(
         assert row_bytes(got) <= SUPPORT_BYTE_CAP, row_bytes(got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: the RETURNING rows of a managed write (and their replay to a retry) "
-    "are not counted against max_bytes_returned",
-)
 @pytest.mark.parametrize("how", ["plain", "keyed", "keyed retry", "extended"])
 def test_returning_rows_of_a_write_are_bounded_by_the_byte_cap_even_when_replayed(
     fresh: PgCluster, judge_proxy: ShopProxy, how: str
@@ -832,11 +827,6 @@ def test_returning_rows_of_a_write_are_bounded_by_the_byte_cap_even_when_replaye
         assert row_bytes(got) <= SUPPORT_BYTE_CAP, row_bytes(got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a result that the byte and row caps would cut leaves whole inside an "
-    "ErrorResponse (a cast of the aggregated table to int)",
-)
 @pytest.mark.parametrize(
     "sql",
     [
