@@ -153,8 +153,9 @@ class Settings(BaseModel):
     judge_offload_above: int = Field(
         16 * 1024,
         ge=0,
-        description="statements longer than this many bytes are judged in a judge worker "
-        "process, off the event loop that serves every agent; 0: always on the loop",
+        description="statements longer than this many bytes (or with more than 256 "
+        "parentheses) are judged in a judge worker process, off the event loop that serves "
+        "every agent; 0: always on the loop",
     )
     judge_workers: int = Field(
         1, ge=1, le=16, description="judge worker processes for large statements (per worker)"

@@ -339,7 +339,7 @@ class Relay:
             return
         text = codec.parse_query(raw)
         self.registry.simple_query()  # as in Postgres, whatever happens next
-        if len(text) > self._long and (
+        if (len(text) > self._long or _nested(text, self.offload_above)) and (
             self._too_large(True, text) or self._offloaded(True, raw, text)
         ):
             return
@@ -526,9 +526,12 @@ class Relay:
         return True
 
     def _offloaded(self, query: bool, raw: bytes, text: bytes) -> bool:
-        """A large statement is judged in a judge worker, off the event loop: a job."""
+        """A large or deeply nested statement is judged in a judge worker, off the event
+        loop: a job."""
         judging = self.judging
-        if judging is None or not self.offload_above or len(text) <= self.offload_above:
+        if judging is None or not self.offload_above:
+            return False
+        if len(text) <= self.offload_above and not _nested(text, self.offload_above):
             return False
         try:
             context = judging.context_for(text)
@@ -545,8 +548,9 @@ class Relay:
             self._deny(
                 query,
                 Denied(
-                    "PREPARE, EXECUTE and DEALLOCATE of statements this large are not supported "
-                    f"(more than {self.offload_above} bytes)",
+                    "PREPARE, EXECUTE and DEALLOCATE of statements this large or this nested "
+                    f"are not supported (more than {self.offload_above} bytes, or "
+                    f"{OFFLOAD_PARENTHESES} parentheses)",
                     rule="limits.max_statement_size",
                     hint="prepare the statement with the extended protocol (a Parse message)",
                     sqlstate="54000",
@@ -695,8 +699,9 @@ class Relay:
 
     def _parse(self, raw: bytes) -> None:
         parsed = codec.parse_parse(raw)
-        if len(parsed.query) > self._long and (
-            self._too_large(False, parsed.query) or self._offloaded(False, raw, parsed.query)
+        query = parsed.query
+        if (len(query) > self._long or _nested(query, self.offload_above)) and (
+            self._too_large(False, query) or self._offloaded(False, raw, query)
         ):
             return
         self._parse_text(raw, parsed)
@@ -1779,6 +1784,15 @@ class Relay:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+# A statement with more parentheses than this is judged in a judge worker whatever its
+# length: the analysis of nested subqueries costs far more per byte than a long list
+OFFLOAD_PARENTHESES: Final = 256
+
+
+def _nested(text: bytes, offload_above: int) -> bool:
+    return bool(offload_above) and text.count(b"(") > OFFLOAD_PARENTHESES
 
 
 _NOT_GIVEN: Final = object()  # a server given no delegation settings by this session yet

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from guardproxy.server.services import ProxyServices
 
 log = logging.getLogger("guardproxy.session")
+PUMP_SLICE = 0.005  # seconds of one client's messages handled before the others get a turn
 
 
 def syntax_error(query: bytes) -> GuardError | None:
@@ -493,6 +494,10 @@ class ClientSession(asyncio.Protocol):
                 self._admin_pump()
             return
         reader = self.reader
+        # one client's pipeline is taken in slices: the other sessions on this event loop
+        # run between them, however many messages it sent at once
+        until = time.perf_counter() + PUMP_SLICE
+        sliced = False
         try:
             while not self.closed:
                 if relay.held is not None:
@@ -515,12 +520,20 @@ class ClientSession(asyncio.Protocol):
                 if kind not in m.FRONTEND_AFTER_LOGIN:
                     raise ProtocolViolation(f"unknown message type {chr(kind)!r} from client")
                 relay.on_client(kind, raw)
+                if time.perf_counter() > until:
+                    sliced = True
+                    break
         except ProtocolViolation as exc:
             self._flush(relay)
             self.fatal(exc)
             return
         self._flush(relay)
         self._act(relay)
+        if sliced and not self.closed:
+            try:
+                asyncio.get_running_loop().call_soon(self._pump)
+            except RuntimeError:  # no event loop (a test driving the session by hand)
+                self._pump()
 
     def _flush(self, relay: Relay) -> None:
         out = relay.to_backend

@@ -4,10 +4,11 @@ Each test sends what an agent controls (SQL text, identifiers, pipelines of raw 
 messages, context) through a real guardproxy in front of the shop database and judges
 the EFFECT: every byte the client received is searched for the denied values
 (customers' emails, payments), rows and bytes received are counted against the caps,
-rows are read back as superuser, and the budget and ledger tables are read. Tests
-marked ``xfail(strict=True)`` reproduce a finding: they fail today and must pass once
-it is fixed. The others are attacks the proxy withstood; they guard against
-regressions.
+rows are read back as superuser, and the budget and ledger tables are read. The review
+found four ways past the promises (a table inside an error's text, RETURNING rows of a
+managed write past the byte cap, a pipeline of nested statements judged on the event
+loop, one queue of judge workers for every agent); they are fixed and their tests pass.
+A new finding is marked ``xfail(strict=True)`` until it is fixed.
 
 Covered (the policies are the examples, tightened in ``ATTACK_POLICY``; the database's
 own column grants are widened so that the judge alone stands in the way):
@@ -1222,11 +1223,6 @@ def victim_latency(port: int, attack: Any) -> float:
         return waited
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: Parse messages under judge_offload_above are judged back to back on the "
-    "event loop; a pipeline of deeply nested 16 KB statements freezes every other agent",
-)
 def test_a_pipeline_of_slow_statements_under_the_offload_size_does_not_stall_others(
     fresh: PgCluster, judge_proxy: ShopProxy
 ) -> None:
@@ -1317,12 +1313,6 @@ def test_a_statement_at_the_size_limit_is_refused_without_stalling_others(
     assert not leaked(b"".join(raw for r in replies for _, raw in r))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: the judge workers are one queue for every agent: one agent's slow "
-    "large statements, each refused only after judge_timeout, hold up another agent's "
-    "large statement for their sum",
-)
 def test_slow_large_statements_of_one_agent_do_not_hold_up_anothers(
     fresh: PgCluster, judge_proxy: ShopProxy
 ) -> None:
