@@ -71,9 +71,11 @@ class BackendState:
         self.fatal: dict[str, str] | None = None  # a FATAL the server sent before closing
 
     def forget_statements(self) -> None:
-        """DISCARD ALL / DEALLOCATE ALL ran here: no prepared statement survives."""
+        """DISCARD ALL / DEALLOCATE ALL ran here: no prepared statement survives but those
+        pipelined after it, which the relay cannot tell apart: each is closed (harmless
+        when it is gone) before it is prepared again."""
+        self.to_close.update(self.prepared)
         self.prepared.clear()
-        self.to_close.clear()
         self.own_statements.clear()
 
     def send(self, data: bytes) -> None:  # pragma: no cover - overridden by Backend

@@ -58,6 +58,7 @@ class Statement:
         "generation",
         "judgement",
         "name",
+        "round",
         "server_name",
         "text",
         "types",
@@ -70,6 +71,9 @@ class Statement:
         self.judgement = judgement
         self.server_name = b""  # set by the registry for named statements
         self.generation = next(_generations)
+        # Syncs and Queries sent before its Parse: a DISCARD ALL answered later drops it
+        # only if it came first
+        self.round = 0
         # an SQL PREPARE or DEALLOCATE sent with a Parse message: the proxy runs it on
         # its registry when the portal is executed (relay/session_sql.py)
         self.command: object = None
@@ -108,7 +112,8 @@ class Portal:
 
 # One name as it was before a client message changed it: a portal's name (or a
 # statement's), the name, and what it held (None: it was free).
-Undo = tuple[bool, bytes, "Statement | Portal | None"]
+# (a portal?, its name, the record before the message, the record the message left)
+Undo = tuple[bool, bytes, "Statement | Portal | None", "Statement | Portal | None"]
 
 
 class Registry:
@@ -116,39 +121,45 @@ class Registry:
         self.statements: dict[bytes, Statement] = {}
         self.portals: dict[bytes, Portal] = {}
 
-    def parse(self, statement: Statement, search_path: str) -> Undo:
-        """Records a Parse; the caller has checked that a named one does not exist yet."""
+    def parse(self, statement: Statement, search_path: str, round: int = 0) -> Undo:
+        """Records a Parse (sent after ``round`` Syncs and Queries); the caller has checked
+        that a named one does not exist yet."""
+        statement.round = round
         if statement.name:
             statement.server_name = server_statement_name(
                 statement.judgement.sent, statement.types, search_path
             )
         before = self.statements.get(statement.name)
         self.statements[statement.name] = statement
-        return (False, statement.name, before)
+        return (False, statement.name, before, statement)
 
     def statement(self, name: bytes) -> Statement | None:
         return self.statements.get(name)
 
     def close_statement(self, name: bytes) -> Undo:
-        return (False, name, self.statements.pop(name, None))
+        return (False, name, self.statements.pop(name, None), None)
 
     def bind(self, portal: Portal) -> Undo:
         before = self.portals.get(portal.name)
         self.portals[portal.name] = portal
-        return (True, portal.name, before)
+        return (True, portal.name, before, portal)
 
     def portal(self, name: bytes) -> Portal | None:
         return self.portals.get(name)
 
     def close_portal(self, name: bytes) -> Undo:
-        return (True, name, self.portals.pop(name, None))
+        return (True, name, self.portals.pop(name, None), None)
 
     def undo(self, change: Undo, failed: bool) -> None:
         """Puts a name back as it was before a message the server did not take.
         ``failed``: that message itself failed (it was not skipped); a failed Parse of
-        the unnamed statement leaves none, as Postgres drops the old one first."""
-        portal, name, before = change
+        the unnamed statement leaves none, as Postgres drops the old one first. A name
+        that a later message (after the Sync the server skipped to) has taken since stays
+        that message's."""
+        portal, name, before, after = change
         table: dict[bytes, Any] = self.portals if portal else self.statements
+        if table.get(name) is not after:
+            return
         if before is None or (failed and not name and not portal):
             table.pop(name, None)
         else:
@@ -170,11 +181,21 @@ class Registry:
         for name in [name for name, portal in self.portals.items() if portal.round < rounds]:
             del self.portals[name]
 
-    def deallocate_all(self) -> None:
-        """DEALLOCATE ALL: every statement goes; open portals keep running."""
-        self.statements.clear()
+    def deallocate_all(self, rounds: int | None = None) -> None:
+        """DEALLOCATE ALL: every statement goes (those recorded before the ``rounds``-th
+        Sync or Query was sent, the one that ran it; None: every one); open portals keep
+        running."""
+        if rounds is None:
+            self.statements.clear()
+            return
+        for name in [n for n, s in self.statements.items() if s.round <= rounds]:
+            del self.statements[name]
 
-    def discard_all(self) -> None:
-        """DISCARD ALL: statements and portals go."""
-        self.statements.clear()
-        self.portals.clear()
+    def discard_all(self, rounds: int | None = None) -> None:
+        """DISCARD ALL: statements and portals go (as for ``deallocate_all``)."""
+        self.deallocate_all(rounds)
+        if rounds is None:
+            self.portals.clear()
+            return
+        for name in [n for n, p in self.portals.items() if p.round <= rounds]:
+            del self.portals[name]

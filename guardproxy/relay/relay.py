@@ -676,7 +676,7 @@ class Relay:
                 self._deny(True, denial, text)
                 return
         statement = Statement(command.name, command.inner, b"\x00\x00", judgement)
-        self.registry.parse(statement, self.search_path)
+        self.registry.parse(statement, self.search_path, self.inflight.rounds_sent)
         self._answer_locally(codec.build_command_complete("PREPARE"))
 
     def _deallocate(self, name: bytes | None) -> None:
@@ -740,7 +740,7 @@ class Relay:
                 return
             statement = Statement(parsed.name, parsed.query, parsed.tail, plain(parsed.query))
             statement.command = command
-            undo = self.registry.parse(statement, self.search_path)
+            undo = self.registry.parse(statement, self.search_path, self.inflight.rounds_sent)
             self.inflight.expect(Pending.SYNTH, True, codec.PARSE_COMPLETE, undo)
             return
         verb = command.command if isinstance(command, Mixed) else "EXECUTE"
@@ -776,7 +776,7 @@ class Relay:
                     self._deny(False, denial, statement.text)
                     return
             prepared = Statement(command.name, command.inner, b"\x00\x00", judgement)
-            undo = self.registry.parse(prepared, self.search_path)
+            undo = self.registry.parse(prepared, self.search_path, self.inflight.rounds_sent)
             done = codec.build_command_complete("PREPARE")
             self.inflight.expect(Pending.SYNTH, True, done, undo)
             return
@@ -839,11 +839,11 @@ class Relay:
                 if error is not None:
                     self._refuse(False, error)
                     return
-            self.registry.parse(statement, self.search_path)
+            self.registry.parse(statement, self.search_path, self.inflight.rounds_sent)
             self.to_client.append(codec.PARSE_COMPLETE)
             self._notices(judgement)
             return
-        undo = self.registry.parse(statement, self.search_path)
+        undo = self.registry.parse(statement, self.search_path, self.inflight.rounds_sent)
         if self.backend is None:
             self._hold_for_server(False, self._send_parse, statement, undo)
             self._held_undo = undo
@@ -857,7 +857,12 @@ class Relay:
         self.in_round = True
         if statement.name:
             self._prepare_on_server(statement, visible=True, undo=undo)
-        elif self._auto_prepared(statement):
+        elif self._auto_prepared(statement) and not (
+            # a round before this one not answered yet may leave the transaction aborted,
+            # where Postgres refuses a Parse (25P02): only the server can answer this one
+            self.inflight.rounds_sent > self.inflight.rounds_done
+            and statement.server_name in backend.prepared
+        ):
             if statement.server_name in backend.prepared and backend.status != b"E":
                 # the server has it already: nothing for Postgres to parse again
                 self.inflight.expect(Pending.SYNTH, True, codec.PARSE_COMPLETE, undo)
@@ -866,6 +871,7 @@ class Relay:
             else:
                 self._prepare_on_server(statement, visible=True, undo=undo)
         else:
+            statement.auto = False
             backend.unnamed = statement.generation
             self._send(codec.build_parse(b"", statement.judgement.sent, statement.types))
             self.inflight.expect(Pending.PARSE, True, _sent(b"", statement), undo)
@@ -899,7 +905,8 @@ class Relay:
         prepared = backend.prepared
         if sname in prepared or sname in backend.to_close:
             self._send(codec.build_close_statement(sname))
-            self.inflight.expect(Pending.CLOSE, False, None)
+            # its name: a Close the server skips (after an error) leaves the old copy there
+            self.inflight.expect(Pending.CLOSE, False, sname)
             backend.to_close.discard(sname)
         elif self.max_prepared and len(prepared) >= self.max_prepared:
             oldest = next(iter(prepared))  # the least recently prepared goes
@@ -1472,11 +1479,12 @@ class Relay:
         if tag == b"LISTEN":
             self._pin("LISTEN")
         if tag == b"DISCARD ALL":
-            self.registry.discard_all()  # as Postgres forgets them all for a direct client
+            # as Postgres forgets them all for a direct client: all recorded before it
+            self.registry.discard_all(self.inflight.rounds_done)
             if self.backend is not None:
                 self.backend.forget_statements()
         elif tag == b"DEALLOCATE ALL":
-            self.registry.deallocate_all()
+            self.registry.deallocate_all(self.inflight.rounds_done)
             if self.backend is not None:
                 self.backend.forget_statements()
 

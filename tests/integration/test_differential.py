@@ -267,6 +267,86 @@ def test_after_discard_all_the_client_is_told_its_own_application_name(
     assert _unexplained(harness, ((Query("DISCARD ALL"),),)) == ""
 
 
+def test_a_reparse_the_server_skipped_after_an_error_is_made_again(
+    harness: Differential,
+) -> None:
+    # The server keeps its copy of a closed statement for reuse; a Parse of the same
+    # text goes as a Close and a Parse of that copy. When an error earlier in the round
+    # makes the server skip both, its old copy stays: the next Parse must close it first
+    # (the long run found 'prepared statement "s1" already exists' here).
+    script = (
+        (Parse("s1", "SELECT 1 AS one"), Bind("", "s1", ()), Execute(""), Sync()),
+        (Close("S", "s1"), Sync()),
+        (
+            Query("BEGIN"),
+            Parse("", "SELECT 1 / 0"),
+            Bind("", "", ()),
+            Execute(""),
+            Parse("s1", "SELECT 1 AS one"),
+            Sync(),
+            Query("ROLLBACK"),
+        ),
+        (Parse("s1", "SELECT 1 AS one"), Bind("", "s1", ()), Execute(""), Sync()),
+    )
+    assert _unexplained(harness, script) == ""
+
+
+def test_a_discard_all_forgets_only_what_came_before_it(harness: Differential) -> None:
+    # From the long run: a Parse pipelined after DISCARD ALL survives it, as in Postgres.
+    script = (
+        (Query("DISCARD ALL"), Parse("s1", "SELECT 1 AS one"), Flush(), Sync()),
+        (Bind("p1", "s1", ()), Execute("p1"), Sync()),
+        (Query("DEALLOCATE ALL"), Parse("s2", "SELECT 2 AS two"), Sync()),
+        (Bind("", "s2", ()), Execute(""), Sync()),
+    )
+    assert _unexplained(harness, script) == ""
+
+
+def test_a_failed_parse_does_not_take_the_statement_parsed_after_its_sync(
+    harness: Differential,
+) -> None:
+    # From the long run: the error of a failed unnamed Parse arrives after the client's
+    # next round parsed another unnamed statement; that one stays.
+    script = (
+        (
+            Parse("", "SELEC id FROM items"),
+            Bind("p1", "", ()),
+            Execute("p1"),
+            Sync(),
+            Parse("", "SELECT count(*) AS n FROM events"),
+            Bind("", "", ()),
+            Execute(""),
+            Sync(),
+        ),
+        (Describe("S", ""), Sync()),
+    )
+    assert _unexplained(harness, script) == ""
+
+
+def test_a_parse_in_a_transaction_a_pipelined_error_aborted_is_refused(
+    harness: Differential,
+) -> None:
+    # A text sent often is prepared on the server; a Parse of it must still be refused
+    # (25P02) in a transaction that an error earlier in the same pipeline aborted.
+    often = "SELECT 42 AS answer"
+    warm = (Parse("", often), Bind("", "", ()), Execute(""), Sync())
+    script = (
+        warm,
+        warm,
+        warm,
+        (
+            Query("BEGIN"),
+            Query("SELECT 1 / 0"),
+            Parse("", often),
+            Bind("", "", ()),
+            Execute(""),
+            Sync(),
+            Query("ROLLBACK"),
+        ),
+    )
+    assert _unexplained(harness, script) == ""
+
+
 def test_a_failed_parse_of_an_often_sent_text_leaves_no_unnamed_statement(
     harness: Differential,
 ) -> None:
