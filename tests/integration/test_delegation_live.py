@@ -174,33 +174,39 @@ def test_a_token_that_expires_mid_session_stops_the_session(
             assert "expired" in str(expired.value)
 
 
-def test_principals_reach_postgres_for_row_level_security(
-    clean_shop: PgCluster, tmp_path: Path, signing: tuple[SigningKey, Path]
-) -> None:
-    key, public = signing
-    pg = clean_shop
-    pg.psql(
+@pytest.fixture
+def rls_orders(clean_shop: PgCluster) -> Iterator[PgCluster]:
+    """The shop with a row-level security policy on orders fed by guard.principals."""
+    clean_shop.psql(
         rls_policy_sql("orders", "customer_id", ["guard_support"], column_type="bigint"),
         dbname=SHOP_DB,
     )
     try:
-        # no row filter in the policy: what the agent sees is Postgres's RLS, fed by the proxy
-        with proxy_with(pg, tmp_path, public, support={"delegation": "required"}) as proxy:
-            with connect(proxy, token_for(key, ["3"])) as conn:
-                assert order_ids(conn) == [4]
-                shown = conn.execute("SELECT current_setting('guard.principals')").fetchone()
-                assert shown == ("3",)
-                with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                    conn.execute("SELECT set_config('guard.principals', '1,2,3,4', false)")
-                assert order_ids(conn) == [4]
-            with connect(proxy, token_for(key, ["1", "4"])) as conn:
-                assert order_ids(conn) == [1, 2, 5]
+        yield clean_shop
     finally:
-        pg.psql(
+        clean_shop.psql(
             "DROP POLICY IF EXISTS guard_principals ON orders; "
             "ALTER TABLE orders DISABLE ROW LEVEL SECURITY",
             dbname=SHOP_DB,
         )
+
+
+def test_principals_reach_postgres_for_row_level_security(
+    rls_orders: PgCluster, tmp_path: Path, signing: tuple[SigningKey, Path]
+) -> None:
+    key, public = signing
+    pg = rls_orders
+    # no row filter in the policy: what the agent sees is Postgres's RLS, fed by the proxy
+    with proxy_with(pg, tmp_path, public, support={"delegation": "required"}) as proxy:
+        with connect(proxy, token_for(key, ["3"])) as conn:
+            assert order_ids(conn) == [4]
+            shown = conn.execute("SELECT current_setting('guard.principals')").fetchone()
+            assert shown == ("3",)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT set_config('guard.principals', '1,2,3,4', false)")
+            assert order_ids(conn) == [4]
+        with connect(proxy, token_for(key, ["1", "4"])) as conn:
+            assert order_ids(conn) == [1, 2, 5]
 
 
 def _statuses(pg: PgCluster) -> dict[int, str]:
@@ -209,61 +215,48 @@ def _statuses(pg: PgCluster) -> dict[int, str]:
 
 
 def test_a_server_shared_by_two_delegated_sessions_carries_each_ones_principals(
-    clean_shop: PgCluster, tmp_path: Path, signing: tuple[SigningKey, Path]
+    rls_orders: PgCluster, tmp_path: Path, signing: tuple[SigningKey, Path]
 ) -> None:
     # One server for both sessions: each round must run under its own session's
     # principals, in the extended protocol (parameters) as in the simple one.
     key, public = signing
-    pg = clean_shop
-    pg.psql(
-        rls_policy_sql("orders", "customer_id", ["guard_support"], column_type="bigint"),
-        dbname=SHOP_DB,
-    )
+    pg = rls_orders
     ids = "SELECT id FROM orders WHERE id > %s ORDER BY id"
     before = _statuses(pg)
-    try:
-        with (
-            proxy_with(
-                pg, tmp_path, public, support={"delegation": "required"}, settings={"pool_size": 1}
-            ) as proxy,
-            connect(proxy, token_for(key, ["3"])) as a,
-            connect(proxy, token_for(key, ["1", "4"])) as b,
-        ):
-            for _ in range(3):
+    with (
+        proxy_with(
+            pg, tmp_path, public, support={"delegation": "required"}, settings={"pool_size": 1}
+        ) as proxy,
+        connect(proxy, token_for(key, ["3"])) as a,
+        connect(proxy, token_for(key, ["1", "4"])) as b,
+    ):
+        for _ in range(3):
+            assert [r[0] for r in a.execute(ids, (0,))] == [4]
+            assert [r[0] for r in b.execute(ids, (0,))] == [1, 2, 5]
+            assert order_ids(a) == [4]
+            assert order_ids(b) == [1, 2, 5]
+            with a.transaction():
                 assert [r[0] for r in a.execute(ids, (0,))] == [4]
+            with b.transaction():
                 assert [r[0] for r in b.execute(ids, (0,))] == [1, 2, 5]
-                assert order_ids(a) == [4]
-                assert order_ids(b) == [1, 2, 5]
-                with a.transaction():
-                    assert [r[0] for r in a.execute(ids, (0,))] == [4]
-                with b.transaction():
-                    assert [r[0] for r in b.execute(ids, (0,))] == [1, 2, 5]
-            # a write the policy manages (row cap, budget, idempotency) runs as a job of
-            # the proxy's own on the server: under its session's principals too
-            for step, (conn, status) in enumerate(
-                ((b, "returned"), (a, "cancelled"), (b, "packed"))
-            ):
-                conn.execute(f"SET guard.step = 's{step}'")
-                conn.execute("UPDATE orders SET fulfillment_status = %s WHERE id > %s", (status, 0))
-            statuses = _statuses(pg)
-            assert statuses[4] == "cancelled"
-            assert {statuses[i] for i in (1, 2, 5)} == {"packed"}
-            # and as a simple Query, which goes to the job without a message before it
-            for step, (conn, status) in enumerate(((a, "returned"), (b, "cancelled"))):
-                conn.execute(f"SET guard.step = 't{step}'")
-                conn.execute(f"UPDATE orders SET fulfillment_status = '{status}' WHERE id > 0")
-                conn.execute(f"SET guard.step = 'u{step}'")
-                conn.execute(f"UPDATE orders SET fulfillment_status = '{status}' WHERE id > 0")
+        # a write the policy manages (row cap, budget, idempotency) runs as a job of
+        # the proxy's own on the server: under its session's principals too
+        for step, (conn, status) in enumerate(((b, "returned"), (a, "cancelled"), (b, "packed"))):
+            conn.execute(f"SET guard.step = 's{step}'")
+            conn.execute("UPDATE orders SET fulfillment_status = %s WHERE id > %s", (status, 0))
         statuses = _statuses(pg)
-        assert statuses[4] == "returned"
-        assert {statuses[i] for i in (1, 2, 5)} == {"cancelled"}
-        assert (statuses[3], statuses[6]) == (before[3], before[6])  # no principal's
-    finally:
-        pg.psql(
-            "DROP POLICY IF EXISTS guard_principals ON orders; "
-            "ALTER TABLE orders DISABLE ROW LEVEL SECURITY",
-            dbname=SHOP_DB,
-        )
+        assert statuses[4] == "cancelled"
+        assert {statuses[i] for i in (1, 2, 5)} == {"packed"}
+        # and as a simple Query, which goes to the job without a message before it
+        for step, (conn, status) in enumerate(((a, "returned"), (b, "cancelled"))):
+            conn.execute(f"SET guard.step = 't{step}'")
+            conn.execute(f"UPDATE orders SET fulfillment_status = '{status}' WHERE id > 0")
+            conn.execute(f"SET guard.step = 'u{step}'")
+            conn.execute(f"UPDATE orders SET fulfillment_status = '{status}' WHERE id > 0")
+    statuses = _statuses(pg)
+    assert statuses[4] == "returned"
+    assert {statuses[i] for i in (1, 2, 5)} == {"cancelled"}
+    assert (statuses[3], statuses[6]) == (before[3], before[6])  # no principal's
 
 
 def test_a_revocation_reaches_a_second_instance(
