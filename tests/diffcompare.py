@@ -60,7 +60,10 @@ DOCUMENTED_DIFFERENCES: dict[str, str] = {
         "after Postgres' parser (in the proxy) found its syntax right, and prepared on the "
         "server that first runs it (docs/pooling.md: clients that prepare while every "
         "server is busy never wait); an error Postgres finds only when it analyses the "
-        "statement (an unknown table or column) comes at its first Bind or Describe instead"
+        "statement (an unknown table or column) comes at its first Bind or Describe instead; "
+        "and the Parse does not start the transaction Postgres' would (a BEGIN ISOLATION "
+        "LEVEL right after it in the same round succeeds), nor does an unnamed Parse of a "
+        "text auto-prepared on the server, which the proxy answers itself"
     ),
     "EXECUTE of a statement never PREPAREd, under a policy": (
         "the judge refuses EXECUTE of a name it has not seen prepared in the session with "
@@ -82,9 +85,13 @@ DOCUMENTED_DIFFERENCES: dict[str, str] = {
 }
 
 
-def _after_lazy_parse(script: Script, postgres: Normalized) -> set[tuple[int, int]]:
+def _after_lazy_parse(
+    script: Script, postgres: Normalized, unnamed: bool = False
+) -> set[tuple[int, int]]:
     """The steps of a round that opened, outside a transaction, with a named Parse (the
-    proxy answers it without a server): Postgres ran that Parse, the proxy did not yet."""
+    proxy answers it without a server): Postgres ran that Parse, the proxy did not yet.
+    ``unnamed``: an unnamed Parse too (of a text auto-prepared on the server, which the
+    proxy answers itself)."""
     status = {(b, s): msgs[-1][1] for b, s, msgs in postgres.answers if msgs and msgs[-1][0] == "Z"}
     out: set[tuple[int, int]] = set()
     idle, lazy = True, False
@@ -96,7 +103,7 @@ def _after_lazy_parse(script: Script, postgres: Normalized) -> set[tuple[int, in
                 lazy = False
                 idle = status.get((number, index), b"I" if idle else b"T") == b"I"
                 continue
-            if isinstance(step, Parse) and step.name and idle and not lazy:
+            if isinstance(step, Parse) and (step.name or unnamed) and idle and not lazy:
                 lazy = True
             elif not isinstance(step, (Flush, Steal, Give)):
                 idle = False
@@ -124,7 +131,7 @@ def documented(diff: Any, script: Script, postgres: Normalized) -> str | None:
     if (
         isinstance(sent, (Query, Execute))
         and any(m[0] == "E" and m[1].get("C") == "25001" for m in expected)
-        and (batch, step) in _after_lazy_parse(script, postgres)
+        and (batch, step) in _after_lazy_parse(script, postgres, unnamed=True)
     ):
         return lazy  # Postgres' Parse had started the transaction a BEGIN ... ISOLATION found
     if (

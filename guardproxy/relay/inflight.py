@@ -61,9 +61,18 @@ class Sent:
     """A Parse, Bind or Describe as sent: the statement's name on the server and the
     client's (errors name the client's), the length of the tag before the client's
     text (a Parse error's position leaves it out), and the client's statement record;
-    for a Describe, whether its rows are hidden from the client (``no_rows``)."""
+    for a Describe, whether its rows are hidden from the client (``no_rows``); for a
+    Parse of the unnamed statement, which client statement the server's unnamed one
+    was before it (``unnamed_before``: a Parse the server skips leaves that one)."""
 
-    __slots__ = ("client_name", "no_rows", "server_name", "shift", "statement")
+    __slots__ = (
+        "client_name",
+        "no_rows",
+        "server_name",
+        "shift",
+        "statement",
+        "unnamed_before",
+    )
 
     def __init__(
         self,
@@ -72,12 +81,14 @@ class Sent:
         shift: int = 0,
         statement: Statement | None = None,
         no_rows: bool = False,
+        unnamed_before: int = 0,
     ) -> None:
         self.server_name: Final = server_name
         self.client_name: Final = client_name
         self.shift: Final = shift
         self.statement: Final = statement
         self.no_rows: Final = no_rows
+        self.unnamed_before: Final = unnamed_before
 
 
 class Execution:

@@ -872,9 +872,10 @@ class Relay:
                 self._prepare_on_server(statement, visible=True, undo=undo)
         else:
             statement.auto = False
+            sent = _unnamed_sent(statement, backend.unnamed)
             backend.unnamed = statement.generation
             self._send(codec.build_parse(b"", statement.judgement.sent, statement.types))
-            self.inflight.expect(Pending.PARSE, True, _sent(b"", statement), undo)
+            self.inflight.expect(Pending.PARSE, True, sent, undo)
         self._notices(statement.judgement)
 
     def _auto_prepared(self, statement: Statement) -> bool:
@@ -969,7 +970,9 @@ class Relay:
                 # or on this one after another session or a Query of the proxy's own
                 # replaced it there: what runs must never be someone else's
                 self._send(codec.build_parse(b"", statement.judgement.sent, statement.types))
-                self.inflight.expect(Pending.PARSE, False, _sent(b"", statement))
+                self.inflight.expect(
+                    Pending.PARSE, False, _unnamed_sent(statement, backend.unnamed)
+                )
                 backend.unnamed = statement.generation
             return b""
         if backend.prepared.get(statement.server_name, -1) < statement.generation:
@@ -1542,7 +1545,10 @@ class Relay:
             if kind == Pending.PARSE and isinstance(payload, Sent):
                 if payload.statement is not None and not payload.server_name:
                     if backend is not None:
-                        backend.unnamed = 0  # the server has no copy of it
+                        # a Parse that failed dropped the server's unnamed statement first;
+                        # one the server skipped left it as it was
+                        failed_here = failed and index == 0
+                        backend.unnamed = 0 if failed_here else payload.unnamed_before
                 elif payload.server_name and backend is not None:
                     # whatever copy the server has, it is not this one: closed first next time
                     backend.prepared.pop(payload.server_name, None)
@@ -1845,6 +1851,10 @@ _CHECK_NAME: Final = b"gp_check"
 
 def _sent(server_name: bytes, statement: Statement) -> Sent:
     return Sent(server_name, statement.name, statement.judgement.shift, statement)
+
+
+def _unnamed_sent(statement: Statement, before: int) -> Sent:
+    return Sent(b"", statement.name, statement.judgement.shift, statement, False, before)
 
 
 def _as_client_sees(fields: dict[str, str], sent: Sent) -> bytes | None:
