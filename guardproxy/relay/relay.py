@@ -906,8 +906,7 @@ class Relay:
         prepared = backend.prepared
         if sname in prepared or sname in backend.to_close:
             self._send(codec.build_close_statement(sname))
-            # its name: a Close the server skips (after an error) leaves the old copy there
-            self.inflight.expect(Pending.CLOSE, False, sname)
+            self.inflight.expect(Pending.CLOSE, False, None)
             backend.to_close.discard(sname)
         elif self.max_prepared and len(prepared) >= self.max_prepared:
             oldest = next(iter(prepared))  # the least recently prepared goes
@@ -1564,19 +1563,10 @@ class Relay:
         """A result passed its row cap: what the client sees in place of its CommandComplete
         (``tag``)."""
         self.stats.statements["read", "truncated"] += 1
-        by_bytes = execution.cut_by == "bytes"
-        rule = "limits.max_bytes_returned" if by_bytes else "limits.max_rows_returned"
+        rule, limit, hint = _cap_that_cut(execution)
         delivered = execution.delivered
         if self.judging is not None:
             self._audit("", "truncated", rule=rule, rows=delivered)
-        if by_bytes:
-            cap = execution.byte_cap
-            limit = f"{cap} bytes of row data"
-            hint = "select fewer or smaller columns, aggregate less into one row, or page through the rows"
-        else:
-            cap = execution.cap
-            limit = f"{cap} rows"
-            hint = f"add a LIMIT of at most {cap}, aggregate, or page through the rows"
         if execution.cap_error:
             if execution.extended:
                 # the round goes on on the server (it saw no error): make it fail here, as
@@ -1603,18 +1593,11 @@ class Relay:
 
     def _cut_notice(self, execution: Execution) -> bytes:
         """The WARNING a truncated result ends with: which cap cut it, and what to do."""
-        delivered = execution.delivered
-        if execution.cut_by == "bytes":
-            rule = "limits.max_bytes_returned"
-            shown = (
-                f"result truncated to {delivered} rows by policy ({rule}: at most "
-                f"{execution.byte_cap} bytes of row data)"
-            )
-            hint = "select fewer or smaller columns, aggregate less into one row, or page through the rows"
+        rule, limit, hint = _cap_that_cut(execution)
+        if execution.cut_by == "bytes":  # the rows cap names itself; the bytes cap says how much
+            shown = f"result truncated to {execution.delivered} rows by policy ({rule}: at most {limit})"
         else:
-            rule = "limits.max_rows_returned"
             shown = f"result truncated to {execution.cap} rows by policy ({rule})"
-            hint = f"add a LIMIT of at most {execution.cap}, aggregate, or page through the rows"
         return codec.build_notice("01000", shown, severity="WARNING", hint=hint)
 
     def on_ready(self, status: bytes) -> None:
@@ -1851,6 +1834,22 @@ _CHECK_NAME: Final = b"gp_check"
 
 def _sent(server_name: bytes, statement: Statement) -> Sent:
     return Sent(server_name, statement.name, statement.judgement.shift, statement)
+
+
+def _cap_that_cut(execution: Execution) -> tuple[str, str, str]:
+    """(rule, limit, hint) of the cap that cut a result."""
+    if execution.cut_by == "bytes":
+        return (
+            "limits.max_bytes_returned",
+            f"{execution.byte_cap} bytes of row data",
+            "select fewer or smaller columns, aggregate less into one row, or page through the rows",
+        )
+    cap = execution.cap
+    return (
+        "limits.max_rows_returned",
+        f"{cap} rows",
+        f"add a LIMIT of at most {cap}, aggregate, or page through the rows",
+    )
 
 
 def _unnamed_sent(statement: Statement, before: int) -> Sent:

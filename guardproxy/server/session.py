@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("guardproxy.session")
 PUMP_SLICE = 0.005  # seconds of one client's messages handled before the others get a turn
+PUMP_CHECK = 8  # messages handled between two readings of the clock
 
 
 def syntax_error(query: bytes) -> GuardError | None:
@@ -495,8 +496,10 @@ class ClientSession(asyncio.Protocol):
             return
         reader = self.reader
         # one client's pipeline is taken in slices: the other sessions on this event loop
-        # run between them, however many messages it sent at once
-        until = time.perf_counter() + PUMP_SLICE
+        # run between them, however many messages it sent at once. The clock is read
+        # every PUMP_CHECK messages only: most reads hold a round of a few messages
+        handled = 0
+        until = 0.0
         sliced = False
         try:
             while not self.closed:
@@ -520,9 +523,14 @@ class ClientSession(asyncio.Protocol):
                 if kind not in m.FRONTEND_AFTER_LOGIN:
                     raise ProtocolViolation(f"unknown message type {chr(kind)!r} from client")
                 relay.on_client(kind, raw)
-                if time.perf_counter() > until:
-                    sliced = True
-                    break
+                handled += 1
+                if handled % PUMP_CHECK == 0:
+                    now = time.perf_counter()
+                    if not until:
+                        until = now + PUMP_SLICE
+                    elif now > until:
+                        sliced = True
+                        break
         except ProtocolViolation as exc:
             self._flush(relay)
             self.fatal(exc)

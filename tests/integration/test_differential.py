@@ -273,7 +273,7 @@ def test_a_reparse_the_server_skipped_after_an_error_is_made_again(
     # The server keeps its copy of a closed statement for reuse; a Parse of the same
     # text goes as a Close and a Parse of that copy. When an error earlier in the round
     # makes the server skip both, its old copy stays: the next Parse must close it first
-    # (the long run found 'prepared statement "s1" already exists' here).
+    # rather than fail with 'prepared statement "s1" already exists'.
     script = (
         (Parse("s1", "SELECT 1 AS one"), Bind("", "s1", ()), Execute(""), Sync()),
         (Close("S", "s1"), Sync()),
